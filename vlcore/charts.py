@@ -1,0 +1,109 @@
+"""Chart builders: pure functions from traces and tables to Altair charts."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import altair as alt
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from vlcore.trace import Trace
+
+
+def image_data_uri(image: np.ndarray) -> str:
+    """PNG data URI of a uint8 ``[h, w, 3]`` image."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def patch_frame(trace: Trace, values: np.ndarray) -> pd.DataFrame:
+    """One row per patch token: its grid cell, pixel rectangle, token index and value.
+
+    Args:
+        trace: supplies ``patch_rc``, ``patch_px`` and tokens.
+        values: ``[N]`` one value per token of the trace; only patch tokens are used.
+
+    Returns:
+        Columns ``token, row, col, x, x2, y, y2, value`` (pixels in the image as the model saw it).
+    """
+    idx, rc = trace.patch_positions()
+    p = trace.patch_px
+    rows, cols = rc[:, 0].astype(int), rc[:, 1].astype(int)
+    return pd.DataFrame(
+        {
+            "token": idx,
+            "row": rows,
+            "col": cols,
+            "x": cols * p,
+            "x2": (cols + 1) * p,
+            "y": rows * p,
+            "y2": (rows + 1) * p,
+            "value": np.asarray(values, dtype=np.float64)[idx],
+        }
+    )
+
+
+def build_patch_overlay_chart(
+    trace: Trace,
+    values: np.ndarray,
+    title: str = "",
+    opacity: float = 0.6,
+    width: int = 320,
+    scheme: str = "inferno",
+) -> alt.LayerChart:
+    """The image as the model saw it with one heat rectangle per patch, placed by ``patch_rc``.
+
+    Args:
+        trace: the trace whose image and patch layout to use.
+        values: ``[N]`` per-token values (e.g. one attention row); patch tokens are drawn.
+        title: chart title.
+        opacity: opacity of the heat layer.
+        width: chart width in pixels; the height keeps the image's aspect.
+        scheme: a Vega colour scheme.
+    """
+    h, w = trace.image.shape[:2]
+    height = max(1, int(round(width * h / max(w, 1))))
+    x_scale = alt.Scale(domain=[0, w], nice=False, zero=False)
+    y_scale = alt.Scale(domain=[0, h], nice=False, zero=False, reverse=True)
+    axis_x = alt.Axis(title=None, labels=False, ticks=False, grid=False, domain=False)
+    image = (
+        alt.Chart(pd.DataFrame({"url": [image_data_uri(trace.image)], "x": [0], "y": [0]}))
+        .mark_image(width=width, height=height, align="left", baseline="top")
+        .encode(x=alt.X("x:Q", scale=x_scale, axis=axis_x), y=alt.Y("y:Q", scale=y_scale, axis=axis_x), url="url:N")
+    )
+    heat = (
+        alt.Chart(patch_frame(trace, values))
+        .mark_rect(opacity=opacity)
+        .encode(
+            x=alt.X("x:Q", scale=x_scale, axis=axis_x),
+            x2="x2:Q",
+            y=alt.Y("y:Q", scale=y_scale, axis=axis_x),
+            y2="y2:Q",
+            color=alt.Color("value:Q", scale=alt.Scale(scheme=scheme), title="weight"),
+            tooltip=[
+                alt.Tooltip("row:Q"), alt.Tooltip("col:Q"), alt.Tooltip("token:Q"), alt.Tooltip("value:Q", format=".4f"),
+            ],
+        )
+    )
+    return alt.layer(image, heat).properties(width=width, height=height, title=title)
+
+
+def build_prediction_chart(prediction: list[tuple[str, float]], gold: tuple[str, ...] | None = None) -> alt.Chart:
+    """Horizontal bars of the top-k answers, gold answers highlighted."""
+    frame = pd.DataFrame(prediction, columns=["answer", "probability"])
+    frame["gold"] = frame["answer"].isin(gold or ())
+    return (
+        alt.Chart(frame)
+        .mark_bar()
+        .encode(
+            x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1])),
+            y=alt.Y("answer:N", sort="-x"),
+            color=alt.Color("gold:N", scale=alt.Scale(domain=[True, False], range=["#2ca02c", "#9e9e9e"])),
+            tooltip=["answer", alt.Tooltip("probability:Q", format=".4f"), "gold"],
+        )
+        .properties(height=24 * max(len(frame), 1))
+    )

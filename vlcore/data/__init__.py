@@ -1,0 +1,1 @@
+"""Dataset adapters: every source is mapped into one `Example` record."""

@@ -1,0 +1,135 @@
+"""`Example`: the one record every dataset adapter produces and every page reads."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from vlcore.errors import InputError
+
+# PIL's decompression-bomb guard stays on; images over this many pixels are refused.
+Image.MAX_IMAGE_PIXELS = 89_478_485
+
+
+@dataclass(frozen=True)
+class Region:
+    """A labelled box on the example's image, in original image pixels ``(x1, y1, x2, y2)``."""
+
+    index: int
+    label: str
+    box: tuple[float, float, float, float]
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A WebQA-style fact: an image with a caption, or a text snippet."""
+
+    kind: str  # "image" or "text"
+    title: str
+    text: str
+    positive: bool
+    image_id: str | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Example:
+    """One dataset record, whatever its source.
+
+    Attributes:
+        example_id: stable id, ``{source}/{split}/{key}``.
+        question: the question or caption, as the model should read it.
+        image: the image, or None when it is loaded lazily from ``image_path``.
+        image_path: a file to read the image from when ``image`` is None.
+        answers: gold answer strings (VQA), empty when unknown.
+        answer_choices / rationale_choices: VCR-style multiple choice, rendered text.
+        answer_label / rationale_label: index of the gold choice, if known.
+        regions: labelled boxes (VCR objects).
+        facts: WebQA image and text facts.
+        category: question category (WebQA ``Qcate``, VQAv2 ``answer_type``, ...).
+        source: adapter name ("easy_vqa", "vcr", "webqa", "vqa", "generic", "upload").
+        meta: source metadata, JSON-able.
+    """
+
+    example_id: str
+    question: str
+    image: Image.Image | None = None
+    image_path: str | None = None
+    answers: tuple[str, ...] = ()
+    answer_choices: tuple[str, ...] = ()
+    rationale_choices: tuple[str, ...] = ()
+    answer_label: int | None = None
+    rationale_label: int | None = None
+    regions: tuple[Region, ...] = ()
+    facts: tuple[Fact, ...] = ()
+    category: str | None = None
+    source: str = "generic"
+    meta: dict = field(default_factory=dict)
+
+    def load_image(self) -> Image.Image:
+        """The example's image as RGB, EXIF rotation applied.
+
+        Raises:
+            InputError: no image, a missing file, or a file PIL cannot read.
+        """
+        if self.image is not None:
+            return to_rgb(self.image)
+        if not self.image_path:
+            raise InputError(f"example {self.example_id} has no image; pick another example or add an image")
+        return open_image(self.image_path)
+
+    def content_hash(self) -> str:
+        """sha256 over the pixels, the text and the gold answers: the store's example key."""
+        return content_hash(self.load_image(), self.question, self.answers)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation, take the first frame, and convert any mode to RGB."""
+    image = ImageOps.exif_transpose(image) or image
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = arr.max() or 1.0
+        image = Image.fromarray(np.uint8(np.clip(arr / top * 255.0, 0, 255)), mode="L")
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image file as RGB.
+
+    Raises:
+        InputError: the file is missing, empty, not an image, or larger than PIL's pixel limit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image file not found: {path}")
+    if path.stat().st_size == 0:
+        raise InputError(f"image file is empty (0 bytes): {path.name}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path.name} is too large to open safely ({exc}); resize it below 89 megapixels") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path.name} is not a readable image ({exc}); use a PNG, JPEG, GIF or WebP file") from exc
+
+
+def content_hash(image: Image.Image, text: str, answers: tuple[str, ...] = ()) -> str:
+    """sha256 hex of an image's size, mode and pixels plus the text and answers."""
+    digest = hashlib.sha256()
+    digest.update(f"{image.size}|{image.mode}|".encode())
+    digest.update(np.asarray(image).tobytes())
+    digest.update(b"\x00" + text.encode("utf-8"))
+    digest.update(b"\x00" + "\x1f".join(answers).encode("utf-8"))
+    return digest.hexdigest()

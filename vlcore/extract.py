@@ -1,0 +1,286 @@
+"""Run a model: one example into a full `Trace`, or a dataset into per-example summaries.
+
+A full trace (every attention and hidden state, fp16) exists only for examples a user
+opens. Sweeps reduce on the model's device inside the batch loop and copy only
+``[B, L, H, M]`` summaries and the top-k predictions to the host.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vlcore.data.example import Example, content_hash
+from vlcore.models.base import EncodedBatch, ModelAdapter
+from vlcore.stats import compute_layer_summaries, summaries_to_frame
+from vlcore.store import Store, atomic_write_bytes, fingerprint
+from vlcore.trace import Trace
+
+EXTRACT_VERSION = 1
+PREDICTION_COLUMNS = [
+    "example_id", "question", "gold", "category", "prediction", "probability", "correct",
+    "top_k", "text_truncated", "n_text_tokens", "n_image_tokens",
+]
+
+
+def trace_key(adapter: ModelAdapter, example_hash: str, top_k: int = 5) -> str:
+    """Store key of a full trace: model, processing, example content and settings."""
+    return fingerprint("trace", EXTRACT_VERSION, adapter.fingerprint(), example_hash, {"top_k": top_k})
+
+
+def extract_trace(
+    adapter: ModelAdapter,
+    image,
+    text: str,
+    example_id: str,
+    gold: Sequence[str] | None = None,
+    top_k: int = 5,
+    meta: dict | None = None,
+) -> Trace:
+    """Run one (image, text) pair and capture everything.
+
+    Args:
+        adapter: a loaded model adapter.
+        image: a PIL image.
+        text: the question or caption.
+        example_id: id stored in the trace.
+        gold: gold answers, if known.
+        top_k: how many predictions to keep.
+        meta: extra JSON-able fields for ``Trace.meta``.
+
+    Returns:
+        A `Trace` with float16 ``attentions [L, H, N, N]`` and ``hidden [L + 1, N, D]``.
+    """
+    batch = adapter.encode([image], [text])
+    with torch.no_grad():
+        out = adapter.forward(batch, attentions=True, hidden=True)
+        attentions = torch.stack(out.attentions)[:, 0].half().cpu().numpy()
+        hidden = torch.stack(out.hidden_states)[:, 0].half().cpu().numpy()
+    prediction = adapter.predict(out.logits, top_k=top_k, batch=batch)[0]
+    return Trace(
+        example_id=example_id,
+        model_id=adapter.model_id,
+        tokens=batch.tokens[0],
+        modality=batch.modality[0],
+        special=batch.special[0],
+        patch_rc=batch.patch_rc[0],
+        grid=batch.grids[0],
+        image=batch.images[0],
+        patch_px=adapter.patch_px,
+        attentions=attentions,
+        hidden=hidden,
+        prediction=tuple(prediction),
+        gold=tuple(gold) if gold else None,
+        text_truncated=batch.truncated[0],
+        text=text,
+        meta={
+            "task": adapter.task,
+            "n_text_tokens_full": batch.n_text_full[0],
+            "max_text_len": adapter.max_text_len,
+            "hidden_note": "hidden[L] is before the final LayerNorm",
+            **(meta or {}),
+        },
+    )
+
+
+def trace_for_example(adapter: ModelAdapter, example: Example, store: Store, top_k: int = 5) -> tuple[Trace, bool]:
+    """The example's trace from the store, computing and storing it on a miss.
+
+    Returns:
+        ``(trace, cached)``.
+    """
+    image = example.load_image()
+    key = trace_key(adapter, content_hash(image, example.question, example.answers), top_k)
+
+    def compute() -> Trace:
+        return extract_trace(
+            adapter, image, example.question, example.example_id, example.answers or None, top_k,
+            meta={"category": example.category, "source": example.source},
+        )
+
+    return store.get_or_compute_trace(key, compute)
+
+
+# ---------------------------------------------------------------------------------------
+# Sweeps
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchSummary:
+    """What one sweep batch leaves on the host."""
+
+    predictions: pd.DataFrame
+    heads: pd.DataFrame
+
+
+def summarize_batch(adapter: ModelAdapter, batch: EncodedBatch, examples: Sequence[Example], top_k: int = 5) -> BatchSummary:
+    """Forward one encoded batch and reduce it on the device.
+
+    Only the per-head summaries ``[B, L, H, M]`` and the top-k predictions are copied to the host.
+    """
+    dev = adapter.device
+    with torch.no_grad():
+        out = adapter.forward(batch, attentions=True, hidden=False)
+        names, values = compute_layer_summaries(
+            out.attentions,
+            torch.from_numpy(batch.modality.astype(np.int64)).to(dev),
+            torch.from_numpy(batch.special).to(dev),
+            torch.from_numpy(batch.valid).to(dev),
+        )
+        values = values.cpu().numpy()
+    preds = adapter.predict(out.logits, top_k=top_k, batch=batch)
+    ids = [e.example_id for e in examples]
+    rows = []
+    for b, ex in enumerate(examples):
+        top = preds[b]
+        best, prob = (top[0] if top else (None, float("nan")))
+        gold = list(ex.answers)
+        rows.append({
+            "example_id": ex.example_id,
+            "question": ex.question,
+            "gold": gold,
+            "category": ex.category,
+            "prediction": best,
+            "probability": prob,
+            "correct": (best in gold) if gold and best is not None else None,
+            "top_k": json.dumps(top),
+            "text_truncated": batch.truncated[b],
+            "n_text_tokens": int(((batch.modality[b] == 0) & batch.valid[b]).sum()),
+            "n_image_tokens": int(((batch.modality[b] == 1) & batch.valid[b]).sum()),
+        })
+    return BatchSummary(pd.DataFrame(rows, columns=PREDICTION_COLUMNS), summaries_to_frame(ids, names, values))
+
+
+@dataclass
+class SweepProgress:
+    """Passed to the progress callback after every batch."""
+
+    done: int
+    total: int
+    skipped: int
+    rate: float  # examples per second in this run
+    eta_s: float
+
+
+def sweep_key(adapter: ModelAdapter, dataset: str, example_ids: Sequence[str], top_k: int = 5) -> str:
+    """Store key of a sweep: model, processing, dataset name and the exact example list."""
+    return fingerprint("sweep", EXTRACT_VERSION, adapter.fingerprint(), dataset, list(example_ids), {"top_k": top_k})
+
+
+def run_sweep(
+    adapter: ModelAdapter,
+    examples: Sequence[Example],
+    out_dir: str | Path,
+    dataset: str = "",
+    batch_size: int = 8,
+    top_k: int = 5,
+    progress: Callable[[SweepProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Path:
+    """Run a model over examples and write summaries as parquet, resumably.
+
+    Every batch is written as a parquet part as soon as it is done, so a cancelled or crashed
+    sweep resumes after the last finished batch. When all examples are done the parts are
+    merged into ``predictions.parquet`` and ``head_stats.parquet``.
+
+    Args:
+        adapter: the model.
+        examples: what to run, in order.
+        out_dir: the sweep folder (``Store.sweep_dir(key)`` or any folder).
+        dataset: dataset name recorded in the manifest.
+        batch_size: examples per forward pass.
+        top_k: predictions kept per example.
+        progress: called after each batch.
+        should_stop: polled before each batch; True cancels (the work done so far is kept).
+
+    Returns:
+        ``out_dir``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = completed_ids(out)
+    todo = [e for e in examples if e.example_id not in done]
+    manifest = {
+        "model_id": adapter.model_id, "dataset": dataset, "n_examples": len(examples), "top_k": top_k,
+        "batch_size": batch_size, "created": time.time(), "complete": False, "schema": EXTRACT_VERSION,
+    }
+    _write_manifest(out, manifest)
+    start, finished = time.perf_counter(), 0
+    for i in range(0, len(todo), batch_size):
+        if should_stop is not None and should_stop():
+            break
+        chunk = todo[i : i + batch_size]
+        batch = adapter.encode([e.load_image() for e in chunk], [e.question for e in chunk])
+        summary = summarize_batch(adapter, batch, chunk, top_k)
+        part = f"part-{len(done) + finished:07d}"
+        _write_parquet(out / f"{part}.predictions.parquet", summary.predictions)
+        _write_parquet(out / f"{part}.heads.parquet", summary.heads)
+        finished += len(chunk)
+        if progress is not None:
+            rate = finished / max(time.perf_counter() - start, 1e-9)
+            progress(SweepProgress(len(done) + finished, len(examples), len(done), rate, (len(todo) - finished) / rate))
+    if len(done) + finished >= len(examples):
+        _consolidate(out)
+        manifest["complete"] = True
+    _write_manifest(out, manifest)
+    return out
+
+
+def completed_ids(out: Path) -> set[str]:
+    """Example ids already summarised in a sweep folder; damaged parts are deleted."""
+    ids: set[str] = set()
+    merged = out / "predictions.parquet"
+    files = [merged] if merged.exists() else sorted(out.glob("part-*.predictions.parquet"))
+    for path in files:
+        try:
+            ids.update(pd.read_parquet(path, columns=["example_id"])["example_id"].astype(str))
+        except Exception:  # a half-written or corrupt part: drop it and its twin, recompute
+            path.unlink(missing_ok=True)
+            Path(str(path).replace(".predictions.", ".heads.")).unlink(missing_ok=True)
+    return ids
+
+
+def load_sweep(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(predictions, head_stats)`` of a sweep folder, finished or not."""
+    out = Path(out_dir)
+    if (out / "predictions.parquet").exists():
+        return pd.read_parquet(out / "predictions.parquet"), pd.read_parquet(out / "head_stats.parquet")
+    preds = sorted(out.glob("part-*.predictions.parquet"))
+    heads = sorted(out.glob("part-*.heads.parquet"))
+    if not preds:
+        return pd.DataFrame(columns=PREDICTION_COLUMNS), pd.DataFrame()
+    return (
+        pd.concat([pd.read_parquet(p) for p in preds], ignore_index=True),
+        pd.concat([pd.read_parquet(p) for p in heads], ignore_index=True),
+    )
+
+
+def _consolidate(out: Path) -> None:
+    preds, heads = load_sweep(out)
+    if (out / "predictions.parquet").exists():
+        return
+    _write_parquet(out / "head_stats.parquet", heads)
+    _write_parquet(out / "predictions.parquet", preds)  # written last: it marks completion
+    for part in out.glob("part-*.parquet"):
+        part.unlink()
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    import io
+
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    manifest["updated"] = time.time()
+    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())

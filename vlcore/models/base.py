@@ -1,0 +1,93 @@
+"""The one interface every model family implements, and the batch it produces."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+TASKS = ("vqa", "itm", "mlm", "base")
+
+
+@dataclass
+class EncodedBatch:
+    """A batch of (image, text) pairs ready for the model, plus the token layout.
+
+    ``N`` is the padded sequence length ``T + 1 + P`` (text, image CLS, patches).
+
+    Attributes:
+        inputs: keyword arguments for the model's forward, on the model's device.
+        tokens: per example, its ``N`` token strings (padding included, as "[PAD]").
+        modality: int8 ``[B, N]``; 0 text, 1 image.
+        special: bool ``[B, N]``.
+        patch_rc: int16 ``[B, N, 2]``; -1 where the token is not a patch.
+        valid: bool ``[B, N]``; False for padding.
+        grids: per example (rows, cols).
+        images: per example uint8 ``[rows * patch, cols * patch, 3]``: what the model saw.
+        truncated: per example, whether the text was cut.
+        n_text_full: per example, the text length in tokens before truncation.
+    """
+
+    inputs: dict[str, Any]
+    tokens: list[tuple[str, ...]]
+    modality: np.ndarray
+    special: np.ndarray
+    patch_rc: np.ndarray
+    valid: np.ndarray
+    grids: list[tuple[int, int]]
+    images: list[np.ndarray]
+    truncated: list[bool]
+    n_text_full: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class ModelAdapter(ABC):
+    """A loaded model with its processor, behind one interface.
+
+    Adapters own every quirk of their family (hook paths, patch order, text limits).
+    """
+
+    model_id: str
+    task: str
+    patch_px: int
+    max_text_len: int
+
+    @property
+    @abstractmethod
+    def n_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def n_heads(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def d_model(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def device(self) -> str: ...
+
+    @abstractmethod
+    def encode(self, images: list, texts: list[str]) -> EncodedBatch:
+        """Turn PIL images and texts into model inputs with a deterministic token layout."""
+
+    @abstractmethod
+    def forward(self, batch: EncodedBatch, attentions: bool = True, hidden: bool = True, **kwargs: Any) -> Any:
+        """Run the model; the output has ``logits``, ``attentions`` and ``hidden_states``."""
+
+    @abstractmethod
+    def predict(self, logits: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-k (label, probability) per example from the logits."""
+
+    @abstractmethod
+    def fingerprint(self) -> dict:
+        """Everything about the model and its processing that changes a result."""
+
+    @abstractmethod
+    def info(self) -> dict:
+        """Size, layers, heads, width, device and task, for display."""

@@ -1,0 +1,131 @@
+"""Load a model adapter from a hub id or a local directory.
+
+Always eager attention, never ``trust_remote_code``; ``local_files_only`` when offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from vlcore.errors import ModelLoadError, UnsupportedModelError
+from vlcore.models.base import ModelAdapter
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_MODEL_DIR = ROOT / "sample_data" / "models" / "vilt-tiny-easyvqa"
+DEMO_MODEL = "demo"
+
+# Offered in the UI; any other ViLT id or directory also works.
+KNOWN_CHECKPOINTS = {
+    "dandelin/vilt-b32-finetuned-vqa": "VQA (3,129 answers)",
+    "dandelin/vilt-b32-mlm": "masked LM (pre-trained)",
+    "dandelin/vilt-b32-finetuned-coco": "image-text matching (COCO)",
+    "dandelin/vilt-b32-finetuned-flickr30k": "image-text matching (Flickr30k)",
+}
+
+
+def is_offline() -> bool:
+    """True when the environment asks for no hub access (``HF_HUB_OFFLINE`` or ``VLSCOPE_OFFLINE``)."""
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "VLSCOPE_OFFLINE"))
+
+
+def weights_hash(directory: Path) -> str:
+    """First 12 hex digits of the sha256 over a local checkpoint's weight files, in name order."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def resolve_source(source: str) -> tuple[str, bool]:
+    """Map "demo" to the bundled checkpoint; return (source, is_local_dir)."""
+    if source in (DEMO_MODEL, "", None):
+        return str(DEMO_MODEL_DIR), True
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return str(path), True
+    if path.exists() or source.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model directory {source!r} does not exist or is not a directory; give a checkpoint folder or a hub id")
+    return source, False
+
+
+def load_adapter(source: str = DEMO_MODEL, revision: str | None = None, device: str = "auto", dtype=None) -> ModelAdapter:
+    """Load a model and its processor behind the adapter for its family.
+
+    Args:
+        source: "demo", a local checkpoint directory, or a hub id like ``dandelin/vilt-b32-finetuned-vqa``.
+        revision: hub revision (branch, tag or commit); ignored for local directories.
+        device: "auto", "cpu" or "cuda".
+        dtype: torch dtype of the weights (default float32).
+
+    Raises:
+        UnsupportedModelError: the checkpoint is not a supported architecture.
+        ModelLoadError: the checkpoint or its processor cannot be loaded (offline, missing files).
+    """
+    from transformers import AutoConfig
+
+    path, local = resolve_source(source)
+    offline = local or is_offline()
+    kwargs = {"revision": revision, "local_files_only": offline, "trust_remote_code": False}
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors
+        raise ModelLoadError(_load_message(source, local, offline, exc)) from exc
+    archs = list(getattr(config, "architectures", None) or [])
+    if config.model_type == "vilt":
+        return _load_vilt(path, local, config, archs, kwargs, source, revision, device, dtype)
+    raise UnsupportedModelError(
+        f"{source!r} is a {config.model_type!r} model ({', '.join(archs) or 'no architecture'}); VLScope supports "
+        "ViLT checkpoints (ViltForQuestionAnswering, ViltForImageAndTextRetrieval, ViltForMaskedLM, ViltModel). "
+        "Try dandelin/vilt-b32-finetuned-vqa or the bundled demo."
+    )
+
+
+def _load_vilt(path, local, config, archs, kwargs, source, revision, device, dtype) -> ModelAdapter:
+    import transformers
+    from transformers import AutoTokenizer, ViltImageProcessorPil
+
+    from vlcore.models.vilt import ARCHITECTURES, ViltAdapter
+
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise UnsupportedModelError(
+            f"{source!r} is ViLT but its head {archs or '(none)'} is not supported; supported heads: "
+            f"{', '.join(ARCHITECTURES)}."
+        )
+    try:
+        model = getattr(transformers, arch).from_pretrained(path, attn_implementation="eager", **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(_load_message(source, local, kwargs["local_files_only"], exc)) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        image_processor = ViltImageProcessorPil.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"{source!r} has weights but its processor (tokenizer or preprocessor_config.json) could not be "
+            f"loaded: {type(exc).__name__}: {exc}. Save the processor beside the weights "
+            "(ViltProcessor.save_pretrained) or use a checkpoint that ships one."
+        ) from exc
+    if local:
+        model_id = f"{Path(path).name}@sha256:{weights_hash(Path(path))}"
+    else:
+        model_id = f"{source}@{getattr(config, '_commit_hash', None) or revision or 'main'}"
+    return ViltAdapter(model, tokenizer, image_processor, model_id=model_id, device=device, dtype=dtype)
+
+
+def _load_message(source: str, local: bool, offline: bool, exc: Exception) -> str:
+    if local:
+        return (
+            f"could not load the model in {source!r}: {type(exc).__name__}: {exc}. "
+            "The folder needs config.json and model.safetensors, as written by save_pretrained."
+        )
+    reason = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hugging Face Hub could not be reached or has no such model"
+    return (
+        f"could not load {source!r}: {reason}, and there is no local copy in the hub cache "
+        f"({type(exc).__name__}). Connect to the network, check the id, or use the bundled demo model."
+    )

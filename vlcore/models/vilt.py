@@ -1,0 +1,310 @@
+"""ViLT adapter: ``ViltForQuestionAnswering``, ``ViltForMaskedLM``, ``ViltModel``,
+``ViltForImageAndTextRetrieval``.
+
+ViLT's quirks live here and nowhere else:
+
+- ``ViltEmbeddings.visual_embed`` samples the image patches in a random order on every
+  call (``max_image_length=-1`` still permutes them). We call it once, keep its
+  ``patch_index``, sort the patches row-major, and pass ``image_embeds``; two runs of
+  one example are then bit-identical and token ``k`` of the image part is a known cell.
+- The text has ``max_position_embeddings`` (40) positions: longer text is truncated and
+  flagged.
+- ``hidden_states[-1]`` is before the final LayerNorm (see `vlcore.trace`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlcore.errors import InputError, NoAttentionError
+from vlcore.models.base import EncodedBatch, ModelAdapter
+from vlcore.trace import IMAGE, IMAGE_CLS_TOKEN, TEXT, patch_token
+
+ARCHITECTURES = {
+    "ViltForQuestionAnswering": "vqa",
+    "ViltForImageAndTextRetrieval": "itm",
+    "ViltForMaskedLM": "mlm",
+    "ViltModel": "base",
+}
+
+
+class ViltAdapter(ModelAdapter):
+    """A ViLT model with its tokenizer and image processor.
+
+    Args:
+        model: a ``Vilt*`` model (any of ``ARCHITECTURES``).
+        tokenizer: its tokenizer.
+        image_processor: a ``ViltImageProcessorPil`` (or compatible) instance.
+        model_id: name plus revision or weights hash.
+        device: "cpu", "cuda", or "auto".
+        dtype: torch dtype for the weights; float32 unless asked.
+    """
+
+    def __init__(self, model, tokenizer, image_processor, model_id: str, device: str = "auto", dtype=None):
+        arch = type(model).__name__
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"not a supported ViLT class: {arch}")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = model.to(device=device, dtype=dtype or torch.float32).eval()
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.model_id = model_id
+        self.task = ARCHITECTURES[arch]
+        self.architecture = arch
+        cfg = model.config
+        patch = cfg.patch_size
+        self.patch_px = int(patch if isinstance(patch, int) else patch[0])
+        self.max_text_len = int(cfg.max_position_embeddings)
+        self._device = device
+
+    # -- description -------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def vilt(self):
+        """The ``ViltModel`` inside any head."""
+        return getattr(self.model, "vilt", self.model)
+
+    def layer_modules(self) -> list:
+        """The encoder's layer modules, in order (for hooks)."""
+        return list(self.vilt.encoder.layer)
+
+    def self_attention_modules(self) -> list:
+        """Each layer's ``ViltSelfAttention`` (for hooks on attention probabilities)."""
+        return [layer.attention.attention for layer in self.vilt.encoder.layer]
+
+    def fingerprint(self) -> dict:
+        ip = self.image_processor
+        return {
+            "model_id": self.model_id,
+            "architecture": self.architecture,
+            "dtype": str(next(self.model.parameters()).dtype),
+            "image_processor": {
+                k: (dict(v) if isinstance(v, dict) else v)
+                for k, v in ip.to_dict().items()
+                if k in ("size", "size_divisor", "image_mean", "image_std", "do_resize", "do_normalize", "resample")
+            },
+            "max_text_len": self.max_text_len,
+        }
+
+    def info(self) -> dict:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return {
+            "model_id": self.model_id,
+            "architecture": self.architecture,
+            "task": self.task,
+            "parameters": n_params,
+            "layers": self.n_layers,
+            "heads": self.n_heads,
+            "d_model": self.d_model,
+            "patch_px": self.patch_px,
+            "max_text_len": self.max_text_len,
+            "device": self.device,
+        }
+
+    # -- inputs --------------------------------------------------------------------------
+    def encode(self, images: list, texts: list[str]) -> EncodedBatch:
+        """Encode PIL images and texts. See `EncodedBatch` for the layout.
+
+        Raises:
+            InputError: on empty text or a mismatch between images and texts.
+        """
+        if len(images) != len(texts):
+            raise InputError(f"got {len(images)} images for {len(texts)} texts; pass one image per text")
+        for text in texts:
+            if not isinstance(text, str) or not text.strip():
+                raise InputError("the text is empty: type a question or caption for the image")
+        images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        full = self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_text_len, return_tensors="pt"
+        )
+        pix = self.image_processor(images, return_tensors="pt")
+        dev = self.device
+        input_ids = enc["input_ids"].to(dev)
+        attn = enc["attention_mask"].to(dev)
+        with torch.no_grad():
+            image_embeds, image_mask, rc = self.embed_images(pix["pixel_values"].to(dev), pix["pixel_mask"].to(dev))
+        layout = self._layout(enc, image_mask.cpu().numpy().astype(bool), rc.cpu().numpy())
+        images_seen = self._images_seen(pix["pixel_values"], layout["grids"])
+        return EncodedBatch(
+            inputs={
+                "input_ids": input_ids,
+                "attention_mask": attn,
+                "image_embeds": image_embeds,
+                "pixel_mask": image_mask,
+            },
+            images=images_seen,
+            truncated=[len(f) > self.max_text_len for f in full],
+            n_text_full=[len(f) for f in full],
+            **layout,
+        )
+
+    def embed_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor):
+        """Patch-embed images once, in row-major patch order.
+
+        Args:
+            pixel_values: float ``[B, 3, H, W]``.
+            pixel_mask: int ``[B, H, W]``; 1 on the valid (unpadded) area.
+
+        Returns:
+            ``(image_embeds [B, 1 + P, D], image_mask [B, 1 + P], patch_rc [B, P, 2])``; the
+            first image token is the image CLS. Padding patches (images of different sizes
+            in one batch) come last, are zeroed, masked out, and have ``patch_rc`` -1.
+        """
+        emb = self.vilt.embeddings
+        x, x_mask, (patch_index, (_, width)) = emb.visual_embed(pixel_values, pixel_mask, max_image_length=-1)
+        patches, pmask = x[:, 1:], x_mask[:, 1:].bool()
+        rows, cols = patch_index[..., 0], patch_index[..., 1]
+        n = patches.shape[1]
+        big = int(patch_index.max().item() + 1) * (width + 1) + 1
+        key = torch.where(pmask, rows * (width + 1) + cols, big + torch.arange(n, device=x.device))
+        order = key.argsort(dim=1)
+        patches = patches.gather(1, order[..., None].expand(-1, -1, patches.shape[-1]))
+        pmask = pmask.gather(1, order)
+        rc = patch_index.gather(1, order[..., None].expand(-1, -1, 2))
+        patches = patches * pmask[..., None].to(patches.dtype)
+        rc = torch.where(pmask[..., None], rc, torch.full_like(rc, -1))
+        image_embeds = torch.cat([x[:, :1], patches], dim=1)
+        image_mask = torch.cat([x_mask[:, :1], pmask.to(x_mask.dtype)], dim=1)
+        return image_embeds, image_mask, rc
+
+    def _layout(self, enc, image_mask: np.ndarray, rc: np.ndarray) -> dict:
+        ids = enc["input_ids"].numpy()
+        text_valid = enc["attention_mask"].numpy().astype(bool)
+        batch, t_len = ids.shape
+        n_img = image_mask.shape[1]
+        special_ids = set(self.tokenizer.all_special_ids)
+        modality = np.concatenate([np.full((batch, t_len), TEXT), np.full((batch, n_img), IMAGE)], 1).astype(np.int8)
+        special = np.zeros((batch, t_len + n_img), dtype=bool)
+        special[:, :t_len] = np.isin(ids, list(special_ids)) & text_valid
+        special[:, t_len] = True
+        patch_rc = np.full((batch, t_len + n_img, 2), -1, dtype=np.int16)
+        patch_rc[:, t_len + 1 :] = rc
+        valid = np.concatenate([text_valid, image_mask], 1)
+        tokens, grids = [], []
+        for b in range(batch):
+            text_tokens = self.tokenizer.convert_ids_to_tokens(ids[b].tolist())
+            cells = rc[b][rc[b, :, 0] >= 0]
+            grids.append((int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1) if len(cells) else (0, 0))
+            img_tokens = [IMAGE_CLS_TOKEN] + [
+                patch_token(int(r), int(c)) if r >= 0 else "[PAD]" for r, c in rc[b]
+            ]
+            tokens.append(tuple(text_tokens) + tuple(img_tokens))
+        return {
+            "tokens": tokens,
+            "modality": modality,
+            "special": special,
+            "patch_rc": patch_rc,
+            "valid": valid,
+            "grids": grids,
+        }
+
+    def _images_seen(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Undo normalisation and crop to the patch grid: uint8 ``[h, w, 3]`` per image."""
+        ip = self.image_processor
+        x = pixel_values.float().numpy()
+        if getattr(ip, "do_normalize", True):
+            mean = np.asarray(ip.image_mean, dtype=np.float32)[None, :, None, None]
+            std = np.asarray(ip.image_std, dtype=np.float32)[None, :, None, None]
+            x = x * std + mean
+        if getattr(ip, "do_rescale", True):
+            x = x / float(ip.rescale_factor)
+        x = np.clip(np.rint(x), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        p = self.patch_px
+        return [np.ascontiguousarray(x[b, : r * p, : c * p]) for b, (r, c) in enumerate(grids)]
+
+    # -- running -------------------------------------------------------------------------
+    def forward(self, batch: EncodedBatch, attentions: bool = True, hidden: bool = True, **overrides: Any):
+        """Run the model on an encoded batch.
+
+        Args:
+            batch: from `encode`.
+            attentions: return attention probabilities.
+            hidden: return hidden states.
+            **overrides: replace any model input (e.g. ``pixel_mask`` to drop patches).
+
+        Raises:
+            NoAttentionError: attentions were asked for and none came back.
+        """
+        inputs = {**batch.inputs, **overrides}
+        out = self.model(**inputs, output_attentions=attentions, output_hidden_states=hidden, return_dict=True)
+        if attentions and not out.attentions:
+            raise NoAttentionError(
+                f"{self.model_id} returned no attention weights. Load it with "
+                "attn_implementation='eager' (VLScope does this for you); if it still returns none, "
+                "this checkpoint's attention implementation cannot expose them."
+            )
+        return out
+
+    def predict(self, logits: torch.Tensor, top_k: int = 5, batch: EncodedBatch | None = None) -> list[list[tuple[str, float]]]:
+        """Top-k (label, probability) per example.
+
+        VQA heads trained with per-answer sigmoid (the VQAv2 recipe, ``problem_type`` unset or
+        multi-label) are scored with a sigmoid; single-label heads with a softmax. An
+        image-text-matching head gives one ``("match", sigmoid(logit))``. A masked-LM head
+        gives the top tokens at the first ``[MASK]`` of the text, if there is one.
+        """
+        logits = logits.detach().float()
+        if self.task == "vqa":
+            probs = self.score(logits)
+            k = min(top_k, probs.shape[-1])
+            val, idx = probs.topk(k, dim=-1)
+            labels = self.config.id2label
+            return [[(str(labels[int(i)]), float(v)) for v, i in zip(vr, ir)] for vr, ir in zip(val, idx)]
+        if self.task == "itm":
+            return [[("match", float(torch.sigmoid(v[0])))] for v in logits]
+        if self.task == "mlm" and batch is not None:
+            return self._predict_mask(logits, batch, top_k)
+        return [[] for _ in range(logits.shape[0])]
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        """Answer probabilities from VQA logits ``[B, n_labels]`` (see `predict`)."""
+        if self.config.problem_type == "single_label_classification":
+            return logits.float().softmax(-1)
+        return torch.sigmoid(logits.float())
+
+    def _predict_mask(self, logits: torch.Tensor, batch: EncodedBatch, top_k: int) -> list:
+        out = []
+        mask_id = self.tokenizer.mask_token_id
+        ids = batch.inputs["input_ids"].cpu()
+        for b in range(ids.shape[0]):
+            where = (ids[b] == mask_id).nonzero()
+            if not len(where):
+                out.append([])
+                continue
+            probs = logits[b, int(where[0])].softmax(-1)
+            val, idx = probs.topk(top_k)
+            out.append([(self.tokenizer.convert_ids_to_tokens(int(i)), float(v)) for v, i in zip(val, idx)])
+        return out
+
+    def target_logit(self, logits: torch.Tensor, label: str | None) -> torch.Tensor:
+        """The scalar logit to explain: a VQA label (None: the top one), or the ITM score."""
+        if self.task == "vqa":
+            idx = int(logits[0].argmax()) if label is None else int(self.config.label2id[label])
+            return logits[0, idx]
+        if self.task == "itm":
+            return logits[0, 0]
+        raise InputError(f"gradient relevancy needs a VQA or image-text-matching head; {self.model_id} is {self.task}")

@@ -1,0 +1,236 @@
+"""The result store: a fingerprinted disk cache of traces, sweeps and user inputs.
+
+Layout under the root (``VLSCOPE_CACHE``, else the user's cache dir)::
+
+    traces/ab/<key>.safetensors   one trace: arrays + JSON metadata in the safetensors header
+    sweeps/<key>/                 sweep summaries as parquet parts + manifest.json
+    inputs/<id>.png, <id>.json    user-uploaded examples
+
+Keys are sha256 fingerprints of everything that changes a result (model id with revision or
+weights hash, processor settings, example content, extraction settings). Writes are atomic
+(temporary file + ``os.replace``); a damaged entry is dropped and reported, then recomputed by
+the caller. Traces are evicted least-recently-used when the traces folder passes its cap.
+Nothing here unpickles: safetensors, JSON and parquet only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from vlcore.trace import Trace
+
+SCHEMA_VERSION = 1
+DEFAULT_CAP_BYTES = 2 * 1024**3
+
+
+def default_root() -> Path:
+    """``$VLSCOPE_CACHE`` or the platform's user cache dir for "vlscope"."""
+    env = os.environ.get("VLSCOPE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("vlscope"))
+
+
+def fingerprint(*parts: object) -> str:
+    """sha256 hex of the canonical JSON of ``parts``.
+
+    >>> fingerprint({"b": 1, "a": 2}) == fingerprint({"a": 2, "b": 1})
+    True
+    """
+    blob = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_ARRAYS = ("modality", "special", "patch_rc", "image", "attentions", "hidden")
+
+
+def trace_to_bytes(trace: Trace) -> bytes:
+    """Serialise a trace as safetensors with its scalar fields as JSON in the header."""
+    arrays = {n: np.ascontiguousarray(getattr(trace, n)) for n in _ARRAYS if getattr(trace, n) is not None}
+    meta = {
+        "schema": SCHEMA_VERSION,
+        "example_id": trace.example_id,
+        "model_id": trace.model_id,
+        "tokens": list(trace.tokens),
+        "grid": list(trace.grid),
+        "patch_px": trace.patch_px,
+        "prediction": [list(p) for p in trace.prediction],
+        "gold": list(trace.gold) if trace.gold is not None else None,
+        "text_truncated": trace.text_truncated,
+        "text": trace.text,
+        "meta": trace.meta,
+    }
+    return st_save(arrays, metadata={"vlscope": json.dumps(meta)})
+
+
+def trace_from_bytes(data: bytes) -> Trace:
+    """Inverse of `trace_to_bytes`.
+
+    Raises:
+        ValueError: a damaged file or a different schema version.
+    """
+    try:
+        arrays = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = json.loads(header["__metadata__"]["vlscope"])
+    except (SafetensorError, KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"damaged trace file: {exc}") from exc
+    if meta.get("schema") != SCHEMA_VERSION:
+        raise ValueError(f"trace schema {meta.get('schema')} != {SCHEMA_VERSION}")
+    return Trace(
+        example_id=meta["example_id"],
+        model_id=meta["model_id"],
+        tokens=tuple(meta["tokens"]),
+        modality=arrays["modality"],
+        special=arrays["special"],
+        patch_rc=arrays["patch_rc"],
+        grid=tuple(meta["grid"]),
+        image=arrays["image"],
+        patch_px=int(meta["patch_px"]),
+        attentions=arrays.get("attentions"),
+        hidden=arrays.get("hidden"),
+        prediction=tuple((str(a), float(b)) for a, b in meta["prediction"]),
+        gold=tuple(meta["gold"]) if meta["gold"] is not None else None,
+        text_truncated=bool(meta["text_truncated"]),
+        text=meta.get("text", ""),
+        meta=meta.get("meta", {}),
+    )
+
+
+class Store:
+    """A disk cache rooted at ``root``.
+
+    Args:
+        root: cache folder; `default_root()` when None.
+        cap_bytes: size cap of the traces folder; least recently used traces go first.
+    """
+
+    def __init__(self, root: str | Path | None = None, cap_bytes: int = DEFAULT_CAP_BYTES):
+        self.root = Path(root) if root is not None else default_root()
+        self.cap_bytes = int(cap_bytes)
+        self.notices: list[str] = []
+
+    # -- traces ---------------------------------------------------------------------------
+    def trace_path(self, key: str) -> Path:
+        return self.root / "traces" / key[:2] / f"{key}.safetensors"
+
+    def has_trace(self, key: str) -> bool:
+        return self.trace_path(key).is_file()
+
+    def get_trace(self, key: str) -> Trace | None:
+        """The stored trace, or None when absent or damaged (a damaged file is deleted)."""
+        path = self.trace_path(key)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            trace = trace_from_bytes(data)
+        except ValueError as exc:
+            path.unlink(missing_ok=True)
+            self.notices.append(f"dropped a damaged cache entry ({exc}); it will be recomputed")
+            return None
+        os.utime(path)  # mark as recently used for LRU eviction
+        return trace
+
+    def put_trace(self, key: str, trace: Trace) -> Path:
+        """Write a trace atomically, then evict old traces past the cap."""
+        path = self.trace_path(key)
+        atomic_write_bytes(path, trace_to_bytes(trace))
+        self.evict(keep=path)
+        return path
+
+    def get_or_compute_trace(self, key: str, compute: Callable[[], Trace]) -> tuple[Trace, bool]:
+        """Load a trace, or compute and store it under a file lock so that only one process computes.
+
+        Returns:
+            ``(trace, cached)``; ``cached`` is True when nothing was computed.
+        """
+        trace = self.get_trace(key)
+        if trace is not None:
+            return trace, True
+        lock_path = self.root / "locks" / f"{key}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(lock_path)):
+            trace = self.get_trace(key)
+            if trace is not None:
+                return trace, True
+            trace = compute()
+            self.put_trace(key, trace)
+        return trace, False
+
+    def evict(self, keep: Path | None = None) -> int:
+        """Delete least-recently-used traces until the traces folder is under the cap.
+
+        Returns:
+            the number of files deleted.
+        """
+        files = [(p.stat(), p) for p in (self.root / "traces").glob("*/*.safetensors")]
+        total = sum(s.st_size for s, _ in files)
+        removed = 0
+        for st, path in sorted(files, key=lambda f: f[0].st_mtime_ns):
+            if total <= self.cap_bytes:
+                break
+            if path == keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= st.st_size
+            removed += 1
+        return removed
+
+    # -- sweeps & inputs ----------------------------------------------------------------------
+    def sweep_dir(self, key: str) -> Path:
+        return self.root / "sweeps" / key
+
+    def list_sweeps(self) -> list[dict]:
+        """Manifests of the stored sweeps, newest first."""
+        out = []
+        for manifest in (self.root / "sweeps").glob("*/manifest.json"):
+            try:
+                data = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            data["path"] = str(manifest.parent)
+            out.append(data)
+        return sorted(out, key=lambda m: m.get("updated", 0), reverse=True)
+
+    # -- housekeeping -------------------------------------------------------------------------
+    def size_bytes(self) -> int:
+        """Total bytes under the root."""
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()) if self.root.exists() else 0
+
+    def clear(self) -> None:
+        """Delete every trace, sweep and lock (user inputs are kept)."""
+        import shutil
+
+        for sub in ("traces", "sweeps", "locks"):
+            shutil.rmtree(self.root / sub, ignore_errors=True)
