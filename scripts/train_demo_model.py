@@ -72,13 +72,28 @@ def encode_split(split: str, tokenizer, image_processor, answers: list[str]):
     }
 
 
-def batches(data: dict, order: torch.Tensor, batch_size: int, device: str):
+def dihedral(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Apply one of the 8 flips/rotations per image (easy-VQA answers do not depend on pose)."""
+    choice = torch.randint(0, 8, (pixels.shape[0],), generator=gen)
+    out = pixels.clone()
+    for k in range(8):
+        sel = choice == k
+        if sel.any():
+            x = torch.rot90(pixels[sel], k % 4, dims=(2, 3))
+            out[sel] = torch.flip(x, dims=(3,)) if k >= 4 else x
+    return out
+
+
+def batches(data: dict, order: torch.Tensor, batch_size: int, device: str, gen: torch.Generator | None = None):
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
+        pixels = data["pixels"][data["image"][idx]]
+        if gen is not None:
+            pixels = dihedral(pixels, gen)
         yield (
             data["input_ids"][idx].to(device),
             data["attention_mask"][idx].to(device),
-            data["pixels"][data["image"][idx]].to(device),
+            pixels.to(device),
             data["labels"][idx].to(device),
         )
 
@@ -134,6 +149,7 @@ def write_card(out: Path, args, acc: float, n_test: int, n_params: int, minutes:
         "- Tokenizer: a word vocabulary of every easy-VQA question (`vocab.txt`).",
         f"- Training: {args.epochs} epochs over the 38,575 train questions, batch {args.batch_size}, "
         f"AdamW lr {args.lr} with linear warm-up and cosine decay, weight decay 0.01, seed {args.seed}, "
+        f"{'random flips/90-degree rotations of the images, ' if args.augment else ''}"
         f"{minutes:.1f} min on {args.device_used}.",
         "",
         f"**Accuracy on the full easy-VQA test split ({n_test:,} questions): {acc:.4f}.**",
@@ -160,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="random flips/rotations of the training images")
     parser.add_argument("--limit-steps", type=int, default=0, help="stop after N steps (smoke runs)")
     args = parser.parse_args(argv)
 
@@ -192,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     for epoch in range(1, args.epochs + 1):
         order = torch.randperm(len(train["labels"]), generator=gen)
         losses = []
-        for ids, mask, pix, labels in batches(train, order, args.batch_size, device):
+        aug = gen if args.augment else None
+        for ids, mask, pix, labels in batches(train, order, args.batch_size, device, aug):
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
             loss = torch.nn.functional.cross_entropy(logits, labels)
             optim.zero_grad(set_to_none=True)

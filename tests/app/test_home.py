@@ -1,0 +1,33 @@
+"""The home page on the bundled model, offline."""
+
+from __future__ import annotations
+
+import json
+
+from streamlit.testing.v1 import AppTest
+
+from tests.conftest import ROOT
+
+HOME = str(ROOT / "streamlit_app.py")
+
+
+def heatmaps(at: AppTest) -> list[dict]:
+    specs = [json.loads(c.proto.spec) for c in at.get("vega_lite_chart")]
+    return [s for s in specs if any(layer.get("mark", {}).get("type") == "image" for layer in s.get("layer", []))]
+
+
+def test_home_renders_prediction_and_one_cls_heatmap():
+    at = AppTest.from_file(HOME, default_timeout=120).run()
+    assert not at.exception and not at.error
+    assert len(heatmaps(at)) == 1
+    text = " ".join(m.value for m in at.markdown)
+    assert "**Prediction:**" in text and "gold:" in text
+
+
+def test_picking_another_sample_changes_the_question_and_map():
+    at = AppTest.from_file(HOME, default_timeout=120).run()
+    first = (at.subheader[0].value, json.dumps(heatmaps(at)[0]["layer"]))
+    at.selectbox(key="sample").set_value(3).run()
+    assert not at.exception
+    second = (at.subheader[0].value, json.dumps(heatmaps(at)[0]["layer"]))
+    assert first[0] != second[0] and first[1] != second[1]

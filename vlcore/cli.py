@@ -1,0 +1,128 @@
+"""``python -m vlcore``: extract sweeps, write single traces, evaluate the demo model.
+
+    python -m vlcore extract --model demo --dataset easy_vqa --split test --limit 100 --out runs/sweep
+    python -m vlcore trace --model demo --image cat.png --text "what is it?" --out cat.safetensors
+    python -m vlcore evaluate [--model demo] [--subset 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vlcore.errors import VLScopeError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"vlcore: error: {message} (see python -m vlcore {self.prog.split()[-1]} --help)\n")
+        raise SystemExit(2)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vlcore", description="VLScope core command line.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    ext = sub.add_parser("extract", help="run a model over a dataset and write sweep summaries as parquet")
+    ext.add_argument("--model", default="demo", help='"demo", a checkpoint folder, or a hub id')
+    ext.add_argument("--dataset", default="easy_vqa")
+    ext.add_argument("--split", default="test")
+    ext.add_argument("--limit", type=_positive, default=None, help="first N examples")
+    ext.add_argument("--out", type=Path, required=True, help="output folder (resumes if it holds a partial sweep)")
+    ext.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ext.add_argument("--batch-size", type=_positive, default=8)
+
+    tr = sub.add_parser("trace", help="write the full trace of one image and text")
+    tr.add_argument("--model", default="demo")
+    tr.add_argument("--image", type=Path, required=True)
+    tr.add_argument("--text", required=True)
+    tr.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    tr.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    ev = sub.add_parser("evaluate", help="accuracy of a VQA model on easy-VQA")
+    ev.add_argument("--model", default="demo")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--subset", type=_positive, default=None, help="the fixed seeded subset of this size")
+    ev.add_argument("--batch-size", type=_positive, default=64)
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return parser
+
+
+def cmd_extract(args) -> int:
+    from tqdm import tqdm
+
+    from vlcore.data.catalog import load_examples
+    from vlcore.extract import load_sweep, run_sweep
+    from vlcore.models.registry import load_adapter
+
+    examples = load_examples(args.dataset, args.split, args.limit)
+    adapter = load_adapter(args.model, device=args.device)
+    bar = tqdm(total=len(examples), unit="ex", desc="extract")
+
+    def progress(p):
+        bar.n = p.done
+        bar.set_postfix(rate=f"{p.rate:.1f}/s")
+        bar.refresh()
+
+    run_sweep(adapter, examples, args.out, dataset=f"{args.dataset}/{args.split}", batch_size=args.batch_size, progress=progress)
+    bar.close()
+    preds, heads = load_sweep(args.out)
+    acc = preds["correct"].dropna().mean() if len(preds) else float("nan")
+    print(f"wrote {len(preds)} examples, {len(heads)} head-stat rows to {args.out} (accuracy {acc:.4f})")
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from vlcore.data.example import content_hash, open_image
+    from vlcore.extract import extract_trace
+    from vlcore.models.registry import load_adapter
+    from vlcore.store import atomic_write_bytes, trace_to_bytes
+
+    image = open_image(args.image)
+    adapter = load_adapter(args.model, device=args.device)
+    trace = extract_trace(adapter, image, args.text, f"upload/{content_hash(image, args.text)[:16]}")
+    atomic_write_bytes(args.out, trace_to_bytes(trace))
+    note = " (text truncated)" if trace.text_truncated else ""
+    print(f"wrote {args.out}: {trace.n_tokens} tokens, {trace.n_layers} layers, prediction {trace.prediction[:1]}{note}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from vlcore.data.easy_vqa import easy_vqa_examples
+    from vlcore.evaluate import evaluate_accuracy, fixed_subset
+    from vlcore.models.registry import load_adapter
+
+    examples = easy_vqa_examples(args.split)
+    if args.subset:
+        examples = [examples[i] for i in fixed_subset(len(examples), args.subset)]
+    adapter = load_adapter(args.model, device=args.device)
+    acc = evaluate_accuracy(adapter, examples, batch_size=args.batch_size)
+    print(json.dumps({"model_id": adapter.model_id, "split": args.split, "n": len(examples), "accuracy": round(acc, 6)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return {"extract": cmd_extract, "trace": cmd_trace, "evaluate": cmd_evaluate}[args.command](args)
+    except VLScopeError as exc:
+        sys.stderr.write(f"vlcore: error: {exc}\n")
+        return 2

@@ -1,0 +1,53 @@
+"""Accuracy of a VQA model on a list of examples (plain batched forward, no attentions)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from vlcore.data.example import Example
+from vlcore.errors import InputError
+from vlcore.models.base import ModelAdapter
+
+# The fixed regression subset of easy-VQA test questions (seeded, sorted indices).
+SUBSET_SEED, SUBSET_SIZE = 0, 500
+
+
+def fixed_subset(n_total: int, size: int = SUBSET_SIZE, seed: int = SUBSET_SEED) -> list[int]:
+    """Sorted indices of a seeded subset of ``range(n_total)``.
+
+    >>> fixed_subset(10, 3) == sorted(fixed_subset(10, 3))
+    True
+    """
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n_total, size=min(size, n_total), replace=False))
+
+
+def evaluate_accuracy(
+    adapter: ModelAdapter,
+    examples: Sequence[Example],
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> float:
+    """Share of examples whose top prediction is one of their gold answers.
+
+    Raises:
+        InputError: the model is not a VQA model, or an example has no gold answer.
+    """
+    if adapter.task != "vqa":
+        raise InputError(f"accuracy needs a VQA model; {adapter.model_id} is a {adapter.task} model")
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        if any(not e.answers for e in chunk):
+            raise InputError("every example needs a gold answer to compute accuracy")
+        batch = adapter.encode([e.load_image() for e in chunk], [e.question for e in chunk])
+        with torch.no_grad():
+            logits = adapter.forward(batch, attentions=False, hidden=False).logits
+        top = adapter.predict(logits, top_k=1)
+        correct += sum(t[0][0] in e.answers for t, e in zip(top, chunk))
+        if progress is not None:
+            progress(min(start + batch_size, len(examples)), len(examples))
+    return correct / max(len(examples), 1)
