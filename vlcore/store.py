@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from vlcore.errors import InputError
 from vlcore.trace import Trace
 
 SCHEMA_VERSION = 1
@@ -234,3 +235,43 @@ class Store:
 
         for sub in ("traces", "sweeps", "locks"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
+
+
+# -- user inputs ------------------------------------------------------------------------------
+def _input_paths(root: Path, input_id: str) -> tuple[Path, Path]:
+    digest = input_id.removeprefix("upload/")
+    if not digest or not all(c in "0123456789abcdef" for c in digest):
+        raise ValueError(f"not an upload id: {input_id!r}")
+    base = root / "inputs" / digest
+    return base.with_suffix(".png"), base.with_suffix(".json")
+
+
+def put_input(store: Store, image, text: str) -> str:
+    """Keep a user's image and text in the store; returns its id ``upload/<16 hex>``.
+
+    The id is a content hash, so the same upload always gets the same id and can be shared.
+    """
+    import io
+
+    from vlcore.data.example import content_hash
+
+    input_id = f"upload/{content_hash(image, text)[:16]}"
+    png, meta = _input_paths(store.root, input_id)
+    if not png.exists():
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        atomic_write_bytes(png, buf.getvalue())
+        atomic_write_bytes(meta, json.dumps({"text": text}).encode())
+    return input_id
+
+
+def get_input(store: Store, input_id: str):
+    """The stored user example as an `Example`, or None when the id is unknown or malformed."""
+    from vlcore.data.example import Example, open_image
+
+    try:
+        png, meta = _input_paths(store.root, input_id)
+        text = json.loads(meta.read_text())["text"]
+        return Example(input_id, text, image=open_image(png), source="upload")
+    except (ValueError, OSError, KeyError, InputError):
+        return None

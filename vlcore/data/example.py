@@ -113,16 +113,39 @@ def open_image(path: str | Path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image file not found: {path}")
-    if path.stat().st_size == 0:
-        raise InputError(f"image file is empty (0 bytes): {path.name}")
+    return open_image_bytes(path.read_bytes(), path.name)
+
+
+def open_image_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    """Open an uploaded image from its bytes as RGB (see `open_image` for the errors)."""
+    import io
+
+    if not data:
+        raise InputError(f"{name} is empty (0 bytes); choose an image file")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()
             return to_rgb(im)
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{path.name} is too large to open safely ({exc}); resize it below 89 megapixels") from exc
+        raise InputError(f"{name} is too large to open safely ({exc}); resize it below 89 megapixels") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path.name} is not a readable image ({exc}); use a PNG, JPEG, GIF or WebP file") from exc
+        raise InputError(f"{name} is not a readable image ({exc}); use a PNG, JPEG, GIF or WebP file") from exc
+
+
+def open_image_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    """Open an uploaded image from its bytes as RGB (see `open_image` for the errors)."""
+    import io
+
+    if not data:
+        raise InputError(f"{name} is empty (0 bytes); choose an image file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return to_rgb(im)
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{name} is too large to open safely ({exc}); resize it below 89 megapixels") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{name} is not a readable image ({exc}); use a PNG, JPEG, GIF or WebP file") from exc
 
 
 def content_hash(image: Image.Image, text: str, answers: tuple[str, ...] = ()) -> str:

@@ -1,0 +1,156 @@
+"""Benchmark: trace capture, summary sweeps and trace loading against the plain forward pass.
+
+    python bench/extract.py [--device auto|cpu|cuda] [--repeats 5]
+
+Uses a full-size ViLT-B/32 config (12 layers, 12 heads, hidden 768, patch 32) with random
+weights and a 384x640 image with a 16-token question: 16 + 1 + 240 = 257 tokens, the
+size of a real VQA trace. Every row is measured in this one run; ratios compare like with like
+(both sides include the image processor and tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlcore.extract import extract_trace, summarize_batch  # noqa: E402
+from vlcore.data.example import Example  # noqa: E402
+from vlcore.models.vilt import ViltAdapter  # noqa: E402
+from vlcore.store import Store  # noqa: E402
+
+QUESTION = "what is the man on the left holding in his right hand while he looks at the dog near the red car"
+
+
+def vilt_b32(device: str, dtype=None) -> ViltAdapter:
+    """ViLT-B/32 with random weights, a word-piece-free vocabulary, and the real processor settings."""
+    import json
+
+    from transformers import BertTokenizer, ViltConfig, ViltForQuestionAnswering, ViltImageProcessorPil
+
+    tok_dir = Path(tempfile.mkdtemp())
+    words = sorted(set(QUESTION.split()))
+    (tok_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    tokenizer = BertTokenizer.from_pretrained(str(tok_dir))
+    torch.manual_seed(0)
+    config = ViltConfig(num_labels=3129, vocab_size=30522, id2label={i: str(i) for i in range(3129)})
+    model = ViltForQuestionAnswering(config)
+    return ViltAdapter(model, tokenizer, ViltImageProcessorPil(), "vilt-b32-random", device=device, dtype=dtype)
+
+
+def timeit(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=None, help="sweep batch (default 8 on CPU, 64 on GPU)")
+    args = parser.parse_args()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    batch_size = args.batch_size or (64 if device == "cuda" else 8)
+    dtype = torch.bfloat16 if device == "cuda" else None
+    adapter = vilt_b32(device)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (384, 640, 3), dtype=np.uint8))
+    store = Store(tempfile.mkdtemp(prefix="vlscope-bench-"))
+    model, proc, tok = adapter.model, adapter.image_processor, adapter.tokenizer
+
+    def plain(n: int):
+        inputs = {**tok([QUESTION] * n, return_tensors="pt"), **proc([image] * n, return_tensors="pt")}
+        with torch.no_grad():
+            model(**{k: v.to(device) for k, v in inputs.items()}).logits.cpu()
+
+    counter = iter(range(10**9))
+
+    def capture_and_store():
+        trace = extract_trace(adapter, image, QUESTION, "bench")
+        store.put_trace(f"{next(counter):064d}", trace)
+
+    def naive_capture_and_save():
+        inputs = {**tok([QUESTION], return_tensors="pt"), **proc([image], return_tensors="pt")}
+        with torch.no_grad():
+            out = model(**{k: v.to(device) for k, v in inputs.items()}, output_attentions=True, output_hidden_states=True)
+        arrays = {f"att{i}": a.float().cpu().numpy() for i, a in enumerate(out.attentions)}
+        arrays.update({f"hid{i}": h.float().cpu().numpy() for i, h in enumerate(out.hidden_states)})
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        (Path(store.root) / "naive.npz").write_bytes(buf.getvalue())
+
+    examples = [Example(f"e{i}", QUESTION, image=image) for i in range(batch_size)]
+
+    def sweep_batch():
+        batch = adapter.encode([image] * batch_size, [QUESTION] * batch_size)
+        summarize_batch(adapter, batch, examples)
+
+    def naive_sweep_batch():
+        inputs = {**tok([QUESTION] * batch_size, return_tensors="pt"), **proc([image] * batch_size, return_tensors="pt")}
+        with torch.no_grad():
+            out = model(**{k: v.to(device) for k, v in inputs.items()}, output_attentions=True, output_hidden_states=True)
+        [a.float().cpu().numpy() for a in out.attentions]
+        [h.float().cpu().numpy() for h in out.hidden_states]
+
+    r = args.repeats
+    t_plain1 = timeit(lambda: plain(1), r)
+    t_capture = timeit(capture_and_store, r)
+    t_naive1 = timeit(naive_capture_and_save, r)
+    if dtype is not None:  # sweeps on a GPU run in bf16, like the plain pass they are compared with
+        adapter.model.to(dtype)
+    t_plainb = timeit(lambda: plain(batch_size), max(2, r // 2))
+    t_sweep = timeit(sweep_batch, max(2, r // 2))
+    t_naiveb = timeit(naive_sweep_batch, max(2, r // 2))
+    adapter.model.float()
+
+    trace = extract_trace(adapter, image, QUESTION, "bench")
+    key = "f" * 64
+    path = store.put_trace(key, trace)
+    raw_fp32 = (trace.attentions.size + trace.hidden.size) * 4
+    on_disk = path.stat().st_size
+    t_load = timeit(lambda: store.get_trace(key), max(r, 10))
+
+    n = trace.n_tokens
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"ViLT-B/32 random weights, {n} tokens, {trace.n_layers} layers x {trace.n_heads} heads, on {name}")
+    print(f"sweep batch {batch_size}{' bf16' if dtype is not None else ' fp32'}; medians of {r} runs\n")
+    rows = [
+        ("plain forward, batch 1", f"{t_plain1 * 1e3:.0f} ms", "1.00x", ""),
+        ("full trace capture + store, batch 1", f"{t_capture * 1e3:.0f} ms", f"{t_capture / t_plain1:.2f}x time", "<= 1.5x"),
+        ("naive: all to host fp32 + save, batch 1", f"{t_naive1 * 1e3:.0f} ms", f"{t_naive1 / t_plain1:.2f}x time", "contrast"),
+        (f"plain forward, batch {batch_size}", f"{batch_size / t_plainb:.1f} ex/s", "1.00x", ""),
+        (f"summary sweep, batch {batch_size}", f"{batch_size / t_sweep:.1f} ex/s", f"{t_plainb / t_sweep:.2f}x throughput", ">= 0.8x"),
+        (f"naive sweep (all to host), batch {batch_size}", f"{batch_size / t_naiveb:.1f} ex/s", f"{t_plainb / t_naiveb:.2f}x throughput", "contrast"),
+        ("trace on disk vs raw fp32", f"{on_disk / 2**20:.1f} MiB", f"{on_disk / raw_fp32:.2f}x bytes", "<= 0.55x"),
+        ("load one trace", f"{t_load * 1e3:.1f} ms", "", "<= 50 ms"),
+    ]
+    print(f"| {'measure':<44} | {'value':>12} | {'ratio':>20} | {'target':>9} |")
+    print(f"|{'-' * 46}|{'-' * 14}|{'-' * 22}|{'-' * 11}|")
+    for row in rows:
+        print(f"| {row[0]:<44} | {row[1]:>12} | {row[2]:>20} | {row[3]:>9} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

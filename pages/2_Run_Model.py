@@ -1,0 +1,58 @@
+"""Run a model on a dataset example or on your own image and text; results are cached."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from vlcore.data.example import open_image_bytes
+from vlcore.data.sources import resolve_example
+from vlcore.errors import VLScopeError
+from vlcore.extract import trace_for_example
+from vlcore.store import put_input
+from vlcore.ui.loaders import get_adapter, get_store
+from vlcore.ui.state import get_param, set_params
+from vlcore.ui.widgets import model_picker, show_model_info, show_trace_result, store_panel
+
+st.set_page_config(page_title="Run model · VLScope", layout="wide")
+st.title("Run model")
+store = get_store()
+source = model_picker()
+store_panel(store)
+if not source:
+    st.info("Enter a model to run.")
+    st.stop()
+try:
+    adapter = get_adapter(source)
+except VLScopeError as exc:
+    st.error(str(exc))
+    st.stop()
+show_model_info(adapter.info())
+
+with st.expander("Your own image and text", expanded=get_param("ex") is None):
+    upload = st.file_uploader("Image", type=["png", "jpg", "jpeg", "gif", "webp", "bmp"], key="upload")
+    text = st.text_input("Question or caption", key="upload_text")
+    if st.button("Run on my image", key="run_upload"):
+        try:
+            if upload is None:
+                raise VLScopeError("choose an image file first")
+            image = open_image_bytes(upload.getvalue(), upload.name)
+            if not text.strip():
+                raise VLScopeError("the text is empty: type a question or caption for the image")
+            set_params(ex=put_input(store, image, text.strip()))
+        except VLScopeError as exc:
+            st.error(str(exc))
+
+example_id = get_param("ex")
+if not example_id:
+    st.info("Open an example from the dataset browser (\"Interpret this example\"), or upload an image above.")
+    st.stop()
+try:
+    example = resolve_example(example_id, store)
+    trace, cached = trace_for_example(adapter, example, store)
+except VLScopeError as exc:
+    st.error(str(exc))
+    st.stop()
+for notice in store.notices:
+    st.info(notice)
+st.caption(f"Example `{example.example_id}`" + (f" · category {example.category}" if example.category else ""))
+show_trace_result(trace, cached, opacity=st.sidebar.slider("Heat opacity", 0.0, 1.0, 0.6, 0.05, key="opacity"))

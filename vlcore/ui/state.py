@@ -1,0 +1,35 @@
+"""URL state: the short query-parameter names every page uses, in one place.
+
+| name    | meaning                                   | example                     |
+|---------|-------------------------------------------|-----------------------------|
+| `ds`    | dataset source                            | `easy_vqa`                  |
+| `split` | dataset split                             | `test`                      |
+| `ex`    | example id                                | `easy_vqa/test/12`          |
+| `model` | model: `demo` or a hub id                 | `dandelin/vilt-b32-mlm`     |
+| `layer` | layer index                               | `11`                        |
+| `head`  | head index, or `mean`                     | `3`                         |
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+PARAMS = ("ds", "split", "ex", "model", "layer", "head")
+
+
+def get_param(name: str, default: str | None = None) -> str | None:
+    """A query parameter's value, or ``default``."""
+    if name not in PARAMS:
+        raise KeyError(f"unknown URL parameter {name!r}; add it to vlcore.ui.state.PARAMS")
+    return st.query_params.get(name, default)
+
+
+def set_params(**values: str | int | None) -> None:
+    """Write view state into the URL; None removes a parameter."""
+    for name, value in values.items():
+        if name not in PARAMS:
+            raise KeyError(f"unknown URL parameter {name!r}")
+        if value is None:
+            st.query_params.pop(name, None)
+        elif st.query_params.get(name) != str(value):
+            st.query_params[name] = str(value)
