@@ -1,9 +1,63 @@
-"""Resolve an example id (from a URL or the browser) to an `Example`."""
+"""Browsable example sources, and resolving an example id (from a URL) back to an `Example`.
+
+A source has a light text-only ``index`` (see `vlcore.data.browse.INDEX_COLUMNS`) and a way to
+build the `Example` at a position; images are read only when an example is built. Example ids
+are ``{source}/{split}/{position}``, so a link resolves in O(1).
+"""
 
 from __future__ import annotations
 
-from vlcore.data.easy_vqa import load_easy_vqa, to_example
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from vlcore.data.easy_vqa import answer_category, load_easy_vqa, to_example
 from vlcore.errors import DatasetError
+
+
+@dataclass(frozen=True, eq=False)
+class ExampleSource:
+    """A dataset split that can be browsed and resolved by position.
+
+    Attributes:
+        key: source name used in ids and URLs (``easy_vqa``, ``hub:org/name``, ...).
+        split: split name.
+        label: what the UI shows.
+        index: one row per example with `INDEX_COLUMNS`.
+        build: position -> `Example`.
+        categories_label: what "category" means for this source (e.g. "Qcate", "answer type").
+    """
+
+    key: str
+    split: str
+    label: str
+    index: pd.DataFrame
+    build: Callable[[int], object]
+    categories_label: str = "category"
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def example(self, position: int):
+        """The `Example` at a position; DatasetError when out of range."""
+        if not 0 <= int(position) < len(self.index):
+            raise DatasetError(f"{self.label} has {len(self.index)} examples; position {position} is out of range")
+        return self.build(int(position))
+
+
+def easy_vqa_source(split: str = "test") -> ExampleSource:
+    """The bundled easy-VQA split as a source."""
+    records = load_easy_vqa(split)
+    index = pd.DataFrame({
+        "example_id": [r.example_id for r in records],
+        "question": [r.question for r in records],
+        "category": [answer_category(r.answer) for r in records],
+        "answers": [[r.answer] for r in records],
+        "objects": [[] for _ in records],
+    })
+    return ExampleSource("easy_vqa", split, f"easy-VQA ({split})", index, lambda i: to_example(records[i]),
+                         "question type")
 
 
 def resolve_example(example_id: str, store=None):

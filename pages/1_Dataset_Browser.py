@@ -1,0 +1,49 @@
+"""Browse a dataset, filter it, open an example, and hand it to the model runner."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from vlcore.data.browse import filter_index, page_of
+from vlcore.errors import VLScopeError
+from vlcore.ui.browser import render_detail, render_grid, source_picker
+from vlcore.ui.state import get_param, set_params
+
+st.set_page_config(page_title="Dataset browser · VLScope", layout="wide")
+st.title("Dataset browser")
+
+try:
+    source = source_picker()
+except VLScopeError as exc:
+    st.error(str(exc))
+    st.stop()
+if source is None:
+    st.stop()
+
+index = source.index
+with st.sidebar:
+    query = st.text_input("Search questions", key="q")
+    categories = st.multiselect(f"Filter by {source.categories_label}", sorted(index["category"].dropna().unique()), key="cat")
+    answer = st.text_input("Answer is", key="answer")
+    all_objects = sorted({o for row in index["objects"] for o in row})
+    objects = st.multiselect("Objects present", all_objects, key="objects") if all_objects else []
+
+matches = filter_index(index, query, categories, answer, objects)
+st.caption(f"{source.label}: {len(matches):,} of {len(index):,} examples match.")
+if len(matches) == 0:
+    st.info("No example matches these filters.")
+    st.stop()
+
+page_number = st.number_input("Page", min_value=1, value=1, step=1, key="page")
+positions, page_number, n_pages = page_of(matches, page_number)
+st.caption(f"Page {page_number} of {n_pages}")
+chosen = render_grid(source, positions)
+if chosen is not None:
+    set_params(ex=index["example_id"].iloc[chosen])
+
+example_id = get_param("ex")
+if example_id and example_id.startswith(f"{source.key}/{source.split}/"):
+    try:
+        render_detail(source, example_id)
+    except VLScopeError as exc:
+        st.error(str(exc))

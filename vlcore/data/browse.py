@@ -1,0 +1,123 @@
+"""Browsing a dataset: a text-only index, filters, pages and thumbnails (no UI here).
+
+The index holds one row per example with only light columns (id, question, category, answers,
+objects), so search and filters run over a 100k-row set in milliseconds and images are decoded
+only for the page on screen.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+INDEX_COLUMNS = ["example_id", "question", "category", "answers", "objects"]
+
+# Colours for objects: box outlines and their mentions in the text share them.
+PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324",
+           "#469990", "#800000", "#808000", "#000075"]
+
+
+def object_colour(index: int) -> str:
+    """Colour of object ``index`` (boxes and mentions alike).
+
+    >>> object_colour(0), object_colour(12)
+    ('#e6194b', '#e6194b')
+    """
+    return PALETTE[index % len(PALETTE)]
+
+
+def filter_index(
+    index: pd.DataFrame,
+    query: str = "",
+    categories: list[str] | None = None,
+    answer: str = "",
+    objects: list[str] | None = None,
+) -> np.ndarray:
+    """Positions of the rows that match every given filter.
+
+    Args:
+        index: a frame with `INDEX_COLUMNS`.
+        query: case-insensitive substring of the question.
+        categories: keep rows whose category is one of these (empty: all).
+        answer: case-insensitive exact match against any gold answer.
+        objects: keep rows that mention every one of these object classes.
+
+    Returns:
+        int64 row positions, in dataset order.
+    """
+    keep = np.ones(len(index), dtype=bool)
+    if query.strip():
+        keep &= index["question"].str.contains(query.strip(), case=False, regex=False, na=False).to_numpy()
+    if categories:
+        keep &= index["category"].isin(categories).to_numpy()
+    if answer.strip():
+        wanted = answer.strip().lower()
+        keep &= np.fromiter((wanted in {str(a).lower() for a in row} for row in index["answers"]), bool, len(index))
+    if objects:
+        need = set(objects)
+        keep &= np.fromiter((need <= set(row) for row in index["objects"]), bool, len(index))
+    return np.flatnonzero(keep)
+
+
+def page_of(positions: np.ndarray, page: int, page_size: int = 24) -> tuple[np.ndarray, int, int]:
+    """One page of positions.
+
+    Returns:
+        ``(positions_on_page, page, n_pages)``; the page number is clamped to the valid range.
+
+    >>> page_of(np.arange(50), 9, 24)[1:]
+    (2, 3)
+    """
+    n_pages = max(1, math.ceil(len(positions) / page_size))
+    page = min(max(int(page), 1), n_pages)
+    return positions[(page - 1) * page_size : page * page_size], page, n_pages
+
+
+def make_thumbnail(image: Image.Image, size: int = 160) -> Image.Image:
+    """A copy of ``image`` fitted inside ``size`` × ``size`` (aspect kept)."""
+    thumb = image.copy()
+    thumb.thumbnail((size, size))
+    return thumb
+
+
+def draw_regions(image: Image.Image, regions, scale: float = 1.0, width: int = 3) -> Image.Image:
+    """The image with each region's box outlined and labelled in its object's colour.
+
+    Args:
+        image: the image (already resized by ``scale`` if shown smaller).
+        regions: `Region` records with boxes in original-image pixels.
+        scale: factor from original pixels to ``image`` pixels.
+        width: outline width in pixels.
+    """
+    out = image.copy()
+    draw = ImageDraw.Draw(out)
+    for region in regions:
+        x1, y1, x2, y2 = (v * scale for v in region.box)
+        colour = object_colour(region.index)
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+        draw.text((x1 + 3, y1 + 2), region.label, fill=colour)
+    return out
+
+
+def highlight_mentions(text: str, mentions: list[dict]) -> str:
+    """HTML of ``text`` with each object mention coloured like its box.
+
+    Args:
+        text: the rendered sentence.
+        mentions: ``{"start", "end", "objects"}`` character spans into ``text``.
+
+    >>> highlight_mentions("Does Casey live here?", [{"start": 5, "end": 10, "objects": [0]}])
+    'Does <b style="color:#e6194b">Casey</b> live here?'
+    """
+    parts, cursor = [], 0
+    for m in sorted(mentions, key=lambda m: m["start"]):
+        parts.append(html.escape(text[cursor : m["start"]]))
+        colour = object_colour(m["objects"][0]) if m.get("objects") else "#000000"
+        parts.append(f'<b style="color:{colour}">{html.escape(text[m["start"] : m["end"]])}</b>')
+        cursor = m["end"]
+    parts.append(html.escape(text[cursor:]))
+    return "".join(parts)
