@@ -12,58 +12,20 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from vlcore.extract import extract_trace, summarize_batch  # noqa: E402
+from bench.common import QUESTION, timeit, vilt_b32  # noqa: E402
 from vlcore.data.example import Example  # noqa: E402
-from vlcore.models.vilt import ViltAdapter  # noqa: E402
+from vlcore.extract import extract_trace, summarize_batch  # noqa: E402
 from vlcore.store import Store  # noqa: E402
-
-QUESTION = "what is the man on the left holding in his right hand while he looks at the dog near the red car"
-
-
-def vilt_b32(device: str, dtype=None) -> ViltAdapter:
-    """ViLT-B/32 with random weights, a word-piece-free vocabulary, and the real processor settings."""
-    import json
-
-    from transformers import BertTokenizer, ViltConfig, ViltForQuestionAnswering, ViltImageProcessorPil
-
-    tok_dir = Path(tempfile.mkdtemp())
-    words = sorted(set(QUESTION.split()))
-    (tok_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    (tok_dir / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
-    tokenizer = BertTokenizer.from_pretrained(str(tok_dir))
-    torch.manual_seed(0)
-    config = ViltConfig(num_labels=3129, vocab_size=30522, id2label={i: str(i) for i in range(3129)})
-    model = ViltForQuestionAnswering(config)
-    return ViltAdapter(model, tokenizer, ViltImageProcessorPil(), "vilt-b32-random", device=device, dtype=dtype)
-
-
-def timeit(fn, repeats: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

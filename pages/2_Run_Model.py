@@ -11,7 +11,7 @@ from vlcore.extract import trace_for_example
 from vlcore.store import put_input
 from vlcore.ui.loaders import get_adapter, get_store
 from vlcore.ui.state import get_param, set_params
-from vlcore.ui.widgets import model_picker, show_model_info, show_trace_result, store_panel
+from vlcore.ui.widgets import model_picker, show_model_info, show_trace_result, store_panel, sweep_panel
 
 st.set_page_config(page_title="Run model · VLScope", layout="wide")
 st.title("Run model")
@@ -41,6 +41,11 @@ with st.expander("Your own image and text", expanded=get_param("ex") is None):
             set_params(ex=put_input(store, image, text.strip()))
         except VLScopeError as exc:
             st.error(str(exc))
+
+with st.expander("Sweep a dataset (per-head summaries for every example)"):
+    from vlcore.ui.browser import get_source
+
+    sweep_panel(adapter, store, get_source("easy_vqa", "easy_vqa", None, get_param("split", "test") or "test"))
 
 example_id = get_param("ex")
 if not example_id:

@@ -72,3 +72,33 @@ def store_panel(store: Store) -> None:
     if st.sidebar.button("Clear the store", key="clear_store"):
         store.clear()
         st.sidebar.success("Store cleared.")
+
+
+def sweep_panel(adapter, store: Store, source) -> None:
+    """Run the model over the first N examples of a source, with progress, stop and resume."""
+    from vlcore.extract import load_sweep, run_sweep, sweep_key
+
+    n_max = len(source)
+    c1, c2, c3 = st.columns(3)
+    n = c1.number_input("Examples (first N)", 1, n_max, min(100, n_max), key="sweep_n")
+    batch_size = c2.number_input("Batch size", 1, 256, 8, key="sweep_batch")
+    start = c3.button("Start / resume sweep", key="sweep_start", type="primary")
+    st.caption("Stop with Streamlit's ■ Stop (top right) or any click; finished batches are kept and the next start resumes.")
+    ids = source.index["example_id"].iloc[: int(n)].tolist()
+    dataset = f"{source.key}/{source.split}"
+    out = store.sweep_dir(sweep_key(adapter, dataset, ids))
+    if start:
+        bar = st.progress(0.0, text="starting…")
+
+        def progress(p) -> None:
+            bar.progress(p.done / p.total, text=f"{p.done}/{p.total} examples · {p.rate:.1f} ex/s · ETA {p.eta_s:.0f} s"
+                         + (f" · resumed after {p.skipped}" if p.skipped else ""))
+
+        examples = [source.example(i) for i in range(int(n))]
+        run_sweep(adapter, examples, out, dataset=dataset, batch_size=int(batch_size), progress=progress)
+    preds, _ = load_sweep(out) if out.exists() else (None, None)
+    if preds is not None and len(preds):
+        acc = preds["correct"].dropna().mean()
+        st.markdown(f"**Sweep:** {len(preds)}/{len(ids)} examples done · accuracy {acc:.3f}")
+        st.dataframe(preds[["example_id", "question", "gold", "prediction", "probability", "correct", "category"]],
+                     hide_index=True, height=240)

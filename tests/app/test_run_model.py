@@ -1,0 +1,84 @@
+"""Model runner flows: a browser example, an uploaded image reloaded by id, sweeps, bad input."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+
+from tests.app.conftest import heatmap_specs, open_page
+from tests.conftest import grey_image
+
+RUNNER = "pages/2_Run_Model.py"
+
+
+def test_browser_example_runs_then_loads_from_the_store():
+    at = open_page(RUNNER, {"ex": "easy_vqa/test/5"})
+    assert not at.exception and not at.error
+    assert any("Computed now" in c.value for c in at.caption)
+    assert len(heatmap_specs(at)) == 1
+    again = open_page(RUNNER, {"ex": "easy_vqa/test/5"})
+    assert any("Loaded from the store" in c.value for c in again.caption)
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def upload(at, name: str, data: bytes, text: str):
+    at.file_uploader(key="upload").upload(name, data, "image/png")
+    at.text_input(key="upload_text").set_value(text)
+    return at.button(key="run_upload").click().run()
+
+
+def test_uploaded_png_runs_and_reloads_from_the_store_by_id():
+    at = upload(open_page(RUNNER), "shape.png", png_bytes(grey_image(64, 64, red_cell=(1, 2))), "what color is the shape?")
+    assert not at.exception and not at.error
+    ex_id = at.query_params["ex"]
+    assert ex_id.startswith("upload/") and at.subheader[0].value == "what color is the shape?"
+    assert any("Computed now" in c.value for c in at.caption)
+    fresh = open_page(RUNNER, {"ex": ex_id})
+    assert fresh.subheader[0].value == "what color is the shape?"
+    assert any("Loaded from the store" in c.value for c in fresh.caption)
+
+
+def test_bad_uploads_get_clear_messages():
+    at = upload(open_page(RUNNER), "notes.png", b"this is not an image", "what is it?")
+    assert not at.exception and "not a readable image" in at.error[0].value
+    at = upload(open_page(RUNNER), "empty.png", b"", "what is it?")
+    assert not at.exception and "empty (0 bytes)" in at.error[0].value
+    at = upload(open_page(RUNNER), "ok.png", png_bytes(grey_image(32, 32)), "   ")
+    assert not at.exception and "text is empty" in at.error[0].value
+    assert "ex" not in at.query_params
+
+
+def test_unknown_example_id_is_a_clear_message():
+    at = open_page(RUNNER, {"ex": "upload/0123456789abcdef"})
+    assert not at.exception and "unknown example" in at.error[0].value
+
+
+def test_offline_hub_id_is_a_clear_message():
+    at = open_page(RUNNER, {"model": "dandelin/vilt-b32-finetuned-vqa", "ex": "easy_vqa/test/1"})
+    assert not at.exception
+    assert "could not load 'dandelin/vilt-b32-finetuned-vqa'" in at.error[0].value
+
+
+def test_sweep_from_the_page_matches_the_cli(tmp_path):
+    from vlcore.cli import main
+
+    at = open_page(RUNNER)
+    at.number_input(key="sweep_n").set_value(20).run()
+    at.button(key="sweep_start").click().run()
+    assert not at.exception
+    assert any("20/20 examples done" in m.value for m in at.markdown)
+    from vlcore.store import Store
+
+    sweeps = Store().list_sweeps()
+    assert len(sweeps) == 1 and sweeps[0]["complete"]
+    assert main(["extract", "--limit", "20", "--out", str(tmp_path / "cli")]) == 0
+    for name in ("predictions.parquet", "head_stats.parquet"):
+        page_df = pd.read_parquet(f"{sweeps[0]['path']}/{name}")
+        cli_df = pd.read_parquet(tmp_path / "cli" / name)
+        pd.testing.assert_frame_equal(page_df, cli_df)
