@@ -63,7 +63,7 @@ def extract_trace(
         out = adapter.forward(batch, attentions=True, hidden=True)
         attentions = torch.stack(out.attentions)[:, 0].half().cpu().numpy()
         hidden = torch.stack(out.hidden_states)[:, 0].half().cpu().numpy()
-    prediction = adapter.predict(out.logits, top_k=top_k, batch=batch)[0]
+    prediction = adapter.predict(getattr(out, "logits", None), top_k=top_k, batch=batch)[0]
     return Trace(
         example_id=example_id,
         model_id=adapter.model_id,
@@ -136,7 +136,7 @@ def summarize_batch(adapter: ModelAdapter, batch: EncodedBatch, examples: Sequen
             torch.from_numpy(batch.valid).to(dev),
         )
         values = values.cpu().numpy()
-    preds = adapter.predict(out.logits, top_k=top_k, batch=batch)
+    preds = adapter.predict(getattr(out, "logits", None), top_k=top_k, batch=batch)
     ids = [e.example_id for e in examples]
     rows = []
     for b, ex in enumerate(examples):

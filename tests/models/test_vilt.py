@@ -175,3 +175,32 @@ def test_unreachable_hub_id_says_what_to_do(monkeypatch):
 def test_missing_local_folder_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_adapter("./no/such/model")
+
+
+def test_masked_lm_head_predicts_tokens_at_the_mask(tiny_tokenizer_dir, noise_image):
+    adapter = make_tiny_adapter(tiny_tokenizer_dir, arch="ViltForMaskedLM")
+    t = extract_trace(adapter, noise_image, "what is the [MASK] of the cat?", "x")
+    assert len(t.prediction) == 5 and all(isinstance(tok, str) for tok, _ in t.prediction)
+    assert extract_trace(adapter, noise_image, "what is the cat?", "y").prediction == ()
+
+
+def test_bare_vilt_model_has_attentions_and_no_prediction(tiny_tokenizer_dir, noise_image):
+    adapter = make_tiny_adapter(tiny_tokenizer_dir, arch="ViltModel")
+    t = extract_trace(adapter, noise_image, "a cat", "x")
+    assert t.prediction == () and t.attentions.shape[:2] == (2, 2)
+
+
+def test_a_model_returning_no_attentions_names_itself_and_the_fix(tiny_adapter, noise_image, monkeypatch):
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from vlcore.errors import NoAttentionError
+
+    real = tiny_adapter.model.forward
+
+    def no_attentions(**kwargs):
+        out = real(**kwargs)
+        return SequenceClassifierOutput(logits=out.logits, hidden_states=out.hidden_states, attentions=None)
+
+    monkeypatch.setattr(tiny_adapter.model, "forward", no_attentions)
+    with pytest.raises(NoAttentionError, match=r"tiny-ViltForQuestionAnswering@seed0 returned no attention.*eager"):
+        extract_trace(tiny_adapter, noise_image, "what is it?", "x")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,8 @@ class Example:
         category: question category (WebQA ``Qcate``, VQAv2 ``answer_type``, ...).
         source: adapter name ("easy_vqa", "vcr", "webqa", "vqa", "generic", "upload").
         meta: source metadata, JSON-able.
+        image_loader: for sources read lazily (WebQA ``imgs.tsv``, undecoded hub bytes), a callable
+            returning the image when ``image`` is None; it raises `InputError` when it cannot.
     """
 
     example_id: str
@@ -70,6 +73,7 @@ class Example:
     category: str | None = None
     source: str = "generic"
     meta: dict = field(default_factory=dict)
+    image_loader: Callable[[], Image.Image] | None = field(default=None, repr=False, compare=False)
 
     def load_image(self) -> Image.Image:
         """The example's image as RGB, EXIF rotation applied.
@@ -79,6 +83,8 @@ class Example:
         """
         if self.image is not None:
             return to_rgb(self.image)
+        if self.image_loader is not None:
+            return to_rgb(self.image_loader())
         if not self.image_path:
             raise InputError(f"example {self.example_id} has no image; pick another example or add an image")
         return open_image(self.image_path)
@@ -114,22 +120,6 @@ def open_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise InputError(f"image file not found: {path}")
     return open_image_bytes(path.read_bytes(), path.name)
-
-
-def open_image_bytes(data: bytes, name: str = "upload") -> Image.Image:
-    """Open an uploaded image from its bytes as RGB (see `open_image` for the errors)."""
-    import io
-
-    if not data:
-        raise InputError(f"{name} is empty (0 bytes); choose an image file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return to_rgb(im)
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{name} is too large to open safely ({exc}); resize it below 89 megapixels") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{name} is not a readable image ({exc}); use a PNG, JPEG, GIF or WebP file") from exc
 
 
 def open_image_bytes(data: bytes, name: str = "upload") -> Image.Image:

@@ -259,7 +259,7 @@ class ViltAdapter(ModelAdapter):
             )
         return out
 
-    def predict(self, logits: torch.Tensor, top_k: int = 5, batch: EncodedBatch | None = None) -> list[list[tuple[str, float]]]:
+    def predict(self, logits: torch.Tensor | None, top_k: int = 5, batch: EncodedBatch | None = None) -> list[list[tuple[str, float]]]:
         """Top-k (label, probability) per example.
 
         VQA heads trained with per-answer sigmoid (the VQAv2 recipe, ``problem_type`` unset or
@@ -267,6 +267,8 @@ class ViltAdapter(ModelAdapter):
         image-text-matching head gives one ``("match", sigmoid(logit))``. A masked-LM head
         gives the top tokens at the first ``[MASK]`` of the text, if there is one.
         """
+        if logits is None:  # a bare ViltModel has no head
+            return [[] for _ in range(len(batch) if batch is not None else 1)]
         logits = logits.detach().float()
         if self.task == "vqa":
             probs = self.score(logits)

@@ -82,8 +82,8 @@ def render_detail(source: ExampleSource, example_id: str) -> None:
         st.html(f"<p style='font-size:1.2em'>{highlight_mentions(example.question, mentions.get('question', []))}</p>")
         if example.answers:
             st.markdown(f"**Gold answer:** {', '.join(example.answers)}")
-        _choices("Answers", example.answer_choices, example.answer_label, mentions.get("answers", []))
-        _choices("Rationales", example.rationale_choices, example.rationale_label, mentions.get("rationales", []))
+        _choices("Answers", example.answer_choices, example.answer_label, mentions.get("answer_choices", []))
+        _choices("Rationales", example.rationale_choices, example.rationale_label, mentions.get("rationale_choices", []))
         _facts(example)
         if example.category:
             st.caption(f"{source.categories_label}: {example.category}")
