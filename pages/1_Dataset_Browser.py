@@ -42,7 +42,7 @@ if chosen is not None:
     set_params(ex=index["example_id"].iloc[chosen])
 
 example_id = get_param("ex")
-if example_id and example_id.startswith(f"{source.key}/{source.split}/"):
+if example_id and source.position_of(example_id) is not None:
     try:
         render_detail(source, example_id)
     except VLScopeError as exc:

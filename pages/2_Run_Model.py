@@ -9,6 +9,7 @@ from vlcore.data.sources import resolve_example
 from vlcore.errors import VLScopeError
 from vlcore.extract import trace_for_example
 from vlcore.store import put_input
+from vlcore.ui.browser import source_from_url
 from vlcore.ui.loaders import get_adapter, get_store
 from vlcore.ui.state import get_param, set_params
 from vlcore.ui.widgets import model_picker, show_model_info, show_trace_result, store_panel, sweep_panel
@@ -42,17 +43,20 @@ with st.expander("Your own image and text", expanded=get_param("ex") is None):
         except VLScopeError as exc:
             st.error(str(exc))
 
-with st.expander("Sweep a dataset (per-head summaries for every example)"):
-    from vlcore.ui.browser import get_source
-
-    sweep_panel(adapter, store, get_source("easy_vqa", "easy_vqa", None, get_param("split", "test") or "test"))
+try:
+    source = source_from_url()
+except VLScopeError as exc:
+    st.error(str(exc))
+    st.stop()
+with st.expander(f"Sweep {source.label} (per-head summaries for every example)"):
+    sweep_panel(adapter, store, source)
 
 example_id = get_param("ex")
 if not example_id:
     st.info("Open an example from the dataset browser (\"Interpret this example\"), or upload an image above.")
     st.stop()
 try:
-    example = resolve_example(example_id, store)
+    example = resolve_example(example_id, store) if example_id.startswith(("upload/", "easy_vqa/")) else source.find(example_id)
     trace, cached = trace_for_example(adapter, example, store)
 except VLScopeError as exc:
     st.error(str(exc))

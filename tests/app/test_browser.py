@@ -44,3 +44,85 @@ def test_no_match_gives_a_message():
     at = open_page(BROWSER)
     at.text_input(key="q").set_value("zebra crossing").run()
     assert not at.exception and any("No example matches" in i.value for i in at.info)
+
+
+def vqa_parquet(path, n: int = 30, with_image: bool = True):
+    import datasets
+
+    from tests.data._records import BLUE, RED, solid
+
+    data = {
+        "question": [f"what color is thing {i}?" for i in range(n)],
+        "multiple_choice_answer": ["red" if i % 2 else "blue" for i in range(n)],
+        "answer_type": ["other" if i % 3 else "yes/no" for i in range(n)],
+        "question_id": list(range(1000, 1000 + n)),
+    }
+    features = {k: datasets.Value("string") for k in ("question", "multiple_choice_answer", "answer_type")}
+    features["question_id"] = datasets.Value("int64")
+    if with_image:
+        data["image"] = [solid((48, 32), RED if i % 2 else BLUE) for i in range(n)]
+        features["image"] = datasets.Image()
+    datasets.Dataset.from_dict(data, features=datasets.Features(features)).to_parquet(str(path))
+    return path
+
+
+def test_vqa_parquet_source_filters_opens_and_interprets(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLSCOPE_DATA_ROOTS", str(tmp_path))
+    path = vqa_parquet(tmp_path / "vqa.parquet")
+    at = open_page(BROWSER, {"ds": "vqa", "loc": str(path), "split": "train"})
+    assert not at.exception and not at.error
+    assert any(c.value.endswith("30 of 30 examples match.") for c in at.caption)
+    at.multiselect(key="cat").set_value(["yes/no"]).run()
+    assert any(c.value.endswith("10 of 30 examples match.") for c in at.caption)
+    at.button(key="open_3").click().run()
+    assert at.query_params["ex"] == "vqa/train/1003"
+    assert any("**Gold answer:** red" in m.value for m in at.markdown)
+    at.button(key="interpret").click().run()
+    assert not at.exception and not at.error, at.error
+    assert at.title[0].value == "Run model" and at.query_params["loc"] == str(path)
+    assert at.subheader[0].value == "what color is thing 3?"
+
+
+def test_vcr_source_draws_boxes_and_colours_mentions(tmp_path, monkeypatch):
+    from tests.data._records import write_vcr
+
+    monkeypatch.setenv("VLSCOPE_DATA_ROOTS", str(tmp_path))
+    write_vcr(tmp_path)
+    at = open_page(BROWSER, {"ds": "vcr", "loc": str(tmp_path), "split": "val"})
+    at.text_input(key="images").set_value(str(tmp_path / "vcr1images")).run()
+    assert not at.exception and not at.error, at.error
+    at.button(key="open_0").click().run()
+    html = " ".join(h.proto.body for h in at.get("html"))
+    assert "color:#e6194b" in html and "color:#3cb44b" in html  # objects 0 and 1 in their box colours
+    assert "(gold)" in html
+
+
+def test_local_path_outside_the_roots_is_refused():
+    at = open_page(BROWSER, {"ds": "vqa", "loc": "/etc", "split": "train"})
+    assert not at.exception and "not under a configured data folder" in at.error[0].value
+
+
+def test_offline_hub_dataset_is_one_clear_line():
+    at = open_page(BROWSER, {"ds": "vqa", "loc": "lmms-lab/VQAv2", "split": "validation"})
+    assert not at.exception and len(at.error) == 1
+    assert "bundled" in at.error[0].value
+
+
+def test_dataset_without_image_column_names_its_columns(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLSCOPE_DATA_ROOTS", str(tmp_path))
+    path = vqa_parquet(tmp_path / "noimg.parquet", with_image=False)
+    at = open_page(BROWSER, {"ds": "vqa", "loc": str(path), "split": "train"})
+    assert not at.exception and "multiple_choice_answer" in at.error[0].value
+
+
+def test_record_missing_its_image_keeps_the_page_working(tmp_path, monkeypatch):
+    from tests.data._records import write_vcr
+
+    monkeypatch.setenv("VLSCOPE_DATA_ROOTS", str(tmp_path))
+    write_vcr(tmp_path, image=False)
+    at = open_page(BROWSER, {"ds": "vcr", "loc": str(tmp_path), "split": "val"})
+    at.text_input(key="images").set_value(str(tmp_path / "vcr1images")).run()
+    assert not at.exception and any("image unavailable" in w.value for w in at.warning)
+    at.button(key="open_0").click().run()
+    assert not at.exception and any("No image to show" in w.value for w in at.warning)
+    assert any("(gold)" in h.proto.body for h in at.get("html"))

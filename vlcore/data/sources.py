@@ -7,8 +7,10 @@ are ``{source}/{split}/{position}``, so a link resolves in O(1).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -45,6 +47,25 @@ class ExampleSource:
             raise DatasetError(f"{self.label} has {len(self.index)} examples; position {position} is out of range")
         return self.build(int(position))
 
+    def position_of(self, example_id: str) -> int | None:
+        """Position of an example id, or None when the source has no such example."""
+        lookup = self.__dict__.get("_lookup")
+        if lookup is None:
+            lookup = {eid: i for i, eid in enumerate(self.index["example_id"])}
+            object.__setattr__(self, "_lookup", lookup)
+        return lookup.get(example_id)
+
+    def find(self, example_id: str):
+        """The `Example` with this id.
+
+        Raises:
+            DatasetError: no such example in this source.
+        """
+        position = self.position_of(example_id)
+        if position is None:
+            raise DatasetError(f"{self.label} has no example {example_id!r}; open one from the browser")
+        return self.example(position)
+
 
 def easy_vqa_source(split: str = "test") -> ExampleSource:
     """The bundled easy-VQA split as a source."""
@@ -58,6 +79,127 @@ def easy_vqa_source(split: str = "test") -> ExampleSource:
     })
     return ExampleSource("easy_vqa", split, f"easy-VQA ({split})", index, lambda i: to_example(records[i]),
                          "question type")
+
+
+# Sources read from `datasets` are materialised up to this many rows when they cannot be indexed lazily.
+MAX_EAGER_ROWS = 20_000
+STREAM_ROWS = 1_000
+
+
+def examples_source(key: str, split: str, label: str, examples: list, categories_label: str = "category") -> ExampleSource:
+    """A source over a list of `Example` records (images stay lazy)."""
+    index = pd.DataFrame({
+        "example_id": [e.example_id for e in examples],
+        "question": [e.question for e in examples],
+        "category": [e.category for e in examples],
+        "answers": [list(e.answers) for e in examples],
+        "objects": [sorted({r.label.rstrip(" 0123456789") for r in e.regions}) for e in examples],
+    })
+    return ExampleSource(key, split, label, index, examples.__getitem__, categories_label)
+
+
+def open_source(
+    dataset: str,
+    location: str,
+    split: str,
+    config: str | None = None,
+    streaming: bool = False,
+    images: str | None = None,
+    mapping: dict | None = None,
+) -> ExampleSource:
+    """Open a VCR / WebQA / VQAv2-style / generic dataset as a browsable source.
+
+    VQAv2-style and generic map-style datasets are indexed lazily, column by column, so a
+    100k-row set indexes in well under a second and only the rows on screen are decoded. VCR and
+    WebQA (whose text needs rendering) and streams are materialised (images stay lazy), up to
+    `MAX_EAGER_ROWS` (streams: the first `STREAM_ROWS`).
+
+    Raises:
+        DatasetError: anything `vlcore.data.hub.load_source` or the adapters refuse.
+    """
+    from vlcore.data.catalog import SOURCE_INFO, load_examples
+
+    if dataset not in SOURCE_INFO or dataset == "easy_vqa":
+        raise DatasetError(f"unknown dataset kind {dataset!r}; choose one of: {', '.join(SOURCE_INFO)}")
+    key = f"{dataset}:{location}" + (f":{config}" if config else "")
+    label = f"{SOURCE_INFO[dataset].title}: {location} ({split})"
+    categories = {"webqa": "Qcate", "vqa": "answer type"}.get(dataset, "category")
+    if dataset in ("vqa", "generic") and not streaming:
+        from vlcore.data.hub import SourceSpec, load_source
+
+        ds = load_source(SourceSpec(location, split=split, config=config))
+        return _lazy_source(dataset, key, split, label, ds, mapping, categories)
+    limit = STREAM_ROWS if streaming else MAX_EAGER_ROWS
+    examples = load_examples(dataset, split, limit, location=location, config=config, streaming=streaming,
+                             mapping=mapping, images=images)
+    return examples_source(key, split, label, examples, categories)
+
+
+def _lazy_source(dataset, key, split, label, ds, mapping, categories) -> ExampleSource:
+    """Index a map-style `datasets.Dataset` column-wise; build examples row by row on demand."""
+    from vlcore.data.generic import answers_value, check_mapping, generic_row_to_example, propose_mapping, undecoded
+    from vlcore.data.vqa import vqa_columns, vqa_row_to_example
+
+    if getattr(ds, "_indices", None) is not None:  # a selected/shuffled view: index the rows it shows
+        ds = ds.flatten_indices()
+    features = ds.features
+    if dataset == "vqa":
+        cols = vqa_columns(features)
+        roles = {"question": cols.get("question"), "answer": cols.get("multiple_choice_answer"),
+                 "category": cols.get("answer_type"), "id": cols.get("question_id")}
+        build_row = lambda row, i: vqa_row_to_example(row, cols, split=split, index=i, features=features)  # noqa: E731
+        prefix = "vqa"
+    else:
+        cols = check_mapping(features, mapping) if mapping else propose_mapping(features)
+        roles = {r: cols.get(r) for r in ("question", "answer", "category", "id")}
+        build_row = lambda row, i: generic_row_to_example(row, cols, split=split, index=i, features=features)  # noqa: E731
+        prefix = "generic"
+    table = ds.data
+
+    def column(role: str) -> list:
+        return table.column(roles[role]).to_pylist() if roles.get(role) else [None] * len(ds)
+
+    ids = column("id")
+    index = pd.DataFrame({
+        "example_id": [f"{prefix}/{split}/{i if v is None else v}" for i, v in enumerate(ids)],
+        "question": [str(q) if q is not None else "" for q in column("question")],
+        "category": [str(c) if c is not None else None for c in column("category")],
+        "answers": [list(answers_value(a, features.get(roles["answer"] or ""))) if a is not None else []
+                    for a in column("answer")],
+        "objects": [[] for _ in range(len(ds))],
+    })
+    rows = undecoded(ds, [cols["image"]])
+    return ExampleSource(key, split, label, index, lambda i: build_row(rows[i], i), categories)
+
+
+def data_roots() -> list[Path]:
+    """Local folders that dataset locations may point into: the bundled ``sample_data``, the store's
+    uploads, and every folder in ``VLSCOPE_DATA_ROOTS`` (separated by ``os.pathsep``)."""
+    from vlcore.store import default_root
+
+    roots = [Path(__file__).resolve().parents[2] / "sample_data", default_root() / "uploads"]
+    roots += [Path(p).expanduser() for p in os.environ.get("VLSCOPE_DATA_ROOTS", "").split(os.pathsep) if p]
+    return [r.resolve() for r in roots]
+
+
+def check_location(location: str) -> str:
+    """Accept a hub id, or a local path inside `data_roots`.
+
+    Raises:
+        DatasetError: a local path outside the configured roots (links must not read arbitrary files).
+    """
+    from vlcore.data.hub import HUB_ID
+
+    location = (location or "").strip()
+    if HUB_ID.match(location) and not Path(location).exists():
+        return location
+    path = Path(location).expanduser().resolve()
+    if any(path == root or root in path.parents for root in data_roots()):
+        return str(path)
+    raise DatasetError(
+        f"{location!r} is not a hub id and not under a configured data folder; set VLSCOPE_DATA_ROOTS "
+        "to the folders VLScope may read (roots now: " + ", ".join(str(r) for r in data_roots()) + ")"
+    )
 
 
 def resolve_example(example_id: str, store=None):

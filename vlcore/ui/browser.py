@@ -8,7 +8,9 @@ import numpy as np
 import streamlit as st
 
 from vlcore.data.browse import draw_regions, highlight_mentions, make_thumbnail
-from vlcore.data.sources import ExampleSource, easy_vqa_source
+from vlcore.data.catalog import list_sources
+from vlcore.data.sources import ExampleSource, check_location, easy_vqa_source, open_source
+from vlcore.errors import VLScopeError
 from vlcore.ui.state import get_param, set_params
 
 RUNNER_PAGE = "pages/2_Run_Model.py"
@@ -16,22 +18,20 @@ GRID_COLUMNS = 6
 
 
 @st.cache_resource(show_spinner="Indexing the dataset…", max_entries=4)
-def get_source(kind: str, name: str, config: str | None, split: str) -> ExampleSource:
-    """An example source, opened once per (kind, name, config, split)."""
+def get_source(kind: str, location: str, config: str | None, split: str, streaming: bool = False,
+               images: str | None = None) -> ExampleSource:
+    """An example source, opened once per argument set (every argument changes the result)."""
     if kind == "easy_vqa":
         return easy_vqa_source(split)
-    from vlcore.data.sources import open_source
+    return open_source(kind, check_location(location), split, config or None, streaming,
+                       check_location(images) if images else None)
 
-    return open_source(kind, name, config, split)
 
-
-@st.cache_data(show_spinner=False, max_entries=2048)
-def thumbnail_png(kind: str, name: str, config: str | None, split: str, position: int) -> bytes | None:
-    """PNG bytes of one example's thumbnail, or None when its image cannot be read."""
-    from vlcore.errors import VLScopeError
-
+@st.cache_data(show_spinner=False, max_entries=4096)
+def thumbnail_png(args: tuple, position: int) -> bytes | None:
+    """PNG bytes of one example's thumbnail (``args`` are `get_source`'s), or None when unreadable."""
     try:
-        image = get_source(kind, name, config, split).example(position).load_image()
+        image = get_source(*args).example(position).load_image()
     except VLScopeError:
         return None
     buf = io.BytesIO()
@@ -40,23 +40,50 @@ def thumbnail_png(kind: str, name: str, config: str | None, split: str, position
 
 
 def source_picker() -> ExampleSource | None:
-    """Sidebar controls choosing a source and split; the choice goes into the URL."""
-    split = st.sidebar.selectbox("Split", ["test", "train"], index=0 if get_param("split", "test") == "test" else 1,
-                                 key="split")
-    set_params(ds="easy_vqa", split=split)
-    st.session_state["source_args"] = ("easy_vqa", "easy_vqa", None, split)
-    return get_source("easy_vqa", "easy_vqa", None, split)
+    """Sidebar controls choosing a source, location, config and split; the choice goes into the URL.
+
+    Raises:
+        VLScopeError: the source cannot be opened (offline hub, bad path, missing split, ...).
+    """
+    infos = {i.name: i for i in list_sources() if i.name != "generic"}
+    names = list(infos)
+    current = get_param("ds", "easy_vqa")
+    kind = st.sidebar.selectbox("Source", names, index=names.index(current) if current in names else 0,
+                                format_func=lambda n: infos[n].title, key="ds")
+    info = infos[kind]
+    location = config = images = None
+    streaming = False
+    if info.needs_location:
+        location = st.sidebar.text_input("Hub id or path", value=get_param("loc", "") or "", key="loc",
+                                         help=info.location_help).strip()
+        config = st.sidebar.text_input("Config (optional)", value=get_param("cfg", "") or "", key="cfg").strip() or None
+        if kind in ("vcr", "webqa"):
+            images = st.sidebar.text_input("Images (vcr1images folder / imgs.tsv)", key="images").strip() or None
+        streaming = st.sidebar.checkbox("Stream (first 1,000 rows of a large hub set)", key="stream")
+    splits = list(info.splits) or ["train"]
+    wanted = get_param("split", splits[0])
+    if info.splits:
+        split = st.sidebar.selectbox("Split", splits, index=splits.index(wanted) if wanted in splits else 0, key="split")
+    else:
+        split = st.sidebar.text_input("Split", value=wanted or "train", key="split").strip() or "train"
+    set_params(ds=kind, loc=location or None, cfg=config, split=split)
+    if info.needs_location and not location:
+        st.info(f"Enter {info.location_help or 'a hub id or a local path'} in the sidebar.")
+        return None
+    args = (kind, location or kind, config, split, streaming, images)
+    st.session_state["source_args"] = args
+    return get_source(*args)
 
 
 def render_grid(source: ExampleSource, positions: np.ndarray) -> int | None:
     """A grid of thumbnails with an Open button each; returns the clicked position."""
-    kind, name, config, split = st.session_state["source_args"]
+    args = st.session_state["source_args"]
     chosen = None
     for row_start in range(0, len(positions), GRID_COLUMNS):
         cols = st.columns(GRID_COLUMNS)
         for col, pos in zip(cols, positions[row_start : row_start + GRID_COLUMNS]):
             with col:
-                png = thumbnail_png(kind, name, config, split, int(pos))
+                png = thumbnail_png(args, int(pos))
                 if png is None:
                     st.warning("image unavailable")
                 else:
@@ -69,14 +96,16 @@ def render_grid(source: ExampleSource, positions: np.ndarray) -> int | None:
 
 def render_detail(source: ExampleSource, example_id: str) -> None:
     """The opened example: image with boxes, question, choices with gold, facts, and the hand-over."""
-    position = int(example_id.rsplit("/", 1)[-1])
-    example = source.example(position)
+    example = source.find(example_id)
     st.divider()
     st.subheader(f"Example `{example.example_id}`")
     left, right = st.columns([1, 1])
     with left:
-        image = example.load_image()
-        st.image(draw_regions(image, example.regions) if example.regions else image, width="stretch")
+        try:
+            image = example.load_image()
+            st.image(draw_regions(image, example.regions) if example.regions else image, width="stretch")
+        except VLScopeError as exc:
+            st.warning(f"No image to show: {exc}")
     with right:
         mentions = example.meta.get("mentions", {})
         st.html(f"<p style='font-size:1.2em'>{highlight_mentions(example.question, mentions.get('question', []))}</p>")
@@ -88,7 +117,8 @@ def render_detail(source: ExampleSource, example_id: str) -> None:
         if example.category:
             st.caption(f"{source.categories_label}: {example.category}")
         if st.button("Interpret this example", key="interpret", type="primary"):
-            st.switch_page(RUNNER_PAGE, query_params={"ds": source.key, "split": source.split, "ex": example.example_id})
+            params = {k: v for k, v in st.query_params.to_dict().items() if k in ("ds", "loc", "cfg", "split")}
+            st.switch_page(RUNNER_PAGE, query_params={**params, "ex": example.example_id})
 
 
 def _choices(title: str, choices, gold: int | None, mentions: list) -> None:
@@ -109,3 +139,16 @@ def _facts(example) -> None:
         tick = "✅" if fact.positive else "▫️"
         kind = "🖼️" if fact.kind == "image" else "📄"
         st.markdown(f"{tick} {kind} **{fact.title}** — {fact.text}")
+
+
+def source_from_url() -> ExampleSource:
+    """The source named by the URL (``ds``, ``loc``, ``cfg``, ``split``); easy-VQA test by default.
+
+    Raises:
+        VLScopeError: the source cannot be opened.
+    """
+    kind = get_param("ds", "easy_vqa") or "easy_vqa"
+    split = get_param("split", "test") or "test"
+    if kind == "easy_vqa":
+        return get_source("easy_vqa", "easy_vqa", None, split if split in ("train", "test") else "test")
+    return get_source(kind, get_param("loc", "") or "", get_param("cfg"), split)

@@ -2,7 +2,9 @@
 
 | name    | meaning                                   | example                     |
 |---------|-------------------------------------------|-----------------------------|
-| `ds`    | dataset source                            | `easy_vqa`                  |
+| `ds`    | dataset kind: easy_vqa, vcr, webqa, vqa, generic | `vqa`                |
+| `loc`   | dataset hub id, or a path under VLSCOPE_DATA_ROOTS | `merve/vqav2-small` |
+| `cfg`   | dataset config (subset)                   | `default`                   |
 | `split` | dataset split                             | `test`                      |
 | `ex`    | example id                                | `easy_vqa/test/12`          |
 | `model` | model: `demo` or a hub id                 | `dandelin/vilt-b32-mlm`     |
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-PARAMS = ("ds", "split", "ex", "model", "layer", "head")
+PARAMS = ("ds", "loc", "cfg", "split", "ex", "model", "layer", "head")
 
 
 def get_param(name: str, default: str | None = None) -> str | None:
