@@ -126,3 +126,32 @@ def test_record_missing_its_image_keeps_the_page_working(tmp_path, monkeypatch):
     at.button(key="open_0").click().run()
     assert not at.exception and any("No image to show" in w.value for w in at.warning)
     assert any("(gold)" in h.proto.body for h in at.get("html"))
+
+
+def test_generic_dataset_uses_the_column_mapping_picked_in_the_ui(tmp_path, monkeypatch):
+    import datasets
+
+    from tests.data._records import RED, solid
+
+    monkeypatch.setenv("VLSCOPE_DATA_ROOTS", str(tmp_path))
+    datasets.Dataset.from_dict(
+        {"picture": [solid((32, 32), RED)] * 4, "caption": [f"a red square {i}" for i in range(4)],
+         "prompt": [f"what is shown {i}?" for i in range(4)], "label": ["red"] * 4},
+        features=datasets.Features({"picture": datasets.Image(), "caption": datasets.Value("string"),
+                                    "prompt": datasets.Value("string"), "label": datasets.Value("string")}),
+    ).save_to_disk(str(tmp_path / "captions"))
+    at = open_page(BROWSER, {"ds": "generic", "loc": str(tmp_path / "captions"), "split": "train"})
+    assert not at.exception and not at.error, at.error
+    assert at.selectbox(key="map_image").value == "picture"
+    at.selectbox(key="map_question").set_value("prompt").run()
+    at.button(key="open_2").click().run()
+    assert not at.exception
+    assert any("what is shown 2?" in h.proto.body for h in at.get("html"))
+
+
+def test_uploaded_parquet_file_is_browsable(tmp_path):
+    at = open_page(BROWSER, {"ds": "vqa", "split": "train"})
+    path = vqa_parquet(tmp_path / "up.parquet", n=5)
+    at.file_uploader(key="data_upload").upload("up.parquet", path.read_bytes(), "application/octet-stream").run()
+    assert not at.exception and not at.error, at.error
+    assert any(c.value.endswith("5 of 5 examples match.") for c in at.caption)

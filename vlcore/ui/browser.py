@@ -19,12 +19,56 @@ GRID_COLUMNS = 6
 
 @st.cache_resource(show_spinner="Indexing the dataset…", max_entries=4)
 def get_source(kind: str, location: str, config: str | None, split: str, streaming: bool = False,
-               images: str | None = None) -> ExampleSource:
+               images: str | None = None, mapping: tuple | None = None) -> ExampleSource:
     """An example source, opened once per argument set (every argument changes the result)."""
     if kind == "easy_vqa":
         return easy_vqa_source(split)
     return open_source(kind, check_location(location), split, config or None, streaming,
-                       check_location(images) if images else None)
+                       check_location(images) if images else None, dict(mapping) if mapping else None)
+
+
+@st.cache_resource(show_spinner="Reading the dataset's columns…", max_entries=4)
+def get_features(location: str, config: str | None, split: str) -> dict:
+    """Column name -> feature description of a dataset, for the generic column mapping."""
+    from vlcore.data.generic import describe_features
+    from vlcore.data.hub import SourceSpec, load_source
+
+    ds = load_source(SourceSpec(check_location(location), split=split, config=config))
+    return {"features": ds.features, "described": describe_features(ds.features)}
+
+
+def mapping_picker(location: str, config: str | None, split: str) -> tuple:
+    """Sidebar selectboxes mapping the dataset's columns to image, question, answer, category and id."""
+    from vlcore.data.generic import propose_mapping
+
+    found = get_features(location, config, split)
+    columns = list(found["described"])
+    proposed = propose_mapping(found["features"])
+    mapping = {}
+    with st.sidebar.expander("Column mapping", expanded=True):
+        for role in ("image", "question", "answer", "category", "id"):
+            options = ([] if role == "image" else ["(none)"]) + columns
+            default = proposed.get(role, options[0])
+            pick = st.selectbox(role, options, index=options.index(default), key=f"map_{role}",
+                                format_func=lambda c: f"{c} ({found['described'][c]})" if c in found["described"] else c)
+            if pick != "(none)":
+                mapping[role] = pick
+    return tuple(sorted(mapping.items()))
+
+
+def save_upload(upload) -> str:
+    """Keep an uploaded parquet/JSON dataset file under the store's uploads folder; returns its path."""
+    import hashlib
+    from pathlib import Path
+
+    from vlcore.store import atomic_write_bytes, default_root
+
+    data = upload.getvalue()
+    suffix = Path(upload.name).suffix.lower()
+    path = default_root() / "uploads" / f"{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
+    if not path.exists():
+        atomic_write_bytes(path, data)
+    return str(path)
 
 
 @st.cache_data(show_spinner=False, max_entries=4096)
@@ -45,7 +89,7 @@ def source_picker() -> ExampleSource | None:
     Raises:
         VLScopeError: the source cannot be opened (offline hub, bad path, missing split, ...).
     """
-    infos = {i.name: i for i in list_sources() if i.name != "generic"}
+    infos = {i.name: i for i in list_sources()}
     names = list(infos)
     current = get_param("ds", "easy_vqa")
     kind = st.sidebar.selectbox("Source", names, index=names.index(current) if current in names else 0,
@@ -56,6 +100,10 @@ def source_picker() -> ExampleSource | None:
     if info.needs_location:
         location = st.sidebar.text_input("Hub id or path", value=get_param("loc", "") or "", key="loc",
                                          help=info.location_help).strip()
+        upload = st.sidebar.file_uploader("…or upload a parquet / JSON file", type=["parquet", "json", "jsonl"],
+                                          key="data_upload")
+        if upload is not None:
+            location = save_upload(upload)
         config = st.sidebar.text_input("Config (optional)", value=get_param("cfg", "") or "", key="cfg").strip() or None
         if kind in ("vcr", "webqa"):
             images = st.sidebar.text_input("Images (vcr1images folder / imgs.tsv)", key="images").strip() or None
@@ -70,7 +118,8 @@ def source_picker() -> ExampleSource | None:
     if info.needs_location and not location:
         st.info(f"Enter {info.location_help or 'a hub id or a local path'} in the sidebar.")
         return None
-    args = (kind, location or kind, config, split, streaming, images)
+    mapping = mapping_picker(location, config, split) if kind == "generic" else None
+    args = (kind, location or kind, config, split, streaming, images, mapping)
     st.session_state["source_args"] = args
     return get_source(*args)
 
