@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlcore.data.easy_vqa import SPLITS as EASY_VQA_SPLITS
 from vlcore.data.easy_vqa import easy_vqa_examples
 from vlcore.errors import DatasetError
 
