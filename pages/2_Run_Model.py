@@ -12,7 +12,8 @@ from vlcore.store import put_input
 from vlcore.ui.browser import source_from_url
 from vlcore.ui.loaders import get_adapter, get_store
 from vlcore.ui.state import get_param, set_params
-from vlcore.ui.widgets import model_picker, show_model_info, show_trace_result, store_panel, sweep_panel
+from vlcore.ui.widgets import (model_picker, show_model_info, show_task_runs, show_trace_result, store_panel,
+                               sweep_panel)
 
 st.set_page_config(page_title="Run model · VLScope", layout="wide")
 st.title("Run model")
@@ -64,4 +65,8 @@ except VLScopeError as exc:
 for notice in store.notices:
     st.info(notice)
 st.caption(f"Example `{example.example_id}`" + (f" · category {example.category}" if example.category else ""))
+try:
+    show_task_runs(adapter, example)
+except VLScopeError as exc:
+    st.warning(str(exc))
 show_trace_result(trace, cached, opacity=st.sidebar.slider("Heat opacity", 0.0, 1.0, 0.6, 0.05, key="opacity"))

@@ -82,3 +82,27 @@ def test_sweep_from_the_page_matches_the_cli(tmp_path):
         page_df = pd.read_parquet(f"{sweeps[0]['path']}/{name}")
         cli_df = pd.read_parquet(tmp_path / "cli" / name)
         pd.testing.assert_frame_equal(page_df, cli_df)
+
+
+def test_vcr_example_with_an_itm_checkpoint_scores_every_choice(tmp_path, monkeypatch, tiny_tokenizer_dir):
+    from tests.conftest import make_tiny_adapter
+    from tests.data._records import write_vcr
+
+    monkeypatch.setenv("VLSCOPE_DATA_ROOTS", str(tmp_path))
+    (tmp_path / "vcr").mkdir()
+    write_vcr(tmp_path / "vcr")
+    itm = make_tiny_adapter(tiny_tokenizer_dir, arch="ViltForImageAndTextRetrieval")
+    for part in (itm.model, itm.tokenizer, itm.image_processor):
+        part.save_pretrained(tmp_path / "itm")
+    at = open_page(RUNNER, {"ds": "vcr", "loc": str(tmp_path / "vcr"), "img": str(tmp_path / "vcr" / "vcr1images"),
+                            "split": "val", "ex": "vcr/val/val-7"})
+    at.radio(key="model_kind").set_value("Local folder").run()
+    at.text_input(key="model_dir").set_value(str(tmp_path / "itm")).run()
+    assert not at.exception and not at.error, at.error
+    tables = [d.value for d in at.dataframe if "match probability" in d.value.columns]
+    assert len(tables) == 2 and all(len(t) == 4 for t in tables)
+    q2a = tables[0]
+    assert q2a["text as scored"].iloc[0].startswith("Are Casey and Riley friends?")
+    assert q2a["gold"].tolist() == [True, False, False, False]
+    picked = [m.value for m in at.markdown if m.value.startswith("**Q→A:**")][0]
+    assert f"picked {'ABCD'[int(q2a['match probability'].idxmax())]}" in picked

@@ -106,7 +106,8 @@ def source_picker() -> ExampleSource | None:
             location = save_upload(upload)
         config = st.sidebar.text_input("Config (optional)", value=get_param("cfg", "") or "", key="cfg").strip() or None
         if kind in ("vcr", "webqa"):
-            images = st.sidebar.text_input("Images (vcr1images folder / imgs.tsv)", key="images").strip() or None
+            images = st.sidebar.text_input("Images (vcr1images folder / imgs.tsv)", value=get_param("img", "") or "",
+                                           key="images").strip() or None
         streaming = st.sidebar.checkbox("Stream (first 1,000 rows of a large hub set)", key="stream")
     splits = list(info.splits) or ["train"]
     wanted = get_param("split", splits[0])
@@ -114,7 +115,7 @@ def source_picker() -> ExampleSource | None:
         split = st.sidebar.selectbox("Split", splits, index=splits.index(wanted) if wanted in splits else 0, key="split")
     else:
         split = st.sidebar.text_input("Split", value=wanted or "train", key="split").strip() or "train"
-    set_params(ds=kind, loc=location or None, cfg=config, split=split)
+    set_params(ds=kind, loc=location or None, img=images, cfg=config, split=split)
     if info.needs_location and not location:
         st.info(f"Enter {info.location_help or 'a hub id or a local path'} in the sidebar.")
         return None
@@ -166,7 +167,7 @@ def render_detail(source: ExampleSource, example_id: str) -> None:
         if example.category:
             st.caption(f"{source.categories_label}: {example.category}")
         if st.button("Interpret this example", key="interpret", type="primary"):
-            params = {k: v for k, v in st.query_params.to_dict().items() if k in ("ds", "loc", "cfg", "split")}
+            params = {k: v for k, v in st.query_params.to_dict().items() if k in ("ds", "loc", "img", "cfg", "split")}
             st.switch_page(RUNNER_PAGE, query_params={**params, "ex": example.example_id})
 
 
@@ -200,4 +201,4 @@ def source_from_url() -> ExampleSource:
     split = get_param("split", "test") or "test"
     if kind == "easy_vqa":
         return get_source("easy_vqa", "easy_vqa", None, split if split in ("train", "test") else "test")
-    return get_source(kind, get_param("loc", "") or "", get_param("cfg"), split)
+    return get_source(kind, get_param("loc", "") or "", get_param("cfg"), split, False, get_param("img"))

@@ -4,6 +4,7 @@
 |---------|-------------------------------------------|-----------------------------|
 | `ds`    | dataset kind: easy_vqa, vcr, webqa, vqa, generic | `vqa`                |
 | `loc`   | dataset hub id, or a path under VLSCOPE_DATA_ROOTS | `merve/vqav2-small` |
+| `img`   | VCR `vcr1images` folder / WebQA `imgs.tsv`, under VLSCOPE_DATA_ROOTS | |
 | `cfg`   | dataset config (subset)                   | `default`                   |
 | `split` | dataset split                             | `test`                      |
 | `ex`    | example id                                | `easy_vqa/test/12`          |
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-PARAMS = ("ds", "loc", "cfg", "split", "ex", "model", "layer", "head")
+PARAMS = ("ds", "loc", "img", "cfg", "split", "ex", "model", "layer", "head")
 
 
 def get_param(name: str, default: str | None = None) -> str | None:

@@ -102,3 +102,51 @@ def sweep_panel(adapter, store: Store, source) -> None:
         st.markdown(f"**Sweep:** {len(preds)}/{len(ids)} examples done · accuracy {acc:.3f}")
         st.dataframe(preds[["example_id", "question", "gold", "prediction", "probability", "correct", "category"]],
                      hide_index=True, height=240)
+
+
+def show_task_runs(adapter, example) -> None:
+    """The task-specific runs: VCR multiple choice with an image-text-matching head, WebQA per image fact."""
+    import pandas as pd
+
+    from vlcore.tasks import run_vcr_choices, run_webqa_facts
+
+    if example.source == "vcr" and adapter.task == "itm":
+        for stage, result in zip(("Q→A", "QA→R"), run_vcr_choices(adapter, example)):
+            if result is None:
+                continue
+            verdict = {True: "✅ correct", False: "❌ incorrect", None: ""}[result.correct]
+            st.markdown(f"**{stage}:** picked {chr(65 + result.pick)} {verdict}")
+            st.dataframe(pd.DataFrame({
+                "choice": [chr(65 + i) for i in range(len(result.texts))],
+                "text as scored": result.texts,
+                "match probability": result.scores,
+                "gold": [i == result.gold for i in range(len(result.texts))],
+                "text cut at 40": result.truncated,
+            }), hide_index=True)
+    elif example.source == "vcr":
+        st.caption("VCR with a VQA head: the question alone is run (below). Use an image-text-matching "
+                   "checkpoint (dandelin/vilt-b32-finetuned-coco) to score the answer and rationale choices.")
+    if example.source == "webqa":
+        st.info("Text facts are not seen by an image-text model: it reads one image and the question.")
+        if adapter.task == "vqa":
+            images = [_fact_image(example, f) for f in example.facts if f.kind == "image"]
+            answers = run_webqa_facts(adapter, example, images)
+            st.dataframe(pd.DataFrame({
+                "image fact": [a.title for a in answers], "positive": [a.positive for a in answers],
+                "answer": [a.prediction[0][0] if a.prediction else None for a in answers],
+                "probability": [a.prediction[0][1] if a.prediction else None for a in answers],
+                "in gold A": [a.matches_gold for a in answers],
+            }), hide_index=True)
+
+
+def _fact_image(example, fact):
+    """A WebQA fact's image through the source's imgs.tsv (URL ``img``), or None when unavailable."""
+    from vlcore.data.sources import check_location
+    from vlcore.data.webqa import WebQAImages
+    from vlcore.errors import VLScopeError
+
+    path = get_param("img")
+    try:
+        return WebQAImages(check_location(path)).load(fact.image_id) if path and fact.image_id else None
+    except VLScopeError:
+        return None
