@@ -50,7 +50,10 @@ except VLScopeError as exc:
     st.error(str(exc))
     st.stop()
 with st.expander(f"Sweep {source.label} (per-head summaries for every example)"):
-    sweep_panel(adapter, store, source)
+    try:
+        sweep_panel(adapter, store, source)
+    except VLScopeError as exc:
+        st.error(f"The sweep stopped: {exc}. Finished batches are kept; fix the input and start again to resume.")
 
 example_id = get_param("ex")
 if not example_id:

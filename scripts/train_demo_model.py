@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlcore.data.easy_vqa import easy_vqa_answers, load_easy_vqa  # noqa: E402
+from vlcore.data.easy_vqa import answer_category, easy_vqa_answers, load_easy_vqa  # noqa: E402
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sample_data" / "models" / "vilt-tiny-easyvqa"
@@ -68,8 +68,15 @@ def encode_split(split: str, tokenizer, image_processor, answers: list[str]):
         "attention_mask": enc["attention_mask"],
         "image": torch.tensor([slot[r.image_id] for r in records]),
         "labels": torch.tensor([label_of[r.answer] for r in records]),
+        "category": [answer_category(r.answer) for r in records],
         "pixels": pixels,
     }
+
+
+def balanced_weights(categories: list[str]) -> torch.Tensor:
+    """Sampling weights giving each question category (shape / color / yes-no) an equal share."""
+    counts = {c: categories.count(c) for c in set(categories)}
+    return torch.tensor([1.0 / counts[c] for c in categories], dtype=torch.double)
 
 
 def dihedral(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -171,6 +178,7 @@ def write_card(out: Path, recipe: dict, history: list) -> dict:
         f"- Training: {recipe['epochs']} epochs over the 38,575 train questions, batch {recipe['batch_size']}, "
         f"AdamW lr {recipe['lr']} with linear warm-up and cosine decay, weight decay 0.01, seed {recipe['seed']}, "
         f"{'random flips and 90-degree rotations of the images, ' if recipe['augment'] else ''}"
+        f"{'shape, color and yes/no questions sampled equally often, ' if recipe.get('balance') else ''}"
         f"{recipe['minutes']:.1f} min on {recipe['device']}.",
         "",
         f"**Accuracy on the full easy-VQA test split ({m['n_test']:,} questions): {m['test_accuracy']:.4f}.**",
@@ -212,7 +220,7 @@ def rewrite_card(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--epochs", type=int, default=7)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--hidden", type=int, default=128)
@@ -221,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random flips/rotations of the training images")
+    parser.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+                        help="sample shape, color and yes/no questions equally often")
     parser.add_argument("--card-only", action="store_true",
                         help="re-measure an already trained --out folder and rewrite its card")
     parser.add_argument("--minutes", type=float, default=None, help="with --card-only: the recorded training time")
@@ -256,8 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     gen = torch.Generator().manual_seed(args.seed)
     history, step = [], 0
+    weights = balanced_weights(train["category"]) if args.balance else None
     for epoch in range(1, args.epochs + 1):
-        order = torch.randperm(len(train["labels"]), generator=gen)
+        if weights is None:
+            order = torch.randperm(len(train["labels"]), generator=gen)
+        else:
+            order = torch.multinomial(weights, len(weights), replacement=True, generator=gen)
         losses = []
         aug = gen if args.augment else None
         for ids, mask, pix, labels in batches(train, order, args.batch_size, device, aug):
@@ -289,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = {
         "hidden": args.hidden, "layers": args.layers, "heads": args.heads, "parameters": n_params,
         "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-        "augment": args.augment, "minutes": round(minutes, 1), "device": args.device_used,
+        "augment": args.augment, "balance": args.balance, "minutes": round(minutes, 1), "device": args.device_used,
     }
     metrics = write_card(args.out, recipe, history)
     print(f"saved to {args.out} in {minutes:.1f} min; test accuracy {metrics['test_accuracy']:.4f}")

@@ -23,6 +23,7 @@ TINY_LABELS = ["red", "blue", "circle", "yes", "no"]
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test gets its own store root and clean Streamlit caches."""
     monkeypatch.setenv("VLSCOPE_CACHE", str(tmp_path / "vlscope-cache"))
+    monkeypatch.setenv("VLSCOPE_DATA_ROOTS", str(tmp_path))  # files a test writes may be read
     import streamlit as st
 
     st.cache_data.clear()

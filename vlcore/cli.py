@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from vlcore.errors import VLScopeError
+from vlcore.errors import InputError, VLScopeError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,12 +87,14 @@ def cmd_extract(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from vlcore.data.example import content_hash, open_image
+    from vlcore.data.example import content_hash, open_image_bytes
     from vlcore.extract import extract_trace
     from vlcore.models.registry import load_adapter
     from vlcore.store import atomic_write_bytes, trace_to_bytes
 
-    image = open_image(args.image)
+    if not args.image.is_file():  # a path typed on the command line is the user's own: no data-root check
+        raise InputError(f"image file not found: {args.image}")
+    image = open_image_bytes(args.image.read_bytes(), args.image.name)
     adapter = load_adapter(args.model, device=args.device)
     trace = extract_trace(adapter, image, args.text, f"upload/{content_hash(image, args.text)[:16]}")
     atomic_write_bytes(args.out, trace_to_bytes(trace))

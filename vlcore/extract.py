@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from filelock import FileLock
 
 from vlcore.data.example import Example, content_hash
 from vlcore.models.base import EncodedBatch, ModelAdapter
-from vlcore.stats import compute_layer_summaries, summaries_to_frame
+from vlcore.errors import InputError, StoreError
+from vlcore.stats import SUMMARY_COLUMNS, compute_layer_summaries, summaries_to_frame
 from vlcore.store import Store, atomic_write_bytes, fingerprint
 from vlcore.trace import Trace
 
@@ -97,7 +99,7 @@ def trace_for_example(adapter: ModelAdapter, example: Example, store: Store, top
         ``(trace, cached)``.
     """
     image = example.load_image()
-    key = trace_key(adapter, content_hash(image, example.question, example.answers), top_k)
+    key = trace_key(adapter, f"{example.example_id}|{content_hash(image, example.question, example.answers)}", top_k)
 
     def compute() -> Trace:
         return extract_trace(
@@ -150,7 +152,7 @@ def summarize_batch(adapter: ModelAdapter, batch: EncodedBatch, examples: Sequen
             "category": ex.category,
             "prediction": best,
             "probability": prob,
-            "correct": (best in gold) if gold and best is not None else None,
+            "correct": (best in gold) if adapter.task == "vqa" and gold and best is not None else None,
             "top_k": json.dumps(top),
             "text_truncated": batch.truncated[b],
             "n_text_tokens": int(((batch.modality[b] == 0) & batch.valid[b]).sum()),
@@ -187,13 +189,15 @@ def run_sweep(
 ) -> Path:
     """Run a model over examples and write summaries as parquet, resumably.
 
-    Every batch is written as a parquet part as soon as it is done, so a cancelled or crashed
-    sweep resumes after the last finished batch. When all examples are done the parts are
-    merged into ``predictions.parquet`` and ``head_stats.parquet``.
+    Every batch is written as a pair of parquet parts (head stats first, predictions last, so a
+    predictions part marks a finished batch) named by the position of its first example. A
+    cancelled or crashed sweep resumes after the last finished batch. When all examples are done
+    the parts are merged into ``predictions.parquet`` and ``head_stats.parquet``. A folder holding
+    another model's or another example list's sweep is refused, never mixed in.
 
     Args:
         adapter: the model.
-        examples: what to run, in order.
+        examples: what to run, in order (ids must be unique).
         out_dir: the sweep folder (``Store.sweep_dir(key)`` or any folder).
         dataset: dataset name recorded in the manifest.
         batch_size: examples per forward pass.
@@ -201,76 +205,118 @@ def run_sweep(
         progress: called after each batch.
         should_stop: polled before each batch; True cancels (the work done so far is kept).
 
+    Raises:
+        StoreError: ``out_dir`` holds a sweep of a different model, settings or example list.
+        InputError: duplicate example ids.
+
     Returns:
         ``out_dir``.
     """
+    ids = [e.example_id for e in examples]
+    if len(set(ids)) != len(ids):
+        raise InputError("the examples to sweep have duplicate ids; give every example a unique id")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = completed_ids(out)
-    todo = [e for e in examples if e.example_id not in done]
-    manifest = {
-        "model_id": adapter.model_id, "dataset": dataset, "n_examples": len(examples), "top_k": top_k,
-        "batch_size": batch_size, "created": time.time(), "complete": False, "schema": EXTRACT_VERSION,
-    }
-    _write_manifest(out, manifest)
-    start, finished = time.perf_counter(), 0
-    for i in range(0, len(todo), batch_size):
-        if should_stop is not None and should_stop():
-            break
-        chunk = todo[i : i + batch_size]
-        batch = adapter.encode([e.load_image() for e in chunk], [e.question for e in chunk])
-        summary = summarize_batch(adapter, batch, chunk, top_k)
-        part = f"part-{len(done) + finished:07d}"
-        _write_parquet(out / f"{part}.predictions.parquet", summary.predictions)
-        _write_parquet(out / f"{part}.heads.parquet", summary.heads)
-        finished += len(chunk)
-        if progress is not None:
-            rate = finished / max(time.perf_counter() - start, 1e-9)
-            progress(SweepProgress(len(done) + finished, len(examples), len(done), rate, (len(todo) - finished) / rate))
-    if len(done) + finished >= len(examples):
-        _consolidate(out)
-        manifest["complete"] = True
-    _write_manifest(out, manifest)
+    key = sweep_key(adapter, dataset, ids, top_k)
+    with FileLock(str(out / ".lock")):
+        _claim(out, key, adapter, dataset, len(examples), top_k, batch_size)
+        done = completed_ids(out)
+        todo = [(i, e) for i, e in enumerate(examples) if e.example_id not in done]
+        start, finished = time.perf_counter(), 0
+        for b in range(0, len(todo), batch_size):
+            if should_stop is not None and should_stop():
+                break
+            chunk = todo[b : b + batch_size]
+            batch = adapter.encode([e.load_image() for _, e in chunk], [e.question for _, e in chunk])
+            summary = summarize_batch(adapter, batch, [e for _, e in chunk], top_k)
+            part = f"part-{chunk[0][0]:07d}"
+            _write_parquet(out / f"{part}.heads.parquet", summary.heads)
+            _write_parquet(out / f"{part}.predictions.parquet", summary.predictions)
+            finished += len(chunk)
+            if progress is not None:
+                rate = finished / max(time.perf_counter() - start, 1e-9)
+                progress(SweepProgress(len(done) + finished, len(examples), len(done), rate, (len(todo) - finished) / rate))
+        if completed_ids(out) >= set(ids):
+            _consolidate(out, ids)
     return out
 
 
+def _claim(out: Path, key: str, adapter: ModelAdapter, dataset: str, n: int, top_k: int, batch_size: int) -> None:
+    """Write the manifest, or check that the folder's sweep is this one."""
+    path = out / "manifest.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        if old.get("key") not in (None, key):
+            raise StoreError(
+                f"{out} holds a sweep of {old.get('model_id')} on {old.get('n_examples')} examples of "
+                f"{old.get('dataset')!r} with other settings; use another output folder for this one"
+            )
+        if old.get("key") == key:
+            return
+    _write_manifest(out, {
+        "key": key, "model_id": adapter.model_id, "dataset": dataset, "n_examples": n, "top_k": top_k,
+        "batch_size": batch_size, "created": time.time(), "complete": False, "schema": EXTRACT_VERSION,
+    })
+
+
 def completed_ids(out: Path) -> set[str]:
-    """Example ids already summarised in a sweep folder; damaged parts are deleted."""
+    """Example ids already summarised in a sweep folder (merged or in complete part pairs).
+
+    A part whose predictions or head stats are missing or unreadable is deleted, so it is recomputed.
+    """
     ids: set[str] = set()
     merged = out / "predictions.parquet"
-    files = [merged] if merged.exists() else sorted(out.glob("part-*.predictions.parquet"))
+    files = ([merged] if merged.exists() else []) + sorted(out.glob("part-*.predictions.parquet"))
     for path in files:
+        twin = out / ("head_stats.parquet" if path == merged else path.name.replace(".predictions.", ".heads."))
         try:
+            pd.read_parquet(twin, columns=["example_id"])
             ids.update(pd.read_parquet(path, columns=["example_id"])["example_id"].astype(str))
         except Exception:  # a half-written or corrupt part: drop it and its twin, recompute
             path.unlink(missing_ok=True)
-            Path(str(path).replace(".predictions.", ".heads.")).unlink(missing_ok=True)
+            twin.unlink(missing_ok=True)
     return ids
 
 
 def load_sweep(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(predictions, head_stats)`` of a sweep folder, finished or not."""
+    """``(predictions, head_stats)`` of a sweep folder, finished or not (merged file plus parts)."""
     out = Path(out_dir)
-    if (out / "predictions.parquet").exists():
-        return pd.read_parquet(out / "predictions.parquet"), pd.read_parquet(out / "head_stats.parquet")
-    preds = sorted(out.glob("part-*.predictions.parquet"))
-    heads = sorted(out.glob("part-*.heads.parquet"))
+    pred_files = [p for p in [out / "predictions.parquet"] if p.exists()] + sorted(out.glob("part-*.predictions.parquet"))
+    head_files = [p for p in [out / "head_stats.parquet"] if p.exists()] + sorted(out.glob("part-*.heads.parquet"))
+    preds = [_read(p) for p in pred_files]
+    heads = [_read(p) for p in head_files]
+    preds, heads = [p for p in preds if p is not None], [h for h in heads if h is not None]
     if not preds:
-        return pd.DataFrame(columns=PREDICTION_COLUMNS), pd.DataFrame()
-    return (
-        pd.concat([pd.read_parquet(p) for p in preds], ignore_index=True),
-        pd.concat([pd.read_parquet(p) for p in heads], ignore_index=True),
-    )
+        return pd.DataFrame(columns=PREDICTION_COLUMNS), pd.DataFrame(columns=SUMMARY_COLUMNS)
+    return pd.concat(preds, ignore_index=True), pd.concat(heads, ignore_index=True)
 
 
-def _consolidate(out: Path) -> None:
+def _read(path: Path) -> pd.DataFrame | None:
+    """A parquet file, or None when it vanished or is unreadable (another session may be merging)."""
+    try:
+        return pd.read_parquet(path)
+    except Exception:
+        return None
+
+
+def _consolidate(out: Path, ids: list[str]) -> None:
+    """Merge every part (and an earlier merged file) into the two files, in example order."""
     preds, heads = load_sweep(out)
-    if (out / "predictions.parquet").exists():
-        return
-    _write_parquet(out / "head_stats.parquet", heads)
+    order = {eid: i for i, eid in enumerate(ids)}
+    preds = preds[preds["example_id"].isin(order)].drop_duplicates("example_id")
+    preds = preds.sort_values("example_id", key=lambda c: c.map(order)).reset_index(drop=True)
+    heads = heads[heads["example_id"].astype(str).isin(order)]
+    heads = heads.drop_duplicates(["example_id", "layer", "head", "metric"])
+    heads = heads.sort_values("example_id", key=lambda c: c.astype(str).map(order), kind="stable")
+    _write_parquet(out / "head_stats.parquet", heads.reset_index(drop=True))
     _write_parquet(out / "predictions.parquet", preds)  # written last: it marks completion
     for part in out.glob("part-*.parquet"):
         part.unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    _write_manifest(out, {**manifest, "complete": True})
 
 
 def _write_parquet(path: Path, frame: pd.DataFrame) -> None:

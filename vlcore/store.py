@@ -107,6 +107,13 @@ def trace_from_bytes(data: bytes) -> Trace:
         raise ValueError(f"damaged trace file: {exc}") from exc
     if meta.get("schema") != SCHEMA_VERSION:
         raise ValueError(f"trace schema {meta.get('schema')} != {SCHEMA_VERSION}")
+    try:
+        return _build_trace(arrays, meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"damaged trace file: {type(exc).__name__}: {exc}") from exc
+
+
+def _build_trace(arrays: dict, meta: dict) -> Trace:
     return Trace(
         example_id=meta["example_id"],
         model_id=meta["model_id"],
@@ -160,7 +167,10 @@ class Store:
             path.unlink(missing_ok=True)
             self.notices.append(f"dropped a damaged cache entry ({exc}); it will be recomputed")
             return None
-        os.utime(path)  # mark as recently used for LRU eviction
+        try:
+            os.utime(path)  # mark as recently used for LRU eviction
+        except FileNotFoundError:  # evicted by another session meanwhile: the trace is still good
+            pass
         return trace
 
     def put_trace(self, key: str, trace: Trace) -> Path:
@@ -195,7 +205,7 @@ class Store:
         Returns:
             the number of files deleted.
         """
-        files = [(p.stat(), p) for p in (self.root / "traces").glob("*/*.safetensors")]
+        files = [(st, p) for p in (self.root / "traces").glob("*/*.safetensors") if (st := _stat(p)) is not None]
         total = sum(s.st_size for s, _ in files)
         removed = 0
         for st, path in sorted(files, key=lambda f: f[0].st_mtime_ns):
@@ -227,7 +237,7 @@ class Store:
     # -- housekeeping -------------------------------------------------------------------------
     def size_bytes(self) -> int:
         """Total bytes under the root."""
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()) if self.root.exists() else 0
+        return sum(st.st_size for p in self.root.rglob("*") if (st := _stat(p)) is not None and p.is_file())
 
     def clear(self) -> None:
         """Delete every trace, sweep and lock (user inputs are kept)."""
@@ -235,6 +245,14 @@ class Store:
 
         for sub in ("traces", "sweeps", "locks"):
             shutil.rmtree(self.root / sub, ignore_errors=True)
+
+
+def _stat(path: Path):
+    """``path.stat()``, or None when another session removed the file meanwhile."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
 
 
 # -- user inputs ------------------------------------------------------------------------------
@@ -257,11 +275,11 @@ def put_input(store: Store, image, text: str) -> str:
 
     input_id = f"upload/{content_hash(image, text)[:16]}"
     png, meta = _input_paths(store.root, input_id)
-    if not png.exists():
+    if not (png.exists() and meta.exists()):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        atomic_write_bytes(png, buf.getvalue())
         atomic_write_bytes(meta, json.dumps({"text": text}).encode())
+        atomic_write_bytes(png, buf.getvalue())
     return input_id
 
 

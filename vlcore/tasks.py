@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -110,5 +111,6 @@ def run_webqa_facts(adapter: ModelAdapter, example: Example, images: list, top_k
     out = []
     for (fact, _), pred in zip(pairs, preds):
         top = pred[0][0].lower() if pred else None
-        out.append(FactAnswer(fact.title, fact.positive, tuple(pred), (top in gold) if gold and top else None))
+        hit = bool(re.search(rf"\b{re.escape(top)}\b", gold)) if gold and top else None
+        out.append(FactAnswer(fact.title, fact.positive, tuple(pred), hit))
     return out

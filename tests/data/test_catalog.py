@@ -16,7 +16,7 @@ def test_sources_are_listed_for_the_ui():
     infos = list_sources()
     assert [s.name for s in infos] == ["easy_vqa", "vcr", "webqa", "vqa", "generic"]
     assert not infos[0].needs_location and all(s.needs_location and s.location_help for s in infos[1:])
-    assert SOURCES["easy_vqa"] == ("train", "test")
+    assert SOURCES["easy_vqa"] == ("test", "train")
 
 
 def test_easy_vqa_still_loads_with_limit_and_offset():

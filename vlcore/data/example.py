@@ -113,12 +113,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def open_image(path: str | Path) -> Image.Image:
     """Open an image file as RGB.
 
+    Only files inside a data root (`vlcore.data.paths.data_roots`) are read: dataset rows and
+    links cannot point at arbitrary local files.
+
     Raises:
-        InputError: the file is missing, empty, not an image, or larger than PIL's pixel limit.
+        InputError: the file is outside the data roots, missing, empty, not an image, or larger
+            than PIL's pixel limit.
     """
-    path = Path(path)
+    from vlcore.data.paths import check_local_file
+
+    path = check_local_file(path)
     if not path.is_file():
-        raise InputError(f"image file not found: {path}")
+        raise InputError(f"image file not found: {path.name}")
     return open_image_bytes(path.read_bytes(), path.name)
 
 

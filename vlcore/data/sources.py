@@ -7,13 +7,13 @@ are ``{source}/{split}/{position}``, so a link resolves in O(1).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from vlcore.data.paths import data_roots, is_allowed
 from vlcore.data.easy_vqa import answer_category, load_easy_vqa, to_example
 from vlcore.errors import DatasetError
 
@@ -121,7 +121,8 @@ def open_source(
 
     if dataset not in SOURCE_INFO or dataset == "easy_vqa":
         raise DatasetError(f"unknown dataset kind {dataset!r}; choose one of: {', '.join(SOURCE_INFO)}")
-    key = f"{dataset}:{location}" + (f":{config}" if config else "")
+    key = f"{dataset}:{location}" + (f":{config}" if config else "") + (f":img={images}" if images else "")
+    key += f":map={sorted(mapping.items())}" if mapping else ""
     label = f"{SOURCE_INFO[dataset].title}: {location} ({split})"
     categories = {"webqa": "Qcate", "vqa": "answer type"}.get(dataset, "category")
     if dataset in ("vqa", "generic") and not streaming:
@@ -160,6 +161,8 @@ def _lazy_source(dataset, key, split, label, ds, mapping, categories) -> Example
         return table.column(roles[role]).to_pylist() if roles.get(role) else [None] * len(ds)
 
     ids = column("id")
+    if len(set(ids)) != len(ids):  # a mapped id column that repeats (e.g. image ids): use row positions
+        ids = [None] * len(ids)
     index = pd.DataFrame({
         "example_id": [f"{prefix}/{split}/{i if v is None else v}" for i, v in enumerate(ids)],
         "question": [str(q) if q is not None else "" for q in column("question")],
@@ -170,16 +173,6 @@ def _lazy_source(dataset, key, split, label, ds, mapping, categories) -> Example
     })
     rows = undecoded(ds, [cols["image"]])
     return ExampleSource(key, split, label, index, lambda i: build_row(rows[i], i), categories)
-
-
-def data_roots() -> list[Path]:
-    """Local folders that dataset locations may point into: the bundled ``sample_data``, the store's
-    uploads, and every folder in ``VLSCOPE_DATA_ROOTS`` (separated by ``os.pathsep``)."""
-    from vlcore.store import default_root
-
-    roots = [Path(__file__).resolve().parents[2] / "sample_data", default_root() / "uploads"]
-    roots += [Path(p).expanduser() for p in os.environ.get("VLSCOPE_DATA_ROOTS", "").split(os.pathsep) if p]
-    return [r.resolve() for r in roots]
 
 
 def check_location(location: str) -> str:
@@ -193,9 +186,8 @@ def check_location(location: str) -> str:
     location = (location or "").strip()
     if HUB_ID.match(location) and not Path(location).exists():
         return location
-    path = Path(location).expanduser().resolve()
-    if any(path == root or root in path.parents for root in data_roots()):
-        return str(path)
+    if is_allowed(location):
+        return str(Path(location).expanduser().resolve())
     raise DatasetError(
         f"{location!r} is not a hub id and not under a configured data folder; set VLSCOPE_DATA_ROOTS "
         "to the folders VLScope may read (roots now: " + ", ".join(str(r) for r in data_roots()) + ")"

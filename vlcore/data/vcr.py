@@ -253,7 +253,11 @@ def load_vcr_metadata(path: str | Path, objects: Sequence[str]) -> dict[str, Any
     Raises:
         DatasetError: the file is not JSON, or its boxes/names do not match ``objects``.
     """
+    from vlcore.data.paths import is_allowed
+
     path = Path(path)
+    if not is_allowed(path):
+        raise DatasetError(f"VCR metadata {path.name} lies outside the folders VLScope may read (VLSCOPE_DATA_ROOTS)")
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

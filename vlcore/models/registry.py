@@ -31,9 +31,11 @@ def is_offline() -> bool:
 
 
 def weights_hash(directory: Path) -> str:
-    """First 12 hex digits of the sha256 over a local checkpoint's weight files, in name order."""
+    """First 12 hex digits of the sha256 over a local checkpoint's weights, config and processor files."""
     digest = hashlib.sha256()
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
+    files = sorted(p for p in directory.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in (
+        "config.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")))
     for path in files:
         digest.update(path.name.encode())
         with path.open("rb") as fh:

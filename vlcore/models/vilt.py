@@ -104,7 +104,8 @@ class ViltAdapter(ModelAdapter):
             "image_processor": {
                 k: (dict(v) if isinstance(v, dict) else v)
                 for k, v in ip.to_dict().items()
-                if k in ("size", "size_divisor", "image_mean", "image_std", "do_resize", "do_normalize", "resample")
+                if k in ("size", "size_divisor", "image_mean", "image_std", "do_resize", "do_normalize", "resample",
+                         "do_rescale", "rescale_factor", "do_pad")
             },
             "max_text_len": self.max_text_len,
         }
@@ -141,7 +142,7 @@ class ViltAdapter(ModelAdapter):
         enc = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=self.max_text_len, return_tensors="pt"
         )
-        pix = self.image_processor(images, return_tensors="pt")
+        pix = self.image_processor(images, return_tensors="pt", do_pad=True)
         dev = self.device
         input_ids = enc["input_ids"].to(dev)
         attn = enc["attention_mask"].to(dev)
@@ -196,7 +197,7 @@ class ViltAdapter(ModelAdapter):
         text_valid = enc["attention_mask"].numpy().astype(bool)
         batch, t_len = ids.shape
         n_img = image_mask.shape[1]
-        special_ids = set(self.tokenizer.all_special_ids)
+        special_ids = {self.tokenizer.cls_token_id, self.tokenizer.sep_token_id}
         modality = np.concatenate([np.full((batch, t_len), TEXT), np.full((batch, n_img), IMAGE)], 1).astype(np.int8)
         special = np.zeros((batch, t_len + n_img), dtype=bool)
         special[:, :t_len] = np.isin(ids, list(special_ids)) & text_valid
@@ -305,6 +306,8 @@ class ViltAdapter(ModelAdapter):
     def target_logit(self, logits: torch.Tensor, label: str | None) -> torch.Tensor:
         """The scalar logit to explain: a VQA label (None: the top one), or the ITM score."""
         if self.task == "vqa":
+            if label is not None and label not in self.config.label2id:
+                raise InputError(f"{label!r} is not one of {self.model_id}'s answers; pick one it knows")
             idx = int(logits[0].argmax()) if label is None else int(self.config.label2id[label])
             return logits[0, idx]
         if self.task == "itm":

@@ -28,22 +28,42 @@ def get_source(kind: str, location: str, config: str | None, split: str, streami
 
 
 @st.cache_resource(show_spinner="Reading the dataset's columns…", max_entries=4)
-def get_features(location: str, config: str | None, split: str) -> dict:
+def get_features(location: str, config: str | None, split: str, streaming: bool = False) -> dict:
     """Column name -> feature description of a dataset, for the generic column mapping."""
     from vlcore.data.generic import describe_features
     from vlcore.data.hub import SourceSpec, load_source
 
-    ds = load_source(SourceSpec(check_location(location), split=split, config=config))
+    ds = load_source(SourceSpec(check_location(location), split=split, config=config, streaming=streaming))
     return {"features": ds.features, "described": describe_features(ds.features)}
 
 
-def mapping_picker(location: str, config: str | None, split: str) -> tuple:
+def encode_mapping(mapping: tuple | None) -> str | None:
+    """URL form of a column mapping: ``image:picture,question:prompt``.
+
+    >>> encode_mapping((("image", "picture"), ("question", "prompt")))
+    'image:picture,question:prompt'
+    """
+    return ",".join(f"{role}:{col}" for role, col in mapping) if mapping else None
+
+
+def decode_mapping(text: str | None) -> dict:
+    """Inverse of `encode_mapping`; malformed parts are ignored.
+
+    >>> decode_mapping("image:picture,question:prompt,junk")
+    {'image': 'picture', 'question': 'prompt'}
+    """
+    pairs = (part.split(":", 1) for part in (text or "").split(",") if ":" in part)
+    return {role.strip(): col.strip() for role, col in pairs if role.strip() and col.strip()}
+
+
+def mapping_picker(location: str, config: str | None, split: str, streaming: bool = False) -> tuple:
     """Sidebar selectboxes mapping the dataset's columns to image, question, answer, category and id."""
     from vlcore.data.generic import propose_mapping
 
-    found = get_features(location, config, split)
+    found = get_features(location, config, split, streaming)
     columns = list(found["described"])
-    proposed = propose_mapping(found["features"])
+    from_url = {r: c for r, c in decode_mapping(get_param("map")).items() if c in columns}
+    proposed = {**propose_mapping(found["features"]), **from_url}
     mapping = {}
     with st.sidebar.expander("Column mapping", expanded=True):
         for role in ("image", "question", "answer", "category", "id"):
@@ -108,18 +128,20 @@ def source_picker() -> ExampleSource | None:
         if kind in ("vcr", "webqa"):
             images = st.sidebar.text_input("Images (vcr1images folder / imgs.tsv)", value=get_param("img", "") or "",
                                            key="images").strip() or None
-        streaming = st.sidebar.checkbox("Stream (first 1,000 rows of a large hub set)", key="stream")
+        streaming = st.sidebar.checkbox("Stream (first 1,000 rows of a large hub set)", key="stream",
+                                        value=get_param("stream") == "1")
     splits = list(info.splits) or ["train"]
     wanted = get_param("split", splits[0])
     if info.splits:
         split = st.sidebar.selectbox("Split", splits, index=splits.index(wanted) if wanted in splits else 0, key="split")
     else:
         split = st.sidebar.text_input("Split", value=wanted or "train", key="split").strip() or "train"
-    set_params(ds=kind, loc=location or None, img=images, cfg=config, split=split)
+    set_params(ds=kind, loc=location or None, img=images, cfg=config, split=split, stream="1" if streaming else None)
     if info.needs_location and not location:
         st.info(f"Enter {info.location_help or 'a hub id or a local path'} in the sidebar.")
         return None
-    mapping = mapping_picker(location, config, split) if kind == "generic" else None
+    mapping = mapping_picker(location, config, split, streaming) if kind == "generic" else None
+    set_params(map=encode_mapping(mapping))
     args = (kind, location or kind, config, split, streaming, images, mapping)
     st.session_state["source_args"] = args
     return get_source(*args)
@@ -167,7 +189,7 @@ def render_detail(source: ExampleSource, example_id: str) -> None:
         if example.category:
             st.caption(f"{source.categories_label}: {example.category}")
         if st.button("Interpret this example", key="interpret", type="primary"):
-            params = {k: v for k, v in st.query_params.to_dict().items() if k in ("ds", "loc", "img", "cfg", "split")}
+            params = {k: v for k, v in st.query_params.to_dict().items() if k in ("ds", "loc", "img", "cfg", "split", "map", "stream", "model")}
             st.switch_page(RUNNER_PAGE, query_params={**params, "ex": example.example_id})
 
 
@@ -201,4 +223,6 @@ def source_from_url() -> ExampleSource:
     split = get_param("split", "test") or "test"
     if kind == "easy_vqa":
         return get_source("easy_vqa", "easy_vqa", None, split if split in ("train", "test") else "test")
-    return get_source(kind, get_param("loc", "") or "", get_param("cfg"), split, False, get_param("img"))
+    mapping = tuple(sorted(decode_mapping(get_param("map")).items())) or None
+    return get_source(kind, get_param("loc", "") or "", get_param("cfg"), split, get_param("stream") == "1",
+                      get_param("img"), mapping)

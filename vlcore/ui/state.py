@@ -5,6 +5,8 @@
 | `ds`    | dataset kind: easy_vqa, vcr, webqa, vqa, generic | `vqa`                |
 | `loc`   | dataset hub id, or a path under VLSCOPE_DATA_ROOTS | `merve/vqav2-small` |
 | `img`   | VCR `vcr1images` folder / WebQA `imgs.tsv`, under VLSCOPE_DATA_ROOTS | |
+| `map`   | generic column mapping, `role:column,...` | `image:picture,question:prompt` |
+| `stream`| `1` to stream a large hub dataset         | `1`                         |
 | `cfg`   | dataset config (subset)                   | `default`                   |
 | `split` | dataset split                             | `test`                      |
 | `ex`    | example id                                | `easy_vqa/test/12`          |
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-PARAMS = ("ds", "loc", "img", "cfg", "split", "ex", "model", "layer", "head")
+PARAMS = ("ds", "loc", "img", "map", "stream", "cfg", "split", "ex", "model", "layer", "head")
 
 
 def get_param(name: str, default: str | None = None) -> str | None:

@@ -23,10 +23,11 @@ def model_picker() -> str:
         source = "demo"
     elif kind == "Hub checkpoint":
         options = list(KNOWN_CHECKPOINTS) + ["other…"]
-        default = options.index(current) if current in options else 0
+        default = options.index(current) if current in options else len(options) - 1
         pick = st.sidebar.selectbox("Checkpoint", options, index=default, key="model_hub",
                                     format_func=lambda o: f"{o} ({KNOWN_CHECKPOINTS[o]})" if o in KNOWN_CHECKPOINTS else o)
-        source = st.sidebar.text_input("Hub id", key="model_hub_other").strip() if pick == "other…" else pick
+        other = current if current not in options and current != "demo" else ""
+        source = st.sidebar.text_input("Hub id", value=other, key="model_hub_other").strip() if pick == "other…" else pick
     else:
         source = st.sidebar.text_input("Checkpoint folder", key="model_dir").strip()
     if kind != "Local folder" and source:
@@ -79,13 +80,16 @@ def sweep_panel(adapter, store: Store, source) -> None:
     from vlcore.extract import load_sweep, run_sweep, sweep_key
 
     n_max = len(source)
+    if n_max == 0:
+        st.info("This dataset has no examples to sweep.")
+        return
     c1, c2, c3 = st.columns(3)
     n = c1.number_input("Examples (first N)", 1, n_max, min(100, n_max), key="sweep_n")
     batch_size = c2.number_input("Batch size", 1, 256, 8, key="sweep_batch")
     start = c3.button("Start / resume sweep", key="sweep_start", type="primary")
     st.caption("Stop with Streamlit's ■ Stop (top right) or any click; finished batches are kept and the next start resumes.")
     ids = source.index["example_id"].iloc[: int(n)].tolist()
-    dataset = f"{source.key}/{source.split}"
+    dataset = f"{source.key}/{source.split}"  # the key names location, config, images and mapping
     out = store.sweep_dir(sweep_key(adapter, dataset, ids))
     if start:
         bar = st.progress(0.0, text="starting…")
