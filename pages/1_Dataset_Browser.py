@@ -16,6 +16,10 @@ try:
     source = source_picker()
 except VLScopeError as exc:
     st.error(str(exc))
+    if st.button("Open the bundled easy-VQA samples instead", key="to_bundled"):
+        st.session_state["ds"] = "easy_vqa"
+        set_params(ds="easy_vqa", loc=None, cfg=None, img=None, map=None, stream=None, split="test")
+        st.rerun()
     st.stop()
 if source is None:
     st.stop()

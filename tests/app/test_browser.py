@@ -106,6 +106,9 @@ def test_offline_hub_dataset_is_one_clear_line():
     at = open_page(BROWSER, {"ds": "vqa", "loc": "lmms-lab/VQAv2", "split": "validation"})
     assert not at.exception and len(at.error) == 1
     assert "bundled" in at.error[0].value
+    at.button(key="to_bundled").click().run()
+    assert not at.exception and not at.error and at.query_params["ds"] == "easy_vqa"
+    assert len(at.get("image")) == 24
 
 
 def test_dataset_without_image_column_names_its_columns(tmp_path, monkeypatch):
@@ -155,3 +158,17 @@ def test_uploaded_parquet_file_is_browsable(tmp_path):
     at.file_uploader(key="data_upload").upload("up.parquet", path.read_bytes(), "application/octet-stream").run()
     assert not at.exception and not at.error, at.error
     assert any(c.value.endswith("5 of 5 examples match.") for c in at.caption)
+
+
+def test_metadata_not_matching_objects_is_a_warning_and_the_page_keeps_working(tmp_path, monkeypatch):
+    from tests.data._records import VCR_BOXES, write_vcr
+
+    monkeypatch.setenv("VLSCOPE_DATA_ROOTS", str(tmp_path))
+    bad = {"boxes": VCR_BOXES[:2], "segms": [], "names": ["person", "person"], "width": 80, "height": 60}
+    write_vcr(tmp_path, metadata=bad)
+    at = open_page(BROWSER, {"ds": "vcr", "loc": str(tmp_path), "split": "val", "img": str(tmp_path / "vcr1images")})
+    assert not at.exception and not at.error, at.error
+    at.button(key="open_0").click().run()
+    assert not at.exception
+    assert any("no boxes shown" in w.value for w in at.warning)
+    assert any("(gold)" in h.proto.body for h in at.get("html"))

@@ -16,10 +16,9 @@ from vlcore.data.vcr import (
     render_tokens,
     scale_box,
     scale_regions,
-    vcr_hub_columns,
-    vcr_hub_examples,
     vcr_record_to_example,
 )
+from vlcore.data.vcr_hub import vcr_hub_columns, vcr_hub_examples
 from vlcore.errors import DatasetError, InputError
 
 

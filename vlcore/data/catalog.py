@@ -133,7 +133,8 @@ def load_examples(
     if dataset == "vcr" and _is_vcr_original(location):
         from vlcore.data.vcr import load_vcr_examples
 
-        return load_vcr_examples(location, split=split, images_root=images, limit=limit, offset=offset)
+        # strict=False: a record whose metadata does not match its objects keeps loading, without boxes
+        return load_vcr_examples(location, split=split, images_root=images, limit=limit, offset=offset, strict=False)
     if dataset == "webqa" and Path(location).suffix.lower() == ".json" and Path(location).is_file():
         from vlcore.data.webqa import load_webqa_examples
 
@@ -156,7 +157,7 @@ def _open(location: str, split: str, config: str | None, streaming: bool, cache_
 def _map_rows(dataset: str, ds: Any, *, split: str, limit: int | None, offset: int, mapping: Any, images: Any) -> list:
     """Map a page of a loaded `datasets` split with the source's mapper."""
     if dataset == "vcr":
-        from vlcore.data.vcr import vcr_hub_examples
+        from vlcore.data.vcr_hub import vcr_hub_examples
 
         return vcr_hub_examples(ds, split=split, limit=limit, offset=offset, images_root=images)
     if dataset == "webqa":

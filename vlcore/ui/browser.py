@@ -171,6 +171,8 @@ def render_detail(source: ExampleSource, example_id: str) -> None:
     example = source.find(example_id)
     st.divider()
     st.subheader(f"Example `{example.example_id}`")
+    for warning in example.meta.get("warnings", []):
+        st.warning(warning)
     left, right = st.columns([1, 1])
     with left:
         try:
