@@ -6,7 +6,7 @@ import streamlit as st
 
 from vlcore.data.browse import filter_index, page_of
 from vlcore.errors import VLScopeError
-from vlcore.ui.browser import render_detail, render_grid, source_picker
+from vlcore.ui.browser import render_detail, render_grid, source_picker, use_bundled_source
 from vlcore.ui.state import get_param, set_params
 
 st.set_page_config(page_title="Dataset browser · VLScope", layout="wide")
@@ -16,10 +16,7 @@ try:
     source = source_picker()
 except VLScopeError as exc:
     st.error(str(exc))
-    if st.button("Open the bundled easy-VQA samples instead", key="to_bundled"):
-        st.session_state["ds"] = "easy_vqa"
-        set_params(ds="easy_vqa", loc=None, cfg=None, img=None, map=None, stream=None, split="test")
-        st.rerun()
+    st.button("Open the bundled easy-VQA samples instead", key="to_bundled", on_click=use_bundled_source)
     st.stop()
 if source is None:
     st.stop()

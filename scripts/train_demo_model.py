@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model.cpu().save_pretrained(str(args.out))
     ViltProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(args.out))
-    tokenizer.save_pretrained(str(args.out))  # vocab.txt + tokenizer files
+    tokenizer.save_pretrained(str(args.out))
+    shutil.copy(work / "vocab.txt", args.out / "vocab.txt")  # the word vocabulary, human-readable
     image_processor.save_pretrained(str(args.out))  # preprocessor_config.json
     minutes = (time.perf_counter() - start) / 60
     recipe = {

@@ -17,7 +17,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(autouse=True)
+def _real_fixtures_are_a_data_root(monkeypatch):
+    monkeypatch.setenv("VLSCOPE_DATA_ROOTS", str(REAL))
+
+
+@pytest.fixture
 def vcr():
     (example,) = load_vcr_examples(REAL / "vcr_val_1.jsonl")
     return example

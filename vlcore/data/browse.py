@@ -70,7 +70,7 @@ def page_of(positions: np.ndarray, page: int, page_size: int = 24) -> tuple[np.n
         ``(positions_on_page, page, n_pages)``; the page number is clamped to the valid range.
 
     >>> page_of(np.arange(50), 9, 24)[1:]
-    (2, 3)
+    (3, 3)
     """
     n_pages = max(1, math.ceil(len(positions) / page_size))
     page = min(max(int(page), 1), n_pages)

@@ -228,3 +228,10 @@ def source_from_url() -> ExampleSource:
     mapping = tuple(sorted(decode_mapping(get_param("map")).items())) or None
     return get_source(kind, get_param("loc", "") or "", get_param("cfg"), split, get_param("stream") == "1",
                       get_param("img"), mapping)
+
+
+def use_bundled_source() -> None:
+    """Button callback: switch the browser to the bundled easy-VQA test split."""
+    st.session_state["ds"] = "easy_vqa"
+    st.session_state["split"] = "test"
+    set_params(ds="easy_vqa", loc=None, cfg=None, img=None, map=None, stream=None, split="test", ex=None)
