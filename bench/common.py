@@ -46,3 +46,22 @@ def timeit(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+
+
+def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """Median seconds per function, timing them in turn (A, B, C, A, B, C, ...) so that drift in the
+    machine's speed affects every function alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}

@@ -3,9 +3,10 @@
     python bench/extract.py [--device auto|cpu|cuda] [--repeats 5]
 
 Uses a full-size ViLT-B/32 config (12 layers, 12 heads, hidden 768, patch 32) with random
-weights and a 384x640 image with a 16-token question: 16 + 1 + 240 = 257 tokens, the
-size of a real VQA trace. Every row is measured in this one run; ratios compare like with like
-(both sides include the image processor and tokenizer).
+weights, the real processor settings, a 384x640 image (resized to 352x608: 11x19 patches) and a
+24-token question: 24 + 1 + 209 = 234 tokens, the size of a real VQA trace. Every row is measured
+in this one run, interleaved; ratios compare like with like (both sides include the image
+processor and tokenizer).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import QUESTION, timeit, vilt_b32  # noqa: E402
+from bench.common import QUESTION, time_interleaved, timeit, vilt_b32  # noqa: E402
 from vlcore.data.example import Example  # noqa: E402
 from vlcore.extract import extract_trace, summarize_batch  # noqa: E402
 from vlcore.store import Store  # noqa: E402
@@ -76,14 +77,12 @@ def main() -> int:
         [h.float().cpu().numpy() for h in out.hidden_states]
 
     r = args.repeats
-    t_plain1 = timeit(lambda: plain(1), r)
-    t_capture = timeit(capture_and_store, r)
-    t_naive1 = timeit(naive_capture_and_save, r)
+    t = time_interleaved({"plain": lambda: plain(1), "capture": capture_and_store, "naive": naive_capture_and_save}, r)
+    t_plain1, t_capture, t_naive1 = t["plain"], t["capture"], t["naive"]
     if dtype is not None:  # sweeps on a GPU run in bf16, like the plain pass they are compared with
         adapter.model.to(dtype)
-    t_plainb = timeit(lambda: plain(batch_size), max(2, r // 2))
-    t_sweep = timeit(sweep_batch, max(2, r // 2))
-    t_naiveb = timeit(naive_sweep_batch, max(2, r // 2))
+    t = time_interleaved({"plain": lambda: plain(batch_size), "sweep": sweep_batch, "naive": naive_sweep_batch}, r)
+    t_plainb, t_sweep, t_naiveb = t["plain"], t["sweep"], t["naive"]
     adapter.model.float()
 
     trace = extract_trace(adapter, image, QUESTION, "bench")

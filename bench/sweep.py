@@ -2,7 +2,8 @@
 
     python bench/sweep.py [--device auto|cpu|cuda] [--batches 3]
 
-ViLT-B/32 config with random weights, a 384x640 image and a 16-token question (257 tokens).
+ViLT-B/32 config with random weights, a 384x640 image (11x19 patches after the processor) and a
+24-token question: 234 tokens.
 All three rows are measured in this run on the same inputs, pre-encoded, so the table compares
 the model-side work only: the plain forward pass (no attentions), our sweep step (attentions
 reduced to per-head block means on the device, top-k predictions; only [B, L, H, 4] and the
@@ -22,7 +23,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from bench.common import QUESTION, timeit, vilt_b32  # noqa: E402
+from bench.common import QUESTION, time_interleaved, vilt_b32  # noqa: E402
 from vlcore.data.example import Example  # noqa: E402
 from vlcore.extract import summarize_batch  # noqa: E402
 
@@ -30,7 +31,7 @@ from vlcore.extract import summarize_batch  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--batches", type=int, default=3, help="timed batches per row (median)")
+    parser.add_argument("--batches", type=int, default=5, help="timed batches per row (median, interleaved)")
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     batch_size, dtype = (64, torch.bfloat16) if device == "cuda" else (8, torch.float32)
@@ -53,10 +54,13 @@ def main() -> int:
             [h.float().cpu().numpy() for h in out.hidden_states]
             out.logits.float().cpu()
 
-    t_plain, t_sweep, t_naive = (timeit(f, args.batches) for f in (plain, sweep, naive))
+    t = time_interleaved({"plain": plain, "sweep": sweep, "naive": naive}, args.batches)
+    t_plain, t_sweep, t_naive = t["plain"], t["sweep"], t["naive"]
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     precision = "bf16" if device == "cuda" else "fp32"
-    print(f"ViLT-B/32 random weights, {batch.modality.shape[1]} tokens, batch {batch_size} {precision}, on {name}")
+    n_text = int((batch.modality[0] == 0).sum())
+    print(f"ViLT-B/32 random weights, {batch.modality.shape[1]} tokens ({n_text} text + image CLS + "
+          f"{batch.grids[0][0]}x{batch.grids[0][1]} patches), batch {batch_size} {precision}, on {name}")
     print(f"| {'path':<40} | {'examples/s':>10} | {'vs plain':>9} | {'target':>7} |")
     print(f"|{'-' * 42}|{'-' * 12}|{'-' * 11}|{'-' * 9}|")
     for label, t, target in (

@@ -42,13 +42,15 @@ def compute_block_means(attention: torch.Tensor, masks: dict[str, torch.Tensor])
         ``{"txt2txt": [B, H], "txt2img": ..., "img2txt": ..., "img2img": ...}`` float32;
         NaN where a block is empty.
     """
-    att = attention.float()
+    keys = torch.stack([masks["txt"], masks["img"]], dim=-1).to(attention.dtype)  # [B, N, 2]
+    row_mass = torch.matmul(attention, keys[:, None]).float()  # [B, H, N, 2]: each row's mass per key modality
     out = {}
-    for name in BLOCK_METRICS:
-        q, k = masks[name[:3]].float(), masks[name[4:]].float()
-        total = torch.einsum("bhqk,bq,bk->bh", att, q, k)
-        cells = (q.sum(1) * k.sum(1))[:, None]
-        out[name] = total / cells.where(cells > 0, torch.full_like(cells, float("nan")))
+    for qi, src in enumerate(("txt", "img")):
+        q = masks[src].float()
+        for ki, dst in enumerate(("txt", "img")):
+            total = torch.einsum("bhn,bn->bh", row_mass[..., ki], q)
+            cells = (q.sum(1) * keys[..., ki].float().sum(1))[:, None]
+            out[f"{src}2{dst}"] = total / cells.where(cells > 0, torch.full_like(cells, float("nan")))
     return out
 
 

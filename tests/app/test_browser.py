@@ -91,9 +91,13 @@ def test_vcr_source_draws_boxes_and_colours_mentions(tmp_path, monkeypatch):
     at = open_page(BROWSER, {"ds": "vcr", "loc": str(tmp_path), "split": "val"})
     at.text_input(key="images").set_value(str(tmp_path / "vcr1images")).run()
     assert not at.exception and not at.error, at.error
+    assert at.multiselect(key="objects").options == ["car", "person"]
+    at.multiselect(key="objects").set_value(["car", "person"]).run()
+    assert any(c.value.endswith("1 of 1 examples match.") for c in at.caption)
     at.button(key="open_0").click().run()
     html = " ".join(h.proto.body for h in at.get("html"))
-    assert "color:#e6194b" in html and "color:#3cb44b" in html  # objects 0 and 1 in their box colours
+    # "Are Casey and Riley friends?": each name in its own object's box colour
+    assert '<b style="color:#e6194b">Casey</b> and <b style="color:#3cb44b">Riley</b>' in html
     assert "(gold)" in html
 
 

@@ -104,20 +104,31 @@ def draw_regions(image: Image.Image, regions, scale: float = 1.0, width: int = 3
 
 
 def highlight_mentions(text: str, mentions: list[dict]) -> str:
-    """HTML of ``text`` with each object mention coloured like its box.
+    """HTML of ``text`` with each object's name coloured like its box.
 
     Args:
         text: the rendered sentence.
-        mentions: ``{"start", "end", "objects"}`` character spans into ``text``.
+        mentions: ``{"start", "end", "objects"}`` character spans into ``text``; when a mention has
+            ``"names"`` (``{"object", "start", "end"}`` per object, as VCR's "Casey and Riley"), each
+            name gets its own object's colour.
 
     >>> highlight_mentions("Does Casey live here?", [{"start": 5, "end": 10, "objects": [0]}])
     'Does <b style="color:#e6194b">Casey</b> live here?'
+    >>> highlight_mentions("Casey and Riley", [{"start": 0, "end": 15, "objects": [0, 1], "names": [
+    ...     {"object": 0, "start": 0, "end": 5}, {"object": 1, "start": 10, "end": 15}]}])
+    '<b style="color:#e6194b">Casey</b> and <b style="color:#3cb44b">Riley</b>'
     """
+    spans = []
+    for m in mentions:
+        if m.get("names"):
+            spans += [(n["start"], n["end"], n["object"]) for n in m["names"]]
+        else:
+            spans.append((m["start"], m["end"], m["objects"][0] if m.get("objects") else None))
     parts, cursor = [], 0
-    for m in sorted(mentions, key=lambda m: m["start"]):
-        parts.append(html.escape(text[cursor : m["start"]]))
-        colour = object_colour(m["objects"][0]) if m.get("objects") else "#000000"
-        parts.append(f'<b style="color:{colour}">{html.escape(text[m["start"] : m["end"]])}</b>')
-        cursor = m["end"]
+    for start, end, obj in sorted(spans):
+        parts.append(html.escape(text[cursor:start]))
+        colour = object_colour(obj) if obj is not None else "#000000"
+        parts.append(f'<b style="color:{colour}">{html.escape(text[start:end])}</b>')
+        cursor = end
     parts.append(html.escape(text[cursor:]))
     return "".join(parts)

@@ -93,7 +93,7 @@ def examples_source(key: str, split: str, label: str, examples: list, categories
         "question": [e.question for e in examples],
         "category": [e.category for e in examples],
         "answers": [list(e.answers) for e in examples],
-        "objects": [sorted({r.label.rstrip(" 0123456789") for r in e.regions}) for e in examples],
+        "objects": [sorted(set(e.meta.get("objects") or [])) for e in examples],
     })
     return ExampleSource(key, split, label, index, examples.__getitem__, categories_label)
 
