@@ -7,7 +7,7 @@ import streamlit as st
 from vlcore.data.browse import filter_index, page_of
 from vlcore.errors import VLScopeError
 from vlcore.ui.browser import render_detail, render_grid, source_picker, use_bundled_source
-from vlcore.ui.state import get_param, set_params
+from vlcore.ui.state import get_filters, get_param, set_filters, set_params
 
 st.set_page_config(page_title="Dataset browser · VLScope", layout="wide")
 st.title("Dataset browser")
@@ -23,11 +23,16 @@ if source is None:
 
 index = source.index
 with st.sidebar:
-    query = st.text_input("Search questions", key="q")
-    categories = st.multiselect(f"Filter by {source.categories_label}", sorted(index["category"].dropna().unique()), key="cat")
-    answer = st.text_input("Answer is", key="answer")
+    url = get_filters()
+    query = st.text_input("Search questions", value=url["query"], key="q")
+    all_categories = sorted(index["category"].dropna().unique())
+    categories = st.multiselect(f"Filter by {source.categories_label}", all_categories, key="cat",
+                                default=[c for c in url["categories"] if c in all_categories])
+    answer = st.text_input("Answer is", value=url["answer"], key="answer")
     all_objects = sorted({o for row in index["objects"] for o in row})
-    objects = st.multiselect("Objects present", all_objects, key="objects") if all_objects else []
+    objects = st.multiselect("Objects present", all_objects, key="objects",
+                             default=[o for o in url["objects"] if o in all_objects]) if all_objects else []
+set_filters(query, categories, answer, objects)
 
 matches = filter_index(index, query, categories, answer, objects)
 st.caption(f"{source.label}: {len(matches):,} of {len(index):,} examples match.")

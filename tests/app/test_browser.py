@@ -176,3 +176,14 @@ def test_metadata_not_matching_objects_is_a_warning_and_the_page_keeps_working(t
     assert not at.exception
     assert any("no boxes shown" in w.value for w in at.warning)
     assert any("(gold)" in h.proto.body for h in at.get("html"))
+
+
+def test_filters_live_in_the_url_and_come_back_from_it():
+    at = open_page(BROWSER)
+    at.text_input(key="q").set_value("circle").run()
+    at.multiselect(key="cat").set_value(["yes/no"]).run()
+    assert at.query_params["q"] == "circle" and at.query_params["cat"] == "yes/no"
+    fresh = open_page(BROWSER, {"q": "circle", "cat": "yes/no"})
+    assert fresh.text_input(key="q").value == "circle" and fresh.multiselect(key="cat").value == ["yes/no"]
+    assert [c.value for c in fresh.caption if "examples match" in c.value] == \
+        [c.value for c in at.caption if "examples match" in c.value]

@@ -106,3 +106,17 @@ def test_vcr_example_with_an_itm_checkpoint_scores_every_choice(tmp_path, monkey
     assert q2a["gold"].tolist() == [True, False, False, False]
     picked = [m.value for m in at.markdown if m.value.startswith("**Q→A:**")][0]
     assert f"picked {'ABCD'[int(q2a['match probability'].idxmax())]}" in picked
+
+
+def test_sweep_over_the_browsers_filtered_set():
+    from vlcore.data.easy_vqa import load_easy_vqa
+
+    at = open_page(RUNNER, {"ds": "easy_vqa", "split": "test", "q": "circle", "cat": "yes/no"})
+    assert at.checkbox(key="sweep_filtered").value
+    at.number_input(key="sweep_n").set_value(6).run()
+    at.button(key="sweep_start").click().run()
+    assert not at.exception
+    table = next(d.value for d in at.dataframe if "prediction" in d.value.columns)
+    expect = [r.example_id for r in load_easy_vqa("test")
+              if "circle" in r.question.lower() and r.answer in ("yes", "no")][:6]
+    assert table["example_id"].tolist() == expect

@@ -191,7 +191,7 @@ def render_detail(source: ExampleSource, example_id: str) -> None:
         if example.category:
             st.caption(f"{source.categories_label}: {example.category}")
         if st.button("Interpret this example", key="interpret", type="primary"):
-            params = {k: v for k, v in st.query_params.to_dict().items() if k in ("ds", "loc", "img", "cfg", "split", "map", "stream", "model")}
+            params = {k: v for k, v in st.query_params.to_dict().items() if k in ("ds", "loc", "img", "cfg", "split", "map", "stream", "model", "q", "cat", "ans", "obj")}
             st.switch_page(RUNNER_PAGE, query_params={**params, "ex": example.example_id})
 
 

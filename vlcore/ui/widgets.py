@@ -79,16 +79,24 @@ def sweep_panel(adapter, store: Store, source) -> None:
     """Run the model over the first N examples of a source, with progress, stop and resume."""
     from vlcore.extract import load_sweep, run_sweep, sweep_key
 
-    n_max = len(source)
+    from vlcore.data.browse import filter_index
+    from vlcore.ui.state import get_filters
+
+    filters = get_filters()
+    filtered = any(filters.values()) and st.checkbox(
+        "Only the examples matching the browser's filters", value=True, key="sweep_filtered")
+    positions = filter_index(source.index, **filters) if filtered else range(len(source))
+    n_max = len(positions)
     if n_max == 0:
-        st.info("This dataset has no examples to sweep.")
+        st.info("No example to sweep.")
         return
     c1, c2, c3 = st.columns(3)
     n = c1.number_input("Examples (first N)", 1, n_max, min(100, n_max), key="sweep_n")
     batch_size = c2.number_input("Batch size", 1, 256, 8, key="sweep_batch")
     start = c3.button("Start / resume sweep", key="sweep_start", type="primary")
     st.caption("Stop with Streamlit's ■ Stop (top right) or any click; finished batches are kept and the next start resumes.")
-    ids = source.index["example_id"].iloc[: int(n)].tolist()
+    chosen = [int(p) for p in positions[: int(n)]]
+    ids = source.index["example_id"].iloc[chosen].tolist()
     dataset = f"{source.key}/{source.split}"  # the key names location, config, images and mapping
     out = store.sweep_dir(sweep_key(adapter, dataset, ids))
     if start:
@@ -98,7 +106,7 @@ def sweep_panel(adapter, store: Store, source) -> None:
             bar.progress(p.done / p.total, text=f"{p.done}/{p.total} examples · {p.rate:.1f} ex/s · ETA {p.eta_s:.0f} s"
                          + (f" · resumed after {p.skipped}" if p.skipped else ""))
 
-        examples = [source.example(i) for i in range(int(n))]
+        examples = [source.example(i) for i in chosen]
         run_sweep(adapter, examples, out, dataset=dataset, batch_size=int(batch_size), progress=progress)
     preds, _ = load_sweep(out) if out.exists() else (None, None)
     if preds is not None and len(preds):
