@@ -31,16 +31,23 @@ except VLScopeError as exc:
 show_model_info(adapter.info())
 
 with st.expander("Your own image and text", expanded=get_param("ex") is None):
-    upload = st.file_uploader("Image", type=["png", "jpg", "jpeg", "gif", "webp", "bmp"], key="upload")
+    kinds = ["png", "jpg", "jpeg", "gif", "webp", "bmp"]
+    upload = st.file_uploader("Image", type=kinds, key="upload")
+    upload2 = st.file_uploader("Second image (NLVR2)", type=kinds, key="upload2") if adapter.n_passes > 1 else None
     text = st.text_input("Question or caption", key="upload_text")
     if st.button("Run on my image", key="run_upload"):
         try:
             if upload is None:
                 raise VLScopeError("choose an image file first")
             image = open_image_bytes(upload.getvalue(), upload.name)
+            extra = ()
+            if adapter.n_passes > 1:
+                if upload2 is None:
+                    raise VLScopeError(f"{adapter.model_id} compares two images: choose the second image too")
+                extra = (open_image_bytes(upload2.getvalue(), upload2.name),)
             if not text.strip():
                 raise VLScopeError("the text is empty: type a question or caption for the image")
-            set_params(ex=put_input(store, image, text.strip()))
+            set_params(ex=put_input(store, image, text.strip(), extra))
         except VLScopeError as exc:
             st.error(str(exc))
 
@@ -72,4 +79,14 @@ try:
     show_task_runs(adapter, example)
 except VLScopeError as exc:
     st.warning(str(exc))
-show_trace_result(trace, cached, opacity=st.sidebar.slider("Heat opacity", 0.0, 1.0, 0.6, 0.05, key="opacity"))
+opacity = st.sidebar.slider("Heat opacity", 0.0, 1.0, 0.6, 0.05, key="opacity")
+if adapter.n_passes == 1:
+    show_trace_result(trace, cached, opacity=opacity)
+else:  # NLVR2: one encoder pass per image, one prediction from both
+    for k, tab in enumerate(st.tabs([f"Image {k + 1}" for k in range(adapter.n_passes)])):
+        with tab:
+            try:
+                shown = trace_for_example(adapter, example, store, image_pass=k) if k else (trace, cached)
+                show_trace_result(*shown, opacity=opacity)
+            except VLScopeError as exc:
+                st.error(str(exc))

@@ -45,36 +45,43 @@ def extract_trace(
     gold: Sequence[str] | None = None,
     top_k: int = 5,
     meta: dict | None = None,
+    image_pass: int = 0,
 ) -> Trace:
     """Run one (image, text) pair and capture everything.
 
     Args:
         adapter: a loaded model adapter.
-        image: a PIL image.
+        image: a PIL image; for an NLVR2 head a pair ``(left, right)``.
         text: the question or caption.
         example_id: id stored in the trace.
         gold: gold answers, if known.
         top_k: how many predictions to keep.
         meta: extra JSON-able fields for ``Trace.meta``.
+        image_pass: which image's encoder pass to capture (NLVR2 runs one pass per image; the
+            prediction always combines both).
 
     Returns:
-        A `Trace` with float16 ``attentions [L, H, N, N]`` and ``hidden [L + 1, N, D]``.
+        A `Trace` with float16 ``attentions [L, H, N, N]`` and ``hidden [L + 1, N, D]``; padding
+        tokens (an NLVR2 pair of different sizes) are dropped.
     """
     batch = adapter.encode([image], [text])
+    layout = adapter.pass_layout(batch, image_pass)
+    keep = np.flatnonzero(layout.valid[0])
     with torch.no_grad():
         out = adapter.forward(batch, attentions=True, hidden=True)
-        attentions = torch.stack(out.attentions)[:, 0].half().cpu().numpy()
-        hidden = torch.stack(out.hidden_states)[:, 0].half().cpu().numpy()
+        att_layers, hid_layers = adapter.pass_outputs(out, image_pass)
+        attentions = torch.stack(att_layers)[:, 0].half().cpu().numpy()[:, :, keep][:, :, :, keep]
+        hidden = torch.stack(hid_layers)[:, 0].half().cpu().numpy()[:, keep]
     prediction = adapter.predict(getattr(out, "logits", None), top_k=top_k, batch=batch)[0]
     return Trace(
         example_id=example_id,
         model_id=adapter.model_id,
-        tokens=batch.tokens[0],
-        modality=batch.modality[0],
-        special=batch.special[0],
-        patch_rc=batch.patch_rc[0],
-        grid=batch.grids[0],
-        image=batch.images[0],
+        tokens=tuple(layout.tokens[0][i] for i in keep),
+        modality=layout.modality[0][keep],
+        special=layout.special[0][keep],
+        patch_rc=layout.patch_rc[0][keep],
+        grid=layout.grids[0],
+        image=layout.images[0],
         patch_px=adapter.patch_px,
         attentions=attentions,
         hidden=hidden,
@@ -87,24 +94,47 @@ def extract_trace(
             "n_text_tokens_full": batch.n_text_full[0],
             "max_text_len": adapter.max_text_len,
             "hidden_note": "hidden[L] is before the final LayerNorm",
+            "image_pass": image_pass,
+            "n_image_passes": adapter.n_passes,
             **(meta or {}),
         },
     )
 
 
-def trace_for_example(adapter: ModelAdapter, example: Example, store: Store, top_k: int = 5) -> tuple[Trace, bool]:
+def model_image_input(adapter: ModelAdapter, example: Example):
+    """What the adapter reads as the example's image: one PIL image, or a pair for NLVR2.
+
+    Raises:
+        InputError: an NLVR2 model on an example with fewer than two images.
+    """
+    if adapter.n_passes == 1:
+        return example.load_image()
+    images = example.load_images()
+    if len(images) < adapter.n_passes:
+        raise InputError(
+            f"{adapter.model_id} compares {adapter.n_passes} images (NLVR2); example {example.example_id} has "
+            f"{len(images)}. Upload a second image or map a second image column."
+        )
+    return tuple(images[: adapter.n_passes])
+
+
+def trace_for_example(
+    adapter: ModelAdapter, example: Example, store: Store, top_k: int = 5, image_pass: int = 0
+) -> tuple[Trace, bool]:
     """The example's trace from the store, computing and storing it on a miss.
 
     Returns:
         ``(trace, cached)``.
     """
-    image = example.load_image()
-    key = trace_key(adapter, f"{example.example_id}|{content_hash(image, example.question, example.answers)}", top_k)
+    image = model_image_input(adapter, example)
+    images = image if isinstance(image, tuple) else (image,)
+    digest = "|".join(content_hash(im, example.question, example.answers) for im in images)
+    key = trace_key(adapter, f"{example.example_id}|{digest}|pass{image_pass}", top_k)
 
     def compute() -> Trace:
         return extract_trace(
             adapter, image, example.question, example.example_id, example.answers or None, top_k,
-            meta={"category": example.category, "source": example.source},
+            meta={"category": example.category, "source": example.source}, image_pass=image_pass,
         )
 
     return store.get_or_compute_trace(key, compute)
@@ -132,7 +162,7 @@ def summarize_batch(adapter: ModelAdapter, batch: EncodedBatch, examples: Sequen
     with torch.no_grad():
         out = adapter.forward(batch, attentions=True, hidden=False)
         names, values = compute_layer_summaries(
-            out.attentions,
+            adapter.pass_outputs(out, 0)[0],  # NLVR2: the first image's pass
             torch.from_numpy(batch.modality.astype(np.int64)).to(dev),
             torch.from_numpy(batch.special).to(dev),
             torch.from_numpy(batch.valid).to(dev),
@@ -227,7 +257,7 @@ def run_sweep(
             if should_stop is not None and should_stop():
                 break
             chunk = todo[b : b + batch_size]
-            batch = adapter.encode([e.load_image() for _, e in chunk], [e.question for _, e in chunk])
+            batch = adapter.encode([model_image_input(adapter, e) for _, e in chunk], [e.question for _, e in chunk])
             summary = summarize_batch(adapter, batch, [e for _, e in chunk], top_k)
             part = f"part-{chunk[0][0]:07d}"
             _write_parquet(out / f"{part}.heads.parquet", summary.heads)

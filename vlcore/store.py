@@ -264,22 +264,27 @@ def _input_paths(root: Path, input_id: str) -> tuple[Path, Path]:
     return base.with_suffix(".png"), base.with_suffix(".json")
 
 
-def put_input(store: Store, image, text: str) -> str:
-    """Keep a user's image and text in the store; returns its id ``upload/<16 hex>``.
+def put_input(store: Store, image, text: str, extra_images: tuple = ()) -> str:
+    """Keep a user's image(s) and text in the store; returns its id ``upload/<16 hex>``.
 
-    The id is a content hash, so the same upload always gets the same id and can be shared.
+    The id is a content hash of every image and the text, so the same upload always gets the same
+    id and can be shared. ``extra_images`` holds further images (NLVR2's second image).
     """
     import io
 
     from vlcore.data.example import content_hash
 
-    input_id = f"upload/{content_hash(image, text)[:16]}"
+    digest = content_hash(image, text)
+    for extra in extra_images:
+        digest = content_hash(extra, digest)
+    input_id = f"upload/{digest[:16]}"
     png, meta = _input_paths(store.root, input_id)
     if not (png.exists() and meta.exists()):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        atomic_write_bytes(meta, json.dumps({"text": text}).encode())
-        atomic_write_bytes(png, buf.getvalue())
+        atomic_write_bytes(meta, json.dumps({"text": text, "n_images": 1 + len(extra_images)}).encode())
+        for i, im in enumerate((image, *extra_images)):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            atomic_write_bytes(png if i == 0 else png.with_name(f"{png.stem}-{i}.png"), buf.getvalue())
     return input_id
 
 
@@ -289,7 +294,8 @@ def get_input(store: Store, input_id: str):
 
     try:
         png, meta = _input_paths(store.root, input_id)
-        text = json.loads(meta.read_text())["text"]
-        return Example(input_id, text, image=open_image(png), source="upload")
+        info = json.loads(meta.read_text())
+        extras = tuple(open_image(png.with_name(f"{png.stem}-{i}.png")) for i in range(1, info.get("n_images", 1)))
+        return Example(input_id, info["text"], image=open_image(png), source="upload", extra_images=extras)
     except (ValueError, OSError, KeyError, InputError):
         return None

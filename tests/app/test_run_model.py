@@ -120,3 +120,23 @@ def test_sweep_over_the_browsers_filtered_set():
     expect = [r.example_id for r in load_easy_vqa("test")
               if "circle" in r.question.lower() and r.answer in ("yes", "no")][:6]
     assert table["example_id"].tolist() == expect
+
+
+def test_nlvr2_checkpoint_runs_on_two_uploaded_images(tmp_path, tiny_tokenizer_dir):
+    from tests.conftest import make_tiny_adapter
+
+    nlvr2 = make_tiny_adapter(tiny_tokenizer_dir, arch="ViltForImagesAndTextClassification", num_images=2,
+                              modality_type_vocab_size=3,
+                              num_labels=2, id2label={0: "False", 1: "True"}, label2id={"False": 0, "True": 1})
+    for part in (nlvr2.model, nlvr2.tokenizer, nlvr2.image_processor):
+        part.save_pretrained(tmp_path / "nlvr2")
+    at = open_page(RUNNER)
+    at.radio(key="model_kind").set_value("Local folder").run()
+    at.text_input(key="model_dir").set_value(str(tmp_path / "nlvr2")).run()
+    at.file_uploader(key="upload").upload("a.png", png_bytes(grey_image(32, 32)), "image/png")
+    at.file_uploader(key="upload2").upload("b.png", png_bytes(grey_image(48, 32, red_cell=(1, 1))), "image/png")
+    at.text_input(key="upload_text").set_value("there is a red cat")
+    at.button(key="run_upload").click().run()
+    assert not at.exception and not at.error, at.error
+    assert len(at.tabs) == 2 and len(heatmap_specs(at)) == 2
+    assert any(m.value.startswith("**Prediction:** ") for m in at.markdown)

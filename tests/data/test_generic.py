@@ -5,7 +5,7 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from tests.data._records import GREEN, RED, png_bytes, solid
+from tests.data._records import BLUE, GREEN, RED, png_bytes, solid
 from vlcore.data.generic import check_mapping, describe_features, generic_examples, propose_mapping
 from vlcore.data.hub import SourceSpec, load_source
 from vlcore.errors import DatasetError
@@ -88,3 +88,14 @@ def test_image_folder_maps_to_examples(tmp_path):
     assert sorted(e.answers for e in examples) == [("cat",), ("dog",)]
     cat = next(e for e in examples if e.answers == ("cat",))
     assert cat.question == "" and cat.image_path and cat.load_image().getpixel((0, 0)) == GREEN
+
+
+def test_a_mapped_second_image_becomes_an_extra_image():
+    ds = datasets.Dataset.from_dict(
+        {"left": [solid((8, 8), RED)], "right": [solid((6, 4), BLUE)], "sentence": ["left is red"]},
+        features=datasets.Features({"left": datasets.Image(), "right": datasets.Image(),
+                                    "sentence": datasets.Value("string")}),
+    )
+    (ex,) = generic_examples(ds, {"image": "left", "image2": "right", "question": "sentence"})
+    left, right = ex.load_images()
+    assert left.size == (8, 8) and right.size == (6, 4) and right.getpixel((0, 0)) == BLUE

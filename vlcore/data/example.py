@@ -55,6 +55,7 @@ class Example:
         category: question category (WebQA ``Qcate``, VQAv2 ``answer_type``, ...).
         source: adapter name ("easy_vqa", "vcr", "webqa", "vqa", "generic", "upload").
         meta: source metadata, JSON-able.
+        extra_images: further images (NLVR2's second image): PIL images, paths or loaders.
         image_loader: for sources read lazily (WebQA ``imgs.tsv``, undecoded hub bytes), a callable
             returning the image when ``image`` is None; it raises `InputError` when it cannot.
     """
@@ -74,6 +75,7 @@ class Example:
     source: str = "generic"
     meta: dict = field(default_factory=dict)
     image_loader: Callable[[], Image.Image] | None = field(default=None, repr=False, compare=False)
+    extra_images: tuple = field(default=(), repr=False, compare=False)
 
     def load_image(self) -> Image.Image:
         """The example's image as RGB, EXIF rotation applied.
@@ -88,6 +90,21 @@ class Example:
         if not self.image_path:
             raise InputError(f"example {self.example_id} has no image; pick another example or add an image")
         return open_image(self.image_path)
+
+    def load_images(self) -> list[Image.Image]:
+        """Every image of the example: the main one, then ``extra_images`` (NLVR2's right image).
+
+        Each extra image is a PIL image, a file path, or a callable returning an image.
+        """
+        images = [self.load_image()]
+        for extra in self.extra_images:
+            if isinstance(extra, Image.Image):
+                images.append(to_rgb(extra))
+            elif callable(extra):
+                images.append(to_rgb(extra()))
+            else:
+                images.append(open_image(extra))
+        return images
 
     def content_hash(self) -> str:
         """sha256 over the pixels, the text and the gold answers: the store's example key."""

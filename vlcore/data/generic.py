@@ -22,7 +22,7 @@ from PIL import Image
 from vlcore.data.example import Example, to_rgb
 from vlcore.errors import DatasetError, InputError
 
-ROLES = ("image", "question", "answer", "category", "id")
+ROLES = ("image", "question", "answer", "category", "id", "image2")  # image2: NLVR2's second image
 QUESTION_NAMES = ("question", "questions", "query", "prompt", "text", "caption", "captions", "sentence", "instruction")
 ANSWER_NAMES = ("answer", "answers", "multiple_choice_answer", "label", "labels", "target", "gold", "output")
 CATEGORY_NAMES = ("category", "answer_type", "question_type", "type", "kind", "qcate", "task")
@@ -345,8 +345,18 @@ def generic_row_to_example(
         category=category[0] if category else None,
         source="generic",
         meta={"dataset": name, "split": split, "row": index, "mapping": dict(mapping)},
+        extra_images=_extra_images(row, mapping, f"{name}/{split}/{key}"),
         **image_value(row.get(mapping["image"]), name=f"{name}/{split}/{key}"),
     )
+
+
+def _extra_images(row: Mapping[str, Any], mapping: Mapping[str, str], name: str) -> tuple:
+    """The mapped second image (``image2``) as an `Example.extra_images` entry, or ``()``."""
+    if not mapping.get("image2"):
+        return ()
+    value = image_value(row.get(mapping["image2"]), name=f"{name} (second image)")
+    extra = value.get("image") or value.get("image_loader") or value.get("image_path")
+    return (extra,) if extra is not None else ()
 
 
 def generic_examples(
@@ -375,7 +385,7 @@ def generic_examples(
 
     features = dataset.features or {}
     mapping = check_mapping(features, mapping) if mapping else propose_mapping(features)
-    dataset = undecoded(dataset, [mapping["image"]])
+    dataset = undecoded(dataset, [mapping[r] for r in ("image", "image2") if mapping.get(r)])
     stop = None if limit is None else offset + limit
     return [
         generic_row_to_example(row, mapping, split=split, index=i, name=name, features=features)

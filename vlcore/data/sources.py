@@ -171,7 +171,7 @@ def _lazy_source(dataset, key, split, label, ds, mapping, categories) -> Example
                     for a in column("answer")],
         "objects": [[] for _ in range(len(ds))],
     })
-    rows = undecoded(ds, [cols["image"]])
+    rows = undecoded(ds, [cols[r] for r in ("image", "image2") if cols.get(r)])
     return ExampleSource(key, split, label, index, lambda i: build_row(rows[i], i), categories)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-TASKS = ("vqa", "itm", "mlm", "base")
+TASKS = ("vqa", "itm", "mlm", "base", "nlvr2")
 
 
 @dataclass
@@ -40,6 +40,7 @@ class EncodedBatch:
     images: list[np.ndarray]
     truncated: list[bool]
     n_text_full: list[int] = field(default_factory=list)
+    pair: EncodedBatch | None = None  # the second image's layout (NLVR2); its inputs live in ``inputs``
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -79,6 +80,18 @@ class ModelAdapter(ABC):
     @abstractmethod
     def forward(self, batch: EncodedBatch, attentions: bool = True, hidden: bool = True, **kwargs: Any) -> Any:
         """Run the model; the output has ``logits``, ``attentions`` and ``hidden_states``."""
+
+    n_passes: int = 1  # image passes per example (2 for NLVR2: one encoder pass per image)
+
+    def pass_outputs(self, out: Any, image_pass: int = 0) -> tuple:
+        """``(attentions, hidden_states)`` of one image pass: per-layer tuples."""
+        if image_pass != 0:
+            raise ValueError(f"{self.model_id} runs one image pass per example; got pass {image_pass}")
+        return out.attentions, getattr(out, "hidden_states", None)
+
+    def pass_layout(self, batch: EncodedBatch, image_pass: int = 0) -> EncodedBatch:
+        """The token layout of one image pass."""
+        return batch if image_pass == 0 else batch.pair
 
     @abstractmethod
     def predict(self, logits: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:

@@ -22,6 +22,7 @@ KNOWN_CHECKPOINTS = {
     "dandelin/vilt-b32-mlm": "masked LM (pre-trained)",
     "dandelin/vilt-b32-finetuned-coco": "image-text matching (COCO)",
     "dandelin/vilt-b32-finetuned-flickr30k": "image-text matching (Flickr30k)",
+    "dandelin/vilt-b32-finetuned-nlvr2": "NLVR2: is the sentence true of two images?",
 }
 
 
@@ -83,7 +84,8 @@ def load_adapter(source: str = DEMO_MODEL, revision: str | None = None, device: 
         return _load_vilt(path, local, config, archs, kwargs, source, revision, device, dtype)
     raise UnsupportedModelError(
         f"{source!r} is a {config.model_type!r} model ({', '.join(archs) or 'no architecture'}); VLScope supports "
-        "ViLT checkpoints (ViltForQuestionAnswering, ViltForImageAndTextRetrieval, ViltForMaskedLM, ViltModel). "
+        "ViLT checkpoints (ViltForQuestionAnswering, ViltForImageAndTextRetrieval, ViltForMaskedLM, ViltModel, "
+        "ViltForImagesAndTextClassification). "
         "Try dandelin/vilt-b32-finetuned-vqa or the bundled demo."
     )
 

@@ -28,6 +28,7 @@ ARCHITECTURES = {
     "ViltForImageAndTextRetrieval": "itm",
     "ViltForMaskedLM": "mlm",
     "ViltModel": "base",
+    "ViltForImagesAndTextClassification": "nlvr2",
 }
 
 
@@ -59,6 +60,7 @@ class ViltAdapter(ModelAdapter):
         patch = cfg.patch_size
         self.patch_px = int(patch if isinstance(patch, int) else patch[0])
         self.max_text_len = int(cfg.max_position_embeddings)
+        self.n_passes = int(cfg.num_images) if self.task == "nlvr2" else 1
         self._device = device
 
     # -- description -------------------------------------------------------------------
@@ -129,9 +131,41 @@ class ViltAdapter(ModelAdapter):
     def encode(self, images: list, texts: list[str]) -> EncodedBatch:
         """Encode PIL images and texts. See `EncodedBatch` for the layout.
 
+        For an NLVR2 head each image is a pair ``(left, right)``: both are encoded, padded to the same
+        number of image tokens, and stacked as ``image_embeds [B, 2, 1 + P, D]``; the right image's
+        layout is ``batch.pair``.
+
         Raises:
-            InputError: on empty text or a mismatch between images and texts.
+            InputError: on empty text, a mismatch between images and texts, or a missing NLVR2 pair.
         """
+        if self.task == "nlvr2":
+            return self._encode_pairs(images, texts)
+        return self._encode_single(images, texts)
+
+    def _encode_pairs(self, pairs: list, texts: list[str]) -> EncodedBatch:
+        n = self.n_passes
+        if any(not isinstance(p, (tuple, list)) or len(p) != n for p in pairs):
+            raise InputError(f"{self.model_id} reads {n} images per text (NLVR2); give an image pair for each text")
+        passes = [self._encode_single([p[k] for p in pairs], texts) for k in range(n)]
+        width = max(b.inputs["image_embeds"].shape[1] for b in passes)
+        passes = [_pad_image_tokens(b, width) for b in passes]
+        first = passes[0]
+        first.inputs = {
+            "input_ids": first.inputs["input_ids"],
+            "attention_mask": first.inputs["attention_mask"],
+            "image_embeds": torch.stack([b.inputs["image_embeds"] for b in passes], dim=1),
+            "pixel_mask": torch.stack([b.inputs["pixel_mask"] for b in passes], dim=1)[..., None],
+        }
+        first.pair = passes[1]
+        return first
+
+    def pass_outputs(self, out, image_pass: int = 0) -> tuple:
+        if self.task != "nlvr2":
+            return super().pass_outputs(out, image_pass)
+        hidden = out.hidden_states[image_pass] if out.hidden_states is not None else None
+        return out.attentions[image_pass], hidden
+
+    def _encode_single(self, images: list, texts: list[str]) -> EncodedBatch:
         if len(images) != len(texts):
             raise InputError(f"got {len(images)} images for {len(texts)} texts; pass one image per text")
         for text in texts:
@@ -271,6 +305,11 @@ class ViltAdapter(ModelAdapter):
         if logits is None:  # a bare ViltModel has no head
             return [[] for _ in range(len(batch) if batch is not None else 1)]
         logits = logits.detach().float()
+        if self.task == "nlvr2":
+            probs = logits.softmax(-1)
+            val, idx = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+            labels = self.config.id2label
+            return [[(str(labels[int(i)]), float(v)) for v, i in zip(vr, ir)] for vr, ir in zip(val, idx)]
         if self.task == "vqa":
             probs = self.score(logits)
             k = min(top_k, probs.shape[-1])
@@ -305,7 +344,7 @@ class ViltAdapter(ModelAdapter):
 
     def target_logit(self, logits: torch.Tensor, label: str | None) -> torch.Tensor:
         """The scalar logit to explain: a VQA label (None: the top one), or the ITM score."""
-        if self.task == "vqa":
+        if self.task in ("vqa", "nlvr2"):
             if label is not None and label not in self.config.label2id:
                 raise InputError(f"{label!r} is not one of {self.model_id}'s answers; pick one it knows")
             idx = int(logits[0].argmax()) if label is None else int(self.config.label2id[label])
@@ -313,3 +352,21 @@ class ViltAdapter(ModelAdapter):
         if self.task == "itm":
             return logits[0, 0]
         raise InputError(f"gradient relevancy needs a VQA or image-text-matching head; {self.model_id} is {self.task}")
+
+
+def _pad_image_tokens(batch: EncodedBatch, width: int) -> EncodedBatch:
+    """Pad a batch's image part to ``width`` image tokens (zero embeddings, masked, patch_rc -1)."""
+    have = batch.inputs["image_embeds"].shape[1]
+    extra = width - have
+    if extra == 0:
+        return batch
+    emb, mask = batch.inputs["image_embeds"], batch.inputs["pixel_mask"]
+    batch.inputs["image_embeds"] = torch.cat([emb, emb.new_zeros(emb.shape[0], extra, emb.shape[2])], dim=1)
+    batch.inputs["pixel_mask"] = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
+    b = len(batch.tokens)
+    batch.modality = np.concatenate([batch.modality, np.full((b, extra), IMAGE, np.int8)], 1)
+    batch.special = np.concatenate([batch.special, np.zeros((b, extra), bool)], 1)
+    batch.patch_rc = np.concatenate([batch.patch_rc, np.full((b, extra, 2), -1, np.int16)], 1)
+    batch.valid = np.concatenate([batch.valid, np.zeros((b, extra), bool)], 1)
+    batch.tokens = [t + ("[PAD]",) * extra for t in batch.tokens]
+    return batch

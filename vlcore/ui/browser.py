@@ -66,7 +66,7 @@ def mapping_picker(location: str, config: str | None, split: str, streaming: boo
     proposed = {**propose_mapping(found["features"]), **from_url}
     mapping = {}
     with st.sidebar.expander("Column mapping", expanded=True):
-        for role in ("image", "question", "answer", "category", "id"):
+        for role in ("image", "question", "answer", "category", "id", "image2"):
             options = ([] if role == "image" else ["(none)"]) + columns
             default = proposed.get(role, options[0])
             pick = st.selectbox(role, options, index=options.index(default), key=f"map_{role}",
