@@ -65,6 +65,26 @@ def show_page(source, cache: dict | None) -> int:
     return total
 
 
+def page_times(path: Path) -> tuple[float, float]:
+    """Seconds for the real browser page (Streamlit AppTest): first open, then the next page."""
+    from streamlit.testing.v1 import AppTest
+
+    root = Path(__file__).resolve().parents[1]
+    at = AppTest.from_file(str(root / "streamlit_app.py"), default_timeout=600)
+    for key, value in {"ds": "vqa", "loc": str(path), "split": "train"}.items():
+        at.query_params[key] = value
+    at.switch_page("pages/1_Dataset_Browser.py")
+    start = time.perf_counter()
+    at.run()
+    first = time.perf_counter() - start
+    at.number_input(key="page").set_value(2)
+    start = time.perf_counter()
+    at.run()
+    page = time.perf_counter() - start
+    assert not at.exception and len(at.get("image")) == 24, (at.exception, at.error)
+    return first, page
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -88,6 +108,8 @@ def main() -> int:
     show_page(source, cache)
     t_cached = time.perf_counter() - start
 
+    t_app_first, t_app_page = page_times(path)
+
     from vlcore.data.catalog import load_examples
 
     start = time.perf_counter()
@@ -100,6 +122,8 @@ def main() -> int:
         ("open source (lazy column-wise index, once)", t_open, ""),
         ("page of 24, thumbnails decoded", t_page, "<= 1 s"),
         ("page of 24, thumbnails cached", t_cached, "<= 1 s"),
+        ("the browser page (AppTest): first open incl. index", t_app_first, ""),
+        ("the browser page (AppTest): next page of 24", t_app_page, "<= 1 s"),
         (f"naive: map all {len(examples):,} rows, then the page", t_naive, ""),
     ):
         print(f"| {label:<52} | {t:>8.3f} | {t / t_naive:>8.3f}x | {target:>7} |")

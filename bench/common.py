@@ -32,20 +32,7 @@ def vilt_b32(device: str, dtype=None) -> ViltAdapter:
 
 def timeit(fn, repeats: int, warmup: int = 1) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
+    return time_interleaved({"fn": fn}, repeats, warmup)["fn"]
 
 
 def time_interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:

@@ -221,7 +221,7 @@ def rewrite_card(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=9)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--hidden", type=int, default=128)
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random flips/rotations of the training images")
-    parser.add_argument("--balance", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--balance", action=argparse.BooleanOptionalAction, default=False,
                         help="sample shape, color and yes/no questions equally often")
     parser.add_argument("--card-only", action="store_true",
                         help="re-measure an already trained --out folder and rewrite its card")

@@ -11,7 +11,6 @@ Example ids are ``{name}/{split}/{id or row index}``.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,8 +18,8 @@ from typing import Any
 
 from PIL import Image
 
-from vlcore.data.example import Example, to_rgb
-from vlcore.errors import DatasetError, InputError
+from vlcore.data.example import Example, open_image_bytes
+from vlcore.errors import DatasetError
 
 ROLES = ("image", "question", "answer", "category", "id", "image2")  # image2: NLVR2's second image
 QUESTION_NAMES = ("question", "questions", "query", "prompt", "text", "caption", "captions", "sentence", "instruction")
@@ -128,16 +127,7 @@ def decode_image_bytes(data: bytes, name: str = "image") -> Image.Image:
     Raises:
         InputError: the bytes are empty or not a readable image.
     """
-    if not data:
-        raise InputError(f"{name} has no bytes; pick another example")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return to_rgb(im)
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{name} is too large to open safely ({exc}); use a smaller image") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{name} is not a readable image ({exc}); the dataset row holds damaged bytes") from exc
+    return open_image_bytes(data, name)
 
 
 def image_value(value: Any, name: str = "image") -> dict[str, Any]:
