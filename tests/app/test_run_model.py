@@ -140,3 +140,10 @@ def test_nlvr2_checkpoint_runs_on_two_uploaded_images(tmp_path, tiny_tokenizer_d
     assert not at.exception and not at.error, at.error
     assert len(at.tabs) == 2 and len(heatmap_specs(at)) == 2
     assert any(m.value.startswith("**Prediction:** ") for m in at.markdown)
+
+
+def test_a_link_cannot_name_a_local_model_folder():
+    at = open_page(RUNNER, {"model": "/etc", "ex": "easy_vqa/test/1"})
+    assert not at.exception and not at.error
+    assert any("links can name hub ids only" in w.value for w in at.sidebar.warning)
+    assert at.query_params["model"] == "demo"

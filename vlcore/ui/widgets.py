@@ -16,7 +16,12 @@ MODEL_KINDS = ("Bundled demo", "Hub checkpoint", "Local folder")
 
 def model_picker() -> str:
     """Sidebar controls for the model; returns "demo", a hub id, or a folder path."""
+    from vlcore.data.hub import HUB_ID
+
     current = get_param("model", "demo") or "demo"
+    if current != "demo" and not HUB_ID.match(current):  # links name hub ids only, never local folders
+        st.sidebar.warning(f"Ignored the link's model {current!r}: links can name hub ids only.")
+        current = "demo"
     kind_index = 0 if current == "demo" else 1
     kind = st.sidebar.radio("Model", MODEL_KINDS, index=kind_index, key="model_kind")
     if kind == "Bundled demo":
@@ -28,6 +33,9 @@ def model_picker() -> str:
                                     format_func=lambda o: f"{o} ({KNOWN_CHECKPOINTS[o]})" if o in KNOWN_CHECKPOINTS else o)
         other = current if current not in options and current != "demo" else ""
         source = st.sidebar.text_input("Hub id", value=other, key="model_hub_other").strip() if pick == "other…" else pick
+        if source and not HUB_ID.match(source):
+            st.sidebar.error(f"{source!r} is not a hub id (owner/name); use 'Local folder' for a checkpoint on disk.")
+            source = ""
     else:
         source = st.sidebar.text_input("Checkpoint folder", key="model_dir").strip()
     if kind != "Local folder" and source:
