@@ -67,7 +67,7 @@ if not example_id:
     st.info("Open an example from the dataset browser (\"Interpret this example\"), or upload an image above.")
     st.stop()
 try:
-    example = resolve_example(example_id, store) if example_id.startswith(("upload/", "easy_vqa/")) else source.find(example_id)
+    example = resolve_example(example_id, store, source)
     trace, cached = trace_for_example(adapter, example, store)
 except VLScopeError as exc:
     st.error(str(exc))

@@ -171,6 +171,18 @@ def undecoded(dataset: Any, columns: Iterable[str]) -> Any:
     return dataset
 
 
+def map_rows(dataset: Any, image_columns: Iterable[str], offset: int, limit: int | None, to_example) -> list:
+    """``to_example(row, index)`` for rows ``offset .. offset+limit``, images left undecoded.
+
+    The one loop every `datasets`-backed adapter shares: cast image columns to ``decode=False``, read the
+    page with `vlcore.data.hub.load_rows` (map-style or streamed), map each row with its index.
+    """
+    from vlcore.data.hub import load_rows
+
+    rows = load_rows(undecoded(dataset, image_columns), offset, None if limit is None else offset + limit)
+    return [to_example(row, i) for i, row in enumerate(rows, start=offset)]
+
+
 def text_value(value: Any) -> str:
     """A cell as display text: strings stripped, lists joined with "; ", None as ""."""
     if value is None:
@@ -371,16 +383,12 @@ def generic_examples(
     Raises:
         DatasetError: no image column, or a mapping naming columns the dataset lacks.
     """
-    from vlcore.data.hub import load_rows
-
     features = dataset.features or {}
     mapping = check_mapping(features, mapping) if mapping else propose_mapping(features)
-    dataset = undecoded(dataset, [mapping[r] for r in ("image", "image2") if mapping.get(r)])
-    stop = None if limit is None else offset + limit
-    return [
-        generic_row_to_example(row, mapping, split=split, index=i, name=name, features=features)
-        for i, row in enumerate(load_rows(dataset, offset, stop), start=offset)
-    ]
+    return map_rows(
+        dataset, [mapping[r] for r in ("image", "image2") if mapping.get(r)], offset, limit,
+        lambda row, i: generic_row_to_example(row, mapping, split=split, index=i, name=name, features=features),
+    )
 
 
 def require_columns(

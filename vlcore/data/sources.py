@@ -194,19 +194,21 @@ def check_location(location: str) -> str:
     )
 
 
-def resolve_example(example_id: str, store=None):
-    """The `Example` behind an id such as ``easy_vqa/test/12`` or ``upload/<hash>``.
+def resolve_example(example_id: str, store=None, source: ExampleSource | None = None):
+    """The `Example` behind an id such as ``easy_vqa/test/12``, ``upload/<hash>``, or any id of ``source``.
 
     Raises:
         DatasetError: the id is malformed or names nothing known.
     """
-    source, _, rest = (example_id or "").partition("/")
-    if source == "easy_vqa":
+    kind, _, rest = (example_id or "").partition("/")
+    if kind not in ("easy_vqa", "upload") and source is not None:
+        return source.find(example_id)
+    if kind == "easy_vqa":
         split, _, index = rest.partition("/")
         records = load_easy_vqa(split) if split in ("train", "test") else ()
         if index.isdigit() and int(index) < len(records):
             return to_example(records[int(index)])
-    elif source == "upload" and store is not None:
+    elif kind == "upload" and store is not None:
         from vlcore.store import get_input
 
         example = get_input(store, example_id)

@@ -14,6 +14,7 @@ from typing import Any
 
 from vlcore.data.example import Example
 from vlcore.data.generic import (
+    map_rows,
     find_column,
     image_column,
     image_value,
@@ -22,7 +23,6 @@ from vlcore.data.generic import (
     json_value,
     require_columns,
     row_id,
-    undecoded,
 )
 from vlcore.data.vcr import REFERENCE_TEXT, build_vcr_example, check_metadata
 from vlcore.errors import DatasetError
@@ -202,12 +202,6 @@ def vcr_hub_examples(
     Raises:
         DatasetError: the dataset lacks VCR columns (the message lists what it has), or a row is malformed.
     """
-    from vlcore.data.hub import load_rows
-
     columns = vcr_hub_columns(dataset.features or {})
-    dataset = undecoded(dataset, [columns["image"]] if "image" in columns else [])
-    stop = None if limit is None else offset + limit
-    return [
-        vcr_hub_row_to_example(row, columns, split=split, index=i, images_root=images_root)
-        for i, row in enumerate(load_rows(dataset, offset, stop), start=offset)
-    ]
+    return map_rows(dataset, [columns["image"]] if "image" in columns else [], offset, limit,
+                    lambda row, i: vcr_hub_row_to_example(row, columns, split=split, index=i, images_root=images_root))

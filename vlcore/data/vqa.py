@@ -19,6 +19,7 @@ from typing import Any
 
 from vlcore.data.example import Example
 from vlcore.data.generic import (
+    map_rows,
     IMAGE_PATH_NAMES,
     answers_value,
     find_column,
@@ -28,7 +29,6 @@ from vlcore.data.generic import (
     require_columns,
     row_id,
     text_value,
-    undecoded,
 )
 
 MIN_AGREEING = 3  # annotators needed for an answer to count as fully correct in VQA accuracy
@@ -123,13 +123,7 @@ def vqa_examples(dataset: Any, *, split: str, limit: int | None = None, offset: 
     Raises:
         DatasetError: no question or image column (the message lists the columns found).
     """
-    from vlcore.data.hub import load_rows
-
     features = dataset.features or {}
     columns = vqa_columns(features)
-    dataset = undecoded(dataset, [columns["image"]])
-    stop = None if limit is None else offset + limit
-    return [
-        vqa_row_to_example(row, columns, split=split, index=i, features=features)
-        for i, row in enumerate(load_rows(dataset, offset, stop), start=offset)
-    ]
+    return map_rows(dataset, [columns["image"]], offset, limit,
+                    lambda row, i: vqa_row_to_example(row, columns, split=split, index=i, features=features))

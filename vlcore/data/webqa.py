@@ -29,6 +29,7 @@ from PIL import Image
 
 from vlcore.data.example import Example, Fact
 from vlcore.data.generic import (
+    map_rows,
     answers_value,
     decode_image_bytes,
     find_column,
@@ -39,7 +40,6 @@ from vlcore.data.generic import (
     row_id,
     rows_of,
     text_value,
-    undecoded,
 )
 from vlcore.errors import DatasetError, InputError
 
@@ -402,12 +402,6 @@ def webqa_hub_examples(
     Raises:
         DatasetError: the dataset lacks WebQA columns (the message lists what it has).
     """
-    from vlcore.data.hub import load_rows
-
     columns = webqa_hub_columns(dataset.features or {})
-    dataset = undecoded(dataset, [columns["image"]] if "image" in columns else [])
-    stop = None if limit is None else offset + limit
-    return [
-        webqa_hub_row_to_example(row, columns, split=split, index=i, images=images)
-        for i, row in enumerate(load_rows(dataset, offset, stop), start=offset)
-    ]
+    return map_rows(dataset, [columns["image"]] if "image" in columns else [], offset, limit,
+                    lambda row, i: webqa_hub_row_to_example(row, columns, split=split, index=i, images=images))
