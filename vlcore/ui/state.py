@@ -17,13 +17,32 @@
 | `model` | model: `demo` or a hub id                 | `dandelin/vilt-b32-mlm`     |
 | `layer` | layer index                               | `11`                        |
 | `head`  | head index, or `mean`                     | `3`                         |
+| `sweep` | sweep key (first 12+ hex chars of the store key) | `3f2a9c01b7de`       |
+| `scope` | analysis scope: `example` or `sweep`      | `sweep`                     |
+| `metric`| head-statistics metric name               | `txt2img`                   |
+| `norm`  | `raw` or `z` (z-scored across all heads)  | `z`                         |
+| `slice` | sweep slice: `all`, `correct`, `incorrect`, `cat:<v>`, `ans:<v>` | `cat:color` |
+| `cmp`   | second slice to compare against (same syntax) | `incorrect`             |
+| `tok`   | query token index in the trace            | `0`                         |
+| `patch` | selected patches, `row.col` joined by `,` | `2.3,2.4`                   |
+| `dir`   | attention `from` or `to` the query        | `from`                      |
+| `method`| explanation: `raw`, `rollout`, `relevancy`| `rollout`                   |
+| `answer`| answer label explained by relevancy       | `red`                       |
+| `proj`  | projection: `pca`, `tsne`, `umap`         | `pca`                       |
+| `color` | projection colouring: `modality`, `token`, `example`, `correct` | `modality` |
+| `who`   | annotations page: annotator filter        | `ana`                       |
+| `label` | annotations page: label filter            | `plausible`                 |
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
-PARAMS = ("ds", "loc", "img", "map", "stream", "cfg", "split", "q", "cat", "ans", "obj", "ex", "model", "layer", "head")
+PARAMS = (
+    "ds", "loc", "img", "map", "stream", "cfg", "split", "q", "cat", "ans", "obj", "ex", "model", "layer", "head",
+    "sweep", "scope", "metric", "norm", "slice", "cmp", "tok", "patch", "dir", "method", "answer", "proj", "color",
+    "who", "label",
+)
 
 
 def get_param(name: str, default: str | None = None) -> str | None:
@@ -57,3 +76,45 @@ def set_filters(query: str, categories: list[str], answer: str, objects: list[st
     """Write the browser's filters into the URL (empty filters are removed)."""
     set_params(q=query.strip() or None, cat=",".join(categories) or None, ans=answer.strip() or None,
                obj=",".join(objects) or None)
+
+
+def notice(text: str) -> None:
+    """A one-line notice about the URL (a malformed or out-of-range parameter that was replaced)."""
+    st.info(text, icon="🔗")
+
+
+def get_int(name: str, default: int, lo: int, hi: int) -> int:
+    """An integer parameter in ``[lo, hi]``; a malformed or out-of-range value gives ``default`` (or the
+    nearest bound) with a one-line notice, never an exception."""
+    raw = get_param(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        notice(f"Ignored `{name}={raw}` in the link: not a whole number; showing {default}.")
+        return default
+    if not lo <= value <= hi:
+        near = min(max(value, lo), hi)
+        notice(f"`{name}={raw}` is out of range ({lo}–{hi}); showing {near}.")
+        return near
+    return value
+
+
+def get_choice(name: str, options: tuple | list, default: str) -> str:
+    """A parameter that must be one of ``options``; anything else gives ``default`` with a notice."""
+    raw = get_param(name)
+    if raw is None or raw == "":
+        return default
+    if raw not in options:
+        notice(f"Ignored `{name}={raw}` in the link: expected one of {', '.join(map(str, options))}.")
+        return default
+    return raw
+
+
+def get_head(n_heads: int) -> int | None:
+    """The ``head`` parameter: an index below ``n_heads`` or None for the mean (``mean`` or absent)."""
+    raw = get_param("head")
+    if raw in (None, "", "mean"):
+        return None
+    return get_int("head", 0, 0, n_heads - 1)

@@ -1,0 +1,132 @@
+"""What the analysis pages share: the model, example and trace named by the URL, and the sweep picker.
+
+Every analysis page (statistics, heatmaps, embeddings) starts with `load_model` and then either
+`load_example_trace` (one example: read from the store, computed on a miss, so a shared link to an
+example nobody has run yet still opens) or `pick_sweep` (a stored sweep of the current model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from vlcore.errors import VLScopeError
+from vlcore.models.base import ModelAdapter
+from vlcore.store import Store
+from vlcore.trace import Trace
+from vlcore.ui.loaders import get_adapter, get_store
+from vlcore.ui.state import get_head, get_int, get_param, notice, set_params
+
+DEFAULT_EXAMPLE = "easy_vqa/test/0"
+
+
+@dataclass
+class TraceContext:
+    """The model, the store, the example and its full trace."""
+
+    adapter: ModelAdapter
+    store: Store
+    example: object
+    trace: Trace
+    cached: bool
+
+
+def load_model() -> tuple[ModelAdapter, Store]:
+    """Sidebar model picker, then the cached adapter; stops the page with a message on failure."""
+    from vlcore.ui.widgets import model_picker, show_model_info
+
+    store = get_store()
+    source = model_picker()
+    if not source:
+        st.info("Enter a model to run.")
+        st.stop()
+    try:
+        adapter = get_adapter(source)
+    except VLScopeError as exc:
+        st.error(str(exc))
+        st.stop()
+    show_model_info(adapter.info())
+    return adapter, store
+
+
+def load_example_trace(adapter: ModelAdapter, store: Store, image_pass: int = 0) -> TraceContext:
+    """The trace of the URL's example (``ex``, default the first easy-VQA test question).
+
+    The example is resolved through the URL's dataset (``ds``/``loc``/``split``...); its trace comes
+    from the store or is computed now. Errors stop the page with a message.
+    """
+    from vlcore.data.sources import resolve_example
+    from vlcore.extract import trace_for_example
+    from vlcore.ui.browser import source_from_url
+
+    example_id = get_param("ex") or DEFAULT_EXAMPLE
+    try:
+        source = source_from_url()
+        example = resolve_example(example_id, store, source)
+    except VLScopeError as exc:
+        if example_id == DEFAULT_EXAMPLE:
+            st.error(str(exc))
+            st.stop()
+        notice(f"{exc}. Showing {DEFAULT_EXAMPLE} instead.")
+        set_params(ex=None)
+        return load_example_trace(adapter, store, image_pass)
+    try:
+        with st.spinner(f"Running {adapter.model_id} on {example.example_id}…"):
+            trace, cached = trace_for_example(adapter, example, store, image_pass=image_pass)
+    except VLScopeError as exc:
+        st.error(str(exc))
+        st.stop()
+    for text in store.notices:
+        st.info(text)
+    store.notices.clear()
+    return TraceContext(adapter, store, example, trace, cached)
+
+
+def list_model_sweeps(store: Store, adapter: ModelAdapter) -> list[dict]:
+    """Manifests of the stored sweeps of this model, newest first."""
+    return [m for m in store.list_sweeps() if m.get("model_id") == adapter.model_id]
+
+
+def sweep_label(manifest: dict) -> str:
+    """How a sweep is named in pickers: dataset, size, completion and key prefix."""
+    done = "" if manifest.get("complete") else " (unfinished)"
+    return f"{manifest.get('dataset') or '?'} · {manifest.get('n_examples', '?')} examples{done} · {Path(manifest['path']).name[:12]}"
+
+
+def pick_sweep(store: Store, adapter: ModelAdapter) -> Path | None:
+    """Sidebar picker of this model's sweeps (URL ``sweep``); None when there is none."""
+    sweeps = list_model_sweeps(store, adapter)
+    if not sweeps:
+        st.info(f"No sweep of {adapter.model_id} is stored yet. Run one on the **Run model** page "
+                "(\"Sweep …\" expander), then come back.")
+        return None
+    keys = [Path(m["path"]).name for m in sweeps]
+    wanted = get_param("sweep") or ""
+    index = next((i for i, k in enumerate(keys) if wanted and k.startswith(wanted)), 0)
+    if wanted and not keys[index].startswith(wanted):
+        notice(f"The link's sweep `{wanted}` is not in this store; showing the newest sweep of this model.")
+    index = st.sidebar.selectbox("Sweep", range(len(sweeps)), index=index, key="sweep_pick",
+                                 format_func=lambda i: sweep_label(sweeps[i]))
+    set_params(sweep=keys[index][:12])
+    return Path(sweeps[index]["path"])
+
+
+def pick_layer_head(n_layers: int, n_heads: int, allow_mean: bool = True, prefix: str = "") -> tuple[int, int | None]:
+    """Sidebar layer and head selectors bound to the URL (``layer``, ``head``; ``head=mean`` is the mean).
+
+    Returns:
+        ``(layer, head)``; head None means the mean over heads.
+    """
+    layer = get_int("layer", n_layers - 1, 0, n_layers - 1)
+    head = get_head(n_heads)
+    layer = st.sidebar.slider("Layer", 0, n_layers - 1, layer, key=f"{prefix}layer")
+    options = (["mean"] if allow_mean else []) + list(range(n_heads))
+    current = "mean" if head is None else head
+    if current not in options:
+        current = options[0]
+    pick = st.sidebar.selectbox("Head", options, index=options.index(current), key=f"{prefix}head",
+                                format_func=lambda h: "mean over heads" if h == "mean" else f"head {h}")
+    set_params(layer=layer, head=pick)
+    return layer, None if pick == "mean" else int(pick)
