@@ -166,6 +166,7 @@ def summarize_batch(adapter: ModelAdapter, batch: EncodedBatch, examples: Sequen
             torch.from_numpy(batch.modality.astype(np.int64)).to(dev),
             torch.from_numpy(batch.special).to(dev),
             torch.from_numpy(batch.valid).to(dev),
+            patch_rc=torch.from_numpy(batch.patch_rc.astype(np.int64)).to(dev),
         )
         values = values.cpu().numpy()
     preds = adapter.predict(getattr(out, "logits", None), top_k=top_k, batch=batch)

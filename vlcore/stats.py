@@ -55,7 +55,7 @@ def compute_block_means(attention: torch.Tensor, masks: dict[str, torch.Tensor])
 
 
 def compute_layer_summaries(
-    attentions: tuple[torch.Tensor, ...] | list[torch.Tensor], modality, special, valid
+    attentions: tuple[torch.Tensor, ...] | list[torch.Tensor], modality, special, valid, patch_rc=None
 ) -> tuple[list[str], torch.Tensor]:
     """Every per-head summary metric for a batch, on the attentions' device.
 
