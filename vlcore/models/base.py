@@ -93,6 +93,24 @@ class ModelAdapter(ABC):
         """The token layout of one image pass."""
         return batch if image_pass == 0 else batch.pair
 
+    def attention_gradients(self, batch: EncodedBatch, label: str | None = None, image_pass: int = 0) -> tuple:
+        """One forward and backward pass for gradient-weighted relevancy (Chefer et al., 2021).
+
+        Args:
+            batch: from `encode`, one example.
+            label: the answer whose logit is differentiated; None for the predicted one.
+            image_pass: which image pass's attentions to return (NLVR2 runs one per image).
+
+        Returns:
+            ``(attentions, gradients, logits, label)``: per layer, float32 ``[H, N, N]`` attention
+            probabilities and the gradient of the chosen logit with respect to them (padded
+            layout of ``batch``), the logits ``[1, n_labels]``, and the label explained.
+
+        Raises:
+            NotImplementedError: the adapter has no gradient pass.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement gradient relevancy")
+
     @abstractmethod
     def predict(self, logits: Any, top_k: int = 5) -> list[list[tuple[str, float]]]:
         """Top-k (label, probability) per example from the logits."""

@@ -294,6 +294,60 @@ class ViltAdapter(ModelAdapter):
             )
         return out
 
+    def attention_gradients(self, batch: EncodedBatch, label: str | None = None, image_pass: int = 0) -> tuple:
+        """Attention probabilities and the gradient of one answer's logit with respect to them.
+
+        Forward hooks on each ``ViltSelfAttention`` collect the probabilities the module returns;
+        in eval mode (dropout off) they are the very tensors multiplied with the values, so their
+        gradient is the gradient of the logit through the attention. ``torch.autograd.grad`` computes
+        it without touching the parameters' ``.grad``; the image embeddings are made a leaf that
+        requires grad so the pass also works with frozen weights. Gradients are enabled only here,
+        and the hooks are removed in ``finally`` whatever happens.
+
+        Args:
+            batch: from `encode`, exactly one example.
+            label: the answer to explain (a VQA/NLVR2 label); None explains the top one. An
+                image-text-matching head always explains its match score.
+            image_pass: which image pass to return for NLVR2 (one encoder pass per image).
+
+        Returns:
+            ``(attentions, gradients, logits, label)``: lists of ``n_layers`` float32 tensors
+            ``[H, N, N]`` (rows queries), the detached logits ``[1, n_labels]``, and the label explained
+            (``"match"`` for ITM).
+
+        Raises:
+            InputError: more than one example, an unknown label, or a head with no answer logit.
+        """
+        if len(batch) != 1:
+            raise InputError(f"gradient relevancy explains one example at a time; got a batch of {len(batch)}")
+        if image_pass not in range(self.n_passes):
+            raise InputError(f"{self.model_id} runs {self.n_passes} image pass(es); got pass {image_pass}")
+        captured: list[torch.Tensor] = []
+
+        def keep_probs(_module, _args, output):
+            captured.append(output[1])
+
+        handles = [m.register_forward_hook(keep_probs) for m in self.self_attention_modules()]
+        try:
+            with torch.enable_grad():
+                embeds = batch.inputs["image_embeds"].detach().clone().requires_grad_(True)
+                out = self.forward(batch, attentions=True, hidden=False, image_embeds=embeds)
+                target = self.target_logit(out.logits, label)
+                layers = captured[image_pass * self.n_layers : (image_pass + 1) * self.n_layers]
+                grads = torch.autograd.grad(target, layers, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        chosen = self._label_of(out.logits, label)
+        attentions = [a[0].detach().float() for a in layers]
+        gradients = [torch.zeros_like(a) if g is None else g[0].detach().float() for a, g in zip(attentions, grads)]
+        return attentions, gradients, out.logits.detach(), chosen
+
+    def _label_of(self, logits: torch.Tensor, label: str | None) -> str:
+        if self.task == "itm":
+            return "match"
+        return label if label is not None else str(self.config.id2label[int(logits[0].argmax())])
+
     def predict(self, logits: torch.Tensor | None, top_k: int = 5, batch: EncodedBatch | None = None) -> list[list[tuple[str, float]]]:
         """Top-k (label, probability) per example.
 
