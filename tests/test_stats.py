@@ -1,0 +1,175 @@
+"""Per-head statistics: every metric against a plain loop reference, known answers, custom metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from vlcore.stats import (BUILTIN_METRICS, compute_trace_summaries, metric_names, register_metric,
+                          unregister_metric)
+from vlcore.trace import Trace
+
+
+def make_trace(att: np.ndarray, n_text: int, grid: tuple[int, int], example_id: str = "ex") -> Trace:
+    """Tokens: [CLS] t1..t(n_text) [SEP] | [IMG] patches (row-major on ``grid``)."""
+    n_patches = grid[0] * grid[1]
+    tokens = ("[CLS]",) + tuple(f"t{i}" for i in range(n_text)) + ("[SEP]", "[IMG]") + tuple(
+        f"p{r},{c}" for r in range(grid[0]) for c in range(grid[1]))
+    n = len(tokens)
+    modality = np.array([0] * (n_text + 2) + [1] * (n_patches + 1), dtype=np.int8)
+    special = np.zeros(n, bool)
+    special[[0, n_text + 1, n_text + 2]] = True
+    rc = np.full((n, 2), -1, np.int16)
+    rc[n_text + 3:] = [(r, c) for r in range(grid[0]) for c in range(grid[1])]
+    assert att.shape[-1] == n
+    image = np.zeros((grid[0] * 4, grid[1] * 4, 3), np.uint8)
+    return Trace(example_id, "m", tokens, modality, special, rc, grid, image, 4, att.astype(np.float16), None)
+
+
+def random_attention(n_layers, n_heads, n, seed=0, sharp=1.0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n_layers, n_heads, n, n)) * sharp
+    att = np.exp(logits)
+    return att / att.sum(-1, keepdims=True)
+
+
+def reference(trace: Trace) -> dict[str, np.ndarray]:
+    """Loop-based reference of every built-in metric: ``name -> [L, H]``. Written from docs/statistics.md."""
+    att = trace.attentions.astype(np.float64)
+    n_layers, n_heads, n, _ = att.shape
+    txt = [i for i in range(n) if trace.modality[i] == 0 and not trace.special[i]]
+    img = [i for i in range(n) if trace.modality[i] == 1 and not trace.special[i]]
+    alltxt = [i for i in range(n) if trace.modality[i] == 0]
+    allimg = [i for i in range(n) if trace.modality[i] == 1]
+    cls, sep = 0, [i for i in alltxt if trace.special[i] and i != 0]
+    imgcls = [i for i in allimg if trace.special[i]]
+    rc = trace.patch_rc
+    out = {m: np.zeros((n_layers, n_heads)) for m in BUILTIN_METRICS}
+    for layer in range(n_layers):
+        for h in range(n_heads):
+            a = att[layer, h]
+            block = {}
+            for s, qs in (("txt", txt), ("img", img)):
+                for d, ks in (("txt", txt), ("img", img)):
+                    total = sum(a[q, k] for q in qs for k in ks)
+                    block[s, d] = (total, len(qs) * len(ks))
+                    out[f"{s}2{d}"][layer, h] = total / (len(qs) * len(ks))
+            out["cross_modal"][layer, h] = (block["txt", "img"][0] + block["img", "txt"][0]) / (
+                block["txt", "img"][1] + block["img", "txt"][1])
+            out["intra_modal"][layer, h] = (block["txt", "txt"][0] + block["img", "img"][0]) / (
+                block["txt", "txt"][1] + block["img", "img"][1])
+            far = [(q, k) for q in img for k in img
+                   if max(abs(int(rc[q, 0]) - int(rc[k, 0])), abs(int(rc[q, 1]) - int(rc[k, 1]))) > 1]
+            out["img2img_nonlocal"][layer, h] = sum(a[q, k] for q, k in far) / len(far)
+            out["cls_to_txt"][layer, h] = sum(a[0, k] for k in alltxt)
+            out["cls_to_img"][layer, h] = sum(a[0, k] for k in allimg)
+            for s, qs in (("txt", txt), ("img", img)):
+                for d, ks in (("txt", txt), ("img", img)):
+                    out[f"{s}q_to_{d}"][layer, h] = np.mean([sum(a[q, k] for k in ks) for q in qs])
+            queries = txt + img
+            out["entropy"][layer, h] = np.mean(
+                [-sum(p * math.log(p) for p in a[q] if p > 0) / math.log(n) for q in queries])
+            out["max_weight"][layer, h] = np.mean([a[q].max() for q in queries])
+            out["to_cls"][layer, h] = np.mean([a[q, cls] for q in queries])
+            out["to_sep"][layer, h] = np.mean([sum(a[q, k] for k in sep) for q in queries])
+            out["to_imgcls"][layer, h] = np.mean([sum(a[q, k] for k in imgcls) for q in queries])
+            dists = []
+            for q in img:
+                num = sum(a[q, k] * math.dist(rc[q], rc[k]) for k in img)
+                dists.append(num / sum(a[q, k] for k in img))
+            out["spatial_distance"][layer, h] = np.mean(dists)
+    return out
+
+
+def as_arrays(frame) -> dict[str, np.ndarray]:
+    n_layers, n_heads = frame["layer"].max() + 1, frame["head"].max() + 1
+    return {m: g.sort_values(["layer", "head"])["value"].to_numpy().reshape(n_layers, n_heads)
+            for m, g in frame.groupby("metric", observed=True)}
+
+
+@pytest.mark.parametrize("n_text,grid,seed", [(3, (3, 4), 0), (6, (2, 5), 1), (1, (4, 3), 2)])
+def test_every_metric_matches_the_loop_reference(n_text, grid, seed):
+    n = n_text + 3 + grid[0] * grid[1]
+    trace = make_trace(random_attention(2, 3, n, seed, sharp=2.0), n_text, grid)
+    got, ref = as_arrays(compute_trace_summaries(trace)), reference(trace)
+    assert set(got) == set(BUILTIN_METRICS)
+    for name in BUILTIN_METRICS:
+        np.testing.assert_allclose(got[name], ref[name], atol=1e-6, err_msg=name)
+
+
+def test_uniform_rows_have_entropy_one_and_one_hot_rows_zero():
+    n = 4 + 3 + 9  # 16 tokens: 1/16 is exact in float16
+    uniform = np.full((1, 1, n, n), 1.0 / n)
+    assert as_arrays(compute_trace_summaries(make_trace(uniform, 4, (3, 3))))["entropy"][0, 0] == pytest.approx(1.0, abs=1e-6)
+    one_hot = np.zeros((1, 1, n, n))
+    one_hot[0, 0, np.arange(n), (np.arange(n) + 1) % n] = 1.0
+    got = as_arrays(compute_trace_summaries(make_trace(one_hot, 4, (3, 3))))
+    assert got["entropy"][0, 0] == pytest.approx(0.0, abs=1e-7)
+    assert got["max_weight"][0, 0] == pytest.approx(1.0)
+
+
+def test_a_head_looking_only_at_image_keys_gives_text_queries_a_cross_modal_share_of_one():
+    n_text, grid = 4, (2, 4)
+    n = n_text + 3 + 8
+    att = np.zeros((1, 1, n, n))
+    patches = np.arange(n_text + 3, n)
+    att[0, 0][:, patches] = 1.0 / len(patches)
+    got = as_arrays(compute_trace_summaries(make_trace(att, n_text, grid)))
+    assert got["txtq_to_img"][0, 0] == pytest.approx(1.0)
+    assert got["txtq_to_txt"][0, 0] == 0.0
+    assert got["cls_to_img"][0, 0] == pytest.approx(1.0)
+    assert got["txt2txt"][0, 0] == 0.0 and got["txt2img"][0, 0] == pytest.approx(1.0 / 8)
+
+
+def test_nonlocal_image_block_drops_exactly_the_8_neighbourhood_on_a_3x4_grid():
+    n_text, grid = 2, (3, 4)
+    n = n_text + 3 + 12
+    first_patch = n_text + 3
+    # query patch (1,1) attends only to its 8 neighbours and itself: nothing is left non-locally
+    att = np.full((1, 1, n, n), 1.0 / n)
+    q = first_patch + 1 * 4 + 1
+    att[0, 0, q] = 0
+    neighbours = [first_patch + r * 4 + c for r in range(3) for c in range(3)]  # rows 0-2, cols 0-2
+    att[0, 0, q, neighbours] = 1.0 / 9
+    trace = make_trace(att, n_text, grid)
+    ref = reference(trace)["img2img_nonlocal"][0, 0]
+    got = as_arrays(compute_trace_summaries(trace))["img2img_nonlocal"][0, 0]
+    assert got == pytest.approx(ref, abs=1e-7)
+    # the metric averages over 144 patch pairs minus the 70 (query, key) pairs within one cell of each
+    # other: per row 2, 3, 2 rows x per column 2, 3, 3, 2 columns = 7 * 10
+    cells = sum(1 for a in range(12) for b in range(12) if max(abs(a // 4 - b // 4), abs(a % 4 - b % 4)) > 1)
+    assert cells == 144 - 70
+    # every far cell holds 1/n except the 3 far cells of q (column 3), which are 0
+    stored = float(np.float16(1.0 / n))  # traces keep float16
+    assert got == pytest.approx((cells - 3) * stored / cells, abs=1e-7)
+
+
+def test_special_tokens_excluded_unless_asked():
+    n_text, grid = 2, (2, 2)
+    n = n_text + 3 + 4
+    att = np.zeros((1, 1, n, n))
+    att[0, 0, :, 0] = 1.0  # everything attends to [CLS]
+    trace = make_trace(att, n_text, grid)
+    got = as_arrays(compute_trace_summaries(trace))
+    assert got["to_cls"][0, 0] == pytest.approx(1.0) and got["txt2txt"][0, 0] == 0.0
+    with_special = as_arrays(compute_trace_summaries(trace, include_special=True))
+    assert with_special["txt2txt"][0, 0] == pytest.approx(1.0 / (n_text + 2))
+
+
+def test_custom_metric_shows_up_next_to_the_built_ins():
+    register_metric("self_attention", lambda t: np.stack(
+        [np.diagonal(a, axis1=-2, axis2=-1).mean(-1) for a in t.attentions.astype(np.float32)]), "mean diagonal")
+    try:
+        n = 2 + 3 + 4
+        att = random_attention(2, 2, n, 3)
+        trace = make_trace(att, 2, (2, 2))
+        frame = compute_trace_summaries(trace)
+        assert "self_attention" in metric_names()
+        got = as_arrays(frame)["self_attention"]
+        np.testing.assert_allclose(got, np.diagonal(att.astype(np.float16).astype(np.float32), axis1=-2,
+                                                    axis2=-1).mean(-1), atol=1e-6)
+    finally:
+        unregister_metric("self_attention")
+    assert "self_attention" not in metric_names()
