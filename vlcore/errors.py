@@ -29,3 +29,11 @@ class DatasetError(VLScopeError):
 
 class StoreError(VLScopeError):
     """The result store could not read or write an entry."""
+
+
+class AnnotationError(InputError):
+    """An annotation could not be saved or read (empty name, unknown label, bad label configuration)."""
+
+
+class DeviceMemoryError(VLScopeError):
+    """The model ran out of memory on its device (GPU or CPU) even at the smallest batch."""
