@@ -284,3 +284,30 @@ def compute_trace_summaries(trace: Trace, include_special: bool = False) -> pd.D
     if custom is not None:
         names, values = names + custom[0], np.concatenate([values, custom[1]], -1)
     return summaries_to_frame([trace.example_id], names, values)
+
+
+def compute_custom_batch(attentions, batch, example_ids: list[str], model_id: str = "") -> tuple[list[str], np.ndarray] | None:
+    """Custom metrics for a sweep batch: ``(names, [B, L, H, C])``, or None when none is registered.
+
+    Custom metrics are functions of a `Trace`, so this copies each example's attentions to the host
+    (padding removed) and builds a light trace per example: registering a custom metric makes sweeps
+    slower by about the cost of a full-trace copy. The built-ins never pay this.
+
+    Args:
+        attentions: one ``[B, H, N, N]`` tensor per layer (any device).
+        batch: the `EncodedBatch` with the layout (``tokens``, ``modality``, ``special``, ``patch_rc``,
+            ``valid``, ``grids``, ``images``).
+        example_ids: ids, one per batch row.
+        model_id: recorded in the light traces.
+    """
+    if not _CUSTOM:
+        return None
+    att = torch.stack([a.detach().half() for a in attentions], 1).cpu().numpy()  # [B, L, H, N, N]
+    traces = []
+    for b, eid in enumerate(example_ids):
+        keep = np.flatnonzero(batch.valid[b])
+        traces.append(Trace(
+            eid, model_id, tuple(batch.tokens[b][i] for i in keep), batch.modality[b][keep], batch.special[b][keep],
+            batch.patch_rc[b][keep], batch.grids[b], batch.images[b], 0, att[b][:, :, keep][:, :, :, keep], None,
+        ))
+    return compute_custom_metrics(traces)

@@ -1,0 +1,140 @@
+"""Causal head importance: mask one head at a time and measure the drop in the answer's probability.
+
+Transformers 5.x's ViLT has no ``head_mask`` argument, so masking is a forward hook on each layer's
+self-attention module (the adapter names them: `ModelAdapter.self_attention_modules`) that zeroes
+the head's slice of the attention output, which is exactly what ``head_mask`` did (it multiplied the
+head's attention probabilities by 0, so its context vector is 0). All ``L × H`` masked variants of
+one example run as copies in a few batched forward passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vlcore.errors import InputError
+from vlcore.models.base import ModelAdapter
+
+METRIC = "ablation_drop"
+
+
+@contextmanager
+def head_mask_hooks(adapter: ModelAdapter, mask: torch.Tensor):
+    """Within the block, multiply every head's output by ``mask`` ``[B, L, H]`` (1 keeps, 0 removes).
+
+    Hooks are registered in ``try`` and removed in ``finally``.
+    """
+    modules = adapter.self_attention_modules()
+    if mask.shape[1:] != (len(modules), adapter.n_heads):
+        raise ValueError(f"mask must be [B, {len(modules)}, {adapter.n_heads}], got {tuple(mask.shape)}")
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(module, args, output):
+            context = output[0]  # [B, N, H * d]
+            b, n, width = context.shape
+            scale = mask[:, layer].to(context.dtype).repeat_interleave(width // adapter.n_heads, dim=1)
+            return (context * scale[:, None, :],) + tuple(output[1:])
+        return hook
+
+    try:
+        for layer, module in enumerate(modules):
+            handles.append(module.register_forward_hook(make_hook(layer)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _answer_probability(adapter: ModelAdapter, logits: torch.Tensor, label_index: int) -> torch.Tensor:
+    """Probability of one answer per row ``[B]`` (VQA: the head's softmax or sigmoid; ITM: match)."""
+    if adapter.task == "vqa":
+        return adapter.score(logits)[:, label_index]
+    if adapter.task == "nlvr2":
+        return logits.float().softmax(-1)[:, label_index]
+    if adapter.task == "itm":
+        return torch.sigmoid(logits.float()[:, 0])
+    raise InputError(f"head importance needs a VQA, NLVR2 or image-text-matching head; {adapter.model_id} is {adapter.task}")
+
+
+def _repeat(batch, n: int) -> dict:
+    return {k: v.repeat(n, *([1] * (v.dim() - 1))) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
+
+
+def extract_head_importance(
+    adapter: ModelAdapter, image, text: str, answer: str | None = None, batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, str, float]:
+    """Drop in the answer's probability when each head alone is masked.
+
+    Args:
+        adapter: a loaded model with a VQA, NLVR2 or ITM head.
+        image: the example's image (a pair for NLVR2).
+        text: the question or caption.
+        answer: the answer label to follow; None follows the model's prediction.
+        batch_size: masked copies per forward pass (``L × H`` copies in all).
+        progress: called with ``(done, total)`` after each pass.
+
+    Returns:
+        ``(drop [L, H] float32, answer, base_probability)``; ``drop[l, h] = p(answer) - p(answer | head (l, h) masked)``.
+    """
+    batch = adapter.encode([image], [text])
+    n_layers, n_heads = adapter.n_layers, adapter.n_heads
+    with torch.no_grad():
+        logits = adapter.forward(batch, attentions=False, hidden=False).logits
+        if adapter.task == "itm":
+            label, index = "match", 0
+        else:
+            labels = adapter.config.label2id
+            if answer is not None and answer not in labels:
+                raise InputError(f"{answer!r} is not one of {adapter.model_id}'s answers; pick one it knows")
+            index = int(logits[0].argmax()) if answer is None else int(labels[answer])
+            label = str(adapter.config.id2label[index])
+        base = float(_answer_probability(adapter, logits, index)[0])
+        total = n_layers * n_heads
+        probs = np.empty(total, dtype=np.float32)
+        eye = torch.eye(total, device=adapter.device).reshape(total, n_layers, n_heads)
+        for start in range(0, total, batch_size):
+            chunk = 1.0 - eye[start : start + batch_size]
+            with head_mask_hooks(adapter, chunk):
+                out = adapter.model(**_repeat(batch, len(chunk)), return_dict=True)
+            probs[start : start + len(chunk)] = _answer_probability(adapter, out.logits, index).float().cpu().numpy()
+            if progress is not None:
+                progress(min(start + len(chunk), total), total)
+    return (base - probs).reshape(n_layers, n_heads), label, base
+
+
+def importance_frame(example_id: str, drop: np.ndarray) -> pd.DataFrame:
+    """Tidy rows (``example_id, layer, head, metric, value``) of a ``[L, H]`` drop."""
+    layers, heads = np.indices(drop.shape)
+    return pd.DataFrame({
+        "example_id": example_id, "layer": layers.ravel().astype(np.int16), "head": heads.ravel().astype(np.int16),
+        "metric": METRIC, "value": drop.ravel().astype(np.float32),
+    })
+
+
+def extract_sweep_importance(
+    adapter: ModelAdapter, examples: Sequence, batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> pd.DataFrame:
+    """Head importance for each example (its predicted answer), as one tidy frame.
+
+    Args:
+        adapter: the model.
+        examples: `Example` objects.
+        batch_size: masked copies per forward pass.
+        progress: called with ``(examples done, total)``.
+    """
+    from vlcore.extract import model_image_input
+
+    frames = []
+    for i, ex in enumerate(examples):
+        drop, _, _ = extract_head_importance(adapter, model_image_input(adapter, ex), ex.question, batch_size=batch_size)
+        frames.append(importance_frame(ex.example_id, drop))
+        if progress is not None:
+            progress(i + 1, len(examples))
+    return pd.concat(frames, ignore_index=True)
