@@ -3,6 +3,7 @@
     python -m vlcore extract --model demo --dataset easy_vqa --split test --limit 100 --out runs/sweep
     python -m vlcore trace --model demo --image cat.png --text "what is it?" --out cat.safetensors
     python -m vlcore evaluate [--model demo] [--subset 500]
+    python -m vlcore faithfulness --model sample_data/models/vilt-tiny-easyvqa --limit 1000 [--out table.csv]
 """
 
 from __future__ import annotations
@@ -59,7 +60,59 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--subset", type=_positive, default=None, help="the fixed seeded subset of this size")
     ev.add_argument("--batch-size", type=_positive, default=64)
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    fa = sub.add_parser("faithfulness", help="pointing game and perturbation AUC of raw attention, rollout, relevancy")
+    fa.add_argument("--model", default="demo")
+    fa.add_argument("--split", default="test", choices=["train", "test"], help="easy-VQA split")
+    fa.add_argument("--limit", type=_positive, default=1000, help="first N examples of the split")
+    fa.add_argument("--n-random", type=_positive, default=3, help="seeds averaged for the random-order baseline")
+    fa.add_argument("--min-overlap", type=_share, default=0.0,
+                    help="pointing: share of the top patch's pixels that must be shape (0: any pixel)")
+    fa.add_argument("--out", type=Path, default=None, help="also write the table as CSV")
+    fa.add_argument("--details", type=Path, default=None, help="write the per-example rows as CSV")
+    fa.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return parser
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def cmd_faithfulness(args) -> int:
+    from vlcore.data.easy_vqa import easy_vqa_examples
+    from vlcore.faithfulness import evaluate_faithfulness
+    from vlcore.models.registry import load_adapter
+
+    for path in (args.out, args.details):
+        if path is not None and not path.parent.is_dir():
+            raise InputError(f"the folder of {path} does not exist; create it or pick another --out/--details path")
+    examples = easy_vqa_examples(args.split, args.limit)
+    adapter = load_adapter(args.model, device=args.device)
+
+    def progress(done: int, total: int, seconds: float) -> None:
+        rate = done / max(seconds, 1e-9)
+        eta = (total - done) / max(rate, 1e-9)
+        sys.stderr.write(f"\rfaithfulness {done}/{total} ({rate:.1f} ex/s, ETA {eta:.0f} s)")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    details: list = []
+    table = evaluate_faithfulness(adapter, examples, n_random=args.n_random, min_overlap=args.min_overlap,
+                                  progress=progress, details=details)
+    print(f"model {adapter.model_id}, easy-VQA {args.split}, first {len(examples)} examples")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if args.out is not None:
+        table.to_csv(args.out, index=False)
+    if args.details is not None:
+        details[0].to_csv(args.details, index=False)
+    return 0
 
 
 def cmd_extract(args) -> int:
@@ -124,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        return {"extract": cmd_extract, "trace": cmd_trace, "evaluate": cmd_evaluate}[args.command](args)
+        return {
+            "extract": cmd_extract, "trace": cmd_trace, "evaluate": cmd_evaluate, "faithfulness": cmd_faithfulness,
+        }[args.command](args)
     except VLScopeError as exc:
         sys.stderr.write(f"vlcore: error: {exc}\n")
         return 2
