@@ -15,6 +15,7 @@ Nothing here unpickles: safetensors, JSON and parquet only.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from vlcore.errors import InputError
+from vlcore.errors import InputError, StoreError
 from vlcore.trace import Trace
 
 SCHEMA_VERSION = 1
@@ -56,18 +57,45 @@ def fingerprint(*parts: object) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
+
+    On any failure the temporary file is removed and ``path`` is untouched: never a half file.
+
+    Raises:
+        StoreError: the disk is full (or over quota), or the folder cannot be written.
+    """
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise StoreError(_write_message(path, len(data), exc)) from exc
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _write_message(path: Path, n_bytes: int, exc: OSError) -> str:
+    import shutil
+
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        return (f"the disk is full: could not write {path.name} ({n_bytes / 2**20:.1f} MiB) under {path.parent} "
+                f"({free}); nothing was half-written. Free some space, clear the result store, or point "
+                "VLSCOPE_CACHE at a larger disk.")
+    return (f"could not write {path.name} under {path.parent}: {exc.strerror or exc}; nothing was half-written. "
+            "Check the folder's permissions or point VLSCOPE_CACHE at a writable folder.")
 
 
 _ARRAYS = ("modality", "special", "patch_rc", "image", "attentions", "hidden")
@@ -196,7 +224,10 @@ class Store:
             if trace is not None:
                 return trace, True
             trace = compute()
-            self.put_trace(key, trace)
+            try:
+                self.put_trace(key, trace)
+            except StoreError as exc:  # the result is good; only caching it failed
+                self.notices.append(f"the result was computed but not stored: {exc}")
         return trace, False
 
     def evict(self, keep: Path | None = None) -> int:
@@ -223,12 +254,25 @@ class Store:
         return self.root / "sweeps" / key
 
     def list_sweeps(self) -> list[dict]:
-        """Manifests of the stored sweeps, newest first."""
+        """Manifests of the stored sweeps, newest first.
+
+        A damaged manifest, or one written by another extraction version (``schema``), is skipped with a
+        notice: its sweep is run again, never read with the wrong layout.
+        """
+        from vlcore.extract import EXTRACT_VERSION  # extract imports this module
+
         out = []
         for manifest in (self.root / "sweeps").glob("*/manifest.json"):
             try:
                 data = json.loads(manifest.read_text())
             except (OSError, ValueError):
+                self.notices.append(f"skipped the sweep in {manifest.parent.name[:12]}: its manifest is damaged; "
+                                    "run the sweep again")
+                continue
+            if not isinstance(data, dict) or data.get("schema") != EXTRACT_VERSION:
+                got = data.get("schema") if isinstance(data, dict) else None
+                self.notices.append(f"skipped the sweep in {manifest.parent.name[:12]}: written with schema {got}, "
+                                    f"this VLScope reads {EXTRACT_VERSION}; run the sweep again")
                 continue
             data["path"] = str(manifest.parent)
             out.append(data)
@@ -280,7 +324,11 @@ def put_input(store: Store, image, text: str, extra_images: tuple = ()) -> str:
     input_id = f"upload/{digest[:16]}"
     png, meta = _input_paths(store.root, input_id)
     if not (png.exists() and meta.exists()):
-        atomic_write_bytes(meta, json.dumps({"text": text, "n_images": 1 + len(extra_images)}).encode())
+        from vlcore.data.example import image_notes
+
+        notes = [n for im in (image, *extra_images) for n in image_notes(im)]
+        info = {"text": text, "n_images": 1 + len(extra_images), "image_notes": notes}
+        atomic_write_bytes(meta, json.dumps(info).encode())
         for i, im in enumerate((image, *extra_images)):
             buf = io.BytesIO()
             im.save(buf, format="PNG")
@@ -296,6 +344,7 @@ def get_input(store: Store, input_id: str):
         png, meta = _input_paths(store.root, input_id)
         info = json.loads(meta.read_text())
         extras = tuple(open_image(png.with_name(f"{png.stem}-{i}.png")) for i in range(1, info.get("n_images", 1)))
-        return Example(input_id, info["text"], image=open_image(png), source="upload", extra_images=extras)
+        return Example(input_id, info["text"], image=open_image(png), source="upload", extra_images=extras,
+                       meta={"image_notes": list(info.get("image_notes", []))})
     except (ValueError, OSError, KeyError, InputError):
         return None

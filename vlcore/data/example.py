@@ -110,21 +110,105 @@ class Example:
         """sha256 over the pixels, the text and the gold answers: the store's example key."""
         return content_hash(self.load_image(), self.question, self.answers)
 
+    def input_notes(self) -> tuple[str, ...]:
+        """What loading changed on the example's images (`image_notes`: frames, rotation, modes,
+        padding), after notes kept with an upload (``meta["image_notes"]``). Loads the images.
+
+        Raises:
+            InputError: as `load_images`.
+        """
+        notes = list(self.meta.get("image_notes", ()))
+        images = self.load_images()
+        for k, image in enumerate(images):
+            prefix = f"image {k + 1}: " if len(images) > 1 else ""
+            notes += [prefix + n for n in image_notes(image) if prefix + n not in notes]
+        return tuple(notes)
+
+
+# The most pixels PIL may decode (its own default, stated here so that it is never switched off), and the
+# largest image file or upload read at all.
+MAX_IMAGE_PIXELS = 89_478_485
+MAX_IMAGE_BYTES = 50 * 1024**2
+# The widest aspect ratio handed to a model. ViLT's processor scales the shorter side to
+# ``shortest_edge`` (384) but caps the longer side at 1333/800 of that (639 px) and rounds both down to
+# ``size_divisor`` (32): past about 20:1 the shorter side rounds to 0 and the processor fails. Wider
+# images are padded with white to 12:1, which keeps at least one row of patches for every ViLT setting.
+MAX_ASPECT_RATIO = 12.0
+TINY_SIDE = 32
+_NOTES = "vlscope_notes"
+
+
+def image_notes(image: Image.Image) -> tuple[str, ...]:
+    """What `to_rgb` changed on the way in (rotation, frames, modes, padding), for the UI to show."""
+    return tuple(image.info.get(_NOTES, ()))
+
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Apply EXIF orientation, take the first frame, and convert any mode to RGB."""
-    image = ImageOps.exif_transpose(image) or image
-    if getattr(image, "n_frames", 1) > 1:
+    """The image as the model should read it, each change recorded for `image_notes`.
+
+    In order: the first frame of an animation; EXIF orientation applied; 16-bit and 32-bit grey
+    scaled to 8 bits (not clipped); transparency composited on white; any mode (palette, CMYK, ...)
+    converted to RGB; an aspect ratio past `MAX_ASPECT_RATIO` padded with white (centred).
+
+    >>> image_notes(to_rgb(Image.new("I;16", (4, 4), 65535)))[0]
+    '16-bit greyscale scaled to 8 bits (÷257)'
+    """
+    original, notes = image, []
+    n_frames = getattr(image, "n_frames", 1)
+    if n_frames > 1:
         image.seek(0)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = arr.max() or 1.0
-        image = Image.fromarray(np.uint8(np.clip(arr / top * 255.0, 0, 255)), mode="L")
-    if image.mode in ("RGBA", "LA", "P", "PA"):
+        notes.append(f"an animated image with {n_frames} frames: the first frame is used")
+    orientation = image.getexif().get(0x0112, 1)
+    if orientation not in (1, None):
+        image = ImageOps.exif_transpose(image) or image
+        notes.append(f"rotated upright from its EXIF orientation ({orientation})")
+    image = _grey_to_8bit(image, notes)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB") if image.mode != "RGB" else image
+        if rgba.getextrema()[3][0] < 255:
+            notes.append("transparent pixels were composited on white")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if image.mode != "RGB":
+        if image.mode == "CMYK":
+            notes.append("converted from CMYK to RGB without a colour profile: colours may shift")
+        image = image.convert("RGB")
+    image = _pad_aspect(image, notes)
+    if min(image.size) < TINY_SIDE:
+        notes.append(f"a tiny {image.width}×{image.height} image: the model's processor enlarges it, "
+                     "so each patch shows a few enlarged pixels")
+    if notes:
+        image = image.copy() if image is original else image
+        image.info[_NOTES] = tuple(notes)
+    return image
+
+
+def _grey_to_8bit(image: Image.Image, notes: list[str]) -> Image.Image:
+    """16-bit grey divided by 257 (65535 -> 255); 32-bit integer or float grey stretched min..max."""
+    if image.mode.startswith("I;16"):
+        arr = np.asarray(image, dtype=np.float64) / 257.0
+        notes.append("16-bit greyscale scaled to 8 bits (÷257)")
+    elif image.mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / ((hi - lo) or 1.0) * 255.0
+        notes.append(f"{'32-bit integer' if image.mode == 'I' else 'floating-point'} greyscale stretched "
+                     f"from {lo:g}..{hi:g} to 0..255")
+    else:
+        return image
+    return Image.fromarray(np.uint8(np.clip(np.rint(arr), 0, 255)), mode="L")
+
+
+def _pad_aspect(image: Image.Image, notes: list[str]) -> Image.Image:
+    """Pad an image wider (or taller) than `MAX_ASPECT_RATIO` with white, centred."""
+    w, h = image.size
+    if max(w, h) <= MAX_ASPECT_RATIO * min(w, h):
+        return image
+    size = (w, int(np.ceil(w / MAX_ASPECT_RATIO))) if w > h else (int(np.ceil(h / MAX_ASPECT_RATIO)), h)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(image, ((size[0] - w) // 2, (size[1] - h) // 2))
+    notes.append(f"a {w}×{h} image is narrower than {MAX_ASPECT_RATIO:g}:1: padded with white to "
+                 f"{size[0]}×{size[1]} so that the model sees at least one row of patches")
+    return canvas
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -134,31 +218,54 @@ def open_image(path: str | Path) -> Image.Image:
     links cannot point at arbitrary local files.
 
     Raises:
-        InputError: the file is outside the data roots, missing, empty, not an image, or larger
-            than PIL's pixel limit.
+        InputError: the file is outside the data roots, missing, empty, over `MAX_IMAGE_BYTES`, not an
+            image, or over PIL's pixel limit.
     """
     from vlcore.data.paths import check_local_file
 
     path = check_local_file(path)
     if not path.is_file():
         raise InputError(f"image file not found: {path.name}")
+    _check_bytes(path.stat().st_size, path.name)
     return open_image_bytes(path.read_bytes(), path.name)
 
 
+def _check_bytes(n_bytes: int, name: str) -> None:
+    if n_bytes > MAX_IMAGE_BYTES:
+        raise InputError(f"{name} is {n_bytes / 2**20:.1f} MB; images over {MAX_IMAGE_BYTES // 2**20} MB are "
+                         "refused. Resize or recompress it.")
+
+
 def open_image_bytes(data: bytes, name: str = "upload") -> Image.Image:
-    """Open an uploaded image from its bytes as RGB (see `open_image` for the errors)."""
+    """Open an uploaded image from its bytes as RGB (see `open_image` for the errors; `to_rgb` for the
+    conversions, which `image_notes` lists)."""
     import io
+    import warnings
 
     if not data:
         raise InputError(f"{name} is empty (0 bytes); choose an image file")
+    _check_bytes(len(data), name)
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return to_rgb(im)
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"{name} is too large to open safely ({exc}); resize it below 89 megapixels") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refuse, not warn
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                out = to_rgb(im)
+                return out.copy() if out is im else out  # a plain image, detached from the closed file
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(_bomb_message(name, exc)) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"{name} is not a readable image ({exc}); use a PNG, JPEG, GIF or WebP file") from exc
+
+
+def _bomb_message(name: str, exc: Exception) -> str:
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+    return (f"{name} has {pixels}, over the limit of {MAX_IMAGE_PIXELS:,} that guards against decompression "
+            "bombs; resize it below 89 megapixels")
 
 
 def content_hash(image: Image.Image, text: str, answers: tuple[str, ...] = ()) -> str:
