@@ -1,0 +1,134 @@
+"""Token vectors layer by layer: one pooled 2-D projection per layer, the fusion degree, nearest neighbours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from vlcore.charts_embeddings import COLOR_BY, SELECT_PARAM, build_fusion_chart, build_projection_chart
+from vlcore.errors import VLScopeError
+from vlcore.projection import (ALIGNS, METHOD_NAMES, METHODS, coordinates_frame, compute_neighbours, find_token,
+                               umap_available)
+from vlcore.ui import embeddings as emb
+from vlcore.ui.context import load_example_trace, load_model, pick_sweep
+from vlcore.ui.state import get_choice, get_int, get_param, set_params
+
+HEATMAPS = "pages/4_Attention_Heatmaps.py"
+st.set_page_config(page_title="Embeddings · VLScope", layout="wide")
+st.title("Embeddings")
+st.caption("Each layer's token vectors, pooled over the chosen examples and projected by **one** fit, so points "
+           "of different examples share a space. Neighbours are searched in the full hidden space (cosine).")
+adapter, store = load_model()
+scope = st.sidebar.radio("Scope", ("example", "sweep"), key="emb_scope",
+                         index=("example", "sweep").index(get_choice("scope", ("example", "sweep"), "example")),
+                         format_func={"example": "One example", "sweep": "A sweep"}.get)
+set_params(scope=scope)
+try:
+    if scope == "example":
+        tokens, set_key = emb.example_token_set(load_example_trace(adapter, store).trace)
+        slice_ = "all"
+    else:
+        path = pick_sweep(store, adapter)
+        if path is None:
+            st.stop()
+        tokens, set_key = emb.sweep_token_set(path)
+        slice_ = st.sidebar.selectbox("Slice", emb.SLICES, key="emb_slice",
+                                      index=emb.SLICES.index(get_choice("slice", emb.SLICES, "all")))
+        set_params(slice=slice_)
+    show = st.sidebar.selectbox("Tokens", list(emb.SHOW), format_func=emb.SHOW.get, key="emb_show")
+    base = (tokens, set_key)
+    tokens, set_key = emb.narrow(*base, show, slice_)
+except VLScopeError as exc:
+    st.error(str(exc))
+    st.stop()
+
+n = tokens.n_layers
+layer = st.sidebar.select_slider("Layer", options=list(range(n + 1)), value=get_int("layer", n, 0, n), key="emb_layer",
+                                 format_func=lambda i: "embeddings" if i == 0 else f"layer {i}")
+method = st.sidebar.selectbox("Projection", METHODS, format_func=METHOD_NAMES.get, key="emb_proj",
+                              index=METHODS.index(get_choice("proj", METHODS, "pca")))
+if not umap_available():
+    st.sidebar.caption("UMAP needs `pip install umap-learn`.")
+align = st.sidebar.selectbox("PCA axes", ALIGNS, key="emb_align", disabled=method != "pca", format_func={
+    "sign": "per layer, signs aligned", "joint": "one fit for all layers", "none": "per layer"}.get)
+perplexity = float(st.sidebar.slider("t-SNE perplexity", 5, 50, 30, key="emb_perplexity", disabled=method != "tsne"))
+color = st.sidebar.selectbox("Colour by", list(COLOR_BY), key="emb_color",
+                             index=list(COLOR_BY).index(get_choice("color", tuple(COLOR_BY), "modality")))
+set_params(layer=layer, proj=method, color=color)
+
+# the selected token: a click on the scatter, else the URL, shown and changed in the picker
+click = emb.clicked_token("emb_scatter", SELECT_PARAM)
+if click:
+    emb.select_token(*click)
+examples = list(dict.fromkeys(tokens.tokens["example_id"]))
+tok_param = get_param("tok")
+emb.sync_token_picker(examples, get_param("ex"), int(tok_param) if (tok_param or "").isdigit() else None)
+pick_ex = st.sidebar.selectbox("Selected token: example", examples, key="emb_pick_ex",
+                               on_change=lambda: emb.select_token(st.session_state["emb_pick_ex"], None))
+in_ex = tokens.tokens[tokens.tokens["example_id"] == pick_ex]
+labels = dict(zip(in_ex["token"].tolist(), (in_ex["token"].astype(str) + " · " + in_ex["text"]).tolist()))
+if st.session_state.get("emb_pick_tok") not in labels:
+    st.session_state["emb_pick_tok"] = next(iter(labels))
+pick_tok = st.sidebar.selectbox("Selected token", list(labels), format_func=labels.get, key="emb_pick_tok",
+                                on_change=lambda: emb.select_token(pick_ex, st.session_state["emb_pick_tok"]))
+emb.select_token(pick_ex, pick_tok)
+
+try:
+    coords = emb.fit_with_spinner(set_key, layer, method, align, perplexity, tokens)
+except VLScopeError as exc:
+    st.error(str(exc))
+    st.stop()
+frame = coordinates_frame(tokens, coords, layer)
+name = "embeddings" if layer == 0 else f"layer {layer}"
+chart = build_projection_chart(frame.assign(image=emb.thumbnails(set_key, tokens)), color,
+                               selected=f"{pick_ex}#{pick_tok}",
+                               title=f"{METHOD_NAMES[method]} of {tokens.n_tokens:,} tokens · {name}")
+left, right = st.columns([3, 2])
+with left:
+    st.altair_chart(chart, on_select="rerun", selection_mode=SELECT_PARAM, key="emb_scatter")
+    st.caption(f"{len(examples)} example(s) · {(frame['modality'] == 'text').sum()} text and "
+               f"{(frame['modality'] == 'image').sum()} image tokens · shapes mark text / patch / special tokens")
+with right:
+    fusion = emb.fusion_table(set_key, tokens).assign(series="this selection")
+    others = {f"sweep:{Path(m['path']).name[:12]}": m for m in store.list_sweeps()}
+    others.update({f"slice:{s}": s for s in emb.SLICES if scope == "sweep" and s != slice_})
+    cmp = st.selectbox("Compare the fusion degree with", ["none", *others], key="emb_cmp", format_func=lambda c: c if (
+        c == "none" or c.startswith("slice")) else f"{others[c].get('model_id')} · {others[c].get('dataset')}")
+    try:
+        if cmp != "none":
+            other = emb.sweep_token_set(Path(others[cmp]["path"])) if cmp.startswith("sweep:") else base
+            other = emb.narrow(*other, show, cmp[6:] if cmp.startswith("slice:") else "all")
+            fusion = pd.concat([fusion, emb.fusion_table(other[1], other[0]).assign(series=cmp)], ignore_index=True)
+    except VLScopeError as exc:
+        st.warning(str(exc))
+    fusion_chart = build_fusion_chart(fusion, current_layer=layer, layer_names={0: "embeddings"})
+    st.altair_chart(fusion_chart)
+    st.caption("NMI between a 2-cluster k-means of the layer's vectors and the tokens' modality (VALUE). "
+               "1: the clusters are the modalities; 0: fused.")
+
+st.subheader(f"Nearest neighbours of token {pick_tok} of {pick_ex} ({name}, cosine, raw hidden space)")
+row = find_token(tokens, pick_ex, pick_tok)
+if row is not None:
+    nbrs = compute_neighbours(tokens, layer, row, k=5)
+    nbrs["patch"] = [emb.thumbnails(set_key, tokens)[r] or None for r in nbrs["row"]]
+    st.dataframe(nbrs.drop(columns="row"), hide_index=True, key="emb_neighbours",
+                 column_config={"patch": st.column_config.ImageColumn("patch"),
+                                "similarity": st.column_config.NumberColumn(format="%.3f")})
+if Path(HEATMAPS).exists():
+    link = {k: st.query_params[k] for k in st.query_params} | {"ex": pick_ex, "tok": str(pick_tok),
+                                                              "layer": str(max(layer - 1, 0))}
+    st.page_link(HEATMAPS, label=f"Open token {pick_tok} of {pick_ex} on the attention heatmaps", icon="🔥",
+                 query_params={k: v for k, v in link.items() if k not in ("scope", "proj", "color")})
+
+with st.expander("Downloads"):
+    import vl_convert as vlc
+
+    c1, c2, c3 = st.columns(3)
+    c1.download_button("Coordinates (CSV)", frame.to_csv(index=False), f"coords-{layer}.csv", "text/csv",
+                       key="emb_csv", on_click="ignore")
+    c2.download_button("Scatter (PNG)", lambda: vlc.vegalite_to_png(chart.to_json()), f"scatter-{layer}.png",
+                       "image/png", key="emb_png", on_click="ignore")
+    c3.download_button("Fusion chart (SVG)", lambda: vlc.vegalite_to_svg(fusion_chart.to_json()), "fusion.svg",
+                       "image/svg+xml", key="emb_svg", on_click="ignore")

@@ -1,0 +1,142 @@
+"""Streamlit glue of the embeddings page: cached token sets, cached fits, fusion tables and the token picker.
+
+Fits are cached per (token set key, layer, method, alignment, perplexity): moving the layer slider
+back to a layer already seen never refits. `FITS` counts real fits (cache misses) for tests and the
+benchmark. Token sets of sweeps are held with ``st.cache_resource`` (read-only arrays, not copied on
+every rerun); fits, fusion tables and thumbnails with ``st.cache_data``. Every cached function is keyed
+on hashable arguments that determine the result; the underscore argument is the token set named by
+``set_key``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from vlcore.charts_embeddings import thumbnail_uris
+from vlcore.extract import load_sweep, load_sweep_vectors
+from vlcore.projection import (DEFAULT_PERPLEXITY, TokenSet, align_signs, apply_pca, compute_fusion,
+                               compute_projection, fit_joint_pca, token_set_from_sweep, token_set_from_traces)
+from vlcore.trace import Trace
+from vlcore.ui.state import set_params
+
+FITS: Counter = Counter()  # real fits per method ("pca", "tsne", "umap", "pca-joint"), cache misses only
+SLICES = ("all", "correct", "incorrect")
+SHOW = {"all": "all tokens", "text": "text tokens", "image": "image tokens"}
+
+
+def example_token_set(trace: Trace) -> tuple[TokenSet, str]:
+    """Every token of one trace, and a key naming its content (model, example, hidden-state digest)."""
+    digest = hashlib.sha256(np.ascontiguousarray(trace.hidden).tobytes()).hexdigest()[:16]
+    return token_set_from_traces([trace]), f"ex|{trace.model_id}|{trace.example_id}|{digest}"
+
+
+def sweep_stamp(path: Path) -> str:
+    """Changes whenever the sweep's files change (an unfinished sweep grows)."""
+    files = sorted(p for p in path.glob("*") if p.suffix in (".parquet", ".safetensors"))
+    return "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the sweep's token vectors…")
+def _sweep_tokens(path: str, stamp: str) -> TokenSet:
+    preds, _ = load_sweep(path)
+    return token_set_from_sweep(load_sweep_vectors(path), preds)
+
+
+def sweep_token_set(path: Path) -> tuple[TokenSet, str]:
+    """The sampled token vectors of a sweep (raises `ProjectionError` when it kept none) and its key."""
+    stamp = sweep_stamp(path)
+    return _sweep_tokens(str(path), stamp), f"sweep|{path.name}|{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+
+
+def narrow(tokens: TokenSet, key: str, show: str = "all", slice_: str = "all") -> tuple[TokenSet, str]:
+    """Keep one modality (``show``: all / text / image) and one slice (all / correct / incorrect)."""
+    keep = np.ones(tokens.n_tokens, dtype=bool)
+    if show != "all":
+        keep &= tokens.tokens["modality"].to_numpy() == (0 if show == "text" else 1)
+    if slice_ != "all":
+        keep &= tokens.tokens["correct"].map(lambda c: c is not None and not pd.isna(c) and bool(c) == (
+            slice_ == "correct")).to_numpy(dtype=bool)
+    if keep.all():
+        return tokens, key
+    return tokens.subset(keep), f"{key}|show={show}|slice={slice_}"
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def fit_layer(set_key: str, layer: int, method: str, align: str, perplexity: float, _tokens: TokenSet) -> np.ndarray:
+    """float32 ``[T, 2]`` coordinates of one layer, computed once per argument tuple.
+
+    PCA with ``align="sign"`` flips the axes to agree with the previous layer (itself cached);
+    ``align="joint"`` uses one PCA fitted on all layers.
+    """
+    if method == "pca" and align == "joint":
+        mean, comps = _joint_pca(set_key, _tokens)
+        return apply_pca(_tokens.layer(layer), mean, comps)
+    FITS[method] += 1
+    coords = compute_projection(_tokens.layer(layer), method, perplexity=perplexity)
+    if method == "pca" and align == "sign" and layer > 0:
+        coords = align_signs(coords, fit_layer(set_key, layer - 1, method, align, perplexity, _tokens))
+    return coords
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _joint_pca(set_key: str, _tokens: TokenSet) -> tuple[np.ndarray, np.ndarray]:
+    FITS["pca-joint"] += 1
+    return fit_joint_pca(_tokens)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def fusion_table(set_key: str, _tokens: TokenSet) -> pd.DataFrame:
+    """`compute_fusion` of a token set, once per key."""
+    return compute_fusion(_tokens)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def thumbnails(set_key: str, _tokens: TokenSet) -> list[str]:
+    """Tooltip thumbnails (data URIs) of the set's patch tokens."""
+    return thumbnail_uris(_tokens.thumbs, _tokens.tokens["kind"].to_numpy() == "patch")
+
+
+def fit_with_spinner(set_key: str, layer: int, method: str, align: str, perplexity: float,
+                     tokens: TokenSet) -> np.ndarray:
+    """`fit_layer`, with a spinner (and a rough time) for the slow methods."""
+    if method == "pca":
+        return fit_layer(set_key, layer, method, align, perplexity, tokens)
+    with st.spinner(f"Fitting {method.upper()} on {tokens.n_tokens:,} tokens "
+                    f"(about {max(1, tokens.n_tokens // 400)} s on 2 CPU cores; cached afterwards)…"):
+        return fit_layer(set_key, layer, method, align, perplexity, tokens)
+
+
+def sync_token_picker(examples: list[str], wanted_ex: str | None, wanted_tok: int | None) -> None:
+    """Put the URL's (or a clicked) token into the picker widgets' state before they are drawn."""
+    ex = wanted_ex if wanted_ex in examples else examples[0]
+    if st.session_state.get("emb_pick_ex") != ex:
+        st.session_state["emb_pick_ex"] = ex
+    if wanted_tok is not None and st.session_state.get("emb_pick_tok") != wanted_tok:
+        st.session_state["emb_pick_tok"] = wanted_tok
+
+
+def select_token(example_id: str, token: int | None) -> None:
+    """Select one token app-wide: the URL's ``ex`` and ``tok`` (None removes ``tok``)."""
+    set_params(ex=example_id, tok=None if token is None else int(token))
+
+
+def clicked_token(state_key: str, param: str) -> tuple[str, int] | None:
+    """A new click on the scatter (its ``uid`` is ``example_id#token``), or None."""
+    event = st.session_state.get(state_key)
+    points = ((event or {}).get("selection") or {}).get(param) or []
+    uid = points[0].get("uid") if points and isinstance(points[0], dict) else None
+    if not uid or uid == st.session_state.get("emb_last_click"):
+        return None
+    st.session_state["emb_last_click"] = uid
+    example_id, _, token = str(uid).rpartition("#")
+    return (example_id, int(token)) if token.isdigit() else None
+
+
+__all__ = ["DEFAULT_PERPLEXITY", "FITS", "SHOW", "SLICES", "example_token_set", "fit_layer", "fit_with_spinner",
+           "fusion_table", "narrow", "select_token", "sweep_token_set", "sync_token_picker", "thumbnails"]
