@@ -251,7 +251,7 @@ def compute_shape_mask(image_seen: np.ndarray, background=None, tolerance: int =
         tolerance: a pixel is background when every channel is within this of the background.
 
     >>> img = np.full((4, 4, 3), 200, np.uint8); img[1:3, 1:3] = (255, 0, 0)
-    >>> compute_shape_mask(img).astype(int).sum()
+    >>> int(compute_shape_mask(img).sum())
     4
     """
     img = np.asarray(image_seen)
