@@ -28,6 +28,7 @@
 | `dir`   | attention `from` or `to` the query        | `from`                      |
 | `method`| explanation: `raw`, `rollout`, `relevancy`| `rollout`                   |
 | `answer`| answer label explained by relevancy       | `red`                       |
+| `view`  | heatmaps page section: `matrices`, `heads`, `step`, `explain`, `export` | `heads` |
 | `proj`  | projection: `pca`, `tsne`, `umap`         | `pca`                       |
 | `color` | projection colouring: `modality`, `token`, `example`, `correct` | `modality` |
 | `who`   | annotations page: annotator filter        | `ana`                       |
@@ -41,7 +42,7 @@ import streamlit as st
 PARAMS = (
     "ds", "loc", "img", "map", "stream", "cfg", "split", "q", "cat", "ans", "obj", "ex", "model", "layer", "head",
     "sweep", "scope", "metric", "norm", "slice", "cmp", "tok", "patch", "dir", "method", "answer", "proj", "color",
-    "who", "label",
+    "who", "label", "view",
 )
 
 
