@@ -1,0 +1,182 @@
+"""Projections, fusion degree and neighbours: pooling, known NMI answers, brute-force neighbours, the fit cache,
+and sweep vectors equal to the full trace's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vlcore.projection import (ProjectionError, TokenSet, align_signs, check_method, compute_fusion,
+                               compute_fusion_nmi, compute_layer_projections, compute_neighbours, compute_projection,
+                               coordinates_frame, find_token, token_kind, umap_available)
+
+
+def synthetic_set(n_examples: int = 3, n_tok: int = 12, d: int = 16, layers: int = 3, seed: int = 0,
+                  separated: bool = True) -> TokenSet:
+    """Text tokens near +c, image tokens near -c (separated), or all around 0 (mixed)."""
+    rng = np.random.default_rng(seed)
+    modality = np.tile(np.r_[np.zeros(n_tok // 2), np.ones(n_tok - n_tok // 2)].astype(np.int8), n_examples)
+    special = np.zeros(len(modality), dtype=bool)
+    centre = rng.normal(size=d) * 10
+    vectors = rng.normal(size=(layers + 1, len(modality), d))
+    if separated:
+        vectors += np.where(modality[:, None] == 0, centre, -centre)[None]
+    rows = np.where(modality == 1, np.arange(len(modality)) % 4, -1)
+    frame = pd.DataFrame({
+        "example_id": np.repeat([f"e{i}" for i in range(n_examples)], n_tok).astype(object),
+        "token": np.tile(np.arange(n_tok), n_examples), "text": [f"t{i}" for i in range(len(modality))],
+        "modality": modality, "special": special, "row": rows, "col": rows,
+        "kind": token_kind(modality, special), "correct": [True] * len(modality),
+    })
+    return TokenSet(vectors.astype(np.float16), frame)
+
+
+def test_one_fit_pools_examples_same_vector_same_point():
+    ts = synthetic_set()
+    vec = ts.vectors.copy()
+    vec[:, 5] = vec[:, 12 + 7]  # token 5 of e0 equals token 7 of e1, in every layer
+    ts = TokenSet(vec, ts.tokens)
+    for method in ("pca",):
+        for align in ("sign", "joint", "none"):
+            coords = compute_layer_projections(ts, method, align)
+            for layer, xy in coords.items():
+                assert xy.shape == (ts.n_tokens, 2)
+                np.testing.assert_allclose(xy[5], xy[19], atol=1e-5, err_msg=f"{align} layer {layer}")
+    tsne = compute_projection(ts.layer(1), "tsne", perplexity=5)
+    np.testing.assert_allclose(tsne[5], tsne[19], atol=1e-3)
+
+
+def test_pca_pooled_equals_one_fit_on_concatenation():
+    ts = synthetic_set()
+    got = compute_layer_projections(ts, "pca", "none", layers=[2])[2]
+    x = ts.layer(2) - ts.layer(2).mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    ref = x @ vt[:2].T
+    np.testing.assert_allclose(np.abs(got), np.abs(ref), atol=1e-3)  # same axes up to sign
+
+
+def test_sign_alignment_makes_axes_agree_with_the_previous_layer():
+    ts = synthetic_set()
+    coords = compute_layer_projections(ts, "pca", "sign")
+    for layer in range(1, ts.n_layers + 1):
+        a, b = coords[layer] - coords[layer].mean(0), coords[layer - 1] - coords[layer - 1].mean(0)
+        assert ((a * b).sum(0) >= 0).all()
+    flipped = align_signs(-coords[1], coords[1])
+    np.testing.assert_allclose(flipped, coords[1])
+
+
+def test_nmi_is_one_for_separated_modalities_and_near_zero_for_mixed():
+    sep = synthetic_set(n_examples=10, separated=True)
+    mix = synthetic_set(n_examples=10, separated=False)
+    nmi, nmi_kind = compute_fusion_nmi(sep.layer(1), sep.tokens["modality"], sep.tokens["kind"])
+    assert nmi == pytest.approx(1.0) and nmi_kind == pytest.approx(1.0)
+    nmi_mixed, _ = compute_fusion_nmi(mix.layer(1), mix.tokens["modality"])
+    assert nmi_mixed < 0.05
+    table = compute_fusion(sep)
+    assert table["layer"].tolist() == [0, 1, 2, 3] and np.allclose(table["nmi_modality"], 1.0)
+
+
+def test_fusion_finer_label_separates_special_tokens():
+    ts = synthetic_set(n_examples=6)
+    special = ts.tokens["token"].isin([0]).to_numpy()  # first text token of each example is special
+    kind = token_kind(ts.tokens["modality"].to_numpy(), special)
+    nmi_mod, nmi_kind = compute_fusion_nmi(ts.layer(0), ts.tokens["modality"], kind)
+    assert nmi_mod == pytest.approx(1.0) and 0.5 < nmi_kind < 1.0  # two clusters cannot name three labels
+
+
+def test_neighbours_match_brute_force_cosine():
+    ts = synthetic_set(n_examples=4, separated=False, seed=3)
+    x = ts.layer(2).astype(np.float64)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for query in (0, 7, 30):
+        got = compute_neighbours(ts, 2, query, k=4)
+        sims = unit @ unit[query]
+        for mod, name in ((0, "text"), (1, "image")):
+            pool = np.flatnonzero((ts.tokens["modality"].to_numpy() == mod) & (np.arange(len(x)) != query))
+            best = pool[np.argsort(-sims[pool])[:4]]
+            part = got[got["modality"] == name]
+            assert part["row"].tolist() == best.tolist()
+            np.testing.assert_allclose(part["similarity"], sims[best], atol=1e-4)
+            assert set(part["example_id"]) <= set(ts.tokens["example_id"])  # across examples
+
+
+def test_too_few_tokens_and_missing_umap_are_clear_errors():
+    with pytest.raises(ProjectionError, match="t-SNE needs at least 31 tokens .*has 12"):
+        check_method("tsne", 12)
+    with pytest.raises(ProjectionError, match="PCA needs at least 3"):
+        compute_projection(np.zeros((2, 4)), "pca")
+    with pytest.raises(ProjectionError, match="one of"):
+        check_method("isomap", 100)
+    if not umap_available():
+        with pytest.raises(ProjectionError, match="pip install umap-learn"):
+            check_method("umap", 100)
+
+
+def test_coordinates_frame_and_find_token():
+    ts = synthetic_set()
+    frame = coordinates_frame(ts, np.zeros((ts.n_tokens, 2), np.float32), layer=2)
+    assert frame["uid"].iloc[13] == "e1#1" and set(frame["modality"]) == {"text", "image"}
+    assert find_token(ts, "e1", 1) == 13 and find_token(ts, "e9", 0) is None
+
+
+def test_revisiting_a_layer_does_not_refit():
+    from vlcore.ui import embeddings as emb
+
+    ts = synthetic_set()
+    emb.FITS.clear()
+    first = emb.fit_layer("k", 3, "pca", "sign", 30.0, ts)
+    assert emb.FITS["pca"] == 4  # layers 0..3: each aligned to the one before
+    emb.fit_layer("k", 1, "pca", "sign", 30.0, ts)
+    again = emb.fit_layer("k", 3, "pca", "sign", 30.0, ts)
+    assert emb.FITS["pca"] == 4
+    np.testing.assert_array_equal(first, again)
+    emb.fit_layer("k", 2, "pca", "none", 30.0, ts)
+    emb.fit_layer("k", 2, "pca", "none", 30.0, ts)
+    assert emb.FITS["pca"] == 5
+
+
+def test_sweep_vectors_equal_the_trace_and_survive_resume(tiny_adapter, tmp_path):
+    from tests.test_extract import examples
+    from vlcore.extract import extract_trace, load_sweep, load_sweep_vectors, run_sweep
+    from vlcore.projection import token_set_from_sweep
+
+    exs = examples(7)
+    seen = []
+    out = tmp_path / "s"
+    run_sweep(tiny_adapter, exs, out, batch_size=3, vector_patches=3, progress=seen.append,
+              should_stop=lambda: len(seen) >= 1)
+    assert len(list(out.glob("part-*.vectors.safetensors"))) == 1
+    partial = load_sweep_vectors(out)
+    assert partial["example_ids"] == ["t/0", "t/1", "t/2"]
+    run_sweep(tiny_adapter, exs, out, batch_size=3, vector_patches=3)
+    assert (out / "vectors.safetensors").exists() and not list(out.glob("part-*"))
+    vec = load_sweep_vectors(out)
+    assert vec["example_ids"] == [e.example_id for e in exs]
+    ts = token_set_from_sweep(vec, load_sweep(out)[0])
+    for i, ex in enumerate(exs):
+        trace = extract_trace(tiny_adapter, ex.load_image(), ex.question, ex.example_id)
+        rows = np.flatnonzero(ts.tokens["example_id"].to_numpy() == ex.example_id)
+        toks = ts.tokens["token"].to_numpy()[rows]
+        n_text = int((trace.modality == 0).sum())
+        assert (ts.tokens["kind"].to_numpy()[rows] == "patch").sum() == 3  # K patches, every text token + [IMG]
+        assert toks[: n_text + 1].tolist() == list(range(n_text + 1))
+        np.testing.assert_array_equal(ts.vectors[:, rows], trace.hidden[:, toks])
+        assert [trace.tokens[t] for t in toks] == ts.tokens["text"].iloc[rows].tolist()
+
+
+def test_damaged_vector_part_is_recomputed(tiny_adapter, tmp_path):
+    from tests.test_extract import examples
+    from vlcore.extract import load_sweep_vectors, run_sweep
+
+    exs = examples(6)
+    seen = []
+    run_sweep(tiny_adapter, exs, tmp_path / "s", batch_size=3, progress=seen.append, should_stop=lambda: len(seen) >= 1)
+    part = next((tmp_path / "s").glob("part-*.vectors.safetensors"))
+    part.write_bytes(part.read_bytes()[:50])
+    encoded = []
+    original = tiny_adapter.encode
+    tiny_adapter.encode = lambda imgs, texts: encoded.append(len(texts)) or original(imgs, texts)
+    run_sweep(tiny_adapter, exs, tmp_path / "s", batch_size=3)
+    assert sum(encoded) == 6  # the damaged batch ran again
+    assert load_sweep_vectors(tmp_path / "s")["example_ids"] == [e.example_id for e in exs]
