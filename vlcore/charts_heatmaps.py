@@ -84,7 +84,7 @@ def parse_patches(text: str | None, grid: tuple[int, int]) -> tuple[list[tuple[i
         ``(cells, problems)``: unique (row, col) cells in the order given, and one line per problem.
 
     >>> parse_patches("1.2,x,9.0", (2, 3))
-    ([(1, 2)], ['`x` is not row.col', '`9.0` is outside the 2×3 grid; using 1.0'])
+    ([(1, 2), (1, 0)], ['`x` is not row.col', '`9.0` is outside the 2×3 grid; using 1.0'])
     """
     cells: list[tuple[int, int]] = []
     problems: list[str] = []
@@ -152,8 +152,8 @@ def upsample_bilinear(grid: np.ndarray, factor: int) -> np.ndarray:
 
     NaN cells count as the mean of the others.
 
-    >>> upsample_bilinear(np.array([[0.0, 1.0]]), 2).round(2).tolist()
-    [[0.0, 0.25, 0.75, 1.0]]
+    >>> upsample_bilinear(np.array([[0.0, 1.0]]), 2)[0].round(2).tolist()
+    [0.0, 0.25, 0.75, 1.0]
     """
     g = np.where(np.isnan(grid), np.nanmean(grid) if np.isfinite(grid).any() else 0.0, grid).astype(np.float64)
     rows, cols = g.shape

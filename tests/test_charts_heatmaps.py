@@ -1,0 +1,181 @@
+"""Heatmap views on hand-made traces: planted attention lands on its patch, matrices, chips, exports."""
+
+from __future__ import annotations
+
+import io
+import json
+import xml.etree.ElementTree as ET
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vlcore import charts_heatmaps as ch
+from vlcore.trace import Trace
+
+# [CLS] a b [SEP] | [IMG] p(0,0) p(0,1) p(0,2) p(1,0) p(1,1) p(1,2): a NON-square 2x3 grid
+TOKENS = ("[CLS]", "a", "b", "[SEP]", "[IMG]") + tuple(f"<patch {r},{c}>" for r in range(2) for c in range(3))
+N = len(TOKENS)
+
+
+def patch_index(r: int, c: int) -> int:
+    return 5 + 3 * r + c
+
+
+def planted_trace(plants: dict[tuple[int, int, int], int] | None = None, n_layers: int = 2, n_heads: int = 3) -> Trace:
+    """Near-uniform attention; ``plants[(layer, head, query)] = key`` puts 0.9 of that row on ``key``."""
+    att = np.full((n_layers, n_heads, N, N), 0.1 / (N - 1), dtype=np.float32)
+    np.einsum("lhii->lhi", att)[...] = 0.9
+    for (layer, head, query), key in (plants or {}).items():
+        att[layer, head, query] = 0.1 / (N - 1)
+        att[layer, head, query, key] = 0.9
+    rc = np.full((N, 2), -1, dtype=np.int16)
+    rc[5:] = [(r, c) for r in range(2) for c in range(3)]
+    return Trace("hand/0", "hand-model", TOKENS, np.array([0] * 4 + [1] * 7, np.int8),
+                 np.array([1, 0, 0, 1, 1] + [0] * 6, bool), rc, (2, 3), np.full((16, 24, 3), 90, np.uint8), 8,
+                 att.astype(np.float16), None, prediction=(("red", 0.9),), text="a b")
+
+
+def layer_frames(chart) -> list[pd.DataFrame]:
+    """Each layer's data (Altair hoists data shared by every layer to the layer chart)."""
+    return [layer.data if isinstance(layer.data, pd.DataFrame) else chart.data for layer in chart.layer]
+
+
+def heat_frame(chart) -> pd.DataFrame:
+    """The heat layer: the first layer whose data has a ``value`` column and a colour encoding."""
+    for layer in chart.layer:
+        if isinstance(layer.data, pd.DataFrame) and "value" in layer.data and layer.to_dict().get("encoding", {}).get(
+                "color"):
+            return layer.data
+    raise AssertionError("no heat layer")
+
+
+@pytest.mark.parametrize("cell", [(0, 2), (1, 0), (1, 2), (0, 1)])
+def test_planted_attention_peaks_at_its_patch_not_its_transpose(cell):
+    t = planted_trace({(1, 2, 1): patch_index(*cell)})  # token "a" attends to the patch
+    values = ch.compute_query_map(t.head_attention(1, 2), [1], "from")
+    heat = heat_frame(ch.build_attention_overlay_chart(t, values))
+    top = heat.loc[heat["value"].idxmax()]
+    assert (top["row"], top["col"]) == cell
+    assert (top["x"], top["y"]) == (cell[1] * 8, cell[0] * 8)  # x from the column, y from the row
+    smooth = heat_frame(ch.build_attention_overlay_chart(t, values, smooth=True))
+    assert len(smooth) == 6 * 16  # 4x4 sub-rectangles per patch
+    peak = smooth.loc[smooth["value"].idxmax()]
+    assert (peak["row"], peak["col"]) == cell
+    assert cell[1] * 8 <= peak["x"] < (cell[1] + 1) * 8 and cell[0] * 8 <= peak["y"] < (cell[0] + 1) * 8
+
+
+def test_attention_to_a_patch_is_its_column_and_several_patches_average():
+    t = planted_trace({(0, 0, 2): patch_index(1, 1)})  # token "b" attends to patch (1, 1)
+    att = t.head_attention(0, 0)
+    to = ch.compute_query_map(att, [patch_index(1, 1)], "to")
+    assert to[2] == pytest.approx(0.9, abs=1e-3) and to[1] < 0.02  # "b" gives it 0.9, "a" almost nothing
+    chips = ch.token_chips_frame(t, to)
+    assert chips.set_index("text").loc["b", "value"] == pytest.approx(0.9, abs=1e-3)
+    both = ch.compute_query_map(att, [patch_index(0, 0), patch_index(1, 2)], "from")
+    assert np.allclose(both, (att[patch_index(0, 0)] + att[patch_index(1, 2)]) / 2)
+
+
+def test_selected_patches_are_outlined_and_overlay_has_a_click_selection():
+    t = planted_trace()
+    chart = ch.build_attention_overlay_chart(t, t.head_attention(0, 0)[0], selected=[(1, 2)])
+    spec = chart.to_dict()
+    assert [p["name"] for p in spec.get("params", [])] == ["patch"]
+    outline = layer_frames(chart)[-1]
+    assert outline[["row", "col"]].values.tolist() == [[1, 2]]
+    assert "params" not in ch.build_attention_overlay_chart(t, t.head_attention(0, 0)[0], select_name=None).to_dict()
+
+
+def test_upsample_bilinear_keeps_constants_and_corners():
+    g = np.arange(6, dtype=np.float64).reshape(2, 3)
+    up = ch.upsample_bilinear(g, 4)
+    assert up.shape == (8, 12)
+    assert up[0, 0] == g[0, 0] and up[-1, -1] == g[-1, -1]
+    assert np.allclose(ch.upsample_bilinear(np.full((2, 3), 0.5), 3), 0.5)
+
+
+def test_token_chips_leave_out_specials_and_flag_the_query():
+    t = planted_trace()
+    values = np.linspace(0, 1, N)
+    frame = ch.token_chips_frame(t, values, selected=[2])
+    assert frame["text"].tolist() == ["a", "b"]
+    assert frame["selected"].tolist() == [False, True]
+    assert frame["value"].tolist() == pytest.approx([values[1], values[2]])
+    special = layer_frames(ch.build_special_weights_chart(t, values))[0]
+    assert special["token"].tolist()[:3] == ["0:[CLS]", "3:[SEP]", "4:[IMG]"]
+    assert special["value"].tolist()[:3] == pytest.approx([values[0], values[3], values[4]])
+    assert special["value"].iloc[-1] == pytest.approx(values[5:].sum())  # all patches
+
+
+def test_matrix_has_n_by_n_cells_named_by_token_and_a_modality_separator():
+    t = planted_trace({(0, 1, 1): patch_index(0, 2)})
+    att = t.head_attention(0, 1)
+    chart = ch.build_matrix_chart(t, att)
+    cells = layer_frames(chart)[0]
+    assert len(cells) == N * N
+    hit = cells[(cells["query"] == "1:a") & (cells["key"] == "7:<patch 0,2>")]
+    assert hit["value"].item() == pytest.approx(0.9, abs=1e-3)
+    assert chart.layer[1].data["key"].tolist() == ["4:[IMG]"] and chart.layer[2].data["query"].tolist() == ["4:[IMG]"]
+    tooltip = [t_["field"] for t_ in chart.to_dict()["layer"][0]["encoding"]["tooltip"]]
+    assert tooltip == ["query", "key", "value"]
+
+
+@pytest.mark.parametrize("block,shape", [("txt2txt", (2, 2)), ("txt2img", (2, 6)), ("img2txt", (6, 2)),
+                                         ("img2img", (6, 6))])
+def test_each_block_has_its_cells(block, shape):
+    t = planted_trace()
+    cells = layer_frames(ch.build_block_chart(t, t.head_attention(0, 0), block))[0]
+    assert (cells["query"].nunique(), cells["key"].nunique()) == shape and len(cells) == shape[0] * shape[1]
+
+
+def test_all_heads_grid_puts_each_heads_peak_at_its_patch():
+    plants = {(1, 0, 1): patch_index(0, 2), (1, 1, 1): patch_index(1, 0), (1, 2, 1): patch_index(1, 1)}
+    t = planted_trace(plants)
+    chart = ch.build_all_heads_chart(t, ch.compute_head_maps(t, 1, [1]))
+    frame = chart.data
+    peaks = frame.loc[frame.groupby("head")["value"].idxmax(), ["row", "col"]].values.tolist()
+    assert peaks == [[0, 2], [1, 0], [1, 1]]
+    assert np.allclose(ch.compute_head_maps(t, 1, [1], "to")[0], t.head_attention(1, 0)[:, 1])
+
+
+def test_parse_patches_drops_bad_syntax_and_moves_cells_into_the_grid():
+    cells, problems = ch.parse_patches("1.2, 0.0,1.2,abc,5.-1,", (2, 3))
+    assert cells == [(1, 2), (0, 0), (1, 0)]
+    assert len(problems) == 2 and "abc" in problems[0] and "outside the 2×3 grid" in problems[1]
+    assert ch.parse_patches(None, (2, 3)) == ([], [])
+    assert ch.format_patches(cells) == "1.2,0.0,1.0"
+    t = planted_trace()
+    assert ch.patch_token_indices(t, cells).tolist() == [10, 5, 8]
+
+
+def test_text_only_trace_has_no_image_tokens():
+    t = planted_trace()
+    assert ch.has_image_tokens(t)
+    text = Trace("t", "m", TOKENS[:4], np.zeros(4, np.int8), np.array([1, 0, 0, 1], bool),
+                 np.full((4, 2), -1, np.int16), (0, 0), np.zeros((0, 0, 3), np.uint8), 8,
+                 np.full((1, 1, 4, 4), 0.25, np.float16), None)
+    assert not ch.has_image_tokens(text)
+
+
+def test_perturbation_chart_has_both_orders_and_their_auc():
+    fr = np.linspace(0, 0.9, 10)
+    curves = {"positive": SimpleNamespace(fractions=fr, probabilities=1 - fr, auc=0.4),
+              "random": SimpleNamespace(fractions=fr, probabilities=1 - fr / 2, auc=0.7)}
+    frame = ch.build_perturbation_chart(curves).data
+    assert sorted(frame["label"].unique()) == ["positive (AUC 0.400)", "random (AUC 0.700)"]
+    assert len(frame) == 20
+
+
+def test_exports_parse():
+    t = planted_trace({(1, 2, 1): patch_index(1, 0)})
+    att = t.head_attention(1, 2)
+    overlay = ch.build_attention_overlay_chart(t, ch.compute_query_map(att, [1]))
+    assert ch.export_chart(overlay, "png")[:8] == b"\x89PNG\r\n\x1a\n"
+    root = ET.fromstring(ch.export_chart(ch.build_matrix_chart(t, att), "svg"))
+    assert root.tag.endswith("svg")
+    frame = pd.read_csv(io.StringIO(ch.matrix_csv(t, att)), index_col=0)
+    assert frame.shape == (N, N) and frame.loc["1:a", "8:<patch 1,0>"] == pytest.approx(0.9, abs=1e-3)
+    assert json.loads(ch.chart_spec_json(ch.build_matrix_chart(t, att)))["datasets"]  # data inline, no row limit
+    with pytest.raises(ValueError, match="png"):
+        ch.export_chart(overlay, "gif")
