@@ -19,6 +19,7 @@ mode with a busy timeout so that several annotators can save at once.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import threading
@@ -193,6 +194,12 @@ class AnnotationStore:
         self._ready = False
         self._lock = threading.Lock()
 
+    def with_labels(self, labels: Sequence[str]) -> AnnotationStore:
+        """The same database (engine, schema state) with another label set."""
+        clone = copy.copy(self)
+        clone.labels = tuple(labels)
+        return clone
+
     # schema ---------------------------------------------------------------------------------------------
 
     def ensure_schema(self) -> int:
@@ -223,10 +230,10 @@ class AnnotationStore:
                 return
             version = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
             if version is None:
-                raise AnnotationError(f"{self._where()}: the schema_version table is empty; "
+                raise AnnotationError(f"{self.where}: the schema_version table is empty; "
                                       "restore it or point VLScope at a new database")
             if version > SCHEMA_VERSION:
-                raise AnnotationError(f"{self._where()} has annotation schema version {version}, newer than this "
+                raise AnnotationError(f"{self.where} has annotation schema version {version}, newer than this "
                                       f"VLScope's {SCHEMA_VERSION}; upgrade VLScope")
             while version < SCHEMA_VERSION:
                 MIGRATIONS[version](conn)
@@ -239,7 +246,9 @@ class AnnotationStore:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar())
 
-    def _where(self) -> str:
+    @property
+    def where(self) -> str:
+        """The database URL, password hidden."""
         return self.engine.url.render_as_string(hide_password=True)
 
     # writing --------------------------------------------------------------------------------------------
@@ -312,6 +321,10 @@ class AnnotationStore:
     def annotators(self) -> list[str]:
         """Distinct annotator names in the database, sorted."""
         return self._distinct("annotator")
+
+    def pages(self) -> list[str]:
+        """Distinct pages annotated, sorted."""
+        return self._distinct("page")
 
     def _distinct(self, column: str) -> list[str]:
         self.ensure_schema()

@@ -33,6 +33,7 @@
 | `color` | projection colouring: `modality`, `token`, `example`, `correct` | `modality` |
 | `who`   | annotations page: annotator filter        | `ana`                       |
 | `label` | annotations page: label filter            | `plausible`                 |
+| `page`  | annotations page: page filter (page name) | `Heatmaps`                  |
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import streamlit as st
 PARAMS = (
     "ds", "loc", "img", "map", "stream", "cfg", "split", "q", "cat", "ans", "obj", "ex", "model", "layer", "head",
     "sweep", "scope", "metric", "norm", "slice", "cmp", "tok", "patch", "dir", "method", "answer", "proj", "color",
-    "who", "label", "view",
+    "who", "label", "page", "view",
 )
 
 

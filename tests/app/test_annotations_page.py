@@ -1,0 +1,165 @@
+"""The Annotations page and the "Annotate this view" panel, against the app's default SQLite file."""
+
+from __future__ import annotations
+
+import io
+from urllib.parse import parse_qsl, urlsplit
+
+import pandas as pd
+import pytest
+from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+from streamlit.testing.v1 import AppTest
+
+from tests.app.conftest import open_page
+from tests.conftest import ROOT
+from vlcore.annotations import AnnotationStore, default_url
+
+PAGE = "pages/6_Annotations.py"
+PANEL_PAGE = str(ROOT / "tests" / "app" / "annotate_page.py")
+
+
+@pytest.fixture
+def store():
+    """The database the app opens by default (the autouse fixture's VLSCOPE_CACHE), with three rows."""
+    store = AnnotationStore(default_url())
+    view = "ex=easy_vqa/test/0&layer=3&head=1"
+    store.add(annotator="ana", page="pages/4_Heatmaps.py", label="plausible", example_id="easy_vqa/test/0",
+              model="demo", layer=3, head=1, view=view, text="tracks the circle")
+    store.add(annotator="bo", page="pages/4_Heatmaps.py", label="implausible", example_id="easy_vqa/test/0",
+              model="demo", layer=3, head=2, view=view.replace("head=1", "head=2"), text="background")
+    store.add(annotator="ana", page="pages/3_Head_Statistics.py", label="other", example_id="easy_vqa/test/5",
+              view="ex=easy_vqa/test/5", text="'); DROP TABLE annotations; --")
+    store.add(annotator="dee", page="pages/2_Run_Model.py", label="other", example_id="easy_vqa/test/9",
+              view="ex=easy_vqa/test/9&model=demo", text="runner")
+    return store
+
+
+@pytest.fixture
+def downloads(monkeypatch):
+    """Bytes handed to st.download_button, by file name."""
+    files: dict[str, bytes] = {}
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def record(self, path_or_data, mimetype, kind, filename=None):
+        files[filename] = path_or_data
+        return original(self, path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(MemoryMediaFileStorage, "load_and_get_id", record)
+    return files
+
+
+def _table(at) -> pd.DataFrame:
+    return at.dataframe[0].value
+
+
+def test_lists_every_annotation_and_exports(store, downloads):
+    at = open_page(PAGE)
+    assert not at.exception and not at.error
+    table = _table(at)
+    assert sorted(table["text"]) == sorted(store.list()["text"])
+    assert "'); DROP TABLE annotations; --" in set(table["text"])
+    assert table["link"].str.contains("/Heatmaps?ex=easy_vqa/test/0&layer=3&head=", regex=False).sum() == 2
+    csv = pd.read_csv(io.BytesIO(downloads["annotations.csv"]))
+    parquet = pd.read_parquet(io.BytesIO(downloads["annotations.parquet"]))
+    for back in (csv, parquet):
+        assert sorted(back["text"]) == sorted(table["text"])
+        assert list(back.columns) == list(store.list().columns)
+
+
+@pytest.mark.parametrize(("params", "texts"), [
+    ({"who": "bo"}, ["background"]),
+    ({"label": "plausible"}, ["tracks the circle"]),
+    ({"who": "ana", "ex": "easy_vqa/test/0"}, ["tracks the circle"]),
+    ({"page": "Head_Statistics"}, ["'); DROP TABLE annotations; --"]),
+])
+def test_url_filters(store, params, texts):
+    at = open_page(PAGE, params)
+    assert not at.exception and not at.error
+    assert sorted(_table(at)["text"]) == sorted(texts)
+    assert {k: at.query_params[k] for k in params} == params  # the filters stay in the URL
+
+
+def test_unknown_filter_values_give_a_notice_and_everything(store):
+    at = open_page(PAGE, {"who": "../../etc/passwd", "label": "nonsense"})
+    assert not at.exception and not at.error
+    assert len(_table(at)) == 4
+    notices = " ".join(i.value for i in at.info)
+    assert "who=../../etc/passwd" in notices and "label=nonsense" in notices
+    assert "who" not in at.query_params and "label" not in at.query_params
+
+
+def test_filter_widgets_write_the_url(store):
+    at = open_page(PAGE)
+    at.selectbox(key="ann_who").set_value("bo").run()
+    assert at.query_params["who"] == "bo"
+    assert list(_table(at)["text"]) == ["background"]
+
+
+def test_a_row_opens_its_view(store):
+    at = open_page(PAGE, {"who": "dee"})
+    links = at.get("page_link")
+    assert len(links) == 1
+    assert "Run_Model" in links[0].proto.page
+    assert dict(parse_qsl(links[0].proto.query_string)) == {"ex": "easy_vqa/test/9", "model": "demo"}
+
+
+def test_a_row_of_a_page_not_in_this_app_shows_its_view(store):
+    at = open_page(PAGE, {"who": "bo"})
+    assert not at.exception and not at.get("page_link")
+    assert any("is not part of this app" in c.value for c in at.caption)
+
+
+def test_empty_database_says_how_to_start():
+    at = open_page(PAGE)
+    assert not at.exception and not at.error
+    assert any("No annotations yet" in i.value for i in at.info)
+
+
+def test_session_label_can_be_added(store):
+    at = open_page(PAGE)
+    at.text_input(key="new_label").set_value("head tracks colour")
+    at.button(key="FormSubmitter:add_label-Add label").click().run()
+    assert "head tracks colour" in at.selectbox(key="ann_label").options
+
+
+def test_annotate_panel_saves_a_row_with_its_view():
+    at = AppTest.from_file(PANEL_PAGE, default_timeout=60).run()
+    assert not at.exception and not at.error
+    assert any("No annotations on this example yet" in c.value for c in at.caption)
+    at.text_input(key="annotator_name_input").set_value("carla")
+    at.selectbox(key="annotate_label").set_value("head tracks the mentioned object")
+    at.text_area(key="annotate_text").set_value("follows the circle; '); DROP TABLE annotations; --")
+    at.button(key="FormSubmitter:annotate-Save annotation").click().run()
+    assert not at.exception and not at.error, at.error
+    assert any("Saved as carla" in s.value for s in at.success)
+    rows = AnnotationStore(default_url()).list()
+    assert len(rows) == 1
+    row = rows.iloc[0]
+    assert (row["annotator"], row["page"], row["example_id"], row["model"]) == (
+        "carla", "pages/4_Heatmaps.py", "easy_vqa/test/3", "demo")
+    assert (row["layer"], row["head"], row["token"]) == (2, 1, 0)
+    assert row["text"] == "follows the circle; '); DROP TABLE annotations; --"
+    assert dict(parse_qsl(row["view"])) == {"ex": "easy_vqa/test/3", "layer": "2", "head": "1", "tok": "0"}
+    assert "1 annotation(s) on this example, 1 on this head" in " ".join(c.value for c in at.caption)
+    # the name is remembered for the session: the next run does not ask again
+    at.run()
+    assert not [t for t in at.text_input if t.key == "annotator_name_input"]
+    assert any("Annotating as **carla**" in c.value for c in at.caption)
+
+
+def test_annotate_panel_refuses_a_save_without_a_name():
+    at = AppTest.from_file(PANEL_PAGE, default_timeout=60).run()
+    at.button(key="FormSubmitter:annotate-Save annotation").click().run()
+    assert not at.exception
+    assert any("annotator name is empty" in e.value for e in at.error)
+    assert AnnotationStore(default_url()).count() == 0
+
+
+def test_share_view_gives_the_full_link():
+    at = AppTest.from_file(PANEL_PAGE, default_timeout=60)
+    at.context = {"url": "https://vlscope.streamlit.app/Heatmaps"}
+    at.run()
+    link = at.session_state["link"]
+    assert link.startswith("https://vlscope.streamlit.app/Heatmaps?")
+    assert dict(parse_qsl(urlsplit(link).query)) == {"ex": "easy_vqa/test/3", "layer": "2", "head": "1", "tok": "0"}
+    assert link in [c.value for c in at.code]
