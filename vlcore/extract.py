@@ -22,7 +22,7 @@ from filelock import FileLock
 
 from vlcore.data.example import Example, content_hash
 from vlcore.models.base import EncodedBatch, ModelAdapter
-from vlcore.errors import InputError, StoreError
+from vlcore.errors import DeviceMemoryError, InputError, StoreError
 from vlcore.stats import SUMMARY_COLUMNS, compute_custom_batch, compute_layer_summaries, summaries_to_frame
 from vlcore.store import Store, atomic_write_bytes, fingerprint
 from vlcore.trace import Trace
@@ -136,12 +136,39 @@ def trace_for_example(
     key = trace_key(adapter, f"{example.example_id}|{digest}|pass{image_pass}", top_k)
 
     def compute() -> Trace:
-        return extract_trace(
-            adapter, image, example.question, example.example_id, example.answers or None, top_k,
-            meta={"category": example.category, "source": example.source}, image_pass=image_pass,
-        )
+        try:
+            return extract_trace(
+                adapter, image, example.question, example.example_id, example.answers or None, top_k,
+                meta={"category": example.category, "source": example.source}, image_pass=image_pass,
+            )
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            _free_device_memory(adapter)
+            raise DeviceMemoryError(memory_message(adapter, f"on example {example.example_id}")) from exc
 
     return store.get_or_compute_trace(key, compute)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA's ``torch.OutOfMemoryError``, a CPU allocator's "can't allocate memory" RuntimeError
+    and Python's MemoryError."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def memory_message(adapter: ModelAdapter, what: str) -> str:
+    """What to reduce when ``adapter`` ran out of memory."""
+    return (f"{adapter.model_id} ran out of memory on {adapter.device} {what}. Reduce the batch size, use smaller "
+            "images (fewer patches), or load the weights in float16 (dtype=torch.float16, on a GPU); or run on a "
+            "device with more memory.")
+
+
+def _free_device_memory(adapter: ModelAdapter) -> None:
+    if str(adapter.device).startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,16 +364,27 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     key = sweep_key(adapter, dataset, ids, top_k, vector_patches)
     with FileLock(str(out / ".lock")):
+        notices = _drop_stale(out)
         _claim(out, key, adapter, dataset, len(examples), top_k, batch_size, vector_patches)
-        done = completed_ids(out)
+        done = completed_ids(out, notices)
         todo = [(i, e) for i, e in enumerate(examples) if e.example_id not in done]
-        start, finished = time.perf_counter(), 0
-        for b in range(0, len(todo), batch_size):
+        start, finished, b, size = time.perf_counter(), 0, 0, batch_size
+        while b < len(todo):
             if should_stop is not None and should_stop():
                 break
-            chunk = todo[b : b + batch_size]
-            batch = adapter.encode([model_image_input(adapter, e) for _, e in chunk], [e.question for _, e in chunk])
-            summary = summarize_batch(adapter, batch, [e for _, e in chunk], top_k, vector_patches)
+            chunk = todo[b : b + size]
+            try:
+                batch = adapter.encode([model_image_input(adapter, e) for _, e in chunk], [e.question for _, e in chunk])
+                summary = summarize_batch(adapter, batch, [e for _, e in chunk], top_k, vector_patches)
+            except (RuntimeError, MemoryError) as exc:  # out of memory: halve the batch and retry it
+                if not is_out_of_memory(exc):
+                    raise
+                _free_device_memory(adapter)
+                if size == 1:
+                    raise DeviceMemoryError(memory_message(adapter, "at batch size 1; finished batches are kept")) from exc
+                size = max(1, size // 2)
+                continue
+            b += len(chunk)
             part = f"part-{chunk[0][0]:07d}"
             _write_parquet(out / f"{part}.heads.parquet", summary.heads)
             if summary.vectors is not None:
@@ -356,9 +394,31 @@ def run_sweep(
             if progress is not None:
                 rate = finished / max(time.perf_counter() - start, 1e-9)
                 progress(SweepProgress(len(done) + finished, len(examples), len(done), rate, (len(todo) - finished) / rate))
+        if size != batch_size:
+            notices.append(f"{adapter.model_id} ran out of memory on {adapter.device}: the batch size went from "
+                           f"{batch_size} to {size} (the results are the same)")
+        _write_manifest(out, {**_manifest(out), "notices": notices, "batch_size": size})
         if completed_ids(out) >= set(ids):
             _consolidate(out, ids)
     return out
+
+
+def _drop_stale(out: Path) -> list[str]:
+    """Empty a sweep folder whose manifest is damaged or of another schema; returns the notice."""
+    path = out / "manifest.json"
+    if not path.exists():
+        return []
+    try:
+        schema = json.loads(path.read_text()).get("schema")
+    except (OSError, ValueError, AttributeError):
+        schema = "damaged"
+    if schema == EXTRACT_VERSION:
+        return []
+    for file in out.iterdir():
+        if file.is_file() and file.name != ".lock":
+            file.unlink(missing_ok=True)
+    return [f"dropped the sweep stored in {out.name[:12]} (manifest schema {schema}, this VLScope writes "
+            f"{EXTRACT_VERSION}); it is computed again"]
 
 
 def _claim(
@@ -386,11 +446,11 @@ def _claim(
     })
 
 
-def completed_ids(out: Path) -> set[str]:
+def completed_ids(out: Path, notices: list[str] | None = None) -> set[str]:
     """Example ids already summarised in a sweep folder (merged files or complete parts).
 
-    A part whose predictions, head stats or (when the sweep keeps them) vectors are missing or
-    unreadable is deleted with its twins, so it is recomputed.
+    A part (or merged file) whose predictions, head stats or (when the sweep keeps them) vectors are
+    missing or unreadable is deleted with its twins, so it is recomputed; ``notices`` gets a line.
     """
     ids: set[str] = set()
     with_vectors = _manifest(out).get("vector_patches") is not None
@@ -407,9 +467,12 @@ def completed_ids(out: Path) -> set[str]:
             if with_vectors:
                 _vector_ids(vectors)
             ids.update(pd.read_parquet(path, columns=["example_id"])["example_id"].astype(str))
-        except Exception:  # a half-written or corrupt part: drop it and its twins, recompute
+        except Exception as exc:  # a half-written or corrupt part: drop it and its twins, recompute
             for twin in (path, heads, vectors):
                 twin.unlink(missing_ok=True)
+            if notices is not None:
+                notices.append(f"dropped damaged sweep results {path.name} ({type(exc).__name__}); they were "
+                               "computed again")
     return ids
 
 
@@ -545,10 +608,23 @@ def load_sweep(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _read(path: Path) -> pd.DataFrame | None:
-    """A parquet file, or None when it vanished or is unreadable (another session may be merging)."""
+    """A parquet file, or None when it vanished (another session merged it) or is damaged.
+
+    A damaged file is deleted and the sweep's manifest marked unfinished with a notice, so that the
+    next start of the sweep recomputes what it held.
+    """
     try:
         return pd.read_parquet(path)
-    except Exception:
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        path.unlink(missing_ok=True)
+        manifest = _manifest(path.parent)
+        if manifest:
+            note = (f"dropped damaged sweep results {path.name} ({type(exc).__name__}); start the sweep again "
+                    "to recompute them")
+            _write_manifest(path.parent, {**manifest, "complete": False,
+                                          "notices": [*manifest.get("notices", []), note]})
         return None
 
 
