@@ -45,7 +45,13 @@ def _seed_from_url(trace: Trace) -> None:
     cells, problems = ch.parse_patches(get_param("patch"), trace.grid)
     for line in problems:
         notice(f"Link parameter `patch`: {line}.")
-    tok = get_int("tok", 0, 0, trace.n_tokens - 1)
+    raw = get_param("tok") or ""
+    tok = get_int("tok", 0, -(2**62), 2**62)  # malformed: a notice and 0
+    if not 0 <= tok < trace.n_tokens:
+        near = 0 if tok < 0 else n_text - 1
+        notice(f"`tok={raw}` is outside this example's {trace.n_tokens} tokens; showing text token {near} "
+               f"({trace.tokens[near]}).")
+        tok = near
     if not cells and trace.patch_rc[tok, 0] >= 0:  # a patch token named by index (e.g. from another page)
         cells = [(int(trace.patch_rc[tok, 0]), int(trace.patch_rc[tok, 1]))]
     elif not cells and tok >= n_text:
@@ -173,7 +179,7 @@ def cached_curve(_adapter, _example, model_id: str, example_id: str, text: str, 
     from vlcore.faithfulness import compute_perturbation_curve
 
     return compute_perturbation_curve(_adapter, model_image_input(_adapter, _example), _example.question, values,
-                                      answer=answer, order=order, seed=0)
+                                      answer=answer, order=order, seed=0, n_random=3 if order == "random" else 1)
 
 
 def method_map(method: str, trace: Trace, layer: int, head: int | None, query: Query, direction: str,
@@ -295,7 +301,7 @@ def show_explanations(trace: Trace, maps: dict[str, np.ndarray], titles: dict[st
                       answer: str | None, opacity: float, smooth: bool) -> None:
     """Each explanation's overlay and text colouring, and (on request) its perturbation curve and AUC."""
     score = st.toggle("Score faithfulness: remove patches in order of each map and re-run the model "
-                      "(18 forward passes per map, cached)", key="hm_faith")
+                      "(a few dozen forward passes per map, cached)", key="hm_faith")
     for col, (method, values) in zip(st.columns(len(maps)), maps.items()):
         with col:
             st.altair_chart(ch.build_attention_overlay_chart(trace, values, opacity=opacity, smooth=smooth,

@@ -1,0 +1,162 @@
+"""Attention heatmaps page on the bundled demo model: queries change the maps, step-through, exports, bad links."""
+
+from __future__ import annotations
+
+import io
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from tests.app.conftest import open_page
+from vlcore.trace import Trace
+
+PAGE = "pages/4_Attention_Heatmaps.py"
+EX = "easy_vqa/test/3"
+
+
+def chart_data(element) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """A chart's spec and its Arrow datasets as DataFrames."""
+    frames = {d.name: pa.ipc.open_stream(d.data.data).read_pandas() for d in element.proto.datasets}
+    return json.loads(element.proto.spec), frames
+
+
+def overlay_heats(at) -> list[pd.DataFrame]:
+    """The heat layer (patch rectangles coloured by value) of every image overlay on the page."""
+    heats = []
+    for element in at.get("vega_lite_chart"):
+        spec, frames = chart_data(element)
+        layers = spec.get("layer", [])
+        if not any(layer.get("mark", {}).get("type") == "image" for layer in layers):
+            continue
+        heat = next(layer for layer in layers if layer.get("encoding", {}).get("color", {}).get("field") == "value")
+        heats.append(frames[heat["data"]["name"]])
+    return heats
+
+
+def peak(frame: pd.DataFrame) -> tuple[int, int, float]:
+    top = frame.loc[frame["value"].idxmax()]
+    return int(top["row"]), int(top["col"]), float(top["value"])
+
+
+def test_token_and_patch_queries_change_the_maps_and_the_url():
+    at = open_page(PAGE, {"ex": EX, "layer": "1", "head": "2"})
+    assert not at.exception and not at.error
+    assert at.selectbox(key="head").value == 2 and at.slider(key="layer").value == 1
+    assert at.query_params["tok"] == "0"
+    before = overlay_heats(at)[0]
+    assert len(before) == 64  # the demo model's 8x8 grid
+
+    at.pills(key="hm_tok").set_value(3).run()
+    assert not at.exception and at.query_params["tok"] == "3"
+    after_token = overlay_heats(at)[0]
+    assert not np.allclose(before["value"], after_token["value"])
+
+    at.multiselect(key="hm_patches").set_value(["2.5", "6.1"]).run()
+    assert not at.exception and at.query_params["patch"] == "2.5,6.1" and "tok" not in at.query_params
+    assert at.pills(key="hm_tok").value is None
+    after_patch = overlay_heats(at)[0]
+    assert not np.allclose(after_token["value"], after_patch["value"])
+    assert "mean of 2 patches" in json.dumps(json.loads(at.get("vega_lite_chart")[0].proto.spec)["title"])
+
+    at.segmented_control(key="hm_dir").set_value("to").run()
+    assert not at.exception and at.query_params["dir"] == "to"
+    assert not np.allclose(after_patch["value"], overlay_heats(at)[0]["value"])
+
+    at.segmented_control(key="hm_view").set_value("heads").run()  # small multiples of every head, 64 cells each
+    specs = [chart_data(e) for e in at.get("vega_lite_chart")]
+    grid = next(frames[spec["data"]["name"]] for spec, frames in specs if "facet" in spec)
+    assert sorted(grid["head"].unique()) == [0, 1, 2, 3] and len(grid) == 4 * 64
+
+
+def test_matrices_step_through_and_exports():
+    at = open_page(PAGE, {"ex": EX, "layer": "0", "head": "1"})
+    matrices = [chart_data(e) for e in at.get("vega_lite_chart")]
+    sizes = sorted(len(next(iter(frames.values()))) for spec, frames in matrices if spec.get("title", "").startswith(
+        ("layer 0", "text", "image")))
+    trace_n = int(round(max(sizes) ** 0.5))
+    assert max(sizes) == trace_n**2 and len(sizes) == 5  # the full N x N matrix and the four blocks
+
+    at.segmented_control(key="hm_view").set_value("step").run()
+    assert not at.exception and at.slider(key="hm_step").value == 0
+    first = overlay_heats(at)[-1]
+    at.button(key="hm_next").click().run()
+    assert at.slider(key="hm_step").value == 1
+    at.button(key="hm_next").click().run()
+    assert at.slider(key="hm_step").value == 2
+    assert not np.allclose(first["value"], overlay_heats(at)[-1]["value"])
+    at.toggle(key="hm_play").set_value(True).run()
+    assert not at.exception
+
+    at.segmented_control(key="hm_view").set_value("export").run()
+    assert not at.exception
+    options = at.selectbox(key="hm_export_what").options
+    assert {"overlay", "text tokens", "matrix", "all heads"} <= set(options)
+    at.selectbox(key="hm_export_what").set_value("overlay")
+    at.segmented_control(key="hm_export_fmt").set_value("png")
+    at.button(key="hm_export_go").click().run()
+    assert at.session_state["hm_export"]["data"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert at.get("download_button")[0].proto.label.endswith(".png")
+    at.selectbox(key="hm_export_what").set_value("block txt2img")
+    at.segmented_control(key="hm_export_fmt").set_value("svg")
+    at.button(key="hm_export_go").click().run()
+    assert ET.fromstring(at.session_state["hm_export"]["data"]).tag.endswith("svg")
+    at.selectbox(key="hm_export_what").set_value(options[-1]).run()  # the head's matrix as CSV
+    at.button(key="hm_export_go").click().run()
+    frame = pd.read_csv(io.BytesIO(at.session_state["hm_export"]["data"]), index_col=0)
+    assert frame.shape == (trace_n, trace_n) and np.allclose(frame.sum(1), 1, atol=1e-2)
+
+
+def test_explanations_side_by_side_with_faithfulness():
+    at = open_page(PAGE, {"ex": EX, "view": "explain", "method": "relevancy"})
+    assert not at.exception and not at.error
+    assert len(overlay_heats(at)) == 4  # the relevancy query view and raw / rollout / relevancy side by side
+    heats = overlay_heats(at)
+    assert np.allclose(heats[0]["value"], heats[3]["value"])  # the query view shows the relevancy map
+    at.toggle(key="hm_faith").set_value(True).run()
+    assert not at.exception and not at.error
+    assert [m.label for m in at.metric] == ["AUC, relevance order"] * 3
+    curves = [chart_data(e) for e in at.get("vega_lite_chart")]
+    lines = [frames[spec["data"]["name"]] for spec, frames in curves if spec.get("mark", {}).get("type") == "line"]
+    assert len(lines) == 3 and all(set(f["order"]) == {"positive", "random"} for f in lines)
+
+
+def text_only(trace: Trace) -> Trace:
+    keep = np.flatnonzero(trace.modality == 0)
+    att = trace.attentions[:, :, keep][:, :, :, keep].astype(np.float32)
+    att /= att.sum(-1, keepdims=True)
+    return Trace(trace.example_id, trace.model_id, tuple(trace.tokens[i] for i in keep), trace.modality[keep],
+                 trace.special[keep], trace.patch_rc[keep], (0, 0), np.zeros((0, 0, 3), np.uint8), trace.patch_px,
+                 att.astype(np.float16), None, trace.prediction, trace.gold, text=trace.text)
+
+
+def test_text_only_example_gets_a_clear_message(monkeypatch):
+    import vlcore.extract
+
+    real = vlcore.extract.trace_for_example
+    monkeypatch.setattr(vlcore.extract, "trace_for_example",
+                        lambda *a, **k: (lambda tc: (text_only(tc[0]), tc[1]))(real(*a, **k)))
+    at = open_page(PAGE, {"ex": EX})
+    assert not at.exception and not at.error
+    assert any("no image tokens" in i.value for i in at.info)
+    assert not at.get("vega_lite_chart")
+
+
+def test_malformed_link_opens_the_nearest_valid_view_with_notices():
+    at = open_page(PAGE, {"ex": EX, "tok": "999", "dir": "sideways", "view": "nope", "layer": "x"})
+    assert not at.exception and not at.error
+    notices = " ".join(i.value for i in at.info)
+    assert "tok=999" in notices and "dir=sideways" in notices and "view=nope" in notices and "layer=x" in notices
+    n_text = len(at.pills(key="hm_tok").options)
+    assert at.query_params["tok"] == str(n_text - 1) and at.query_params["dir"] == "from"
+    assert overlay_heats(at)
+
+    at = open_page(PAGE, {"ex": EX, "patch": "1.2,oops,12.3"})
+    assert not at.exception
+    assert "oops" in " ".join(i.value for i in at.info) and at.query_params["patch"] == "1.2,7.3"
+    assert at.multiselect(key="hm_patches").value == ["1.2", "7.3"]
+
+    at = open_page(PAGE, {"ex": EX, "patch": "zz"})  # nothing valid left: the [CLS] query
+    assert not at.exception and at.query_params["tok"] == "0"
