@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import uuid
 from urllib.parse import parse_qsl, urlsplit
 
 import pandas as pd
 import pytest
+import sqlalchemy as sa
 from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 from streamlit.testing.v1 import AppTest
 
@@ -163,3 +166,38 @@ def test_share_view_gives_the_full_link():
     assert link.startswith("https://vlscope.streamlit.app/Heatmaps?")
     assert dict(parse_qsl(urlsplit(link).query)) == {"ex": "easy_vqa/test/3", "layer": "2", "head": "1", "tok": "0"}
     assert link in [c.value for c in at.code]
+
+
+@pytest.mark.skipif(not os.environ.get("VLSCOPE_TEST_PG_URL"),
+                    reason="VLSCOPE_TEST_PG_URL is not set: no PostgreSQL server to test against (.ci/run starts one)")
+def test_secrets_connection_to_postgres():
+    """[connections.annotations] in secrets wins over the SQLite default; the panel saves to Postgres."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(os.environ["VLSCOPE_TEST_PG_URL"], isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.schema.CreateSchema(schema))
+    try:
+        url = os.environ["VLSCOPE_TEST_PG_URL"]
+        at = AppTest.from_file(PANEL_PAGE, default_timeout=60)
+        at.secrets["connections"] = {"annotations": {
+            "url": url, "create_engine_kwargs": {"connect_args": {"options": f"-csearch_path={schema}"}}}}
+        at.run()
+        at.text_input(key="annotator_name_input").set_value("pg")
+        at.button(key="FormSubmitter:annotate-Save annotation").click().run()
+        assert not at.exception and not at.error
+        engine = sa.create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
+        assert AnnotationStore(engine).list()["annotator"].tolist() == ["pg"]
+        engine.dispose()
+        assert AnnotationStore(default_url()).count() == 0  # nothing went to the SQLite file
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.schema.DropSchema(schema, cascade=True))
+        admin.dispose()
+
+
+def test_unreachable_database_is_one_error_line():
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=60)
+    at.secrets["connections"] = {"annotations": {"url": "postgresql+psycopg://nobody@127.0.0.1:1/none"}}
+    at.switch_page(PAGE).run()
+    assert not at.exception
+    assert any("annotations database could not be opened" in e.value and "secrets.toml" in e.value for e in at.error)

@@ -58,8 +58,10 @@ def get_annotations() -> AnnotationStore:
         AnnotationError: the database cannot be opened (the message names it, password hidden).
     """
     try:
-        if _secret_section("connections", "annotations"):
-            conn = st.connection("annotations", type="sql")
+        section = _secret_section("connections", "annotations")
+        if section:  # passed explicitly: the same as Streamlit reading it, and AppTest's secrets reach it
+            kwargs = dict(section)
+            conn = st.connection("annotations", type="sql", **kwargs.pop("create_engine_kwargs", {}), **kwargs)
         else:
             conn = st.connection("annotations", type="sql", url=default_url())
         engine = conn.engine
