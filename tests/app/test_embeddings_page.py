@@ -1,0 +1,96 @@
+"""Embeddings page on the bundled demo model: one example, a sweep, the layer slider, token selection, cache, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+
+from tests.app.conftest import open_page
+from vlcore.charts_embeddings import SELECT_PARAM
+
+PAGE = "pages/5_Embeddings.py"
+EX = "easy_vqa/test/3"
+
+
+def scatter(at) -> pd.DataFrame:
+    """The data of the token scatter (the chart with the point selection)."""
+    for element in at.get("vega_lite_chart"):
+        spec = json.loads(element.proto.spec)
+        if any(p.get("name") == SELECT_PARAM for p in spec.get("params", [])):
+            return pa.ipc.open_stream(element.proto.datasets[0].data.data).read_pandas()
+    raise AssertionError("no scatter on the page")
+
+
+def make_sweep(n: int = 4):
+    """A sweep of the demo model over the first n easy-VQA test questions, where the page looks for it."""
+    from vlcore.data.easy_vqa import easy_vqa_examples
+    from vlcore.extract import run_sweep, sweep_key
+    from vlcore.models.registry import load_adapter
+    from vlcore.store import Store
+
+    adapter = load_adapter("demo")
+    examples = easy_vqa_examples("test", limit=n)
+    dataset = "easy_vqa/test"
+    out = Store().sweep_dir(sweep_key(adapter, dataset, [e.example_id for e in examples]))
+    return run_sweep(adapter, examples, out, dataset=dataset, batch_size=4), examples
+
+
+def test_one_example_renders_every_token_and_the_slider_changes_the_data():
+    from vlcore.ui import embeddings as emb
+
+    emb.FITS.clear()
+    at = open_page(PAGE, {"ex": EX})
+    assert not at.exception and not at.error
+    last = scatter(at)
+    assert set(last["example_id"]) == {EX} and {"text", "patch", "special"} == set(last["kind"])
+    assert last["token"].tolist() == list(range(len(last)))  # every token of the trace
+    assert last["image"].str.startswith("data:image/png").sum() == (last["kind"] == "patch").sum()
+    assert at.query_params["layer"] == "4" and at.query_params["proj"] == "pca"
+    assert len(at.dataframe) == 1 and set(at.dataframe[0].value["modality"]) == {"text", "image"}
+    fits = emb.FITS["pca"]
+    at.select_slider(key="emb_layer").set_value(1).run()
+    first = scatter(at)
+    assert at.query_params["layer"] == "1" and (first["layer"] == 1).all()
+    assert not (first[["x", "y"]].to_numpy() == last[["x", "y"]].to_numpy()).all()
+    at.select_slider(key="emb_layer").set_value(4).run()  # back to a layer already seen: no refit
+    assert emb.FITS["pca"] == fits
+    pd.testing.assert_frame_equal(scatter(at)[["x", "y"]], last[["x", "y"]])
+
+
+def test_a_point_selection_updates_the_url_and_the_neighbours():
+    at = open_page(PAGE, {"ex": EX})
+    at.session_state["emb_scatter"] = {"selection": {SELECT_PARAM: [{"uid": f"{EX}#12"}]}}
+    at.run()
+    assert at.query_params["tok"] == "12" and at.query_params["ex"] == EX
+    assert at.selectbox(key="emb_pick_tok").value == 12
+    data = scatter(at)
+    assert data.loc[data["uid"] == f"{EX}#12", "selected"].all() and data["selected"].sum() == 1
+    assert "token 12 of" in at.subheader[0].value
+    at.selectbox(key="emb_pick_tok").set_value(3).run()  # the non-chart way
+    assert at.query_params["tok"] == "3"
+    link = next(e.proto for e in at.get("page_link") if "Heatmaps" in e.proto.page)
+    assert "tok=3" in link.query_string and "layer=3" in link.query_string  # layer 4's output comes from attention layer 3
+
+
+def test_a_sweep_pools_examples_and_compares_slices():
+    out, examples = make_sweep(4)
+    at = open_page(PAGE, {"scope": "sweep", "color": "example"})
+    assert not at.exception and not at.error, at.error
+    data = scatter(at)
+    assert set(data["example_id"]) == {e.example_id for e in examples}
+    assert (data.groupby("example_id")["kind"].apply(lambda k: (k == "patch").sum()) == 16).all()
+    assert set(data["correct"]) <= {"correct", "incorrect"}
+    at.selectbox(key="emb_cmp").set_value("slice:correct").run()
+    assert not at.exception
+    at.selectbox(key="emb_pick_ex").set_value(examples[2].example_id).run()
+    assert at.query_params["ex"] == examples[2].example_id
+
+
+def test_too_few_tokens_for_tsne_is_a_clear_message():
+    at = open_page(PAGE, {"ex": EX, "proj": "tsne"})
+    assert not at.error  # one example of the demo model has enough tokens
+    at.selectbox(key="emb_show").set_value("text").run()
+    assert at.error and "t-SNE needs at least 31 tokens" in at.error[0].value and "lower the perplexity" in at.error[0].value
+    assert not at.exception
