@@ -173,3 +173,23 @@ def test_custom_metric_shows_up_next_to_the_built_ins():
     finally:
         unregister_metric("self_attention")
     assert "self_attention" not in metric_names()
+
+
+def test_device_path_of_a_sweep_batch_equals_the_trace_path_with_custom_metrics(tiny_adapter):
+    from tests.test_extract import examples
+    from vlcore.extract import extract_trace, summarize_batch
+
+    register_metric("diag", lambda t: np.stack(
+        [np.diagonal(a, axis1=-2, axis2=-1).mean(-1) for a in t.attentions.astype(np.float32)]))
+    try:
+        exs = examples(5)  # mixed image sizes: padded patches inside the batch
+        batch = tiny_adapter.encode([e.load_image() for e in exs], [e.question for e in exs])
+        heads = summarize_batch(tiny_adapter, batch, exs).heads
+        assert set(heads["metric"].astype(str)) == set(BUILTIN_METRICS) | {"diag"}
+        for ex in exs:
+            trace = extract_trace(tiny_adapter, ex.load_image(), ex.question, ex.example_id)
+            ref = compute_trace_summaries(trace).set_index(["layer", "head", "metric"])["value"].sort_index()
+            got = heads[heads.example_id == ex.example_id].set_index(["layer", "head", "metric"])["value"].sort_index()
+            np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), atol=1e-5)
+    finally:
+        unregister_metric("diag")

@@ -1,0 +1,110 @@
+"""Head statistics: a layer × head summary of one metric, for one example or a sweep, plus causal importance."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from vlcore.ablation import METRIC as IMPORTANCE
+from vlcore.charts_stats import HEAD_SELECTION, build_head_heatmap_chart, build_importance_bar_chart
+from vlcore.errors import VLScopeError
+from vlcore.extract import model_image_input
+from vlcore.head_table import aggregate_heads, compare_slices, slice_examples, slice_options
+from vlcore.stats import metric_description, metric_names
+from vlcore.ui.context import load_example_trace, load_model, pick_layer_head, pick_sweep
+from vlcore.ui.export import chart_downloads, table_downloads
+from vlcore.ui.state import get_choice, set_params
+from vlcore.ui import stats as ui
+
+st.set_page_config(page_title="Head statistics · VLScope", layout="wide")
+st.title("Head statistics")
+adapter, store = load_model()
+L, H = adapter.n_layers, adapter.n_heads
+ui.apply_head_click(L, H)
+
+scopes = {"example": "One example", "sweep": "A sweep"}
+scope = st.sidebar.radio("Scope", list(scopes), format_func=scopes.get, key="scope",
+                         index=list(scopes).index(get_choice("scope", list(scopes), "example")))
+set_params(scope=scope)
+norms = {"raw": "raw", "z": "z-scored across all heads"}
+norm = st.sidebar.radio("Normalisation", list(norms), format_func=norms.get, key="norm",
+                        index=list(norms).index(get_choice("norm", list(norms), "raw")))
+set_params(norm=norm)
+
+try:
+    if scope == "example":
+        include_special = st.sidebar.checkbox("Include [CLS]/[SEP]/image CLS in the blocks", key="with_special")
+        ctx = load_example_trace(adapter, store)
+        trace = ctx.trace
+        heads = ui.trace_stats(trace.model_id, trace.example_id, trace.text, trace.n_tokens, include_special,
+                               tuple(metric_names()), trace)
+        if L * H <= ui.AUTO_IMPORTANCE_HEADS or st.sidebar.button("Compute head importance", key="imp_example"):
+            imp, answer, base = ui.example_importance(adapter, trace.example_id, trace.text,
+                                                      model_image_input(adapter, ctx.example))
+            heads = pd.concat([heads, imp], ignore_index=True)
+            st.caption(f"Head importance follows the predicted answer **{answer}** (p = {base:.3f}).")
+        st.caption(f"Example `{trace.example_id}`: {trace.text} → **{trace.predicted}**")
+        agg, label = aggregate_heads(heads, None, norm), trace.example_id
+    else:
+        path = pick_sweep(store, adapter)
+        if path is None:
+            st.stop()
+        preds, heads = ui.sweep_tables(str(path), ui.sweep_updated(path))
+        options = slice_options(preds)
+        pick = get_choice("slice", options, "all")
+        chosen = st.sidebar.selectbox("Slice", options, index=options.index(pick), key="slice")
+        versus = st.sidebar.selectbox("Compare with", ["none"] + options, key="cmp",
+                                      index=(["none"] + options).index(get_choice("cmp", options, "none")))
+        set_params(slice=chosen, cmp=None if versus == "none" else versus)
+        ids = slice_examples(preds, chosen)
+        if not ids:
+            st.warning(f"The slice {chosen!r} has no examples in this sweep; choose another slice.")
+            st.stop()
+        if versus != "none":
+            agg, label = compare_slices(heads, ids, slice_examples(preds, versus), norm), f"{chosen} − {versus}"
+        else:
+            agg, label = aggregate_heads(heads, ids, norm), f"{chosen} (n = {len(ids)})"
+except VLScopeError as exc:
+    st.error(str(exc))
+    st.stop()
+
+metrics = ui.available_metrics(heads)
+metric = st.selectbox("Metric", metrics, key="metric", format_func=lambda m: f"{m}: {metric_description(m)}"
+                      if m != IMPORTANCE else f"{m}: drop in the answer's probability when the head is masked",
+                      index=metrics.index(get_choice("metric", metrics, metrics[0])))
+set_params(metric=metric)
+layer, head = pick_layer_head(L, H)
+
+left, right = st.columns([3, 2])
+with left:
+    diverging = norm == "z" or (scope == "sweep" and versus != "none")
+    chart = build_head_heatmap_chart(agg, metric, title=f"{metric} · {label}", diverging=diverging,
+                                     selected=(layer, head) if head is not None else None)
+    st.altair_chart(chart, on_select="rerun", selection_mode=HEAD_SELECTION, key=ui.CHART_KEY)
+    st.caption("Click a cell to select that head on every page; the link carries it. "
+               "Sweeps show mean over examples; hover for mean, std and n.")
+    chart_downloads(chart, f"heads-{metric}", "heat_dl")
+with right:
+    if head is not None:
+        row = agg[(agg["layer"] == layer) & (agg["head"] == head)].set_index("metric")
+        st.markdown(f"**Layer {layer}, head {head}**")
+        st.dataframe(row[["mean"] + [c for c in ("std", "n") if c in row]], height=240)
+        st.page_link("pages/4_Attention_Heatmaps.py", label="Open this head's attention heatmaps", icon="🔥",
+                     query_params={k: v for k, v in st.query_params.to_dict().items()
+                                   if k in ("ex", "model", "ds", "loc", "cfg", "split", "layer", "head")})
+    if IMPORTANCE in metrics:
+        imp = agg[agg["metric"] == IMPORTANCE]
+        st.altair_chart(build_importance_bar_chart(imp), width="stretch")
+    if scope == "sweep":
+        with st.expander("Causal head importance over this slice"):
+            from vlcore.ui.browser import source_from_url
+
+            done = set(heads.loc[heads["metric"] == IMPORTANCE, "example_id"].astype(str))
+            try:
+                ui.sweep_importance_panel(adapter, path, source_from_url(), ids, done)
+            except VLScopeError as exc:
+                st.error(f"{exc}. Open the sweep's dataset in the browser first, so its examples can be read.")
+
+k = st.slider("Highlight the top k heads", 1, 20, 5, key="top_k")
+table = ui.show_head_table(agg, metric, k)
+table_downloads(table, f"heads-{label}".replace(" ", "_"), "table_dl")

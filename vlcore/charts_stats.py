@@ -1,0 +1,98 @@
+"""Altair charts of per-head statistics: the layer × head summary with a separated mean column."""
+
+from __future__ import annotations
+
+import altair as alt
+import pandas as pd
+
+HEAD_SELECTION = "head_pick"  # name of the click selection on the layer × head heatmap
+
+
+def build_head_heatmap_chart(
+    aggregated: pd.DataFrame,
+    metric: str,
+    title: str = "",
+    diverging: bool = False,
+    selected: tuple[int, int] | None = None,
+    cell: int = 26,
+) -> alt.HConcatChart:
+    """Layer × head heatmap of one metric, plus a separated "Mean" column (mean over heads per layer).
+
+    Args:
+        aggregated: `vlcore.head_table.aggregate_heads` output (``layer, head, metric, mean, std, n``) or
+            `compare_slices` output (its ``mean`` is a difference).
+        metric: the metric to draw.
+        title: chart title.
+        diverging: a diverging colour scale centred on 0 (differences, z-scores).
+        selected: (layer, head) outlined in the chart.
+        cell: cell size in pixels.
+
+    Returns:
+        ``heatmap | mean column``; clicking a heatmap cell fills the point selection `HEAD_SELECTION`
+        with that cell's ``layer`` and ``head``.
+    """
+    data = aggregated[aggregated["metric"] == metric].copy()
+    data["layer"] = data["layer"].astype(int)
+    data["head"] = data["head"].astype(int)
+    for col in ("std", "n"):
+        if col not in data:
+            data[col] = float("nan")
+    n_layers, n_heads = data["layer"].max() + 1, data["head"].max() + 1
+    means = data.groupby("layer", as_index=False)["mean"].mean().assign(column="Mean")
+    lo, hi = float(data["mean"].min()), float(data["mean"].max())
+    if diverging:
+        bound = max(abs(lo), abs(hi), 1e-12)
+        scale = alt.Scale(scheme="redblue", domain=[-bound, bound], reverse=True)
+    else:
+        scale = alt.Scale(scheme="viridis", domain=[lo, hi] if hi > lo else [lo - 1e-9, hi + 1e-9])
+    color = alt.Color("mean:Q", scale=scale, title=metric)
+    pick = alt.selection_point(name=HEAD_SELECTION, fields=["layer", "head"], on="click", clear=False)
+    y = alt.Y("layer:O", title="layer", sort="ascending")
+    stroke = alt.condition(pick, alt.value("black"), alt.value(None))
+    if selected is not None:
+        data["is_selected"] = (data["layer"] == selected[0]) & (data["head"] == selected[1])
+        stroke = alt.condition("datum.is_selected", alt.value("white"), alt.value(None))
+    heat = (
+        alt.Chart(data)
+        .mark_rect(strokeWidth=2)
+        .encode(
+            x=alt.X("head:O", title="head"),
+            y=y,
+            color=color,
+            stroke=stroke,
+            tooltip=[
+                alt.Tooltip("layer:O"), alt.Tooltip("head:O"), alt.Tooltip("mean:Q", title=metric, format=".6f"),
+                alt.Tooltip("std:Q", format=".6f"), alt.Tooltip("n:Q"),
+            ],
+        )
+        .add_params(pick)
+        .properties(width=cell * n_heads, height=cell * n_layers, title=title or metric)
+    )
+    mean_col = (
+        alt.Chart(means)
+        .mark_rect()
+        .encode(
+            x=alt.X("column:N", title=None),
+            y=y,
+            color=color,
+            tooltip=[alt.Tooltip("layer:O"), alt.Tooltip("mean:Q", title="mean over heads", format=".6f")],
+        )
+        .properties(width=cell, height=cell * n_layers)
+    )
+    return alt.hconcat(heat, mean_col, spacing=12).resolve_scale(color="shared")
+
+
+def build_importance_bar_chart(drop: pd.DataFrame, k: int = 15) -> alt.Chart:
+    """The ``k`` heads whose masking drops the answer's probability most (``layer, head, mean`` rows)."""
+    top = drop.sort_values("mean", ascending=False).head(k).copy()
+    top["name"] = "L" + top["layer"].astype(int).astype(str) + " H" + top["head"].astype(int).astype(str)
+    return (
+        alt.Chart(top)
+        .mark_bar()
+        .encode(
+            x=alt.X("mean:Q", title="drop in the answer's probability"),
+            y=alt.Y("name:N", sort="-x", title=None),
+            tooltip=["layer", "head", alt.Tooltip("mean:Q", format=".5f")],
+        )
+        .properties(height=18 * max(len(top), 1))
+    )

@@ -1,0 +1,36 @@
+"""Exports: charts to PNG/SVG through vl-convert, tables to CSV/Parquet. Pure functions returning bytes."""
+
+from __future__ import annotations
+
+import io
+
+import altair as alt
+import pandas as pd
+
+
+def chart_to_png(chart: alt.TopLevelMixin | str, scale: float = 2.0) -> bytes:
+    """PNG bytes of an Altair chart (or its Vega-Lite JSON), rendered by vl-convert (no browser)."""
+    import vl_convert
+
+    spec = chart if isinstance(chart, str) else chart.to_json()
+    return vl_convert.vegalite_to_png(spec, scale=scale)
+
+
+def chart_to_svg(chart: alt.TopLevelMixin | str) -> str:
+    """SVG text of an Altair chart (or its Vega-Lite JSON)."""
+    import vl_convert
+
+    spec = chart if isinstance(chart, str) else chart.to_json()
+    return vl_convert.vegalite_to_svg(spec)
+
+
+def frame_to_csv(frame: pd.DataFrame) -> bytes:
+    """UTF-8 CSV bytes without the index."""
+    return frame.to_csv(index=False).encode()
+
+
+def frame_to_parquet(frame: pd.DataFrame) -> bytes:
+    """Parquet bytes (pyarrow) without the index."""
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()

@@ -1,0 +1,135 @@
+"""Streamlit glue of the head-statistics page: cached statistics, sweep tables, head clicks, importance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from vlcore.ablation import METRIC as IMPORTANCE, extract_head_importance, extract_sweep_importance, importance_frame
+from vlcore.charts_stats import HEAD_SELECTION
+from vlcore.head_table import head_table, top_heads
+from vlcore.stats import compute_trace_summaries, metric_names
+from vlcore.store import atomic_write_bytes
+from vlcore.export import frame_to_parquet
+from vlcore.ui.state import set_params
+
+CHART_KEY = "head_chart"
+IMPORTANCE_FILE = "head_importance.parquet"
+AUTO_IMPORTANCE_HEADS = 64  # models with at most this many heads get head importance without a click
+
+
+@st.cache_data(max_entries=64, show_spinner="Computing head statistics…")
+def trace_stats(model_id: str, example_id: str, text: str, n_tokens: int, include_special: bool,
+                metrics: tuple[str, ...], _trace) -> pd.DataFrame:
+    """Tidy statistics of one trace; every hashed argument identifies the trace or changes the result."""
+    return compute_trace_summaries(_trace, include_special=include_special)
+
+
+@st.cache_data(max_entries=8, show_spinner="Reading the sweep…")
+def sweep_tables(path: str, updated: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(predictions, head_stats)`` of a sweep folder plus its stored head importance rows; ``updated`` is the
+    manifest's and importance file's modification time, so a newer sweep is re-read."""
+    from vlcore.extract import load_sweep
+
+    preds, heads = load_sweep(path)
+    extra = Path(path) / IMPORTANCE_FILE
+    if extra.exists():
+        try:
+            heads = pd.concat([heads, pd.read_parquet(extra)], ignore_index=True)
+        except Exception:  # a damaged importance file: drop it, it can be recomputed
+            extra.unlink(missing_ok=True)
+            st.info("Dropped a damaged head-importance file of this sweep; compute it again below.")
+    heads["metric"] = heads["metric"].astype(str)
+    return preds, heads
+
+
+def sweep_updated(path: Path) -> float:
+    stamps = [p.stat().st_mtime for p in (path / "manifest.json", path / IMPORTANCE_FILE) if p.exists()]
+    return max(stamps, default=0.0)
+
+
+def example_importance(adapter, example_id: str, text: str, image) -> pd.DataFrame:
+    """Tidy head-importance rows of one example (its predicted answer), with a progress bar.
+
+    Kept per session (keyed by model, example and text) rather than in ``st.cache_data``, so that the
+    progress bar shows while it runs and is never replayed from a cache.
+    """
+    cache = st.session_state.setdefault("_importance", {})
+    key = (adapter.model_id, example_id, text)
+    if key not in cache:
+        bar = st.progress(0.0, text="Masking heads one at a time…")
+        drop, label, base = extract_head_importance(
+            adapter, image, text, progress=lambda d, t: bar.progress(d / t, text=f"masked {d}/{t} heads"))
+        bar.empty()
+        frame = importance_frame(example_id, drop)
+        cache[key] = (frame, label, base)
+    return cache[key]
+
+
+def sweep_importance_panel(adapter, sweep_path: Path, source, ids: list[str], done: set[str]) -> None:
+    """Compute head importance for the first N examples of the slice that lack it, and store it in the sweep."""
+    todo_all = [i for i in ids if i not in done]
+    st.caption(f"Head importance is stored for {len(done & set(ids))} of the {len(ids)} examples in this slice "
+               f"({adapter.n_layers * adapter.n_heads} masked passes per example, batched).")
+    if not todo_all:
+        return
+    n = st.number_input("Examples to add", 1, len(todo_all), min(20, len(todo_all)), key="imp_n")
+    if not st.button("Compute head importance", key="imp_go"):
+        return
+    from vlcore.data.sources import resolve_example
+
+    examples = [resolve_example(i, None, source) for i in todo_all[: int(n)]]
+    bar = st.progress(0.0, text="starting…")
+    new = extract_sweep_importance(adapter, examples,
+                                   progress=lambda d, t: bar.progress(d / t, text=f"{d}/{t} examples"))
+    path = sweep_path / IMPORTANCE_FILE
+    old = pd.read_parquet(path) if path.exists() else None
+    merged = new if old is None else pd.concat([old, new], ignore_index=True)
+    atomic_write_bytes(path, frame_to_parquet(merged.drop_duplicates(["example_id", "layer", "head"], keep="last")))
+    st.rerun()
+
+
+def apply_head_click(n_layers: int, n_heads: int) -> None:
+    """A click on the heatmap (the chart's selection state) selects that head app-wide: URL and sidebar.
+
+    Runs before the sidebar's layer/head widgets are created, so their state can still be set.
+    """
+    state = st.session_state.get(CHART_KEY)
+    points = []
+    try:
+        points = state["selection"][HEAD_SELECTION] if state else []
+    except (KeyError, TypeError):
+        points = []
+    if not points:
+        return
+    layer, head = points[0].get("layer"), points[0].get("head")
+    if layer is None or head is None or st.session_state.get("_head_click_seen") == (layer, head):
+        return
+    st.session_state["_head_click_seen"] = (layer, head)
+    layer, head = min(max(int(layer), 0), n_layers - 1), min(max(int(head), 0), n_heads - 1)
+    st.session_state["layer"], st.session_state["head"] = layer, head
+    set_params(layer=layer, head=head)
+
+
+def available_metrics(heads: pd.DataFrame) -> list[str]:
+    """Metrics present in a statistics frame, in the documented order, importance last."""
+    present = set(heads["metric"].astype(str))
+    return [m for m in metric_names() if m in present] + ([IMPORTANCE] if IMPORTANCE in present else [])
+
+
+def show_head_table(aggregated: pd.DataFrame, metric: str, k: int) -> pd.DataFrame:
+    """The one-row-per-head table, the top-k heads of the chosen metric highlighted; returns the table."""
+    table = head_table(aggregated)
+    top = set(top_heads(table, metric, k)) if metric in table.columns else set()
+
+    def highlight(row):
+        on = (int(row["layer"]), int(row["head"])) in top
+        return ["background-color: #fff3b0" if on else "" for _ in row]
+
+    config = {c: st.column_config.NumberColumn(c, format="%.5f") for c in table.columns if c not in ("layer", "head")}
+    st.dataframe(table.style.apply(highlight, axis=1), column_config=config, hide_index=True, height=320,
+                 key="head_table")
+    st.caption(f"Highlighted: the top {k} heads by {metric}. Click a column header to sort.")
+    return table
