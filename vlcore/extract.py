@@ -604,7 +604,8 @@ def load_sweep(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     preds, heads = [p for p in preds if p is not None], [h for h in heads if h is not None]
     if not preds:
         return pd.DataFrame(columns=PREDICTION_COLUMNS), pd.DataFrame(columns=SUMMARY_COLUMNS)
-    return pd.concat(preds, ignore_index=True), pd.concat(heads, ignore_index=True)
+    heads = pd.concat(heads, ignore_index=True) if heads else pd.DataFrame(columns=SUMMARY_COLUMNS)
+    return pd.concat(preds, ignore_index=True), heads
 
 
 def _read(path: Path) -> pd.DataFrame | None:
