@@ -191,7 +191,7 @@ def compute_projection(x: np.ndarray, method: str = "pca", seed: int = 0,
 
     Args:
         x: ``[T, D]`` token vectors (pooled over examples).
-        method: ``pca`` (randomised SVD when large), ``tsne`` (PCA init) or ``umap`` (cosine metric).
+        method: ``pca`` (`pca_components`), ``tsne`` (PCA init) or ``umap`` (cosine metric).
         seed: random state of every method.
         perplexity: t-SNE perplexity.
 
@@ -204,7 +204,7 @@ def compute_projection(x: np.ndarray, method: str = "pca", seed: int = 0,
     x = np.asarray(x, dtype=np.float32)
     check_method(method, len(x), perplexity)
     if method == "pca":
-        return _pca_fit(x, seed).transform(x).astype(np.float32)
+        return apply_pca(x, *pca_components(x, seed))
     if method == "tsne":
         from sklearn.manifold import TSNE
 
@@ -216,12 +216,37 @@ def compute_projection(x: np.ndarray, method: str = "pca", seed: int = 0,
                      random_state=seed).fit_transform(x).astype(np.float32)
 
 
-def _pca_fit(x: np.ndarray, seed: int = 0):
-    """A 2-component PCA; randomised SVD for large inputs (exact to float precision for the top components)."""
-    from sklearn.decomposition import PCA
+def pca_components(x: np.ndarray, seed: int = 0, n_iter: int = 4, oversample: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """The top-2 principal axes of ``x``.
 
-    solver = "randomized" if x.shape[0] * x.shape[1] > 2_000_000 else "full"
-    return PCA(n_components=2, svd_solver=solver, random_state=seed).fit(x)
+    Small inputs (up to 2 million values) use an exact SVD. Larger ones use randomised subspace
+    iteration (Halko et al.; ``n_iter`` power steps with QR, ``oversample`` extra directions) on the
+    centred data without forming the covariance: 50,000 x 768 in well under a second, axes equal to
+    the exact ones to float32 precision whenever the top eigenvalues are separated.
+
+    Args:
+        x: float32 ``[T, D]``.
+        seed: random state of the starting subspace.
+        n_iter: power iterations.
+        oversample: extra directions.
+
+    Returns:
+        ``(mean [D], components [2, D])``, each component's largest-magnitude loading positive.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    mean = x.mean(0)
+    xc = x - mean
+    if x.size <= 2_000_000:
+        comps = np.linalg.svd(xc.astype(np.float64), full_matrices=False)[2][:2]
+    else:
+        q = np.random.default_rng(seed).normal(size=(x.shape[1], 2 + oversample)).astype(np.float32)
+        for _ in range(n_iter):
+            q = np.linalg.qr(xc.T @ (xc @ q))[0]
+        vt = np.linalg.svd(xc @ q, full_matrices=False)[2]
+        comps = (q @ vt[:2].T).T
+    comps = np.asarray(comps, dtype=np.float32)
+    signs = np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])
+    return mean, np.ascontiguousarray(comps * np.where(signs == 0, 1, signs)[:, None])
 
 
 def align_signs(coords: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -248,13 +273,13 @@ def fit_joint_pca(token_set: TokenSet, max_rows: int = 50_000, seed: int = 0) ->
     flat = token_set.vectors.reshape(n_vec, -1)
     if n_vec > max_rows:
         flat = flat[np.sort(np.random.default_rng(seed).choice(n_vec, max_rows, replace=False))]
-    pca = _pca_fit(np.asarray(flat, dtype=np.float32), seed)
-    return pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
+    return pca_components(np.asarray(flat, dtype=np.float32), seed)
 
 
 def apply_pca(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
     """``(x - mean) @ components.T`` as float32 ``[T, 2]``."""
-    return ((np.asarray(x, dtype=np.float32) - mean) @ components.T).astype(np.float32)
+    c = np.ascontiguousarray(components.T, dtype=np.float32)
+    return (np.asarray(x, dtype=np.float32) @ c - mean @ c).astype(np.float32)
 
 
 def compute_layer_projections(token_set: TokenSet, method: str = "pca", align: str = "sign",
