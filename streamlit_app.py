@@ -26,10 +26,13 @@ opacity = st.sidebar.slider("Heat opacity", 0.0, 1.0, 0.6, 0.05, key="opacity")
 example = SAMPLES[choice]
 try:
     adapter = get_adapter("demo")
-    trace, cached = trace_for_example(adapter, example, get_store())
+    store = get_store()
+    trace, cached = trace_for_example(adapter, example, store)
 except VLScopeError as exc:
     st.error(str(exc))
     st.stop()
+for notice in store.notices:  # a damaged cache entry recomputed, a result the full disk could not store
+    st.info(notice)
 
 left, right = st.columns([1, 1])
 with left:

@@ -12,8 +12,8 @@ from vlcore.store import put_input
 from vlcore.ui.browser import source_from_url
 from vlcore.ui.loaders import get_adapter, get_store
 from vlcore.ui.state import get_param, set_params
-from vlcore.ui.widgets import (model_picker, show_model_info, show_task_runs, show_trace_result, store_panel,
-                               sweep_panel)
+from vlcore.ui.widgets import (model_picker, show_input_notes, show_model_info, show_task_runs, show_trace_result,
+                               store_panel, sweep_panel)
 
 st.set_page_config(page_title="Run model · VLScope", layout="wide")
 st.title("Run model")
@@ -74,6 +74,7 @@ except VLScopeError as exc:
     st.stop()
 for notice in store.notices:
     st.info(notice)
+show_input_notes(example)
 st.caption(f"Example `{example.example_id}`" + (f" · category {example.category}" if example.category else ""))
 try:
     show_task_runs(adapter, example)

@@ -9,6 +9,7 @@ import streamlit as st
 
 from vlcore.data.browse import draw_regions, highlight_mentions, make_thumbnail
 from vlcore.data.catalog import list_sources
+from vlcore.data.example import image_notes
 from vlcore.data.sources import ExampleSource, check_location, easy_vqa_source, open_source
 from vlcore.errors import VLScopeError
 from vlcore.ui.state import get_param, set_params
@@ -178,6 +179,8 @@ def render_detail(source: ExampleSource, example_id: str) -> None:
         try:
             image = example.load_image()
             st.image(draw_regions(image, example.regions) if example.regions else image, width="stretch")
+            for note in image_notes(image):  # first frame of a GIF, EXIF rotation, 16-bit grey, padding...
+                st.caption(f"Image: {note}.")
         except VLScopeError as exc:
             st.warning(f"No image to show: {exc}")
     with right:

@@ -75,6 +75,19 @@ def show_trace_result(trace: Trace, cached: bool, opacity: float = 0.6) -> None:
         )
 
 
+def show_input_notes(example) -> None:
+    """One ``st.info`` per change made to the example's image on the way in (first frame of an animation,
+    EXIF rotation, 16-bit grey, transparency, CMYK, padding of a strip, a tiny image)."""
+    from vlcore.errors import VLScopeError
+
+    try:
+        notes = example.input_notes()
+    except VLScopeError:  # the image itself failed: the caller has shown that error
+        return
+    for note in notes:
+        st.info(f"Image: {note}.")
+
+
 def store_panel(store: Store) -> None:
     """Sidebar: the store's size and a button to clear it."""
     st.sidebar.caption(f"Result store: `{store.root}` · {store.size_bytes() / 2**20:.1f} MiB")
@@ -117,11 +130,23 @@ def sweep_panel(adapter, store: Store, source) -> None:
         examples = [source.example(i) for i in chosen]
         run_sweep(adapter, examples, out, dataset=dataset, batch_size=int(batch_size), progress=progress)
     preds, _ = load_sweep(out) if out.exists() else (None, None)
+    for note in _manifest_notices(out):
+        st.info(note)
     if preds is not None and len(preds):
         acc = preds["correct"].dropna().mean()
         st.markdown(f"**Sweep:** {len(preds)}/{len(ids)} examples done · accuracy {acc:.3f}")
         st.dataframe(preds[["example_id", "question", "gold", "prediction", "probability", "correct", "category"]],
                      hide_index=True, height=240)
+
+
+def _manifest_notices(out) -> list[str]:
+    """The notices a sweep folder's manifest holds (damaged parts dropped, batch size lowered)."""
+    import json
+
+    try:
+        return list(json.loads((out / "manifest.json").read_text()).get("notices", []))
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def show_task_runs(adapter, example) -> None:
