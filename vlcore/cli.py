@@ -183,3 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     except VLScopeError as exc:
         sys.stderr.write(f"vlcore: error: {exc}\n")
         return 2
+    except (RuntimeError, MemoryError) as exc:
+        from vlcore.extract import is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        sys.stderr.write("vlcore: error: the model ran out of memory; lower --batch-size, use smaller images, or "
+                         "run on a device with more memory\n")
+        return 2
+    except OSError as exc:  # a path given on the command line cannot be read or written
+        where = f": {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"vlcore: error: {exc.strerror or exc}{where}; check the path and its permissions\n")
+        return 2
