@@ -264,3 +264,10 @@ def test_label_set_sources(tmp_path, monkeypatch):
     with pytest.raises(AnnotationError, match="not valid TOML"):
         load_label_set(file=file)
     assert parse_labels(" a ;b;; a") == ("a", "b")
+
+
+def test_unreachable_database_is_a_clear_error():
+    store = AnnotationStore("postgresql+psycopg://someone:secret@127.0.0.1:1/none")
+    with pytest.raises(AnnotationError, match="could not open the annotations database") as info:
+        store.list()
+    assert "secret" not in str(info.value).replace("secrets.toml", "")  # the password is hidden

@@ -19,6 +19,7 @@ mode with a busy timeout so that several annotators can save at once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
@@ -208,16 +209,17 @@ class AnnotationStore:
             return SCHEMA_VERSION
         with self._lock:
             if not self._ready:
-                for attempt in range(5):  # two processes creating the schema at once: one wins, retry
+                for attempt in range(3):  # two processes creating the schema at once: one wins, retry
                     try:
-                        self._create_or_migrate()
+                        with self._db_errors("open"):
+                            self._create_or_migrate()
                         break
-                    except sa.exc.OperationalError:
-                        if attempt == 4:
+                    except AnnotationError:
+                        if attempt == 2:
                             raise
-                        time.sleep(0.2 * (attempt + 1))
+                        time.sleep(0.1 * (attempt + 1))
                     except sa.exc.IntegrityError:
-                        if attempt == 4:
+                        if attempt == 2:
                             raise
                 self._ready = True
         return SCHEMA_VERSION
@@ -245,6 +247,17 @@ class AnnotationStore:
         self.ensure_schema()
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar())
+
+    @contextlib.contextmanager
+    def _db_errors(self, action: str):
+        """Database unreachable, locked past the timeout, or refusing: an AnnotationError naming it."""
+        try:
+            yield
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            first = str(exc.orig if exc.orig is not None else exc).strip().splitlines()
+            raise AnnotationError(f"could not {action} the annotations database {self.where} "
+                                  f"({first[0] if first else type(exc).__name__}); check that it is reachable "
+                                  "and [connections.annotations] in .streamlit/secrets.toml") from exc
 
     @property
     def where(self) -> str:
@@ -287,7 +300,7 @@ class AnnotationStore:
             raise AnnotationError(f"label {row['label']!r} is not in the label set ({', '.join(allowed)}); "
                                   "pick one of those or add it to the label set first")
         self.ensure_schema()
-        with self.engine.begin() as conn:  # the transaction's first statement writes: no lock upgrade
+        with self._db_errors("write to"), self.engine.begin() as conn:  # first statement writes: no lock upgrade
             result = conn.execute(sa.insert(annotations).values(**row))
             return int(result.inserted_primary_key[0])
 
@@ -306,7 +319,7 @@ class AnnotationStore:
                 query = query.where(annotations.c[column] == value)
         if limit is not None:
             query = query.limit(int(limit))
-        with self.engine.connect() as conn:
+        with self._db_errors("read"), self.engine.connect() as conn:
             rows = conn.execute(query).mappings().all()
         frame = pd.DataFrame([dict(r) for r in rows], columns=COLUMNS)
         frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
@@ -328,14 +341,14 @@ class AnnotationStore:
 
     def _distinct(self, column: str) -> list[str]:
         self.ensure_schema()
-        with self.engine.connect() as conn:
+        with self._db_errors("read"), self.engine.connect() as conn:
             values = conn.execute(sa.select(annotations.c[column]).distinct()).scalars().all()
         return sorted(values)
 
     def count(self) -> int:
         """Number of annotations."""
         self.ensure_schema()
-        with self.engine.connect() as conn:
+        with self._db_errors("read"), self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(annotations)).scalar())
 
     def export_csv(self, **filters) -> bytes:
