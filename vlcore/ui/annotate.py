@@ -8,8 +8,8 @@ A page adds both controls at its end, after every widget has written its URL par
 
     from vlcore.ui.annotate import annotate_panel, share_view
 
-    share_view("pages/4_Heatmaps.py")
-    annotate_panel("pages/4_Heatmaps.py", example_id=trace.example_id, model=trace.model_id,
+    share_view("pages/4_Attention_Heatmaps.py")
+    annotate_panel("pages/4_Attention_Heatmaps.py", example_id=trace.example_id, model=trace.model_id,
                    layer=layer, head=head, token=query)
 """
 
@@ -120,7 +120,7 @@ def annotate_panel(page: str, example_id: str | None = None, model: str | None =
     """An "Annotate this view" expander: label, note, save; then the annotations of this example.
 
     Args:
-        page: the page's script path, e.g. ``pages/4_Heatmaps.py`` (links from the Annotations page open it).
+        page: the page's script path, e.g. ``pages/4_Attention_Heatmaps.py`` (the Annotations page links to it).
         example_id, model, layer, head, token: the view's coordinates (None where they do not apply;
             head None is the mean over heads).
     """
@@ -164,7 +164,8 @@ def _show_existing(store: AnnotationStore, example_id: str, head: int | None) ->
 
 
 def page_url_path(page: str) -> str:
-    """The URL path Streamlit gives a page file: ``pages/4_Heatmaps.py`` -> ``Heatmaps``; the main script -> ``""``.
+    """The URL path Streamlit gives a page file: ``pages/4_Attention_Heatmaps.py`` -> ``Attention_Heatmaps``;
+    the main script -> ``""``.
 
     >>> page_url_path("pages/6_Annotations.py"), page_url_path("streamlit_app.py")
     ('Annotations', '')
@@ -182,8 +183,9 @@ def share_link(app_url: str | None, page: str, params: dict) -> str:
 
     ``app_url`` is ``st.context.url``: the app's address plus the current page's path.
 
-    >>> share_link("https://vlscope.streamlit.app/Heatmaps", "pages/4_Heatmaps.py", {"ex": "easy_vqa/test/1", "head": "2"})
-    'https://vlscope.streamlit.app/Heatmaps?ex=easy_vqa/test/1&head=2'
+    >>> share_link("https://vlscope.streamlit.app/Attention_Heatmaps", "pages/4_Attention_Heatmaps.py",
+    ...            {"ex": "easy_vqa/test/1", "head": "2"})
+    'https://vlscope.streamlit.app/Attention_Heatmaps?ex=easy_vqa/test/1&head=2'
     """
     path = page_url_path(page)
     root = (app_url or "").split("?")[0].split("#")[0].rstrip("/")

@@ -33,7 +33,7 @@
 | `color` | projection colouring: `modality`, `token`, `example`, `correct` | `modality` |
 | `who`   | annotations page: annotator filter        | `ana`                       |
 | `label` | annotations page: label filter            | `plausible`                 |
-| `page`  | annotations page: page filter (page name) | `Heatmaps`                  |
+| `page`  | annotations page: page filter (page name) | `Attention_Heatmaps`        |
 """
 
 from __future__ import annotations
