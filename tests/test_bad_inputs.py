@@ -305,3 +305,46 @@ def test_sweep_out_of_memory_at_batch_one_keeps_finished_work_and_says_what_to_r
     tiny_adapter.forward = real
     run_sweep(tiny_adapter, exs, tmp_path / "s", batch_size=3)
     assert len(load_sweep(tmp_path / "s")[0]) == 6
+
+
+# -- the command line ------------------------------------------------------------------------------------
+def _cli(argv, capsys) -> tuple[int, list[str]]:
+    from vlcore.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    err = re.sub(r"extract:[^\n]*?ex/s\]", "", err)  # tqdm's progress bar shares stderr
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("image, text, out, message", [
+    ("notes.png", "what is it?", "t.safetensors", "notes.png is not a readable image"),
+    ("empty.png", "what is it?", "t.safetensors", "empty.png is empty (0 bytes)"),
+    ("bomb.png", "what is it?", "t.safetensors", "400,000,000 pixels, over the limit of 89,478,485"),
+    ("ok.png", "   ", "t.safetensors", "the text is empty"),
+    ("ok.png", "what is it?", "/proc/no-such/t.safetensors", "could not write t.safetensors"),
+])
+def test_cli_bad_images_text_and_paths_are_one_line_and_exit_2(tmp_path, capsys, image, text, out, message):
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "bomb.png").write_bytes(png_header_only(20_000, 20_000))
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "ok.png")
+    out_path = out if out.startswith("/") else str(tmp_path / out)
+    code, lines = _cli(["trace", "--image", str(tmp_path / image), "--text", text, "--out", out_path], capsys)
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+
+
+def test_cli_unwritable_sweep_folder_and_out_of_memory_are_one_line(tmp_path, capsys, monkeypatch):
+    code, lines = _cli(["extract", "--limit", "2", "--out", "/proc/no-such-dir/sweep"], capsys)
+    assert code == 2 and len(lines) == 1 and "/proc/no-such-dir" in lines[0]
+    from vlcore.models.vilt import ViltAdapter
+
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(ViltAdapter, "forward", oom)
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    code, lines = _cli(["trace", "--image", str(tmp_path / "ok.png"), "--text", "what?", "--out", str(tmp_path / "t")], capsys)
+    assert code == 2 and len(lines) == 1 and "ran out of memory" in lines[0]
+    code, lines = _cli(["extract", "--limit", "2", "--out", str(tmp_path / "sweep")], capsys)
+    assert code == 2 and len(lines) == 1 and "ran out of memory" in lines[0] and "batch size 1" in lines[0]
