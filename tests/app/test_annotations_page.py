@@ -26,12 +26,13 @@ def store():
     """The database the app opens by default (the autouse fixture's VLSCOPE_CACHE), with three rows."""
     store = AnnotationStore(default_url())
     view = "ex=easy_vqa/test/0&layer=3&head=1"
-    store.add(annotator="ana", page="pages/4_Heatmaps.py", label="plausible", example_id="easy_vqa/test/0",
+    store.add(annotator="ana", page="pages/4_Attention_Heatmaps.py", label="plausible", example_id="easy_vqa/test/0",
               model="demo", layer=3, head=1, view=view, text="tracks the circle")
-    store.add(annotator="bo", page="pages/4_Heatmaps.py", label="implausible", example_id="easy_vqa/test/0",
+    store.add(annotator="bo", page="pages/4_Attention_Heatmaps.py", label="implausible", example_id="easy_vqa/test/0",
               model="demo", layer=3, head=2, view=view.replace("head=1", "head=2"), text="background")
     store.add(annotator="ana", page="pages/3_Head_Statistics.py", label="other", example_id="easy_vqa/test/5",
               view="ex=easy_vqa/test/5", text="'); DROP TABLE annotations; --")
+    store.add(annotator="eve", page="pages/9_Retired.py", label="other", view="ex=easy_vqa/test/1", text="old page")
     store.add(annotator="dee", page="pages/2_Run_Model.py", label="other", example_id="easy_vqa/test/9",
               view="ex=easy_vqa/test/9&model=demo", text="runner")
     return store
@@ -61,7 +62,7 @@ def test_lists_every_annotation_and_exports(store, downloads):
     table = _table(at)
     assert sorted(table["text"]) == sorted(store.list()["text"])
     assert "'); DROP TABLE annotations; --" in set(table["text"])
-    assert table["link"].str.contains("/Heatmaps?ex=easy_vqa/test/0&layer=3&head=", regex=False).sum() == 2
+    assert table["link"].str.contains("/Attention_Heatmaps?ex=easy_vqa/test/0&layer=3&head=", regex=False).sum() == 2
     csv = pd.read_csv(io.BytesIO(downloads["annotations.csv"]))
     parquet = pd.read_parquet(io.BytesIO(downloads["annotations.parquet"]))
     for back in (csv, parquet):
@@ -85,7 +86,7 @@ def test_url_filters(store, params, texts):
 def test_unknown_filter_values_give_a_notice_and_everything(store):
     at = open_page(PAGE, {"who": "../../etc/passwd", "label": "nonsense"})
     assert not at.exception and not at.error
-    assert len(_table(at)) == 4
+    assert len(_table(at)) == 5
     notices = " ".join(i.value for i in at.info)
     assert "who=../../etc/passwd" in notices and "label=nonsense" in notices
     assert "who" not in at.query_params and "label" not in at.query_params
@@ -98,16 +99,20 @@ def test_filter_widgets_write_the_url(store):
     assert list(_table(at)["text"]) == ["background"]
 
 
-def test_a_row_opens_its_view(store):
-    at = open_page(PAGE, {"who": "dee"})
+@pytest.mark.parametrize(("who", "page", "params"), [
+    ("dee", "Run_Model", {"ex": "easy_vqa/test/9", "model": "demo"}),
+    ("bo", "Attention_Heatmaps", {"ex": "easy_vqa/test/0", "layer": "3", "head": "2"}),
+])
+def test_a_row_opens_its_view(store, who, page, params):
+    at = open_page(PAGE, {"who": who})
     links = at.get("page_link")
     assert len(links) == 1
-    assert "Run_Model" in links[0].proto.page
-    assert dict(parse_qsl(links[0].proto.query_string)) == {"ex": "easy_vqa/test/9", "model": "demo"}
+    assert page in links[0].proto.page
+    assert dict(parse_qsl(links[0].proto.query_string)) == params
 
 
 def test_a_row_of_a_page_not_in_this_app_shows_its_view(store):
-    at = open_page(PAGE, {"who": "bo"})
+    at = open_page(PAGE, {"who": "eve"})
     assert not at.exception and not at.get("page_link")
     assert any("is not part of this app" in c.value for c in at.caption)
 
@@ -139,7 +144,7 @@ def test_annotate_panel_saves_a_row_with_its_view():
     assert len(rows) == 1
     row = rows.iloc[0]
     assert (row["annotator"], row["page"], row["example_id"], row["model"]) == (
-        "carla", "pages/4_Heatmaps.py", "easy_vqa/test/3", "demo")
+        "carla", "pages/4_Attention_Heatmaps.py", "easy_vqa/test/3", "demo")
     assert (row["layer"], row["head"], row["token"]) == (2, 1, 0)
     assert row["text"] == "follows the circle; '); DROP TABLE annotations; --"
     assert dict(parse_qsl(row["view"])) == {"ex": "easy_vqa/test/3", "layer": "2", "head": "1", "tok": "0"}
@@ -160,10 +165,10 @@ def test_annotate_panel_refuses_a_save_without_a_name():
 
 def test_share_view_gives_the_full_link():
     at = AppTest.from_file(PANEL_PAGE, default_timeout=60)
-    at.context = {"url": "https://vlscope.streamlit.app/Heatmaps"}
+    at.context = {"url": "https://vlscope.streamlit.app/Attention_Heatmaps"}
     at.run()
     link = at.session_state["link"]
-    assert link.startswith("https://vlscope.streamlit.app/Heatmaps?")
+    assert link.startswith("https://vlscope.streamlit.app/Attention_Heatmaps?")
     assert dict(parse_qsl(urlsplit(link).query)) == {"ex": "easy_vqa/test/3", "layer": "2", "head": "1", "tok": "0"}
     assert link in [c.value for c in at.code]
 
@@ -201,3 +206,22 @@ def test_unreachable_database_is_one_error_line():
     at.switch_page(PAGE).run()
     assert not at.exception
     assert any("annotations database" in e.value and "secrets.toml" in e.value for e in at.error)
+
+
+def test_without_an_example_the_panel_lists_this_heads_annotations():
+    store = AnnotationStore(default_url())
+    for example, layer, head in (("easy_vqa/test/1", 2, 1), ("easy_vqa/test/2", 2, 1), ("easy_vqa/test/3", 2, 0),
+                                 ("easy_vqa/test/4", 1, 1)):
+        store.add(annotator="ana", page="pages/3_Head_Statistics.py", label="other", example_id=example,
+                  model="demo", layer=layer, head=head)
+    at = AppTest.from_file(PANEL_PAGE, default_timeout=60)
+    at.session_state["sweep_view"] = True
+    at.run()
+    assert not at.exception and not at.error
+    assert any("2 annotation(s) on layer 2 head 1 of this model" in c.value for c in at.caption)
+    assert sorted(at.dataframe[0].value["example_id"]) == ["easy_vqa/test/1", "easy_vqa/test/2"]
+    at.text_input(key="annotator_name_input").set_value("bo")
+    at.button(key="FormSubmitter:annotate-Save annotation").click().run()
+    row = store.list(annotator="bo").iloc[0]
+    assert pd.isna(row["example_id"]) and (row["layer"], row["head"]) == (2, 1)
+    assert dict(parse_qsl(row["view"])) == {"layer": "2", "head": "1"}

@@ -143,24 +143,33 @@ def annotate_panel(page: str, example_id: str | None = None, model: str | None =
                 st.success(f"Saved as {name}: {label}")
             except VLScopeError as exc:
                 st.error(str(exc))
-        if example_id:
-            _show_existing(store, example_id, head)
+        _show_existing(store, example_id, model, layer, head)
 
 
-def _show_existing(store: AnnotationStore, example_id: str, head: int | None) -> None:
+def _show_existing(store: AnnotationStore, example_id: str | None, model: str | None, layer: int | None,
+                   head: int | None) -> None:
+    """The annotations on this example (this head's counted); without an example, those on this model's head."""
+    if example_id is None and head is None:
+        return
     try:
-        rows = store.list(example_id=example_id, limit=200)
+        if example_id is not None:
+            rows = store.list(example_id=example_id, limit=200)
+        else:
+            rows = store.list(model=model, head=head, limit=200)
+            rows = rows[rows["layer"].eq(layer).fillna(False)] if layer is not None else rows
     except VLScopeError as exc:
         st.error(str(exc))
         return
+    where = "this example" if example_id is not None else f"layer {layer} head {head} of this model"
     if rows.empty:
-        st.caption("No annotations on this example yet.")
+        st.caption(f"No annotations on {where} yet.")
         return
     on_head = rows["head"].eq(head).fillna(False) if head is not None else rows["head"].isna()
-    st.caption(f"{len(rows)} annotation(s) on this example, {int(on_head.sum())} on this head")
+    count = f"{len(rows)} annotation(s) on {where}"
+    st.caption(count + (f", {int(on_head.sum())} on this head" if example_id is not None else ""))
     shown = rows.assign(this_head=on_head.to_numpy())
-    st.dataframe(shown[["created_at", "annotator", "label", "text", "layer", "head", "token", "this_head", "page"]],
-                 hide_index=True, key="annotations_here")
+    st.dataframe(shown[["created_at", "annotator", "label", "text", "example_id", "layer", "head", "token",
+                        "this_head", "page"]], hide_index=True)
 
 
 def page_url_path(page: str) -> str:
