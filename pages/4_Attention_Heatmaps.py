@@ -8,7 +8,7 @@ from vlcore import charts_heatmaps as ch
 from vlcore.errors import VLScopeError
 from vlcore.ui.context import load_example_trace, load_model, pick_layer_head
 from vlcore.ui.heatmaps import (METHOD_TITLES, explanation_maps, method_map, pick_answer, pick_display, pick_query,
-                                pick_view, show_explanations, show_export, show_matrices, show_query_views,
+                                pick_view, show_chart, show_explanations, show_export, show_matrices, show_query_views,
                                 show_step_through)
 
 st.set_page_config(page_title="Attention heatmaps · VLScope", layout="wide")
@@ -51,7 +51,7 @@ if view == "matrices":
     show_matrices(trace, att, f"{head_label}: query × key")
 elif view == "heads":
     maps = ch.compute_head_maps(trace, layer, query.tokens, direction)
-    st.altair_chart(ch.build_all_heads_chart(trace, maps, title=f"Every head of layer {layer}: attention "
+    show_chart(ch.build_all_heads_chart(trace, maps, title=f"Every head of layer {layer}: attention "
                                                                  f"{direction} {query.label}"))
 elif view == "step":
     show_step_through(trace, layer, head, direction, opacity, smooth)

@@ -10,14 +10,19 @@ A *query* is one token or several (patches selected together); its map is the me
 
 from __future__ import annotations
 
+import base64
+import functools
 import hashlib
+import io
 import re
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import altair as alt
 import numpy as np
 import pandas as pd
+from altair.utils import schemapi
+from PIL import Image
 
 from vlcore.charts import image_data_uri, patch_frame
 from vlcore.trace import IMAGE, TEXT, Trace
@@ -26,6 +31,29 @@ DIRECTIONS = ("from", "to")
 SCHEME = "inferno"
 _AXIS_OFF = alt.Axis(title=None, labels=False, ticks=False, grid=False, domain=False)
 _PATCH = re.compile(r"^\s*(-?\d+)\.(-?\d+)\s*$")
+
+
+def _fast(build: Callable) -> Callable:
+    """Build without Altair validating every intermediate object (a third of a page rerun on a 234-token
+    trace). The finished chart is still validated by ``to_dict()``, as the tests do; the page skips that
+    too (`unvalidated`)."""
+
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        with schemapi.debug_mode(False):
+            return build(*args, **kwargs)
+
+    return wrapper
+
+
+def unvalidated(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
+    """The chart, serialised without schema validation when Streamlit calls ``chart.to_dict()``.
+
+    Every builder's output is validated in tests/test_charts_heatmaps.py; skipping it at render time
+    saves ~20 ms per chart.
+    """
+    object.__setattr__(chart, "to_dict", functools.partial(chart.to_dict, validate=False))
+    return chart
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,14 +165,24 @@ _URI_CACHE: OrderedDict[str, str] = OrderedDict()
 
 
 def cached_image_uri(image: np.ndarray) -> str:
-    """`image_data_uri` memoised on the pixels' digest (traces are reloaded on every page run)."""
+    """The image as a data URI (PNG; JPEG above 256×256 pixels), memoised on the pixels' digest.
+
+    Traces are reloaded from the store on every page run, so the cache cannot key on the array object.
+    """
     key = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest() + str(image.shape)
     if key not in _URI_CACHE:
-        _URI_CACHE[key] = image_data_uri(image)
+        _URI_CACHE[key] = image_data_uri(image) if image.shape[0] * image.shape[1] <= 256 * 256 else _jpeg_uri(image)
         while len(_URI_CACHE) > 16:
             _URI_CACHE.popitem(last=False)
     _URI_CACHE.move_to_end(key)
     return _URI_CACHE[key]
+
+
+def _jpeg_uri(image: np.ndarray, quality: int = 90) -> str:
+    """JPEG data URI for large images (a photo's PNG is several times larger to send on every rerun)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def upsample_bilinear(grid: np.ndarray, factor: int) -> np.ndarray:
@@ -184,6 +222,7 @@ def smooth_frame(trace: Trace, values: np.ndarray, factor: int = 4) -> pd.DataFr
     })
 
 
+@_fast
 def build_attention_overlay_chart(
     trace: Trace,
     values: np.ndarray,
@@ -211,10 +250,11 @@ def build_attention_overlay_chart(
     height = max(1, int(round(width * h / max(w, 1))))
     xs = alt.Scale(domain=[0, w], nice=False, zero=False)
     ys = alt.Scale(domain=[0, h], nice=False, zero=False, reverse=True)
-    pos = dict(x=alt.X("x:Q", scale=xs, axis=_AXIS_OFF), x2="x2:Q", y=alt.Y("y:Q", scale=ys, axis=_AXIS_OFF), y2="y2:Q")
+    pos = dict(x=alt.X("x:Q", scale=xs, axis=_AXIS_OFF), x2=alt.X2("x2"), y=alt.Y("y:Q", scale=ys, axis=_AXIS_OFF),
+               y2=alt.Y2("y2"))
     image = alt.Chart(pd.DataFrame({"url": [cached_image_uri(trace.image)], "x": [0], "y": [0]})).mark_image(
         width=width, height=height, align="left", baseline="top"
-    ).encode(x=alt.X("x:Q", scale=xs, axis=_AXIS_OFF), y=alt.Y("y:Q", scale=ys, axis=_AXIS_OFF), url="url:N")
+    ).encode(x=alt.X("x:Q", scale=xs, axis=_AXIS_OFF), y=alt.Y("y:Q", scale=ys, axis=_AXIS_OFF), url=alt.Url("url:N"))
     patches = patch_frame(trace, values)
     color = alt.Color("value:Q", scale=alt.Scale(scheme=SCHEME), title="weight")
     tooltip = [alt.Tooltip("row:Q"), alt.Tooltip("col:Q"), alt.Tooltip("token:Q"), alt.Tooltip("value:Q", format=".4f")]
@@ -256,6 +296,7 @@ def token_chips_frame(trace: Trace, values: np.ndarray, selected: Sequence[int] 
     return pd.DataFrame(rows, columns=["token", "text", "value", "x", "x2", "line", "selected"])
 
 
+@_fast
 def build_token_chips_chart(
     trace: Trace, values: np.ndarray, selected: Sequence[int] = (), title: str = "", width: int = 640
 ) -> alt.LayerChart:
@@ -263,22 +304,26 @@ def build_token_chips_chart(
     frame = token_chips_frame(trace, values, selected, width)
     n_lines = int(frame["line"].max()) + 1 if len(frame) else 1
     top = float(frame["value"].max()) if len(frame) else 1.0
+    frame["mid"] = (frame["x"] + frame["x2"]) / 2
+    frame["dark"] = frame["value"] > 0.55 * top
     xs = alt.Scale(domain=[0, width], nice=False, zero=False)
-    y = alt.Y("line:O", axis=None)
+    pos = dict(x=alt.X("x:Q", scale=xs, axis=None), x2=alt.X2("x2"), y=alt.Y("line:O", axis=None))
     chip = alt.Chart(frame).mark_rect(cornerRadius=4, height=22).encode(
-        x=alt.X("x:Q", scale=xs, axis=None), x2="x2:Q", y=y,
-        color=alt.Color("value:Q", scale=alt.Scale(scheme="blues", domainMin=0), title="weight"),
-        stroke=alt.condition("datum.selected", alt.value("#d62728"), alt.value(None)),
-        strokeWidth=alt.condition("datum.selected", alt.value(2.5), alt.value(0)),
+        **pos, color=alt.Color("value:Q", scale=alt.Scale(scheme="blues", domainMin=0), title="weight"),
         tooltip=[alt.Tooltip("token:Q"), alt.Tooltip("text:N"), alt.Tooltip("value:Q", format=".4f")],
     )
-    label = alt.Chart(frame).transform_calculate(mid="(datum.x + datum.x2) / 2").mark_text(fontSize=13).encode(
-        x=alt.X("mid:Q", scale=xs, axis=None), y=y, text="text:N",
-        color=alt.condition(f"datum.value > {0.55 * top:.8g}", alt.value("white"), alt.value("black")),
+    label = alt.Chart(frame).mark_text(fontSize=13).encode(
+        x=alt.X("mid:Q", scale=xs, axis=None), y=alt.Y("line:O", axis=None), text=alt.Text("text:N"),
+        color=alt.Color("dark:N", scale=alt.Scale(domain=[True, False], range=["white", "black"]), legend=None),
     )
-    return alt.layer(chip, label).properties(width=width, height=30 * n_lines, title=title)
+    layers = [chip, label]
+    if frame["selected"].any():
+        layers.append(alt.Chart(frame[frame["selected"]]).mark_rect(
+            cornerRadius=4, height=22, fill=None, stroke="#d62728", strokeWidth=2.5).encode(**pos))
+    return alt.layer(*layers).properties(width=width, height=30 * n_lines, title=title)
 
 
+@_fast
 def build_special_weights_chart(trace: Trace, values: np.ndarray, title: str = "Special tokens") -> alt.LayerChart:
     """Weights on [CLS], [SEP] and the image CLS, and the total on text and on patches, as bars.
 
@@ -292,7 +337,7 @@ def build_special_weights_chart(trace: Trace, values: np.ndarray, title: str = "
     frame = pd.DataFrame(rows, columns=["token", "value", "kind"])
     base = alt.Chart(frame).encode(
         y=alt.Y("token:N", sort=None, title=None), x=alt.X("value:Q", title="weight"),
-        tooltip=["token", "kind", alt.Tooltip("value:Q", format=".4f")],
+        tooltip=[alt.Tooltip("token:N"), alt.Tooltip("kind:N"), alt.Tooltip("value:Q", format=".4f")],
     )
     bars = base.mark_bar().encode(color=alt.Color("kind:N", scale=alt.Scale(range=["#ff7f0e", "#9e9e9e"]), legend=None))
     text = base.mark_text(align="left", dx=3).encode(text=alt.Text("value:Q", format=".3f"))
@@ -315,6 +360,7 @@ def matrix_frame(trace: Trace, attention: np.ndarray, rows: np.ndarray, cols: np
     })
 
 
+@_fast
 def build_matrix_chart(
     trace: Trace,
     attention: np.ndarray,
@@ -373,6 +419,7 @@ BLOCK_TITLES = {"txt2txt": "text → text", "txt2img": "text → image", "img2tx
                 "img2img": "image → image"}
 
 
+@_fast
 def build_block_chart(trace: Trace, attention: np.ndarray, block: str, size: int = 260) -> alt.LayerChart:
     """One modality block of the matrix (specials left out), e.g. ``"txt2img"`` (text queries, patch keys)."""
     rows, cols = trace.block_index(block)
@@ -393,6 +440,7 @@ def matrix_csv(trace: Trace, attention: np.ndarray) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+@_fast
 def build_all_heads_chart(trace: Trace, head_maps: np.ndarray, columns: int = 6, panel: int = 110,
                           title: str = "") -> alt.FacetChart:
     """Small multiples: one patch-grid heatmap per head (``head_maps`` ``[H, N]``), one shared colour scale."""
@@ -408,13 +456,14 @@ def build_all_heads_chart(trace: Trace, head_maps: np.ndarray, columns: int = 6,
     return alt.Chart(frame).mark_rect().encode(
         x=alt.X("col:O", axis=None), y=alt.Y("row:O", axis=None),
         color=alt.Color("value:Q", scale=alt.Scale(scheme=SCHEME), title="weight"),
-        tooltip=["head:Q", "row:Q", "col:Q", alt.Tooltip("value:Q", format=".4f")],
+        tooltip=[alt.Tooltip("head:Q"), alt.Tooltip("row:Q"), alt.Tooltip("col:Q"), alt.Tooltip("value:Q", format=".4f")],
     ).properties(width=round(cell * cols), height=round(cell * rows)).facet(
         facet=alt.Facet("head:O", title=None, header=alt.Header(labelExpr="'head ' + datum.value")),
         columns=min(columns, n_heads),
     ).properties(title=title)
 
 
+@_fast
 def build_explanations_chart(trace: Trace, maps: Mapping[str, np.ndarray], opacity: float = 0.6,
                              width: int = 260) -> alt.HConcatChart:
     """Overlays of several explanation maps side by side (e.g. raw / rollout / relevancy)."""
@@ -432,6 +481,7 @@ def curve_frame(curves: Mapping[str, object]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+@_fast
 def build_perturbation_chart(curves: Mapping[str, object], title: str = "", width: int = 260) -> alt.Chart:
     """Answer probability as patches are removed, one line per order (e.g. positive vs random).
 
@@ -446,7 +496,7 @@ def build_perturbation_chart(curves: Mapping[str, object], title: str = "", widt
         y=alt.Y("probability:Q", title="answer probability"),
         color=alt.Color("label:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical")),
         strokeDash=alt.StrokeDash("order:N", legend=None),
-        tooltip=["order", alt.Tooltip("fraction:Q", format=".0%"), alt.Tooltip("probability:Q", format=".4f")],
+        tooltip=[alt.Tooltip("order:N"), alt.Tooltip("fraction:Q", format=".0%"), alt.Tooltip("probability:Q", format=".4f")],
     ).properties(width=width, height=180, title=title)
 
 

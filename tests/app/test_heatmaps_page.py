@@ -23,6 +23,11 @@ def chart_data(element) -> tuple[dict, dict[str, pd.DataFrame]]:
     return json.loads(element.proto.spec), frames
 
 
+def layer_data(spec: dict, frames: dict, i: int) -> pd.DataFrame:
+    """Layer ``i``'s data (Altair hoists data that every layer shares to the top)."""
+    return frames[(spec["layer"][i].get("data") or spec["data"])["name"]]
+
+
 def overlay_heats(at) -> list[pd.DataFrame]:
     """The heat layer (patch rectangles coloured by value) of every image overlay on the page."""
     heats = []
@@ -73,11 +78,17 @@ def test_token_and_patch_queries_change_the_maps_and_the_url():
 
 def test_matrices_step_through_and_exports():
     at = open_page(PAGE, {"ex": EX, "layer": "0", "head": "1"})
-    matrices = [chart_data(e) for e in at.get("vega_lite_chart")]
-    sizes = sorted(len(next(iter(frames.values()))) for spec, frames in matrices if spec.get("title", "").startswith(
-        ("layer 0", "text", "image")))
-    trace_n = int(round(max(sizes) ** 0.5))
-    assert max(sizes) == trace_n**2 and len(sizes) == 5  # the full N x N matrix and the four blocks
+    spec, frames = next(c for c in map(chart_data, at.get("vega_lite_chart")) if c[0].get("title") == "layer 0, head 1: query × key")
+    cells = layer_data(spec, frames, 0)
+    trace_n = cells["query"].nunique()
+    assert len(cells) == trace_n**2 and cells["key"].nunique() == trace_n
+    image_cls = next(k for k in cells["key"].unique() if k.endswith(":[IMG]"))
+    assert [layer_data(spec, frames, i).iloc[0, 0] for i in (1, 2)] == [image_cls] * 2  # text | image rules
+    at.segmented_control(key="hm_block").set_value("txt2img").run()
+    spec, frames = next(c for c in map(chart_data, at.get("vega_lite_chart")) if c[0].get("title") == "text → image")
+    block = layer_data(spec, frames, 0)
+    assert block["key"].nunique() == 64 and len(block) == 64 * block["query"].nunique()
+    assert not block["query"].str.contains(r"\[CLS\]|\[SEP\]").any()
 
     at.segmented_control(key="hm_view").set_value("step").run()
     assert not at.exception and at.slider(key="hm_step").value == 0

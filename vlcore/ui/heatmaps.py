@@ -34,6 +34,11 @@ class Query:
     label: str
 
 
+def show_chart(chart, **kwargs):
+    """``st.altair_chart`` without Altair's schema validation at render time (the tests validate every builder)."""
+    return st.altair_chart(ch.unvalidated(chart), **kwargs)
+
+
 # ---------------------------------------------------------------------------------------
 # Query and view controls
 # ---------------------------------------------------------------------------------------
@@ -210,25 +215,28 @@ def show_query_views(trace: Trace, values: np.ndarray, query: Query, title: str,
     left, right = st.columns([2, 3])
     with left:
         if clickable:
-            st.altair_chart(charts["overlay"], key="hm_click", on_select=_on_overlay_click, selection_mode="patch")
+            show_chart(charts["overlay"], key="hm_click", on_select=_on_overlay_click, selection_mode="patch")
         else:
-            st.altair_chart(charts["overlay"])
+            show_chart(charts["overlay"])
     with right:
-        st.altair_chart(charts["text tokens"])
-        st.altair_chart(charts["special tokens"])
+        show_chart(charts["text tokens"])
+        show_chart(charts["special tokens"])
     return charts
 
 
 def show_matrices(trace: Trace, att: np.ndarray, title: str) -> dict:
-    """The full matrix with modality separators and the four blocks."""
-    charts = {"matrix": ch.build_matrix_chart(trace, att, title=title, size=420)}
-    st.altair_chart(charts["matrix"])
-    cols = st.columns(4)
-    for col, block in zip(cols, ch.BLOCK_TITLES):
-        charts[f"block {block}"] = ch.build_block_chart(trace, att, block, size=230)
-        with col:
-            st.altair_chart(charts[f"block {block}"])
-    return charts
+    """The full matrix with modality separators, or one of the four blocks (one chart per run keeps it fast)."""
+    options = ["full", *ch.BLOCK_TITLES]
+    block = st.segmented_control("Matrix", options, key="hm_block", default="full",
+                                 format_func=lambda b: "full query × key" if b == "full" else ch.BLOCK_TITLES[b]) or "full"
+    if block == "full":
+        chart = ch.build_matrix_chart(trace, att, title=title, size=440)
+    else:
+        chart = ch.build_block_chart(trace, att, block, size=440)
+    show_chart(chart)
+    st.caption("Rows are queries (attending), columns keys (attended to); hover a cell for both tokens. "
+               "White rules separate text from image tokens; the blocks leave out [CLS], [SEP] and [IMG].")
+    return {block: chart}
 
 
 def _step(delta: int, n: int) -> None:
@@ -256,10 +264,10 @@ def show_step_through(trace: Trace, layer: int, head: int | None, direction: str
         st.slider("Token", 0, n - 1, key="hm_step")
         i = int(st.session_state["hm_step"])
         values = ch.compute_query_map(att, [i], direction)
-        st.altair_chart(ch.build_attention_overlay_chart(
+        show_chart(ch.build_attention_overlay_chart(
             trace, values, opacity=opacity, smooth=smooth, select_name=None, width=300,
             title=f"attention {direction} token {i} “{trace.tokens[i]}”"))
-        st.altair_chart(ch.build_token_chips_chart(trace, values, [i], width=520))
+        show_chart(ch.build_token_chips_chart(trace, values, [i], width=520))
 
     frame()
 
@@ -304,9 +312,9 @@ def show_explanations(trace: Trace, maps: dict[str, np.ndarray], titles: dict[st
                       "(a few dozen forward passes per map, cached)", key="hm_faith")
     for col, (method, values) in zip(st.columns(len(maps)), maps.items()):
         with col:
-            st.altair_chart(ch.build_attention_overlay_chart(trace, values, opacity=opacity, smooth=smooth,
+            show_chart(ch.build_attention_overlay_chart(trace, values, opacity=opacity, smooth=smooth,
                                                              title=titles[method], width=260, select_name=None))
-            st.altair_chart(ch.build_token_chips_chart(trace, values, width=260))
+            show_chart(ch.build_token_chips_chart(trace, values, width=260))
             if not score:
                 continue
             try:
@@ -316,7 +324,7 @@ def show_explanations(trace: Trace, maps: dict[str, np.ndarray], titles: dict[st
             except VLScopeError as exc:
                 st.error(str(exc))
                 continue
-            st.altair_chart(ch.build_perturbation_chart(curves, title="faithfulness", width=220))
+            show_chart(ch.build_perturbation_chart(curves, title="faithfulness", width=220))
             drop = curves["random"].auc - curves["positive"].auc
             st.metric("AUC, relevance order", f"{curves['positive'].auc:.3f}", f"{-drop:+.3f} vs random",
                       delta_color="inverse")
