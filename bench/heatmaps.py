@@ -8,9 +8,9 @@ loaded back as the page does. Three measures per change, interleaved in one run:
 
 - **page rerun**: the page itself under Streamlit's AppTest, from the widget change to the rendered
   result (script run, every chart's spec and Arrow data), with the default section (matrices: the full
-  234x234 matrix and its four blocks) and with the all-heads section;
+  234x234 matrix, 54,756 cells) and with the all-heads section (12 small multiples);
 - **charts only**: the page's path without Streamlit: load the trace from the store, compute the
-  query map, build the overlay, text chips, special bars, matrix and blocks, and turn each chart into
+  query map, build the overlay, text chips, special bars and the full matrix, and turn each chart into
   the spec and Arrow tables Streamlit sends;
 - **naive**: the same charts, but the trace recomputed by the model for every change (no store).
 """
@@ -35,14 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def page_charts(trace, layer: int, head: int | None, tok: int) -> list:
-    """The charts the page builds for the query and matrices sections."""
+    """The charts the page builds for the query section and the (default) full-matrix section."""
     from vlcore import charts_heatmaps as ch
 
     att = trace.head_attention(layer, head)
     values = ch.compute_query_map(att, [tok], "from")
-    charts = [ch.build_attention_overlay_chart(trace, values, width=340), ch.build_token_chips_chart(trace, values, [tok]),
-              ch.build_special_weights_chart(trace, values), ch.build_matrix_chart(trace, att, size=420)]
-    return charts + [ch.build_block_chart(trace, att, b, size=230) for b in ch.BLOCK_TITLES]
+    return [ch.build_attention_overlay_chart(trace, values, width=340), ch.build_token_chips_chart(trace, values, [tok]),
+            ch.build_special_weights_chart(trace, values), ch.build_matrix_chart(trace, att, size=440)]
 
 
 def to_streamlit(charts: list) -> None:
