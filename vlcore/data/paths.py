@@ -27,8 +27,12 @@ def data_roots() -> list[Path]:
 
 
 def is_allowed(path: str | Path) -> bool:
-    """True when ``path`` (resolved, symlinks followed) lies inside a data root."""
-    resolved = Path(path).expanduser().resolve()
+    """True when ``path`` (resolved, symlinks followed, ``~`` expanded) lies inside a data root; False for a
+    path that cannot be resolved (a NUL byte, an unknown ``~user``, a symlink loop)."""
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, ValueError, RuntimeError):
+        return False
     return any(resolved == root or root in resolved.parents for root in data_roots())
 
 
