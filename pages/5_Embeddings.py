@@ -9,8 +9,7 @@ import streamlit as st
 
 from vlcore.charts_embeddings import COLOR_BY, SELECT_PARAM, build_fusion_chart, build_projection_chart
 from vlcore.errors import VLScopeError
-from vlcore.projection import (ALIGNS, METHOD_NAMES, METHODS, coordinates_frame, compute_neighbours, find_token,
-                               umap_available)
+from vlcore.projection import ALIGNS, METHOD_NAMES, METHODS, find_token, umap_available
 from vlcore.ui import embeddings as emb
 from vlcore.ui.context import load_example_trace, load_model, pick_sweep
 from vlcore.ui.state import get_choice, get_int, get_param, set_params
@@ -76,18 +75,16 @@ pick_tok = st.sidebar.selectbox("Selected token", list(labels), format_func=labe
 emb.select_token(pick_ex, pick_tok)
 
 try:
-    coords = emb.fit_with_spinner(set_key, layer, method, align, perplexity, tokens)
+    frame = emb.projection_with_spinner(set_key, layer, method, align, perplexity, tokens)
 except VLScopeError as exc:
     st.error(str(exc))
     st.stop()
-frame = coordinates_frame(tokens, coords, layer)
 name = "embeddings" if layer == 0 else f"layer {layer}"
-chart = build_projection_chart(frame.assign(image=emb.thumbnails(set_key, tokens)), color,
-                               selected=f"{pick_ex}#{pick_tok}",
-                               title=f"{METHOD_NAMES[method]} of {tokens.n_tokens:,} tokens · {name}")
+title = f"{METHOD_NAMES[method]} of {tokens.n_tokens:,} tokens · {name}"
 left, right = st.columns([3, 2])
 with left:
-    st.altair_chart(chart, on_select="rerun", selection_mode=SELECT_PARAM, key="emb_scatter")
+    st.vega_lite_chart(spec=emb.scatter_with_data(frame, color, f"{pick_ex}#{pick_tok}", title), on_select="rerun",
+                       selection_mode=SELECT_PARAM, key="emb_scatter")
     st.caption(f"{len(examples)} example(s) · {(frame['modality'] == 'text').sum()} text and "
                f"{(frame['modality'] == 'image').sum()} image tokens · shapes mark text / patch / special tokens")
 with right:
@@ -96,23 +93,24 @@ with right:
     others.update({f"slice:{s}": s for s in emb.SLICES if scope == "sweep" and s != slice_})
     cmp = st.selectbox("Compare the fusion degree with", ["none", *others], key="emb_cmp", format_func=lambda c: c if (
         c == "none" or c.startswith("slice")) else f"{others[c].get('model_id')} · {others[c].get('dataset')}")
+    fusion_key = set_key
     try:
         if cmp != "none":
             other = emb.sweep_token_set(Path(others[cmp]["path"])) if cmp.startswith("sweep:") else base
             other = emb.narrow(*other, show, cmp[6:] if cmp.startswith("slice:") else "all")
             fusion = pd.concat([fusion, emb.fusion_table(other[1], other[0]).assign(series=cmp)], ignore_index=True)
+            fusion_key = f"{set_key}|{other[1]}"
     except VLScopeError as exc:
         st.warning(str(exc))
-    fusion_chart = build_fusion_chart(fusion, current_layer=layer, layer_names={0: "embeddings"})
-    st.altair_chart(fusion_chart)
+        cmp = "none"
+    st.vega_lite_chart(spec=emb.fusion_spec(fusion_key, layer, fusion))
     st.caption("NMI between a 2-cluster k-means of the layer's vectors and the tokens' modality (VALUE). "
                "1: the clusters are the modalities; 0: fused.")
 
 st.subheader(f"Nearest neighbours of token {pick_tok} of {pick_ex} ({name}, cosine, raw hidden space)")
 row = find_token(tokens, pick_ex, pick_tok)
 if row is not None:
-    nbrs = compute_neighbours(tokens, layer, row, k=5)
-    nbrs["patch"] = [emb.thumbnails(set_key, tokens)[r] or None for r in nbrs["row"]]
+    nbrs = emb.neighbours(set_key, layer, row, 5, tokens)
     st.dataframe(nbrs.drop(columns="row"), hide_index=True, key="emb_neighbours",
                  column_config={"patch": st.column_config.ImageColumn("patch"),
                                 "similarity": st.column_config.NumberColumn(format="%.3f")})
@@ -126,9 +124,11 @@ with st.expander("Downloads"):
     import vl_convert as vlc
 
     c1, c2, c3 = st.columns(3)
-    c1.download_button("Coordinates (CSV)", frame.to_csv(index=False), f"coords-{layer}.csv", "text/csv",
+    c1.download_button("Coordinates (CSV)", lambda: frame.drop(columns="image").to_csv(index=False),
+                       f"coords-{layer}.csv", "text/csv",
                        key="emb_csv", on_click="ignore")
-    c2.download_button("Scatter (PNG)", lambda: vlc.vegalite_to_png(chart.to_json()), f"scatter-{layer}.png",
-                       "image/png", key="emb_png", on_click="ignore")
-    c3.download_button("Fusion chart (SVG)", lambda: vlc.vegalite_to_svg(fusion_chart.to_json()), "fusion.svg",
-                       "image/svg+xml", key="emb_svg", on_click="ignore")
+    c2.download_button("Scatter (PNG)", lambda: vlc.vegalite_to_png(build_projection_chart(
+        frame.drop(columns="image"), color, f"{pick_ex}#{pick_tok}", title).to_json()), f"scatter-{layer}.png",
+        "image/png", key="emb_png", on_click="ignore")
+    c3.download_button("Fusion chart (SVG)", lambda: vlc.vegalite_to_svg(build_fusion_chart(
+        fusion, layer, {0: "embeddings"}).to_json()), "fusion.svg", "image/svg+xml", key="emb_svg", on_click="ignore")

@@ -37,6 +37,7 @@ def build_projection_chart(
     title: str = "",
     width: int = 560,
     height: int = 460,
+    n_colors: int | None = None,
 ) -> alt.Chart:
     """Scatter of 2-D token coordinates.
 
@@ -48,6 +49,7 @@ def build_projection_chart(
         title: chart title.
         width: chart width in pixels.
         height: chart height in pixels.
+        n_colors: how many colour values there are (default: counted in ``frame``); over 20, no legend.
 
     Returns:
         A chart with a click point selection named `SELECT_PARAM` over the ``uid`` field.
@@ -57,7 +59,7 @@ def build_projection_chart(
     data = frame.copy()
     data["selected"] = data["uid"] == selected if selected else False
     field = COLOR_BY[color]
-    n_values = data[field].nunique()
+    n_values = data[field].nunique() if n_colors is None else n_colors
     legend = alt.Legend(title=color) if n_values <= 20 else None
     scale = alt.Scale(domain=["correct", "incorrect", "unknown"], range=["#2ca02c", "#d62728", "#9e9e9e"]) \
         if color == "correct" else alt.Scale(scheme="tableau10" if n_values <= 10 else "tableau20")
@@ -112,7 +114,8 @@ def build_fusion_chart(fusion: pd.DataFrame, current_layer: int | None = None, l
             y=alt.Y("nmi:Q", title="NMI (k-means k=2)", scale=alt.Scale(domain=[0, 1])),
             color=alt.Color("series:N", title="series"),
             strokeDash=alt.StrokeDash("label:N", title="NMI"),
-            tooltip=["series:N", "layer_name:N", "label:N", alt.Tooltip("nmi:Q", format=".3f")],
+            tooltip=[alt.Tooltip("series:N"), alt.Tooltip("layer_name:N", title="layer"), alt.Tooltip("label:N"),
+                     alt.Tooltip("nmi:Q", format=".3f")],
         )
     )
     layers = [lines]
@@ -120,3 +123,13 @@ def build_fusion_chart(fusion: pd.DataFrame, current_layer: int | None = None, l
         rule = alt.Chart(pd.DataFrame({"layer": [current_layer]})).mark_rule(color="gray", strokeDash=[2, 2])
         layers.append(rule.encode(x="layer:O"))
     return alt.layer(*layers).properties(width=width, height=height, title="Fusion degree (low = fused)")
+
+
+def chart_spec(chart: alt.TopLevelMixin, data_name: str | None = None) -> dict:
+    """A chart's Vega-Lite dict; with ``data_name``, its inline data replaced by a reference to that
+    named dataset (supply the rows at render time, e.g. ``{**spec, "datasets": {name: frame}}``)."""
+    spec = chart.to_dict()
+    if data_name is not None:
+        spec.pop("datasets", None)
+        spec["data"] = {"name": data_name}
+    return spec

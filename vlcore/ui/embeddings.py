@@ -18,10 +18,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from vlcore.charts_embeddings import thumbnail_uris
+from vlcore.charts_embeddings import (COLOR_BY, build_fusion_chart, build_projection_chart, chart_spec,
+                                      thumbnail_uris)
 from vlcore.extract import load_sweep, load_sweep_vectors
 from vlcore.projection import (DEFAULT_PERPLEXITY, TokenSet, align_signs, apply_pca, compute_fusion,
-                               compute_projection, fit_joint_pca, token_set_from_sweep, token_set_from_traces)
+                               compute_neighbours, compute_projection, coordinates_frame, fit_joint_pca,
+                               token_set_from_sweep, token_set_from_traces)
 from vlcore.trace import Trace
 from vlcore.ui.state import set_params
 
@@ -102,14 +104,54 @@ def thumbnails(set_key: str, _tokens: TokenSet) -> list[str]:
     return thumbnail_uris(_tokens.thumbs, _tokens.tokens["kind"].to_numpy() == "patch")
 
 
-def fit_with_spinner(set_key: str, layer: int, method: str, align: str, perplexity: float,
-                     tokens: TokenSet) -> np.ndarray:
-    """`fit_layer`, with a spinner (and a rough time) for the slow methods."""
+@st.cache_data(max_entries=64, show_spinner=False)
+def projection_frame(set_key: str, layer: int, method: str, align: str, perplexity: float,
+                     _tokens: TokenSet) -> pd.DataFrame:
+    """`coordinates_frame` of a cached fit, with the tooltip thumbnails in an ``image`` column."""
+    coords = fit_layer(set_key, layer, method, align, perplexity, _tokens)
+    return coordinates_frame(_tokens, coords, layer).assign(image=thumbnails(set_key, _tokens))
+
+
+def projection_with_spinner(set_key: str, layer: int, method: str, align: str, perplexity: float,
+                            tokens: TokenSet) -> pd.DataFrame:
+    """`projection_frame`, under a spinner with a rough time for the slow methods (shown only on a miss that
+    takes a while: Streamlit delays spinners)."""
     if method == "pca":
-        return fit_layer(set_key, layer, method, align, perplexity, tokens)
+        return projection_frame(set_key, layer, method, align, perplexity, tokens)
     with st.spinner(f"Fitting {method.upper()} on {tokens.n_tokens:,} tokens "
                     f"(about {max(1, tokens.n_tokens // 400)} s on 2 CPU cores; cached afterwards)…"):
-        return fit_layer(set_key, layer, method, align, perplexity, tokens)
+        return projection_frame(set_key, layer, method, align, perplexity, tokens)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def scatter_spec(color: str, n_colors: int, title: str, columns: tuple[str, ...]) -> dict:
+    """The scatter's Vega-Lite spec without data (rows go in as the dataset ``points`` at render time).
+
+    Building and validating an Altair chart costs tens of milliseconds; the spec depends only on these
+    arguments, so reruns reuse it.
+    """
+    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    return chart_spec(build_projection_chart(empty, color, title=title, n_colors=n_colors), data_name="points")
+
+
+def scatter_with_data(frame: pd.DataFrame, color: str, selected: str, title: str) -> dict:
+    """A fresh spec dict (Streamlit moves datasets out of it) holding ``frame`` with its ``selected`` column."""
+    spec = scatter_spec(color, int(frame[COLOR_BY[color]].nunique()), title, tuple(frame.columns))
+    return {**spec, "datasets": {"points": frame.assign(selected=frame["uid"] == selected)}}
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def fusion_spec(fusion_key: str, layer: int, _fusion: pd.DataFrame) -> dict:
+    """The fusion chart's spec for a fusion table (named by ``fusion_key``) and the current layer."""
+    return chart_spec(build_fusion_chart(_fusion, current_layer=layer, layer_names={0: "embeddings"}))
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def neighbours(set_key: str, layer: int, row: int, k: int, _tokens: TokenSet) -> pd.DataFrame:
+    """`compute_neighbours` with a ``patch`` thumbnail column, once per (set, layer, token, k)."""
+    table = compute_neighbours(_tokens, layer, row, k)
+    thumbs = thumbnails(set_key, _tokens)
+    return table.assign(patch=[thumbs[r] or None for r in table["row"]])
 
 
 def sync_token_picker(examples: list[str], wanted_ex: str | None, wanted_tok: int | None) -> None:
@@ -138,5 +180,6 @@ def clicked_token(state_key: str, param: str) -> tuple[str, int] | None:
     return (example_id, int(token)) if token.isdigit() else None
 
 
-__all__ = ["DEFAULT_PERPLEXITY", "FITS", "SHOW", "SLICES", "example_token_set", "fit_layer", "fit_with_spinner",
-           "fusion_table", "narrow", "select_token", "sweep_token_set", "sync_token_picker", "thumbnails"]
+__all__ = ["DEFAULT_PERPLEXITY", "FITS", "SHOW", "SLICES", "example_token_set", "fit_layer",
+           "fusion_spec", "fusion_table", "narrow", "neighbours", "projection_frame", "projection_with_spinner", "scatter_spec",
+           "scatter_with_data", "select_token", "sweep_token_set", "sync_token_picker", "thumbnails"]
