@@ -260,3 +260,14 @@ def test_planted_itm_model_points_at_the_patch_too(tiny_tokenizer_dir):
     assert rel.answer == "match"
     grid = rel.to_grid()
     assert np.unravel_index(np.nanargmax(grid), grid.shape) == (1, 2)
+
+
+def test_nlvr2_relevancy_per_image_pass_drops_padding(tiny_tokenizer_dir):
+    from tests.models.test_nlvr2_and_equivalence import NLVR2
+
+    adapter = make_tiny_adapter(tiny_tokenizer_dir, **NLVR2)
+    pair = (grey_image(48, 32, red_cell=(1, 1)), grey_image(32, 32))  # 24 and 16 patches: the second is padded
+    for image_pass, n_patches in ((0, 24), (1, 16)):
+        rel = extract_relevancy(adapter, pair, "is there a red cat?", image_pass=image_pass)
+        trace = extract_trace(adapter, pair, "is there a red cat?", "x", image_pass=image_pass)
+        assert rel.tokens == trace.tokens and rel.image.shape == (n_patches,) and (rel.values >= 0).all()
