@@ -91,8 +91,8 @@ def _on_overlay_click() -> None:
 
 def pick_query(trace: Trace) -> Query:
     """Token chips (``st.pills``) and a patch picker, seeded from and written to the URL (``tok``, ``patch``)."""
-    if st.session_state.get("hm_trace") != (trace.model_id, trace.example_id):
-        _seed_from_url(trace)
+    if st.session_state.get("hm_trace") != (trace.model_id, trace.example_id) or "hm_tok" not in st.session_state:
+        _seed_from_url(trace)  # a new example, or back from another page (Streamlit dropped the widget state)
     n_text = len(trace.text_index(include_special=True))
     st.pills("Query token (click a word)", list(range(n_text)), key="hm_tok", on_change=_clear_patches,
              format_func=lambda i: trace.tokens[i])
