@@ -24,7 +24,7 @@ def zscore_across_heads(frame: pd.DataFrame) -> pd.DataFrame:
 
     >>> f = pd.DataFrame({"example_id": "e", "layer": [0, 0, 1, 1], "head": [0, 1, 0, 1],
     ...                   "metric": "m", "value": [1.0, 2.0, 3.0, 4.0]})
-    >>> zscore_across_heads(f)["value"].round(3).tolist()
+    >>> [round(float(v), 3) for v in zscore_across_heads(f)["value"]]
     [-1.342, -0.447, 0.447, 1.342]
     """
     out = frame.copy()

@@ -119,3 +119,26 @@ def test_downloads_parse():
     pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(frame_to_parquet(table))), table.reset_index(drop=True))
     labels = [b.proto.label for b in at.get("download_button")]
     assert {"PNG", "SVG", "CSV", "Parquet"} <= set(labels)
+
+
+def test_a_deployments_custom_metric_module_shows_up_on_the_page(tmp_path, monkeypatch):
+    import sys
+
+    from vlcore.stats import unregister_metric
+
+    (tmp_path / "vlscope_metrics.py").write_text(
+        "import numpy as np\nfrom vlcore.stats import register_metric\n"
+        "register_metric('diag_mass', lambda t: np.stack([np.diagonal(a, axis1=-2, axis2=-1).mean(-1) "
+        "for a in t.attentions.astype(np.float32)]), 'mean self-attention')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("vlscope_metrics", None)
+    sys.modules.pop("vlcore.ui.stats", None)
+    try:
+        at = open_page(PAGE, {"ex": "easy_vqa/test/2", "metric": "diag_mass"})
+        assert not at.exception and not at.error
+        assert "diag_mass: mean self-attention" in at.selectbox(key="metric").options
+        assert at.selectbox(key="metric").value == "diag_mass"
+        assert "diag_mass" in at.dataframe[-1].value.columns
+    finally:
+        unregister_metric("diag_mass")
+        sys.modules.pop("vlscope_metrics", None)

@@ -15,6 +15,22 @@ from vlcore.store import atomic_write_bytes
 from vlcore.export import frame_to_parquet
 from vlcore.ui.state import set_params
 
+CUSTOM_METRICS_MODULE = "vlscope_metrics"  # an optional module next to streamlit_app.py that registers metrics
+
+
+def load_custom_metrics() -> None:
+    """Import `CUSTOM_METRICS_MODULE` if the deployment has one (it calls `vlcore.stats.register_metric`)."""
+    import importlib
+
+    try:
+        importlib.import_module(CUSTOM_METRICS_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != CUSTOM_METRICS_MODULE:
+            raise
+
+
+load_custom_metrics()
+
 CHART_KEY = "head_chart"
 IMPORTANCE_FILE = "head_importance.parquet"
 AUTO_IMPORTANCE_HEADS = 64  # models with at most this many heads get head importance without a click
