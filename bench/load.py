@@ -1,6 +1,6 @@
 """Load test: N concurrent sessions of the model runner against ONE result store.
 
-    python bench/load.py [--sessions 1 4 8] [--shared 3] [--own 3]
+    python bench/load.py [--sessions 1 4 8] [--shared 3] [--own 3] [--compute-s 0]
 
 Each session is a separate process (multiprocessing, spawn: AppTest is not thread-safe) driving
 ``pages/2_Run_Model.py`` through Streamlit's AppTest, as a browser tab would: it opens
@@ -17,7 +17,8 @@ Counted per round:
 - page time: wall time of one AppTest run of the page, p50 and p95 over all pages of the round.
 
 A last round repeats the largest N with the store's file lock switched off (the naive cache: check,
-compute, write) to show the duplicates the lock prevents.
+compute, write) to show the duplicates the lock prevents. ``--compute-s`` adds seconds to every
+computation, standing in for a model slower than the bundled demo (whose forward pass is tens of ms).
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def session_examples(index: int, n_shared: int, n_own: int) -> list[str]:
     return shared + own
 
 
-def _count_computations(markers: Path) -> None:
-    """Wrap `extract_trace` so that every computation leaves one marker file."""
+def _count_computations(markers: Path, extra_s: float = 0.0) -> None:
+    """Wrap `extract_trace` so that every computation leaves one marker file (and lasts ``extra_s`` longer)."""
     import vlcore.extract as extract
 
     real = extract.extract_trace
@@ -55,6 +56,7 @@ def _count_computations(markers: Path) -> None:
     def counted(adapter, image, text, example_id, *args, **kwargs):
         markers.mkdir(parents=True, exist_ok=True)
         (markers / f"{example_id.replace('/', '_')}--{os.getpid()}-{uuid.uuid4().hex[:8]}").touch()
+        time.sleep(extra_s)  # stands in for a bigger model's forward pass
         return real(adapter, image, text, example_id, *args, **kwargs)
 
     extract.extract_trace = counted
@@ -79,7 +81,7 @@ def _failed(at) -> str:
     return ""
 
 
-def session(index: int, cache: str, examples: list[str], barrier, results, no_lock: bool) -> None:
+def session(index: int, cache: str, examples: list[str], barrier, results, no_lock: bool, extra_s: float) -> None:
     """One browser-like session: warm up, wait for the others, open every example once."""
     os.environ.update(VLSCOPE_CACHE=cache, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     import torch
@@ -96,7 +98,7 @@ def session(index: int, cache: str, examples: list[str], barrier, results, no_lo
         warm = _open(f"easy_vqa/test/{5000 + index}")  # model load and imports, outside the timing
         if _failed(warm):
             out["failures"].append(f"warm-up: {_failed(warm)}")
-        _count_computations(Path(cache) / "bench-markers")
+        _count_computations(Path(cache) / "bench-markers", extra_s)
         barrier.wait(timeout=600)
         for example_id in examples:
             start = time.perf_counter()
@@ -113,12 +115,12 @@ def session(index: int, cache: str, examples: list[str], barrier, results, no_lo
     results.put(out)
 
 
-def run_round(n: int, n_shared: int, n_own: int, no_lock: bool = False) -> dict:
+def run_round(n: int, n_shared: int, n_own: int, no_lock: bool = False, extra_s: float = 0.0) -> dict:
     ctx = mp.get_context("spawn")
     cache = tempfile.mkdtemp(prefix=f"vlscope-load-{n}-")
     barrier, results = ctx.Barrier(n), ctx.Queue()
     plans = [session_examples(i, n_shared, n_own) for i in range(n)]
-    procs = [ctx.Process(target=session, args=(i, cache, plans[i], barrier, results, no_lock)) for i in range(n)]
+    procs = [ctx.Process(target=session, args=(i, cache, plans[i], barrier, results, no_lock, extra_s)) for i in range(n)]
     for p in procs:
         p.start()
     outs = [results.get(timeout=1800) for _ in procs]
@@ -130,7 +132,7 @@ def run_round(n: int, n_shared: int, n_own: int, no_lock: bool = False) -> dict:
     distinct = {m.name.split("--")[0] for m in markers}
     wanted = {e for plan in plans for e in plan}
     return {
-        "n": n, "lock": not no_lock, "pages": len(times), "failures": failures, "computations": len(markers),
+        "n": n, "lock": not no_lock, "extra_s": extra_s, "pages": len(times), "failures": failures, "computations": len(markers),
         "distinct": len(distinct), "wanted": len(wanted), "duplicates": len(markers) - len(distinct),
         "p50": statistics.median(times) if times else float("nan"),
         "p95": times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))] if times else float("nan"),
@@ -143,18 +145,20 @@ def main() -> None:
     parser.add_argument("--shared", type=int, default=3, help="examples every session opens")
     parser.add_argument("--own", type=int, default=3, help="examples only one session opens")
     parser.add_argument("--skip-no-lock", action="store_true", help="skip the round without the file lock")
+    parser.add_argument("--compute-s", type=float, default=0.0,
+                        help="seconds added to every computation (a stand-in for a bigger model)")
     args = parser.parse_args()
-    rounds = [run_round(n, args.shared, args.own) for n in args.sessions]
+    rounds = [run_round(n, args.shared, args.own, extra_s=args.compute_s) for n in args.sessions]
     if not args.skip_no_lock:
-        rounds.append(run_round(max(args.sessions), args.shared, args.own, no_lock=True))
+        rounds.append(run_round(max(args.sessions), args.shared, args.own, no_lock=True, extra_s=args.compute_s))
     base = rounds[0]["p50"]
     print(f"\nRunner page, {args.shared} shared + {args.own} own examples per session, one store per round, "
           f"{os.cpu_count()} CPU cores\n")
-    print("| sessions | file lock | page loads | failures | computations | distinct examples | duplicates "
+    print("| sessions | file lock | added compute s | page loads | failures | computations | distinct examples | duplicates "
           "| p50 page s | p95 page s | p50 / p50(N=1) |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rounds:
-        print(f"| {r['n']} | {'on' if r['lock'] else 'off'} | {r['pages']} | {len(r['failures'])} | {r['computations']} "
+        print(f"| {r['n']} | {'on' if r['lock'] else 'off'} | {r['extra_s']:g} | {r['pages']} | {len(r['failures'])} | {r['computations']} "
               f"| {r['distinct']} | {r['duplicates']} | {r['p50']:.2f} | {r['p95']:.2f} | {r['p50'] / base:.1f}x |")
     for r in rounds:
         for f in r["failures"][:5]:
