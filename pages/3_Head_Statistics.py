@@ -15,9 +15,11 @@ from vlcore.ui.context import load_example_trace, load_model, pick_layer_head, p
 from vlcore.ui.export import chart_downloads, table_downloads
 from vlcore.ui.state import get_choice, set_params
 from vlcore.ui import stats as ui
+from vlcore.ui.annotate import annotate_panel, share_view
 
 st.set_page_config(page_title="Head statistics · VLScope", layout="wide")
 st.title("Head statistics")
+ui.load_custom_metrics()  # a deployment's vlscope_metrics.py, if any
 adapter, store = load_model()
 L, H = adapter.n_layers, adapter.n_heads
 ui.apply_head_click(L, H)
@@ -108,3 +110,7 @@ with right:
 k = st.slider("Highlight the top k heads", 1, 20, 5, key="top_k")
 table = ui.show_head_table(agg, metric, k)
 table_downloads(table, f"heads-{label}".replace(" ", "_"), "table_dl")
+
+share_view("pages/3_Head_Statistics.py")
+annotate_panel("pages/3_Head_Statistics.py", example_id=trace.example_id if scope == "example" else None,
+               model=adapter.model_id, layer=layer, head=head)

@@ -6,6 +6,7 @@ import streamlit as st
 
 from vlcore import charts_heatmaps as ch
 from vlcore.errors import VLScopeError
+from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.ui.context import load_example_trace, load_model, pick_layer_head
 from vlcore.ui.heatmaps import (METHOD_TITLES, explanation_maps, method_map, pick_answer, pick_display, pick_query,
                                 pick_view, show_chart, show_explanations, show_export, show_matrices, show_query_views,
@@ -13,6 +14,7 @@ from vlcore.ui.heatmaps import (METHOD_TITLES, explanation_maps, method_map, pic
 
 st.set_page_config(page_title="Attention heatmaps · VLScope", layout="wide")
 st.title("Attention heatmaps")
+PAGE = "pages/4_Attention_Heatmaps.py"
 adapter, store = load_model()
 ctx = load_example_trace(adapter, store)
 trace, example = ctx.trace, ctx.example
@@ -74,3 +76,7 @@ else:
     builders["explanations side by side"] = lambda: ch.build_explanations_chart(
         trace, explanation_maps(trace, layer, head, start_layer, adapter, example, answer), opacity)
     show_export(builders, trace, att, head_label)
+
+share_view(PAGE)
+annotate_panel(PAGE, example_id=trace.example_id, model=trace.model_id, layer=layer, head=head,
+               token=int(query.tokens[0]) if len(query.tokens) == 1 else None)

@@ -132,7 +132,6 @@ def test_a_deployments_custom_metric_module_shows_up_on_the_page(tmp_path, monke
         "for a in t.attentions.astype(np.float32)]), 'mean self-attention')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("vlscope_metrics", None)
-    sys.modules.pop("vlcore.ui.stats", None)
     try:
         at = open_page(PAGE, {"ex": "easy_vqa/test/2", "metric": "diag_mass"})
         assert not at.exception and not at.error

@@ -28,9 +28,6 @@ def load_custom_metrics() -> None:
         if exc.name != CUSTOM_METRICS_MODULE:
             raise
 
-
-load_custom_metrics()
-
 CHART_KEY = "head_chart"
 IMPORTANCE_FILE = "head_importance.parquet"
 AUTO_IMPORTANCE_HEADS = 64  # models with at most this many heads get head importance without a click
