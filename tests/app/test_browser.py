@@ -35,7 +35,7 @@ def test_category_filter_and_paging():
     caption = next(c.value for c in at.caption if "examples match" in c.value)
     n = int(caption.split(": ")[1].split(" of")[0].replace(",", ""))
     assert 0 < n < 9673
-    at.number_input(key="page").set_value(10_000).run()  # out of range: clamped to the last page
+    at.number_input(key="pg").set_value(10_000).run()  # out of range: clamped to the last page
     assert not at.exception
     assert any(c.value.startswith("Page ") and c.value.split()[1] == c.value.split()[3] for c in at.caption)
 

@@ -17,6 +17,7 @@
 | `model` | model: `demo` or a hub id                 | `dandelin/vilt-b32-mlm`     |
 | `layer` | layer index                               | `11`                        |
 | `head`  | head index, or `mean`                     | `3`                         |
+| `pg`    | dataset browser page number (of 24 thumbnails) | `3`                   |
 | `sweep` | sweep key (first 12+ hex chars of the store key) | `3f2a9c01b7de`       |
 | `scope` | analysis scope: `example` or `sweep`      | `sweep`                     |
 | `metric`| head-statistics metric name               | `txt2img`                   |
@@ -42,7 +43,7 @@ import streamlit as st
 
 PARAMS = (
     "ds", "loc", "img", "map", "stream", "cfg", "split", "q", "cat", "ans", "obj", "ex", "model", "layer", "head",
-    "sweep", "scope", "metric", "norm", "slice", "cmp", "tok", "patch", "dir", "method", "answer", "proj", "color",
+    "pg", "sweep", "scope", "metric", "norm", "slice", "cmp", "tok", "patch", "dir", "method", "answer", "proj", "color",
     "who", "label", "page", "view",
 )
 
