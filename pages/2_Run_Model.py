@@ -7,6 +7,7 @@ import streamlit as st
 from vlcore.data.example import open_image_bytes
 from vlcore.data.sources import resolve_example
 from vlcore.errors import VLScopeError
+from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.extract import trace_for_example
 from vlcore.store import put_input
 from vlcore.ui.browser import source_from_url
@@ -91,3 +92,6 @@ else:  # NLVR2: one encoder pass per image, one prediction from both
                 show_trace_result(*shown, opacity=opacity)
             except VLScopeError as exc:
                 st.error(str(exc))
+
+share_view("pages/2_Run_Model.py")
+annotate_panel("pages/2_Run_Model.py", example_id=example.example_id, model=adapter.model_id)

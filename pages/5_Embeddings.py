@@ -9,6 +9,7 @@ import streamlit as st
 
 from vlcore.charts_embeddings import COLOR_BY, SELECT_PARAM, build_fusion_chart, build_projection_chart
 from vlcore.errors import VLScopeError
+from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.projection import ALIGNS, METHOD_NAMES, METHODS, find_token, umap_available
 from vlcore.ui import embeddings as emb
 from vlcore.ui.context import load_example_trace, load_model, pick_sweep
@@ -132,3 +133,6 @@ with st.expander("Downloads"):
         "image/png", key="emb_png", on_click="ignore")
     c3.download_button("Fusion chart (SVG)", lambda: vlc.vegalite_to_svg(build_fusion_chart(
         fusion, layer, {0: "embeddings"}).to_json()), "fusion.svg", "image/svg+xml", key="emb_svg", on_click="ignore")
+
+share_view("pages/5_Embeddings.py")
+annotate_panel("pages/5_Embeddings.py", example_id=pick_ex, model=adapter.model_id, layer=layer, token=int(pick_tok))
