@@ -63,7 +63,10 @@ try:
             st.warning(f"The slice {chosen!r} has no examples in this sweep; choose another slice.")
             st.stop()
         if versus != "none":
-            agg, label = compare_slices(heads, ids, slice_examples(preds, versus), norm), f"{chosen} − {versus}"
+            other = slice_examples(preds, versus)
+            agg, label = compare_slices(heads, ids, other, norm), f"{chosen} − {versus}"
+            pair = {f"{chosen} (n = {len(ids)})": aggregate_heads(heads, ids, norm),
+                    f"{versus} (n = {len(other)})": aggregate_heads(heads, other, norm)}
         else:
             agg, label = aggregate_heads(heads, ids, norm), f"{chosen} (n = {len(ids)})"
 except VLScopeError as exc:
@@ -106,6 +109,12 @@ with right:
                 ui.sweep_importance_panel(adapter, path, source_from_url(), ids, done)
             except VLScopeError as exc:
                 st.error(f"{exc}. Open the sweep's dataset in the browser first, so its examples can be read.")
+
+if scope == "sweep" and versus != "none":
+    st.markdown("**The two slices side by side** (their difference is the diverging map above)")
+    for column, (name, frame) in zip(st.columns(2), pair.items()):
+        with column:
+            st.altair_chart(build_head_heatmap_chart(frame, metric, title=f"{metric} · {name}", cell=20))
 
 k = st.slider("Highlight the top k heads", 1, 20, 5, key="top_k")
 table = ui.show_head_table(agg, metric, k)

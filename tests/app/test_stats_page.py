@@ -100,6 +100,8 @@ def test_sweep_scope_aggregates_slices_and_compares_them(demo_sweep):
     at.selectbox(key="cmp").set_value("all").run()
     spec = head_charts(at)[0]
     assert spec["hconcat"][0]["encoding"]["color"]["scale"]["scheme"] == "redblue"  # a diverging difference map
+    side_by_side = head_charts(at)[1:]
+    assert len(side_by_side) == 2 and {r["n"] for r in heat_rows(side_by_side[1])} == {12}
     assert at.query_params["cmp"] == "all"
 
 
