@@ -9,8 +9,8 @@ from vlcore.errors import VLScopeError
 from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.ui.context import load_example_trace, load_model, pick_layer_head
 from vlcore.ui.heatmaps import (METHOD_TITLES, explanation_maps, method_map, pick_answer, pick_display, pick_query,
-                                pick_view, show_chart, show_explanations, show_export, show_matrices, show_query_views,
-                                show_step_through)
+                                pick_view, show_explanations, show_export, show_matrices, show_parts,
+                                show_query_views, show_step_through)
 
 st.set_page_config(page_title="Attention heatmaps · VLScope", layout="wide")
 st.title("Attention heatmaps")
@@ -53,8 +53,7 @@ if view == "matrices":
     show_matrices(trace, att, f"{head_label}: query × key")
 elif view == "heads":
     maps = ch.compute_head_maps(trace, layer, query.tokens, direction)
-    show_chart(ch.build_all_heads_chart(trace, maps, title=f"Every head of layer {layer}: attention "
-                                                                 f"{direction} {query.label}"))
+    show_parts(ch.all_heads_parts(trace, maps, title=f"Every head of layer {layer}: attention {direction} {query.label}"))
 elif view == "step":
     show_step_through(trace, layer, head, direction, opacity, smooth)
 elif view == "explain":
@@ -67,7 +66,7 @@ elif view == "explain":
         st.stop()
     show_explanations(trace, maps, titles, adapter, example, answer, opacity, smooth)
 else:
-    builders = {name: (lambda c=c: c) for name, c in shown.items()}
+    builders = dict(shown)
     builders["matrix"] = lambda: ch.build_matrix_chart(trace, att, title=head_label, size=420)
     for block in ch.BLOCK_TITLES:
         builders[f"block {block}"] = lambda b=block: ch.build_block_chart(trace, att, b)

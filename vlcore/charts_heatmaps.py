@@ -14,9 +14,13 @@ import base64
 import functools
 import hashlib
 import io
+import json
 import re
+import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import altair as alt
 import numpy as np
@@ -158,23 +162,100 @@ def token_label(trace: Trace, index: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# Chart parts: a layout built by Altair once, its data swapped on every call
+# ---------------------------------------------------------------------------------------
+
+_TITLE = "@@vlscope-title@@"
+_ROLE = "@@vlscope-data:"
+_TEMPLATES: OrderedDict[tuple, str] = OrderedDict()
+_TEMPLATES_MAX = 64
+_TEMPLATES_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ChartParts:
+    """A chart as its Vega-Lite spec (JSON, data referenced by name) and the data frames it names.
+
+    The same chart as the matching ``build_*_chart`` (tests/test_charts_heatmaps.py compares them),
+    made without building Altair objects: Altair builds the layout once per *layout key* (everything
+    but the data and the title) and it is kept as JSON; each call only makes the data frames. The
+    heatmaps page renders these (`vlcore.ui.heatmaps.show_parts`), which keeps a rerun cheap.
+
+    Attributes:
+        spec_json: the Vega-Lite spec; every data reference is ``{"name": ROLE}`` for a role of ``datasets``.
+        datasets: role → data frame.
+    """
+
+    spec_json: str
+    datasets: dict[str, pd.DataFrame]
+
+    def spec(self, names: Mapping[str, str] | None = None) -> dict:
+        """The spec, with each role's data reference renamed by ``names`` (role → dataset name)."""
+        text = self.spec_json
+        for role in self.datasets:
+            text = text.replace(json.dumps(_ROLE + role), json.dumps((names or {}).get(role, role)))
+        return json.loads(text)
+
+    def to_dict(self) -> dict:
+        """The spec with the data inline as top-level ``datasets`` (named by role), as Altair writes them."""
+        spec = self.spec()
+        spec["datasets"] = {role: alt.utils.data.to_values(frame)["values"] for role, frame in self.datasets.items()}
+        return spec
+
+
+def _chart_parts(key: tuple, frames: dict[str, pd.DataFrame], title: str,
+                 layout: Callable[[Mapping[str, alt.Data], str], alt.TopLevelMixin]) -> ChartParts:
+    """``layout(data, title)`` as JSON, built once per ``key`` (which must name everything it draws but
+    the frames' values and the title), with ``frames`` as its data."""
+    key = (*key, tuple(frames))
+    with _TEMPLATES_LOCK:
+        template = _TEMPLATES.get(key)
+        if template is not None:
+            _TEMPLATES.move_to_end(key)
+    if template is None:
+        with schemapi.debug_mode(False):
+            chart = layout({role: alt.Data(name=_ROLE + role) for role in frames}, _TITLE)
+        spec = chart.to_dict(validate=False)
+        spec.pop("config", None)  # the default theme's view size; Streamlit renders charts with theme "none"
+        template = json.dumps(spec)
+        with _TEMPLATES_LOCK:
+            _TEMPLATES[key] = template
+            while len(_TEMPLATES) > _TEMPLATES_MAX:
+                _TEMPLATES.popitem(last=False)
+    return ChartParts(template.replace(json.dumps(_TITLE), json.dumps(title)), frames)
+
+
+def _layout_key(trace: Trace) -> tuple:
+    """What of a trace a layout can depend on: its identity, tokens, grid and image size."""
+    return trace.model_id, trace.example_id, trace.tokens, trace.grid, trace.image.shape, trace.patch_px
+
+
+# ---------------------------------------------------------------------------------------
 # Overlays
 # ---------------------------------------------------------------------------------------
 
 _URI_CACHE: OrderedDict[str, str] = OrderedDict()
+_URI_BY_ID: dict[int, tuple[weakref.ref, str]] = {}
 
 
 def cached_image_uri(image: np.ndarray) -> str:
     """The image as a data URI (PNG; JPEG above 256×256 pixels), memoised on the pixels' digest.
 
-    Traces are reloaded from the store on every page run, so the cache cannot key on the array object.
+    The same array (a trace kept in memory) is looked up by identity first, without hashing its pixels.
     """
+    known = _URI_BY_ID.get(id(image))
+    if known is not None and known[0]() is image:
+        return known[1]
     key = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest() + str(image.shape)
     if key not in _URI_CACHE:
         _URI_CACHE[key] = image_data_uri(image) if image.shape[0] * image.shape[1] <= 256 * 256 else _jpeg_uri(image)
         while len(_URI_CACHE) > 16:
             _URI_CACHE.popitem(last=False)
     _URI_CACHE.move_to_end(key)
+    if not image.flags.writeable:  # a trace's read-only array: safe to remember by identity
+        for stale in [k for k, (ref, _) in _URI_BY_ID.items() if ref() is None]:
+            del _URI_BY_ID[stale]
+        _URI_BY_ID[id(image)] = (weakref.ref(image), _URI_CACHE[key])
     return _URI_CACHE[key]
 
 
@@ -222,6 +303,48 @@ def smooth_frame(trace: Trace, values: np.ndarray, factor: int = 4) -> pd.DataFr
     })
 
 
+def overlay_frames(trace: Trace, values: np.ndarray, selected: Sequence[tuple[int, int]] = (),
+                   smooth: bool = False) -> dict[str, pd.DataFrame]:
+    """The overlay's data: ``image`` (its data URI), ``patches`` (`patch_frame`), ``smooth`` (when
+    smoothing, `smooth_frame`) and ``selected`` (the outlined query patches, when there are any)."""
+    patches = patch_frame(trace, values)
+    frames = {"image": pd.DataFrame({"url": [cached_image_uri(trace.image)], "x": [0], "y": [0]}), "patches": patches}
+    if smooth:
+        frames["smooth"] = smooth_frame(trace, values)
+    if len(selected):
+        wanted = {(int(r), int(c)) for r, c in selected}
+        frames["selected"] = patches[[(r, c) in wanted for r, c in zip(patches["row"], patches["col"])]]
+    return frames
+
+
+def _overlay_layout(trace: Trace, data: Mapping, opacity: float, smooth: bool, title: str, width: int,
+                    select_name: str | None) -> alt.LayerChart:
+    """The overlay's layers on ``data`` (frames or named data, roles of `overlay_frames`)."""
+    h, w = trace.image.shape[:2]
+    height = max(1, int(round(width * h / max(w, 1))))
+    xs = alt.Scale(domain=[0, w], nice=False, zero=False)
+    ys = alt.Scale(domain=[0, h], nice=False, zero=False, reverse=True)
+    pos = dict(x=alt.X("x:Q", scale=xs, axis=_AXIS_OFF), x2=alt.X2("x2"), y=alt.Y("y:Q", scale=ys, axis=_AXIS_OFF),
+               y2=alt.Y2("y2"))
+    image = alt.Chart(data["image"]).mark_image(
+        width=width, height=height, align="left", baseline="top"
+    ).encode(x=alt.X("x:Q", scale=xs, axis=_AXIS_OFF), y=alt.Y("y:Q", scale=ys, axis=_AXIS_OFF), url=alt.Url("url:N"))
+    color = alt.Color("value:Q", scale=alt.Scale(scheme=SCHEME), title="weight")
+    tooltip = [alt.Tooltip("row:Q"), alt.Tooltip("col:Q"), alt.Tooltip("token:Q"), alt.Tooltip("value:Q", format=".4f")]
+    layers = [image]
+    if smooth:
+        layers.append(alt.Chart(data["smooth"]).mark_rect(opacity=opacity).encode(**pos, color=color))
+        hit = alt.Chart(data["patches"]).mark_rect(opacity=0.001).encode(**pos, tooltip=tooltip)
+    else:
+        hit = alt.Chart(data["patches"]).mark_rect(opacity=opacity).encode(**pos, color=color, tooltip=tooltip)
+    if select_name:
+        hit = hit.add_params(alt.selection_point(name=select_name, fields=["row", "col"], on="click", clear="dblclick"))
+    layers.append(hit)
+    if "selected" in data:
+        layers.append(alt.Chart(data["selected"]).mark_rect(fill=None, stroke="#00e5ff", strokeWidth=2).encode(**pos))
+    return alt.layer(*layers).properties(width=width, height=height, title=title)
+
+
 @_fast
 def build_attention_overlay_chart(
     trace: Trace,
@@ -246,31 +369,18 @@ def build_attention_overlay_chart(
         select_name: name of a point selection on the patch rectangles (fields ``row, col``; shift-click
             adds patches), or None for a static chart.
     """
-    h, w = trace.image.shape[:2]
-    height = max(1, int(round(width * h / max(w, 1))))
-    xs = alt.Scale(domain=[0, w], nice=False, zero=False)
-    ys = alt.Scale(domain=[0, h], nice=False, zero=False, reverse=True)
-    pos = dict(x=alt.X("x:Q", scale=xs, axis=_AXIS_OFF), x2=alt.X2("x2"), y=alt.Y("y:Q", scale=ys, axis=_AXIS_OFF),
-               y2=alt.Y2("y2"))
-    image = alt.Chart(pd.DataFrame({"url": [cached_image_uri(trace.image)], "x": [0], "y": [0]})).mark_image(
-        width=width, height=height, align="left", baseline="top"
-    ).encode(x=alt.X("x:Q", scale=xs, axis=_AXIS_OFF), y=alt.Y("y:Q", scale=ys, axis=_AXIS_OFF), url=alt.Url("url:N"))
-    patches = patch_frame(trace, values)
-    color = alt.Color("value:Q", scale=alt.Scale(scheme=SCHEME), title="weight")
-    tooltip = [alt.Tooltip("row:Q"), alt.Tooltip("col:Q"), alt.Tooltip("token:Q"), alt.Tooltip("value:Q", format=".4f")]
-    layers = [image]
-    if smooth:
-        layers.append(alt.Chart(smooth_frame(trace, values)).mark_rect(opacity=opacity).encode(**pos, color=color))
-        hit = alt.Chart(patches).mark_rect(opacity=0.001).encode(**pos, tooltip=tooltip)
-    else:
-        hit = alt.Chart(patches).mark_rect(opacity=opacity).encode(**pos, color=color, tooltip=tooltip)
-    if select_name:
-        hit = hit.add_params(alt.selection_point(name=select_name, fields=["row", "col"], on="click", clear="dblclick"))
-    layers.append(hit)
-    if selected:
-        sel = patches[[(r, c) in set(selected) for r, c in zip(patches["row"], patches["col"])]]
-        layers.append(alt.Chart(sel).mark_rect(fill=None, stroke="#00e5ff", strokeWidth=2).encode(**pos))
-    return alt.layer(*layers).properties(width=width, height=height, title=title)
+    frames = overlay_frames(trace, values, selected, smooth)
+    return _overlay_layout(trace, frames, opacity, smooth, title, width, select_name)
+
+
+def overlay_parts(trace: Trace, values: np.ndarray, selected: Sequence[tuple[int, int]] = (), opacity: float = 0.6,
+                  smooth: bool = False, title: str = "", width: int = 320,
+                  select_name: str | None = "patch") -> ChartParts:
+    """`build_attention_overlay_chart` as `ChartParts` (the layout built once per trace and settings)."""
+    frames = overlay_frames(trace, values, selected, smooth)
+    key = ("overlay", _layout_key(trace), float(opacity), bool(smooth), int(width), select_name)
+    return _chart_parts(key, frames, title,
+                        lambda data, t: _overlay_layout(trace, data, opacity, smooth, t, width, select_name))
 
 
 # ---------------------------------------------------------------------------------------
@@ -285,15 +395,53 @@ def token_chips_frame(trace: Trace, values: np.ndarray, selected: Sequence[int] 
         Columns ``token, text, value, x, x2, line, selected`` (x in pixels).
     """
     idx = trace.text_index()
+    wanted = {int(s) for s in selected}
     x, line, rows = 0.0, 0, []
     for i in idx:
         text = trace.tokens[i]
         w = 12 + 7.5 * len(text)
         if x + w > width and x > 0:
             x, line = 0.0, line + 1
-        rows.append((int(i), text, float(values[i]), x, x + w, line, int(i) in set(selected)))
+        rows.append((int(i), text, float(values[i]), x, x + w, line, int(i) in wanted))
         x += w + 4
     return pd.DataFrame(rows, columns=["token", "text", "value", "x", "x2", "line", "selected"])
+
+
+def chips_frames(trace: Trace, values: np.ndarray, selected: Sequence[int] = (),
+                 width: int = 640) -> dict[str, pd.DataFrame]:
+    """The chips' data: ``chips`` (`token_chips_frame` plus the label position ``mid`` and ``dark``, a
+    dark chip with white text) and ``selected`` (the query's chips, when it is a text token)."""
+    frame = token_chips_frame(trace, values, selected, width)
+    top = float(frame["value"].max()) if len(frame) else 1.0
+    frame["mid"] = (frame["x"] + frame["x2"]) / 2
+    frame["dark"] = frame["value"] > 0.55 * top
+    frames = {"chips": frame}
+    if frame["selected"].any():
+        frames["selected"] = frame[frame["selected"]]
+    return frames
+
+
+def _chips_layout(data: Mapping, n_lines: int, title: str, width: int) -> alt.LayerChart:
+    xs = alt.Scale(domain=[0, width], nice=False, zero=False)
+    pos = dict(x=alt.X("x:Q", scale=xs, axis=None), x2=alt.X2("x2"), y=alt.Y("line:O", axis=None))
+    chip = alt.Chart(data["chips"]).mark_rect(cornerRadius=4, height=22).encode(
+        **pos, color=alt.Color("value:Q", scale=alt.Scale(scheme="blues", domainMin=0), title="weight"),
+        tooltip=[alt.Tooltip("token:Q"), alt.Tooltip("text:N"), alt.Tooltip("value:Q", format=".4f")],
+    )
+    label = alt.Chart(data["chips"]).mark_text(fontSize=13).encode(
+        x=alt.X("mid:Q", scale=xs, axis=None), y=alt.Y("line:O", axis=None), text=alt.Text("text:N"),
+        color=alt.Color("dark:N", scale=alt.Scale(domain=[True, False], range=["white", "black"]), legend=None),
+    )
+    layers = [chip, label]
+    if "selected" in data:
+        layers.append(alt.Chart(data["selected"]).mark_rect(
+            cornerRadius=4, height=22, fill=None, stroke="#d62728", strokeWidth=2.5).encode(**pos))
+    return alt.layer(*layers).properties(width=width, height=30 * n_lines, title=title)
+
+
+def _n_lines(frames: Mapping[str, pd.DataFrame]) -> int:
+    chips = frames["chips"]
+    return int(chips["line"].max()) + 1 if len(chips) else 1
 
 
 @_fast
@@ -301,26 +449,38 @@ def build_token_chips_chart(
     trace: Trace, values: np.ndarray, selected: Sequence[int] = (), title: str = "", width: int = 640
 ) -> alt.LayerChart:
     """The text tokens (specials left out) as a row of chips coloured by the weight they get."""
-    frame = token_chips_frame(trace, values, selected, width)
-    n_lines = int(frame["line"].max()) + 1 if len(frame) else 1
-    top = float(frame["value"].max()) if len(frame) else 1.0
-    frame["mid"] = (frame["x"] + frame["x2"]) / 2
-    frame["dark"] = frame["value"] > 0.55 * top
-    xs = alt.Scale(domain=[0, width], nice=False, zero=False)
-    pos = dict(x=alt.X("x:Q", scale=xs, axis=None), x2=alt.X2("x2"), y=alt.Y("line:O", axis=None))
-    chip = alt.Chart(frame).mark_rect(cornerRadius=4, height=22).encode(
-        **pos, color=alt.Color("value:Q", scale=alt.Scale(scheme="blues", domainMin=0), title="weight"),
-        tooltip=[alt.Tooltip("token:Q"), alt.Tooltip("text:N"), alt.Tooltip("value:Q", format=".4f")],
+    frames = chips_frames(trace, values, selected, width)
+    return _chips_layout(frames, _n_lines(frames), title, width)
+
+
+def token_chips_parts(trace: Trace, values: np.ndarray, selected: Sequence[int] = (), title: str = "",
+                      width: int = 640) -> ChartParts:
+    """`build_token_chips_chart` as `ChartParts`."""
+    frames = chips_frames(trace, values, selected, width)
+    n_lines = _n_lines(frames)
+    return _chart_parts(("chips", _layout_key(trace), int(width), n_lines), frames, title,
+                        lambda data, t: _chips_layout(data, n_lines, t, width))
+
+
+def special_weights_frame(trace: Trace, values: np.ndarray) -> pd.DataFrame:
+    """Weights on the special tokens, then the totals on text (no specials) and on patches:
+    columns ``token, value, kind``."""
+    v = np.asarray(values, dtype=np.float64)
+    special = np.flatnonzero(trace.special)
+    rows = [(token_label(trace, int(i)), float(v[i]), "special token") for i in special]
+    rows.append(("all text (no specials)", float(v[trace.text_index()].sum()), "total"))
+    rows.append(("all patches", float(v[trace.image_index()].sum()), "total"))
+    return pd.DataFrame(rows, columns=["token", "value", "kind"])
+
+
+def _special_layout(data: Mapping, n_rows: int, title: str) -> alt.LayerChart:
+    base = alt.Chart(data["bars"]).encode(
+        y=alt.Y("token:N", sort=None, title=None), x=alt.X("value:Q", title="weight"),
+        tooltip=[alt.Tooltip("token:N"), alt.Tooltip("kind:N"), alt.Tooltip("value:Q", format=".4f")],
     )
-    label = alt.Chart(frame).mark_text(fontSize=13).encode(
-        x=alt.X("mid:Q", scale=xs, axis=None), y=alt.Y("line:O", axis=None), text=alt.Text("text:N"),
-        color=alt.Color("dark:N", scale=alt.Scale(domain=[True, False], range=["white", "black"]), legend=None),
-    )
-    layers = [chip, label]
-    if frame["selected"].any():
-        layers.append(alt.Chart(frame[frame["selected"]]).mark_rect(
-            cornerRadius=4, height=22, fill=None, stroke="#d62728", strokeWidth=2.5).encode(**pos))
-    return alt.layer(*layers).properties(width=width, height=30 * n_lines, title=title)
+    bars = base.mark_bar().encode(color=alt.Color("kind:N", scale=alt.Scale(range=["#ff7f0e", "#9e9e9e"]), legend=None))
+    text = base.mark_text(align="left", dx=3).encode(text=alt.Text("value:Q", format=".3f"))
+    return alt.layer(bars, text).properties(height=22 * n_rows, width=220, title=title)
 
 
 @_fast
@@ -329,19 +489,16 @@ def build_special_weights_chart(trace: Trace, values: np.ndarray, title: str = "
 
     Kept apart from the overlay and the chips so their (often large) weights do not wash out those scales.
     """
-    v = np.asarray(values, dtype=np.float64)
-    special = np.flatnonzero(trace.special)
-    rows = [(token_label(trace, int(i)), float(v[i]), "special token") for i in special]
-    rows.append(("all text (no specials)", float(v[trace.text_index()].sum()), "total"))
-    rows.append(("all patches", float(v[trace.image_index()].sum()), "total"))
-    frame = pd.DataFrame(rows, columns=["token", "value", "kind"])
-    base = alt.Chart(frame).encode(
-        y=alt.Y("token:N", sort=None, title=None), x=alt.X("value:Q", title="weight"),
-        tooltip=[alt.Tooltip("token:N"), alt.Tooltip("kind:N"), alt.Tooltip("value:Q", format=".4f")],
-    )
-    bars = base.mark_bar().encode(color=alt.Color("kind:N", scale=alt.Scale(range=["#ff7f0e", "#9e9e9e"]), legend=None))
-    text = base.mark_text(align="left", dx=3).encode(text=alt.Text("value:Q", format=".3f"))
-    return alt.layer(bars, text).properties(height=22 * len(frame), width=220, title=title)
+    frame = special_weights_frame(trace, values)
+    return _special_layout({"bars": frame}, len(frame), title)
+
+
+def special_weights_parts(trace: Trace, values: np.ndarray, title: str = "Special tokens") -> ChartParts:
+    """`build_special_weights_chart` as `ChartParts`."""
+    frame = special_weights_frame(trace, values)
+    n_rows = len(frame)
+    return _chart_parts(("special", _layout_key(trace), n_rows), {"bars": frame}, title,
+                        lambda data, t: _special_layout(data, n_rows, t))
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,15 +506,61 @@ def build_special_weights_chart(trace: Trace, values: np.ndarray, title: str = "
 # ---------------------------------------------------------------------------------------
 
 
+def _labels(trace: Trace) -> np.ndarray:
+    return np.array([token_label(trace, i) for i in range(trace.n_tokens)], dtype=object)
+
+
 def matrix_frame(trace: Trace, attention: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> pd.DataFrame:
     """Long form of ``attention[rows][:, cols]``: ``query, key`` (``index:token`` names, categorical), ``value``."""
-    labels = np.array([token_label(trace, i) for i in range(trace.n_tokens)], dtype=object)
-    sub = attention[np.ix_(rows, cols)]
+    labels = _labels(trace)
+    sub = np.asarray(attention)[np.ix_(rows, cols)]
     return pd.DataFrame({
         "query": pd.Categorical.from_codes(np.repeat(np.arange(len(rows)), len(cols)), categories=labels[rows]),
         "key": pd.Categorical.from_codes(np.tile(np.arange(len(cols)), len(rows)), categories=labels[cols]),
         "value": sub.ravel().astype(np.float32),
     })
+
+
+def matrix_frames(trace: Trace, attention: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                  separators: bool = True) -> dict[str, pd.DataFrame]:
+    """The matrix's data: ``cells`` (`matrix_frame`), and with ``separators`` the rules where the modality
+    changes along the keys (``key_rules``) and the queries (``query_rules``), when there are any."""
+    frames = {"cells": matrix_frame(trace, attention, rows, cols)}
+    if separators:
+        for role, field, index in (("key_rules", "key", cols), ("query_rules", "query", rows)):
+            names = _boundaries(trace, index)
+            if names:
+                frames[role] = pd.DataFrame({field: names})
+    return frames
+
+
+def _matrix_layout(trace: Trace, data: Mapping, rows: np.ndarray, cols: np.ndarray, title: str, size: int,
+                   fill: bool) -> alt.LayerChart:
+    labels = _labels(trace)
+    q_order, k_order = labels[rows].tolist(), labels[cols].tolist()
+    cell = size / max(len(rows), len(cols), 1)
+    cell_x, cell_y = (min(size / max(len(cols), 1), 28), min(size / max(len(rows), 1), 28)) if fill else (cell, cell)
+    show_x, show_y = len(cols) <= 48, len(rows) <= 48
+    x = alt.X("key:O", sort=k_order, title="key (attended to)",
+              axis=alt.Axis(labels=show_x, ticks=show_x, labelAngle=-60, grid=False))
+    y = alt.Y("query:O", sort=q_order, title="query (attending)", axis=alt.Axis(labels=show_y, ticks=show_y, grid=False))
+    heat = alt.Chart(data["cells"]).mark_rect().encode(
+        x=x, y=y, color=alt.Color("value:Q", scale=alt.Scale(scheme="viridis"), title="weight"),
+        tooltip=[alt.Tooltip("query:N"), alt.Tooltip("key:N"), alt.Tooltip("value:Q", format=".4f")],
+    )
+    layers = [heat]
+    if "key_rules" in data:
+        layers.append(alt.Chart(data["key_rules"]).mark_rule(color="white", strokeWidth=1.5).encode(
+            x=alt.X("key:O", sort=k_order, bandPosition=0)))
+    if "query_rules" in data:
+        layers.append(alt.Chart(data["query_rules"]).mark_rule(color="white", strokeWidth=1.5).encode(
+            y=alt.Y("query:O", sort=q_order, bandPosition=0)))
+    return alt.layer(*layers).properties(width=max(1, round(cell_x * len(cols))), height=max(1, round(cell_y * len(rows))),
+                                         title=title)
+
+
+def _index(trace: Trace, index: np.ndarray | None) -> np.ndarray:
+    return np.arange(trace.n_tokens) if index is None else np.asarray(index, dtype=np.int64)
 
 
 @_fast
@@ -382,31 +585,17 @@ def build_matrix_chart(
         separators: draw rules between text and image tokens.
         fill: stretch the cells to fill a ``size``×``size`` box (cells at most 28 px) instead of square cells.
     """
-    rows = np.arange(trace.n_tokens) if rows is None else np.asarray(rows)
-    cols = np.arange(trace.n_tokens) if cols is None else np.asarray(cols)
-    frame = matrix_frame(trace, attention, rows, cols)
-    q_order, k_order = list(frame["query"].cat.categories), list(frame["key"].cat.categories)
-    cell = size / max(len(rows), len(cols), 1)
-    cell_x, cell_y = (min(size / max(len(cols), 1), 28), min(size / max(len(rows), 1), 28)) if fill else (cell, cell)
-    show_x, show_y = len(cols) <= 48, len(rows) <= 48
-    x = alt.X("key:O", sort=k_order, title="key (attended to)",
-              axis=alt.Axis(labels=show_x, ticks=show_x, labelAngle=-60, grid=False))
-    y = alt.Y("query:O", sort=q_order, title="query (attending)", axis=alt.Axis(labels=show_y, ticks=show_y, grid=False))
-    heat = alt.Chart(frame).mark_rect().encode(
-        x=x, y=y, color=alt.Color("value:Q", scale=alt.Scale(scheme="viridis"), title="weight"),
-        tooltip=[alt.Tooltip("query:N"), alt.Tooltip("key:N"), alt.Tooltip("value:Q", format=".4f")],
-    )
-    layers = [heat]
-    if separators:
-        seps = pd.DataFrame({"key": _boundaries(trace, cols)}), pd.DataFrame({"query": _boundaries(trace, rows)})
-        if len(seps[0]):
-            layers.append(alt.Chart(seps[0]).mark_rule(color="white", strokeWidth=1.5).encode(
-                x=alt.X("key:O", sort=k_order, bandPosition=0)))
-        if len(seps[1]):
-            layers.append(alt.Chart(seps[1]).mark_rule(color="white", strokeWidth=1.5).encode(
-                y=alt.Y("query:O", sort=q_order, bandPosition=0)))
-    return alt.layer(*layers).properties(width=max(1, round(cell_x * len(cols))), height=max(1, round(cell_y * len(rows))),
-                                         title=title)
+    rows, cols = _index(trace, rows), _index(trace, cols)
+    return _matrix_layout(trace, matrix_frames(trace, attention, rows, cols, separators), rows, cols, title, size, fill)
+
+
+def matrix_parts(trace: Trace, attention: np.ndarray, rows: np.ndarray | None = None, cols: np.ndarray | None = None,
+                 title: str = "", size: int = 360, separators: bool = True, fill: bool = False) -> ChartParts:
+    """`build_matrix_chart` as `ChartParts`."""
+    rows, cols = _index(trace, rows), _index(trace, cols)
+    key = ("matrix", _layout_key(trace), rows.tobytes(), cols.tobytes(), int(size), bool(fill))
+    return _chart_parts(key, matrix_frames(trace, attention, rows, cols, separators), title,
+                        lambda data, t: _matrix_layout(trace, data, rows, cols, t, size, fill))
 
 
 def _boundaries(trace: Trace, index: np.ndarray) -> list[str]:
@@ -424,7 +613,14 @@ def build_block_chart(trace: Trace, attention: np.ndarray, block: str, size: int
     """One modality block of the matrix (specials left out), e.g. ``"txt2img"`` (text queries, patch keys)."""
     rows, cols = trace.block_index(block)
     return build_matrix_chart(trace, attention, rows, cols, title=BLOCK_TITLES[block], size=size,
-                             separators=False, fill=True)
+                              separators=False, fill=True)
+
+
+def block_parts(trace: Trace, attention: np.ndarray, block: str, size: int = 260) -> ChartParts:
+    """`build_block_chart` as `ChartParts`."""
+    rows, cols = trace.block_index(block)
+    return matrix_parts(trace, attention, rows, cols, title=BLOCK_TITLES[block], size=size, separators=False,
+                        fill=True)
 
 
 def matrix_csv(trace: Trace, attention: np.ndarray) -> str:
@@ -440,20 +636,22 @@ def matrix_csv(trace: Trace, attention: np.ndarray) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-@_fast
-def build_all_heads_chart(trace: Trace, head_maps: np.ndarray, columns: int = 6, panel: int = 110,
-                          title: str = "") -> alt.FacetChart:
-    """Small multiples: one patch-grid heatmap per head (``head_maps`` ``[H, N]``), one shared colour scale."""
+def head_maps_frame(trace: Trace, head_maps: np.ndarray) -> pd.DataFrame:
+    """Long form of ``head_maps`` ``[H, N]`` on the patches: ``head, row, col, value``."""
     idx, rc = trace.patch_positions()
     n_heads = head_maps.shape[0]
-    frame = pd.DataFrame({
+    return pd.DataFrame({
         "head": np.repeat(np.arange(n_heads), len(idx)),
         "row": np.tile(rc[:, 0].astype(int), n_heads), "col": np.tile(rc[:, 1].astype(int), n_heads),
-        "value": head_maps[:, idx].ravel().astype(np.float32),
+        "value": np.asarray(head_maps)[:, idx].ravel().astype(np.float32),
     })
+
+
+def _all_heads_layout(trace: Trace, data: Mapping, n_heads: int, columns: int, panel: int,
+                      title: str) -> alt.FacetChart:
     rows, cols = trace.grid
     cell = panel / max(rows, cols, 1)
-    return alt.Chart(frame).mark_rect().encode(
+    return alt.Chart(data["heads"]).mark_rect().encode(
         x=alt.X("col:O", axis=None), y=alt.Y("row:O", axis=None),
         color=alt.Color("value:Q", scale=alt.Scale(scheme=SCHEME), title="weight"),
         tooltip=[alt.Tooltip("head:Q"), alt.Tooltip("row:Q"), alt.Tooltip("col:Q"), alt.Tooltip("value:Q", format=".4f")],
@@ -461,6 +659,23 @@ def build_all_heads_chart(trace: Trace, head_maps: np.ndarray, columns: int = 6,
         facet=alt.Facet("head:O", title=None, header=alt.Header(labelExpr="'head ' + datum.value")),
         columns=min(columns, n_heads),
     ).properties(title=title)
+
+
+@_fast
+def build_all_heads_chart(trace: Trace, head_maps: np.ndarray, columns: int = 6, panel: int = 110,
+                          title: str = "") -> alt.FacetChart:
+    """Small multiples: one patch-grid heatmap per head (``head_maps`` ``[H, N]``), one shared colour scale."""
+    return _all_heads_layout(trace, {"heads": head_maps_frame(trace, head_maps)}, head_maps.shape[0], columns, panel,
+                             title)
+
+
+def all_heads_parts(trace: Trace, head_maps: np.ndarray, columns: int = 6, panel: int = 110,
+                    title: str = "") -> ChartParts:
+    """`build_all_heads_chart` as `ChartParts`."""
+    n_heads = head_maps.shape[0]
+    return _chart_parts(("heads", _layout_key(trace), n_heads, int(columns), int(panel)),
+                        {"heads": head_maps_frame(trace, head_maps)}, title,
+                        lambda data, t: _all_heads_layout(trace, data, n_heads, columns, panel, t))
 
 
 @_fast

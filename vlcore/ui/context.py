@@ -7,6 +7,9 @@ example nobody has run yet still opens) or `pick_sweep` (a stored sweep of the c
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from vlcore.ui.loaders import get_adapter, get_store
 from vlcore.ui.state import get_head, get_int, get_param, notice, set_params
 
 DEFAULT_EXAMPLE = "easy_vqa/test/0"
+TRACE_MEMORY_ENTRIES = 4  # traces kept in memory, shared by every session of the server
+TRACE_MEMORY_BYTES = 1 << 29  # and at most 512 MiB of their arrays (a ViLT-B trace of 234 tokens: ~21 MB)
 
 
 @dataclass
@@ -51,11 +56,99 @@ def load_model() -> tuple[ModelAdapter, Store]:
     return adapter, store
 
 
+class TraceMemory:
+    """The last few traces read from a store, by store folder and key, so that a rerun does not read and
+    decode the file again (~15 ms for a ViLT-B trace).
+
+    Traces are frozen with read-only arrays, so every session can share one object. An entry is used only
+    while the store still has the same file (same inode and size): a trace deleted, evicted, damaged or
+    rewritten on disk goes through the store again (which recomputes a damaged one).
+    """
+
+    def __init__(self, max_entries: int = TRACE_MEMORY_ENTRIES, max_bytes: int = TRACE_MEMORY_BYTES):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._entries: OrderedDict[tuple[str, str], tuple[Trace, tuple, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _file_id(path: Path) -> tuple | None:
+        try:
+            st_ = os.stat(path)
+        except OSError:
+            return None
+        return st_.st_dev, st_.st_ino, st_.st_size
+
+    def get(self, store: Store, key: str) -> Trace | None:
+        """The remembered trace, or None (not remembered, or its file changed or went away)."""
+        name = (str(store.root), key)
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is None:
+            return None
+        path = store.trace_path(key)
+        if self._file_id(path) != entry[1]:
+            with self._lock:
+                self._entries.pop(name, None)
+            return None
+        try:
+            os.utime(path)  # recently used, as a read from the store marks it (LRU eviction on disk)
+        except OSError:
+            pass
+        with self._lock:
+            if name in self._entries:
+                self._entries.move_to_end(name)
+        return entry[0]
+
+    def put(self, store: Store, key: str, trace: Trace) -> None:
+        """Remember a trace just read or stored (not when its file is missing or it alone is too big)."""
+        size = sum(a.nbytes for a in (trace.attentions, trace.hidden, trace.image) if a is not None)
+        file_id = self._file_id(store.trace_path(key))
+        if file_id is None or size > self.max_bytes:
+            return
+        with self._lock:
+            self._entries[(str(store.root), key)] = (trace, file_id, size)
+            self._entries.move_to_end((str(store.root), key))
+            while len(self._entries) > self.max_entries or sum(e[2] for e in self._entries.values()) > self.max_bytes:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+@st.cache_resource(show_spinner=False)
+def trace_memory() -> TraceMemory:
+    """The server's `TraceMemory` (one per process, shared by every session; cleared with Streamlit's caches)."""
+    return TraceMemory()
+
+
+class RememberingStore:
+    """A `Store` whose trace look-ups try a `TraceMemory` first (everything else goes to the store)."""
+
+    def __init__(self, store: Store, memory: TraceMemory):
+        self._store, self._memory = store, memory
+
+    def get_or_compute_trace(self, key: str, compute) -> tuple[Trace, bool]:
+        trace = self._memory.get(self._store, key)
+        if trace is not None:
+            return trace, True
+        trace, cached = self._store.get_or_compute_trace(key, compute)
+        self._memory.put(self._store, key, trace)
+        return trace, cached
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
 def load_example_trace(adapter: ModelAdapter, store: Store, image_pass: int = 0) -> TraceContext:
     """The trace of the URL's example (``ex``, default the first easy-VQA test question).
 
     The example is resolved through the URL's dataset (``ds``/``loc``/``split``...); its trace comes
-    from the store or is computed now. Errors stop the page with a message.
+    from the store or is computed now. Errors stop the page with a message. The last few traces stay in
+    memory (`trace_memory`), so a rerun on the same example does not read the store again.
     """
     from vlcore.data.sources import resolve_example
     from vlcore.extract import trace_for_example
@@ -74,7 +167,8 @@ def load_example_trace(adapter: ModelAdapter, store: Store, image_pass: int = 0)
         return load_example_trace(adapter, store, image_pass)
     try:
         with st.spinner(f"Running {adapter.model_id} on {example.example_id}…"):
-            trace, cached = trace_for_example(adapter, example, store, image_pass=image_pass)
+            trace, cached = trace_for_example(adapter, example, RememberingStore(store, trace_memory()),
+                                              image_pass=image_pass)
     except VLScopeError as exc:
         st.error(str(exc))
         st.stop()

@@ -6,11 +6,14 @@ seeded from it once per example and write it back on every run.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import streamlit as st
 
 from vlcore import charts_heatmaps as ch
@@ -37,6 +40,41 @@ class Query:
 def show_chart(chart, **kwargs):
     """``st.altair_chart`` without Altair's schema validation at render time (the tests validate every builder)."""
     return st.altair_chart(ch.unvalidated(chart), **kwargs)
+
+
+def arrow_bytes(frame: pd.DataFrame) -> bytes:
+    """A data frame as Arrow IPC bytes, as Streamlit sends chart data (categoricals stay dictionary-encoded).
+
+    Built column by column from numpy, without pandas' Arrow conversion (a millisecond or two per frame).
+    """
+    columns = {}
+    for name, series in frame.items():
+        if isinstance(series.dtype, pd.CategoricalDtype):
+            columns[str(name)] = pa.DictionaryArray.from_arrays(
+                series.cat.codes.to_numpy(), pa.array(series.cat.categories.to_numpy(dtype=object), pa.string()))
+        else:
+            columns[str(name)] = pa.array(series.to_numpy())
+    table = pa.table(columns)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def show_parts(parts: ch.ChartParts, **kwargs):
+    """Render `ChartParts` (a cached Altair layout and this run's data) as ``st.altair_chart`` would render
+    the matching ``build_*_chart``: the same element, spec and Arrow datasets named by a hash of their bytes.
+
+    Keyword arguments go to ``st.vega_lite_chart`` (``key``, ``on_select``, ``selection_mode``...).
+    """
+    datasets, names = {}, {}
+    for role, frame in parts.datasets.items():
+        data = arrow_bytes(frame)
+        names[role] = f"{role}-{hashlib.blake2b(data, digest_size=12).hexdigest()}"
+        datasets[names[role]] = data
+    spec = parts.spec(names)
+    spec["datasets"] = datasets
+    return st.vega_lite_chart(spec, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,39 +242,49 @@ def method_map(method: str, trace: Trace, layer: int, head: int | None, query: Q
 
 
 def show_query_views(trace: Trace, values: np.ndarray, query: Query, title: str, opacity: float, smooth: bool,
-                     clickable: bool = True) -> dict:
-    """Overlay (clickable patches), token chips and special-token bars for one map; returns the charts."""
-    charts = {
-        "overlay": ch.build_attention_overlay_chart(trace, values, query.cells, opacity, smooth, title=title,
-                                                    width=340, select_name="patch" if clickable else None),
-        "text tokens": ch.build_token_chips_chart(trace, values, query.tokens.tolist(), title="Text tokens", width=520),
-        "special tokens": ch.build_special_weights_chart(trace, values),
-    }
+                     clickable: bool = True) -> dict[str, Callable]:
+    """Overlay (clickable patches), token chips and special-token bars for one map.
+
+    Returns:
+        name → a function building the chart as an Altair object (for the export section).
+    """
+    select_name = "patch" if clickable else None
+    tokens = query.tokens.tolist()
     left, right = st.columns([2, 3])
     with left:
+        overlay = ch.overlay_parts(trace, values, query.cells, opacity, smooth, title=title, width=340,
+                                   select_name=select_name)
         if clickable:
-            show_chart(charts["overlay"], key="hm_click", on_select=_on_overlay_click, selection_mode="patch")
+            show_parts(overlay, key="hm_click", on_select=_on_overlay_click, selection_mode="patch")
         else:
-            show_chart(charts["overlay"])
+            show_parts(overlay)
     with right:
-        show_chart(charts["text tokens"])
-        show_chart(charts["special tokens"])
-    return charts
+        show_parts(ch.token_chips_parts(trace, values, tokens, title="Text tokens", width=520))
+        show_parts(ch.special_weights_parts(trace, values))
+    return {
+        "overlay": lambda: ch.build_attention_overlay_chart(trace, values, query.cells, opacity, smooth, title=title,
+                                                            width=340, select_name=select_name),
+        "text tokens": lambda: ch.build_token_chips_chart(trace, values, tokens, title="Text tokens", width=520),
+        "special tokens": lambda: ch.build_special_weights_chart(trace, values),
+    }
 
 
-def show_matrices(trace: Trace, att: np.ndarray, title: str) -> dict:
-    """The full matrix with modality separators, or one of the four blocks (one chart per run keeps it fast)."""
+def show_matrices(trace: Trace, att: np.ndarray, title: str) -> str:
+    """The full matrix with modality separators, or one of the four blocks (one chart per run keeps it fast).
+
+    Returns:
+        The block shown (``"full"`` or a key of ``BLOCK_TITLES``).
+    """
     options = ["full", *ch.BLOCK_TITLES]
     block = st.segmented_control("Matrix", options, key="hm_block", default="full",
                                  format_func=lambda b: "full query × key" if b == "full" else ch.BLOCK_TITLES[b]) or "full"
     if block == "full":
-        chart = ch.build_matrix_chart(trace, att, title=title, size=440)
+        show_parts(ch.matrix_parts(trace, att, title=title, size=440))
     else:
-        chart = ch.build_block_chart(trace, att, block, size=440)
-    show_chart(chart)
+        show_parts(ch.block_parts(trace, att, block, size=440))
     st.caption("Rows are queries (attending), columns keys (attended to); hover a cell for both tokens. "
                "White rules separate text from image tokens; the blocks leave out [CLS], [SEP] and [IMG].")
-    return {block: chart}
+    return block
 
 
 def _step(delta: int, n: int) -> None:
@@ -264,10 +312,9 @@ def show_step_through(trace: Trace, layer: int, head: int | None, direction: str
         st.slider("Token", 0, n - 1, key="hm_step")
         i = int(st.session_state["hm_step"])
         values = ch.compute_query_map(att, [i], direction)
-        show_chart(ch.build_attention_overlay_chart(
-            trace, values, opacity=opacity, smooth=smooth, select_name=None, width=300,
-            title=f"attention {direction} token {i} “{trace.tokens[i]}”"))
-        show_chart(ch.build_token_chips_chart(trace, values, [i], width=520))
+        show_parts(ch.overlay_parts(trace, values, opacity=opacity, smooth=smooth, select_name=None, width=300,
+                                    title=f"attention {direction} token {i} “{trace.tokens[i]}”"))
+        show_parts(ch.token_chips_parts(trace, values, [i], width=520))
 
     frame()
 
@@ -312,9 +359,9 @@ def show_explanations(trace: Trace, maps: dict[str, np.ndarray], titles: dict[st
                       "(a few dozen forward passes per map, cached)", key="hm_faith")
     for col, (method, values) in zip(st.columns(len(maps)), maps.items()):
         with col:
-            show_chart(ch.build_attention_overlay_chart(trace, values, opacity=opacity, smooth=smooth,
-                                                             title=titles[method], width=260, select_name=None))
-            show_chart(ch.build_token_chips_chart(trace, values, width=260))
+            show_parts(ch.overlay_parts(trace, values, opacity=opacity, smooth=smooth, title=titles[method],
+                                        width=260, select_name=None))
+            show_parts(ch.token_chips_parts(trace, values, width=260))
             if not score:
                 continue
             try:
