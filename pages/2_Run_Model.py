@@ -11,25 +11,14 @@ from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.extract import trace_for_example
 from vlcore.store import put_input
 from vlcore.ui.browser import source_from_url
-from vlcore.ui.loaders import get_adapter, get_store
+from vlcore.ui.context import load_model
 from vlcore.ui.state import get_param, set_params
-from vlcore.ui.widgets import (model_picker, show_input_notes, show_model_info, show_task_runs, show_trace_result,
-                               store_panel, sweep_panel)
+from vlcore.ui.widgets import show_input_notes, show_task_runs, show_trace_result, store_panel, sweep_panel
 
 st.set_page_config(page_title="Run model · VLScope", layout="wide")
 st.title("Run model")
-store = get_store()
-source = model_picker()
+adapter, store = load_model()
 store_panel(store)
-if not source:
-    st.info("Enter a model to run.")
-    st.stop()
-try:
-    adapter = get_adapter(source)
-except VLScopeError as exc:
-    st.error(str(exc))
-    st.stop()
-show_model_info(adapter.info())
 
 with st.expander("Your own image and text", expanded=get_param("ex") is None):
     kinds = ["png", "jpg", "jpeg", "gif", "webp", "bmp"]
