@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
+import altair as alt
 import numpy as np
 import pandas as pd
 import pytest
@@ -179,3 +181,90 @@ def test_exports_parse():
     assert json.loads(ch.chart_spec_json(ch.build_matrix_chart(t, att)))["datasets"]  # data inline, no row limit
     with pytest.raises(ValueError, match="png"):
         ch.export_chart(overlay, "gif")
+
+
+# ---------------------------------------------------------------------------------------
+# ChartParts: the cached layout plus this call's data is the builder's chart
+# ---------------------------------------------------------------------------------------
+
+
+def normalized(spec: dict, datasets: dict[str, list]) -> dict:
+    """A spec with every data reference replaced by its records, Altair's view names numbered in order,
+    and the theme's ``config`` and ``$schema`` left out."""
+    text = json.dumps(spec, sort_keys=True)
+    for i, name in enumerate(dict.fromkeys(re.findall(r'"(view_[0-9a-f]+(?:_\d+)?)"', text))):
+        text = text.replace(f'"{name}"', f'"view#{i}"')
+
+    def walk(o):
+        if isinstance(o, dict):
+            if set(o) == {"name"} and o["name"] in datasets:
+                return {"values": datasets[o["name"]]}
+            return {k: walk(v) for k, v in o.items() if k not in ("datasets", "config", "$schema")}
+        return [walk(v) for v in o] if isinstance(o, list) else o
+
+    return walk(json.loads(text))
+
+
+def same_chart(parts: ch.ChartParts, chart) -> bool:
+    built = chart.to_dict()  # validated against the Vega-Lite schema
+    assert built.get("config", {}) == alt.theme.get()().get("config", {})  # layouts add no config of their own
+    fast = parts.to_dict()
+    assert "config" not in fast
+    return normalized(fast, fast["datasets"]) == normalized(built, built["datasets"])
+
+
+def parts_cases(t: Trace) -> list[tuple[ch.ChartParts, object]]:
+    att = t.head_attention(1, 2)
+    v = ch.compute_query_map(att, [1])
+    p = ch.compute_query_map(att, [patch_index(1, 2), patch_index(0, 0)])
+    cases = [
+        (ch.overlay_parts(t, v, title="raw"), ch.build_attention_overlay_chart(t, v, title="raw")),
+        (ch.overlay_parts(t, p, [(1, 2), (0, 0)], 0.3, True, "two", 200, None),
+         ch.build_attention_overlay_chart(t, p, [(1, 2), (0, 0)], 0.3, True, "two", 200, None)),
+        (ch.token_chips_parts(t, v, [1], "chips", 90), ch.build_token_chips_chart(t, v, [1], "chips", 90)),
+        (ch.token_chips_parts(t, p), ch.build_token_chips_chart(t, p)),
+        (ch.special_weights_parts(t, v), ch.build_special_weights_chart(t, v)),
+        (ch.matrix_parts(t, att, title="m", size=200), ch.build_matrix_chart(t, att, title="m", size=200)),
+        (ch.all_heads_parts(t, ch.compute_head_maps(t, 1, [1]), title="h"),
+         ch.build_all_heads_chart(t, ch.compute_head_maps(t, 1, [1]), title="h")),
+    ]
+    return cases + [(ch.block_parts(t, att, b), ch.build_block_chart(t, att, b)) for b in ch.BLOCK_TITLES]
+
+
+def test_chart_parts_are_the_builders_charts():
+    t = planted_trace({(1, 2, 1): patch_index(0, 2)})
+    for parts, chart in parts_cases(t):
+        assert same_chart(parts, chart), parts.spec()
+
+
+def test_chart_parts_reuse_the_layout_and_swap_title_and_data():
+    t = planted_trace({(1, 2, 1): patch_index(0, 2), (0, 0, 2): patch_index(1, 1)})
+    ch._TEMPLATES.clear()
+    first = ch.overlay_parts(t, ch.compute_query_map(t.head_attention(1, 2), [1]), title="layer 1, head 2")
+    second = ch.overlay_parts(t, ch.compute_query_map(t.head_attention(0, 0), [2]), title="layer 0, “head” 0")
+    assert len(ch._TEMPLATES) == 1  # one layout for both
+    assert second.spec()["title"] == "layer 0, “head” 0" and first.spec()["title"] == "layer 1, head 2"
+    peaks = [parts.datasets["patches"].loc[parts.datasets["patches"]["value"].idxmax(), ["row", "col"]].tolist()
+             for parts in (first, second)]
+    assert peaks == [[0, 2], [1, 1]]
+    assert same_chart(second, ch.build_attention_overlay_chart(t, ch.compute_query_map(t.head_attention(0, 0), [2]),
+                                                               title="layer 0, “head” 0"))
+    # what the layout draws is in its key: another opacity, an outline or another trace is another layout
+    ch.overlay_parts(t, first.datasets["patches"]["value"].reindex(range(N), fill_value=0).to_numpy(), opacity=0.2)
+    ch.overlay_parts(t, np.zeros(N), selected=[(0, 1)])
+    wide = planted_trace()
+    object.__setattr__(wide, "image", np.zeros((16, 40, 3), np.uint8))
+    ch.overlay_parts(wide, np.zeros(N))
+    assert len(ch._TEMPLATES) == 4
+    names = {"patches": "heat-1", "image": "img-1"}
+    refs = re.findall(r'"data": \{"name": "([^"]+)"\}', json.dumps(first.spec(names)))
+    assert set(refs) <= set(names.values()) and "heat-1" in refs
+
+
+def test_image_uri_is_remembered_for_a_read_only_array_only():
+    image = np.full((16, 24, 3), 7, np.uint8)
+    uri = ch.cached_image_uri(image)
+    image[0, 0] = 200  # writable: looked up by its pixels, so a change is seen
+    assert ch.cached_image_uri(image) != uri
+    image.setflags(write=False)
+    assert ch.cached_image_uri(image) == ch.cached_image_uri(image.copy())

@@ -171,3 +171,92 @@ def test_malformed_link_opens_the_nearest_valid_view_with_notices():
 
     at = open_page(PAGE, {"ex": EX, "patch": "zz"})  # nothing valid left: the [CLS] query
     assert not at.exception and at.query_params["tok"] == "0"
+
+
+# ---------------------------------------------------------------------------------------
+# Speed machinery: the page's charts are the builders' charts; traces stay in memory
+# ---------------------------------------------------------------------------------------
+
+
+def _render_both_ways():
+    """AppTest script: each chart of a planted trace via ``show_parts`` then via ``show_chart`` (the builder)."""
+    from tests.test_charts_heatmaps import parts_cases, planted_trace
+    from vlcore.ui.heatmaps import show_chart, show_parts
+
+    for parts, chart in parts_cases(planted_trace({(1, 2, 1): 7})):
+        show_parts(parts)
+        show_chart(chart)
+
+
+def rendered(element) -> dict:
+    """A chart element's spec with each dataset reference replaced by its rows (and no dataset names)."""
+    from tests.test_charts_heatmaps import normalized
+
+    rows = {d.name: pa.ipc.open_stream(d.data.data).read_all().to_pylist() for d in element.proto.datasets}
+    return normalized(json.loads(element.proto.spec), rows)
+
+
+def test_show_parts_sends_what_altair_chart_sends_for_the_builder():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_function(_render_both_ways, default_timeout=60).run()
+    assert not at.exception
+    charts = at.get("vega_lite_chart")
+    assert len(charts) == 2 * 11
+    for fast, built in zip(charts[::2], charts[1::2]):
+        assert rendered(fast) == rendered(built)
+        assert fast.proto.theme == built.proto.theme and fast.proto.use_container_width == built.proto.use_container_width
+
+
+def test_overlay_click_selection_and_trace_memory(monkeypatch):
+    import vlcore.store
+    from vlcore.ui.context import trace_memory
+
+    at = open_page(PAGE, {"ex": EX})
+    assert not at.exception and not at.error
+    overlay = next(e for e in at.get("vega_lite_chart") if "hm_click" in e.proto.id)
+    assert list(overlay.proto.selection_mode) == ["patch"]
+    assert [p["name"] for p in json.loads(overlay.proto.spec)["params"]] == ["patch"]
+
+    # a rerun takes the trace from memory: the store is not read; the same object comes back
+    memory = trace_memory()
+    assert len(memory) >= 1
+    (root, key), (trace, _, _) = next(reversed(memory._entries.items()))
+    reads = []
+    real_get = vlcore.store.Store.get_trace
+    monkeypatch.setattr(vlcore.store.Store, "get_trace", lambda self, k: reads.append(k) or real_get(self, k))
+    at.selectbox(key="head").set_value(1).run()
+    assert not at.exception and reads == []
+    store = vlcore.store.Store(root)
+    assert memory.get(store, key) is trace
+    assert memory.get(vlcore.store.Store(root + "-other"), key) is None  # keyed by the store's folder too
+
+    # a damaged file is not served from memory: the store drops it and the trace is recomputed
+    path = store.trace_path(key)
+    path.write_bytes(b"not a trace")
+    at.pills(key="hm_tok").set_value(2).run()
+    assert not at.exception and not at.error and reads == [key, key]  # read, then re-read under the lock
+    assert any("damaged cache entry" in i.value for i in at.info)
+    assert path.stat().st_size > 100 and memory.get(store, key) is not trace  # stored again, remembered again
+    assert overlay_heats(at)
+
+
+def test_trace_memory_keeps_the_last_few_traces_while_their_files_exist(tmp_path):
+    from tests.test_charts_heatmaps import planted_trace
+    from vlcore.store import Store
+    from vlcore.ui.context import TraceMemory
+
+    store, memory = Store(tmp_path), TraceMemory(max_entries=2)
+    traces = {key: planted_trace() for key in ("aa1", "bb2", "cc3")}
+    for key, trace in traces.items():
+        store.put_trace(key, trace)
+        memory.put(store, key, trace)
+    assert memory.get(store, "aa1") is None and memory.get(store, "cc3") is traces["cc3"]  # least recent left
+    assert memory.get(store, "bb2") is traces["bb2"]
+    store.trace_path("cc3").unlink()  # evicted or cleared on disk: not served from memory either
+    assert memory.get(store, "cc3") is None and len(memory) == 1
+    memory.put(store, "dd4", traces["aa1"])  # no file under that key: not remembered
+    assert memory.get(store, "dd4") is None
+    small = TraceMemory(max_bytes=100)  # a trace bigger than the budget is not kept
+    small.put(store, "bb2", traces["bb2"])
+    assert len(small) == 0
