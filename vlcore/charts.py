@@ -89,7 +89,11 @@ def build_patch_overlay_chart(
             ],
         )
     )
-    return alt.layer(image, heat).properties(width=width, height=height, title=title)
+    # "pad" keeps the plot exactly width x height: Streamlit's theme asks for "fit", which shrinks the plot to
+    # make room for the title and legend while the image mark keeps its pixel size, so the grid and the image
+    # drift apart (caught by the real-browser test).
+    return alt.layer(image, heat).properties(width=width, height=height, title=title,
+                                             autosize=alt.AutoSizeParams(type="pad"))
 
 
 def build_prediction_chart(prediction: list[tuple[str, float]], gold: tuple[str, ...] | None = None) -> alt.Chart:

@@ -31,3 +31,11 @@ def test_picking_another_sample_changes_the_question_and_map():
     assert not at.exception
     second = (at.subheader[0].value, json.dumps(heatmaps(at)[0]["layer"]))
     assert first[0] != second[0] and first[1] != second[1]
+
+
+def test_overlay_keeps_its_pixel_size_so_the_grid_stays_on_the_image():
+    # Streamlit's theme asks Vega-Lite to "fit" charts, which shrinks the plot but not the image mark;
+    # the overlay must opt out (the real-browser test saw the grid drift off the image).
+    at = AppTest.from_file(HOME, default_timeout=120).run()
+    spec = heatmaps(at)[0]
+    assert spec["autosize"]["type"] == "pad"
