@@ -35,6 +35,10 @@ DIRECTIONS = ("from", "to")
 SCHEME = "inferno"
 _AXIS_OFF = alt.Axis(title=None, labels=False, ticks=False, grid=False, domain=False)
 _PATCH = re.compile(r"^\s*(-?\d+)\.(-?\d+)\s*$")
+# Width and height are the plot's, axes, legend and title come on top. (Streamlit's default for a single or
+# layered chart, "fit" inside width x height, squeezed the 30-px chip rows and the bars to nothing and
+# shrank the overlay's patches but not its image mark, which is sized in pixels.)
+_PAD = alt.AutoSizeParams(type="pad", contains="padding")
 
 
 def _fast(build: Callable) -> Callable:
@@ -342,7 +346,7 @@ def _overlay_layout(trace: Trace, data: Mapping, opacity: float, smooth: bool, t
     layers.append(hit)
     if "selected" in data:
         layers.append(alt.Chart(data["selected"]).mark_rect(fill=None, stroke="#00e5ff", strokeWidth=2).encode(**pos))
-    return alt.layer(*layers).properties(width=width, height=height, title=title)
+    return alt.layer(*layers).properties(width=width, height=height, title=title, autosize=_PAD)
 
 
 @_fast
@@ -436,7 +440,7 @@ def _chips_layout(data: Mapping, n_lines: int, title: str, width: int) -> alt.La
     if "selected" in data:
         layers.append(alt.Chart(data["selected"]).mark_rect(
             cornerRadius=4, height=22, fill=None, stroke="#d62728", strokeWidth=2.5).encode(**pos))
-    return alt.layer(*layers).properties(width=width, height=30 * n_lines, title=title)
+    return alt.layer(*layers).properties(width=width, height=30 * n_lines, title=title, autosize=_PAD)
 
 
 def _n_lines(frames: Mapping[str, pd.DataFrame]) -> int:
@@ -480,7 +484,7 @@ def _special_layout(data: Mapping, n_rows: int, title: str) -> alt.LayerChart:
     )
     bars = base.mark_bar().encode(color=alt.Color("kind:N", scale=alt.Scale(range=["#ff7f0e", "#9e9e9e"]), legend=None))
     text = base.mark_text(align="left", dx=3).encode(text=alt.Text("value:Q", format=".3f"))
-    return alt.layer(bars, text).properties(height=22 * n_rows, width=220, title=title)
+    return alt.layer(bars, text).properties(height=22 * n_rows, width=220, title=title, autosize=_PAD)
 
 
 @_fast
@@ -556,7 +560,7 @@ def _matrix_layout(trace: Trace, data: Mapping, rows: np.ndarray, cols: np.ndarr
         layers.append(alt.Chart(data["query_rules"]).mark_rule(color="white", strokeWidth=1.5).encode(
             y=alt.Y("query:O", sort=q_order, bandPosition=0)))
     return alt.layer(*layers).properties(width=max(1, round(cell_x * len(cols))), height=max(1, round(cell_y * len(rows))),
-                                         title=title)
+                                         title=title, autosize=_PAD)
 
 
 def _index(trace: Trace, index: np.ndarray | None) -> np.ndarray:

@@ -24,6 +24,7 @@ from vlcore.ui.state import get_choice, get_int, get_param, notice, set_params
 METHODS = ("raw", "rollout", "relevancy")
 METHOD_TITLES = {"raw": "raw attention", "rollout": "attention rollout", "relevancy": "gradient relevancy"}
 VIEWS = ("matrices", "heads", "step", "explain", "export")
+CHIPS_WIDTH = 380  # the chips' plot width: with its legend it fits half of the page, beside the 340-px overlay
 VIEW_TITLES = {"matrices": "Matrices", "heads": "All heads", "step": "Step-through", "explain": "Explanations",
                "export": "Export"}
 
@@ -65,8 +66,11 @@ def show_parts(parts: ch.ChartParts, **kwargs):
     """Render `ChartParts` (a cached Altair layout and this run's data) as ``st.altair_chart`` would render
     the matching ``build_*_chart``: the same element, spec and Arrow datasets named by a hash of their bytes.
 
-    Keyword arguments go to ``st.vega_lite_chart`` (``key``, ``on_select``, ``selection_mode``...).
+    Keyword arguments go to ``st.vega_lite_chart`` (``key``, ``on_select``, ``selection_mode``...); the width
+    is the chart's own (``width="content"``: the layouts set their plot size and ``autosize`` "pad", and a
+    chart stretched to its column would push its legend or axis labels out of it).
     """
+    kwargs.setdefault("width", "content")
     datasets, names = {}, {}
     for role, frame in parts.datasets.items():
         data = arrow_bytes(frame)
@@ -250,7 +254,7 @@ def show_query_views(trace: Trace, values: np.ndarray, query: Query, title: str,
     """
     select_name = "patch" if clickable else None
     tokens = query.tokens.tolist()
-    left, right = st.columns([2, 3])
+    left, right = st.columns(2)
     with left:
         overlay = ch.overlay_parts(trace, values, query.cells, opacity, smooth, title=title, width=340,
                                    select_name=select_name)
@@ -259,12 +263,12 @@ def show_query_views(trace: Trace, values: np.ndarray, query: Query, title: str,
         else:
             show_parts(overlay)
     with right:
-        show_parts(ch.token_chips_parts(trace, values, tokens, title="Text tokens", width=520))
+        show_parts(ch.token_chips_parts(trace, values, tokens, title="Text tokens", width=CHIPS_WIDTH))
         show_parts(ch.special_weights_parts(trace, values))
     return {
         "overlay": lambda: ch.build_attention_overlay_chart(trace, values, query.cells, opacity, smooth, title=title,
                                                             width=340, select_name=select_name),
-        "text tokens": lambda: ch.build_token_chips_chart(trace, values, tokens, title="Text tokens", width=520),
+        "text tokens": lambda: ch.build_token_chips_chart(trace, values, tokens, title="Text tokens", width=CHIPS_WIDTH),
         "special tokens": lambda: ch.build_special_weights_chart(trace, values),
     }
 
@@ -314,7 +318,7 @@ def show_step_through(trace: Trace, layer: int, head: int | None, direction: str
         values = ch.compute_query_map(att, [i], direction)
         show_parts(ch.overlay_parts(trace, values, opacity=opacity, smooth=smooth, select_name=None, width=300,
                                     title=f"attention {direction} token {i} “{trace.tokens[i]}”"))
-        show_parts(ch.token_chips_parts(trace, values, [i], width=520))
+        show_parts(ch.token_chips_parts(trace, values, [i], width=CHIPS_WIDTH))
 
     frame()
 
