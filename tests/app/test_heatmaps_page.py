@@ -217,6 +217,8 @@ def test_overlay_click_selection_and_trace_memory(monkeypatch):
     overlay = next(e for e in at.get("vega_lite_chart") if "hm_click" in e.proto.id)
     assert list(overlay.proto.selection_mode) == ["patch"]
     assert [p["name"] for p in json.loads(overlay.proto.spec)["params"]] == ["patch"]
+    # sized as built: under Streamlit's "fit" the chips and bars were squeezed and the image left its patches
+    assert {json.loads(e.proto.spec)["autosize"]["type"] for e in at.get("vega_lite_chart")} == {"pad"}
 
     # a rerun takes the trace from memory: the store is not read; the same object comes back
     memory = trace_memory()
