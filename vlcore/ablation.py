@@ -89,7 +89,7 @@ def extract_head_importance(
         if adapter.task == "itm":
             label, index = "match", 0
         else:
-            labels = adapter.config.label2id
+            labels = adapter.label2id
             if answer is not None and answer not in labels:
                 raise InputError(f"{answer!r} is not one of {adapter.model_id}'s answers; pick one it knows")
             index = int(logits[0].argmax()) if answer is None else int(labels[answer])

@@ -229,7 +229,7 @@ def _answer_probabilities(adapter, batch, pixel_masks: torch.Tensor, answer: str
     inputs = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in batch.inputs.items() if k != "pixel_mask"}
     logits = adapter.forward(batch, attentions=False, hidden=False, **inputs, pixel_mask=pixel_masks).logits.float()
     if adapter.task == "vqa":
-        labels = adapter.config.label2id
+        labels = adapter.label2id
         if answer is not None and answer not in labels:
             raise InputError(f"{answer!r} is not one of {adapter.model_id}'s answers; pick one it knows")
         idx = int(logits[0].argmax()) if answer is None else int(labels[answer])

@@ -217,7 +217,7 @@ def extract_relevancy(
     rel = relevancy_matrix(attentions, gradients)[np.ix_(keep, keep)]
     values = rel[0].astype(np.float32)
     values[0] = 0.0
-    idx = adapter.config.label2id.get(label) if adapter.task in ("vqa", "nlvr2") else 0
+    idx = adapter.label2id.get(label) if adapter.task in ("vqa", "nlvr2") else 0
     return Relevancy(
         values=values,
         answer=label,

@@ -204,3 +204,15 @@ def test_a_model_returning_no_attentions_names_itself_and_the_fix(tiny_adapter, 
     monkeypatch.setattr(tiny_adapter.model, "forward", no_attentions)
     with pytest.raises(NoAttentionError, match=r"tiny-ViltForQuestionAnswering@seed0 returned no attention.*eager"):
         extract_trace(tiny_adapter, noise_image, "what is it?", "x")
+
+
+def test_answers_are_found_from_id2label_even_without_label2id(tiny_tokenizer_dir):
+    import torch
+
+    from tests.conftest import TINY_LABELS, make_tiny_adapter
+
+    adapter = make_tiny_adapter(tiny_tokenizer_dir)
+    adapter.model.config.label2id = {}  # some configs carry id2label only
+    logits = torch.arange(len(TINY_LABELS), dtype=torch.float32)[None]
+    assert adapter.label2id == {a: i for i, a in enumerate(TINY_LABELS)}
+    assert float(adapter.target_logit(logits, "circle")) == TINY_LABELS.index("circle")

@@ -396,12 +396,21 @@ class ViltAdapter(ModelAdapter):
             out.append([(self.tokenizer.convert_ids_to_tokens(int(i)), float(v)) for v, i in zip(val, idx)])
         return out
 
+    @property
+    def label2id(self) -> dict[str, int]:
+        """Answer label -> logit index, built from ``id2label`` (some configs lack a consistent ``label2id``)."""
+        cached = self.__dict__.get("_label2id")
+        if cached is None:
+            cached = {str(v): int(k) for k, v in (self.config.id2label or {}).items()}
+            self.__dict__["_label2id"] = cached
+        return cached
+
     def target_logit(self, logits: torch.Tensor, label: str | None) -> torch.Tensor:
         """The scalar logit to explain: a VQA label (None: the top one), or the ITM score."""
         if self.task in ("vqa", "nlvr2"):
-            if label is not None and label not in self.config.label2id:
+            if label is not None and label not in self.label2id:
                 raise InputError(f"{label!r} is not one of {self.model_id}'s answers; pick one it knows")
-            idx = int(logits[0].argmax()) if label is None else int(self.config.label2id[label])
+            idx = int(logits[0].argmax()) if label is None else self.label2id[label]
             return logits[0, idx]
         if self.task == "itm":
             return logits[0, 0]
