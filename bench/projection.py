@@ -80,7 +80,7 @@ def page_rows(n_examples: int, repeats: int) -> list[tuple]:
     from streamlit.testing.v1 import AppTest
 
     from vlcore.data.easy_vqa import easy_vqa_examples
-    from vlcore.extract import run_sweep, sweep_key
+    from vlcore.sweep import run_sweep, sweep_key
     from vlcore.models.registry import load_adapter
     from vlcore.store import Store
     from vlcore.ui import embeddings as emb
@@ -126,7 +126,7 @@ def sweep_rows(repeats: int) -> list[tuple]:
     from PIL import Image
 
     from bench.common import QUESTION, vilt_b32
-    from vlcore.extract import VECTOR_PATCHES, summarize_batch
+    from vlcore.sweep import VECTOR_PATCHES, summarize_batch
 
     adapter = vilt_b32("cpu")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (384, 640, 3), dtype=np.uint8))

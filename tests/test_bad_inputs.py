@@ -16,7 +16,8 @@ from PIL import Image
 import vlcore.data.example as example_mod
 from vlcore.data.example import (MAX_ASPECT_RATIO, Example, image_notes, open_image, open_image_bytes, to_rgb)
 from vlcore.errors import DeviceMemoryError, InputError
-from vlcore.extract import extract_trace, load_sweep, run_sweep, trace_for_example
+from vlcore.extract import extract_trace, trace_for_example
+from vlcore.sweep import load_sweep, run_sweep
 from vlcore.store import Store
 
 

@@ -20,7 +20,8 @@ import vlcore.extract as extract_mod
 from tests.conftest import ROOT
 from vlcore.data.example import Example
 from vlcore.errors import StoreError
-from vlcore.extract import extract_trace, load_sweep, run_sweep, trace_for_example
+from vlcore.extract import extract_trace, trace_for_example
+from vlcore.sweep import load_sweep, run_sweep
 from vlcore.store import Store, atomic_write_bytes, trace_to_bytes
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT, grey_image
 from vlcore.cli import main
-from vlcore.extract import PREDICTION_COLUMNS
+from vlcore.sweep import PREDICTION_COLUMNS
 from vlcore.stats import SUMMARY_COLUMNS
 from vlcore.store import trace_from_bytes
 

@@ -7,7 +7,8 @@ import pandas as pd
 from PIL import Image
 
 from vlcore.data.example import Example
-from vlcore.extract import PREDICTION_COLUMNS, extract_trace, load_sweep, run_sweep, summarize_batch
+from vlcore.extract import extract_trace
+from vlcore.sweep import PREDICTION_COLUMNS, load_sweep, run_sweep, summarize_batch
 from vlcore.stats import BUILTIN_METRICS, SUMMARY_COLUMNS, compute_trace_summaries
 
 

@@ -138,7 +138,8 @@ def test_revisiting_a_layer_does_not_refit():
 
 def test_sweep_vectors_equal_the_trace_and_survive_resume(tiny_adapter, tmp_path):
     from tests.test_extract import examples
-    from vlcore.extract import extract_trace, load_sweep, load_sweep_vectors, run_sweep
+    from vlcore.extract import extract_trace
+    from vlcore.sweep import load_sweep, load_sweep_vectors, run_sweep
     from vlcore.projection import token_set_from_sweep
 
     exs = examples(7)
@@ -167,7 +168,7 @@ def test_sweep_vectors_equal_the_trace_and_survive_resume(tiny_adapter, tmp_path
 
 def test_damaged_vector_part_is_recomputed(tiny_adapter, tmp_path):
     from tests.test_extract import examples
-    from vlcore.extract import load_sweep_vectors, run_sweep
+    from vlcore.sweep import load_sweep_vectors, run_sweep
 
     exs = examples(6)
     seen = []

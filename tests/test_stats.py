@@ -177,7 +177,8 @@ def test_custom_metric_shows_up_next_to_the_built_ins():
 
 def test_device_path_of_a_sweep_batch_equals_the_trace_path_with_custom_metrics(tiny_adapter):
     from tests.test_extract import examples
-    from vlcore.extract import extract_trace, summarize_batch
+    from vlcore.extract import extract_trace
+    from vlcore.sweep import summarize_batch
 
     register_metric("diag", lambda t: np.stack(
         [np.diagonal(a, axis1=-2, axis2=-1).mean(-1) for a in t.attentions.astype(np.float32)]))

@@ -119,7 +119,7 @@ def cmd_extract(args) -> int:
     from tqdm import tqdm
 
     from vlcore.data.catalog import load_examples
-    from vlcore.extract import load_sweep, run_sweep
+    from vlcore.sweep import load_sweep, run_sweep
     from vlcore.models.registry import load_adapter
 
     examples = load_examples(args.dataset, args.split, args.limit)

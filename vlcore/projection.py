@@ -8,7 +8,7 @@ different examples share one space. Neighbours are searched in the raw hidden sp
 Token sets:
 
 - one example: every token of its `Trace` (``hidden [L + 1, N, D]``);
-- a sweep: the bounded sample the sweep kept (`vlcore.extract.load_sweep_vectors`): every text token,
+- a sweep: the bounded sample the sweep kept (`vlcore.sweep.load_sweep_vectors`): every text token,
   the image CLS and at most ``K`` patches per example (``K = 16`` by default), every layer, fp16.
 
 Fusion degree (the VALUE paper's measure): k-means with k = 2 on a layer's token vectors, then the
@@ -129,7 +129,7 @@ def _trace_thumbs(trace: Trace) -> np.ndarray:
 
 
 def token_set_from_sweep(vectors: dict, predictions: pd.DataFrame | None = None) -> TokenSet:
-    """A `TokenSet` from `vlcore.extract.load_sweep_vectors`' dict, with correctness from the predictions.
+    """A `TokenSet` from `vlcore.sweep.load_sweep_vectors`' dict, with correctness from the predictions.
 
     Raises:
         ProjectionError: the sweep kept no vectors (``vectors`` is None).

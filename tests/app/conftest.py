@@ -30,7 +30,7 @@ def chart_specs(at: AppTest) -> list[dict]:
 
 def heatmap_specs(at: AppTest) -> list[dict]:
     """Specs of the image-overlay heatmaps (layered charts with an image mark)."""
-    return [s for s in chart_specs(at) if any(l.get("mark", {}).get("type") == "image" for l in s.get("layer", []))]
+    return [s for s in chart_specs(at) if any(part.get("mark", {}).get("type") == "image" for part in s.get("layer", []))]
 
 
 @pytest.fixture

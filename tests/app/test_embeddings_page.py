@@ -26,7 +26,7 @@ def scatter(at) -> pd.DataFrame:
 def make_sweep(n: int = 4):
     """A sweep of the demo model over the first n easy-VQA test questions, where the page looks for it."""
     from vlcore.data.easy_vqa import easy_vqa_examples
-    from vlcore.extract import run_sweep, sweep_key
+    from vlcore.sweep import run_sweep, sweep_key
     from vlcore.models.registry import load_adapter
     from vlcore.store import Store
 

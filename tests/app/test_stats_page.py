@@ -12,7 +12,7 @@ import pytest
 from tests.app.conftest import open_page
 from vlcore.data.easy_vqa import easy_vqa_examples
 from vlcore.export import chart_to_png, chart_to_svg, frame_to_csv, frame_to_parquet
-from vlcore.extract import run_sweep, sweep_key
+from vlcore.sweep import run_sweep, sweep_key
 from vlcore.models.registry import load_adapter
 from vlcore.store import Store
 

@@ -20,7 +20,7 @@ import streamlit as st
 
 from vlcore.charts_embeddings import (COLOR_BY, build_fusion_chart, build_projection_chart, chart_spec,
                                       thumbnail_uris)
-from vlcore.extract import load_sweep, load_sweep_vectors
+from vlcore.sweep import load_sweep, load_sweep_vectors
 from vlcore.projection import (DEFAULT_PERPLEXITY, TokenSet, align_signs, apply_pca, compute_fusion,
                                compute_neighbours, compute_projection, coordinates_frame, fit_joint_pca,
                                token_set_from_sweep, token_set_from_traces)

@@ -44,7 +44,7 @@ def trace_stats(model_id: str, example_id: str, text: str, n_tokens: int, includ
 def sweep_tables(path: str, updated: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(predictions, head_stats)`` of a sweep folder plus its stored head importance rows; ``updated`` is the
     manifest's and importance file's modification time, so a newer sweep is re-read."""
-    from vlcore.extract import load_sweep
+    from vlcore.sweep import load_sweep
 
     preds, heads = load_sweep(path)
     extra = Path(path) / IMPORTANCE_FILE

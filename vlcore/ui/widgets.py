@@ -98,7 +98,7 @@ def store_panel(store: Store) -> None:
 
 def sweep_panel(adapter, store: Store, source) -> None:
     """Run the model over the first N examples of a source, with progress, stop and resume."""
-    from vlcore.extract import load_sweep, run_sweep, sweep_key
+    from vlcore.sweep import load_sweep, run_sweep, sweep_key
 
     from vlcore.data.browse import filter_index
     from vlcore.ui.state import get_filters

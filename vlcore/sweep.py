@@ -1,0 +1,519 @@
+"""Run a model over a dataset: per-example summaries reduced on the device, written as resumable parquet.
+
+Sweeps reduce inside the batch loop and copy only ``[B, L, H, M]`` summaries, the top-k predictions and a
+bounded sample of token vectors (`sample_token_positions`: every text token, the image CLS and at most
+``vector_patches`` patches per example, every layer, fp16, gathered on the device) to the host.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from filelock import FileLock
+
+from vlcore.data.example import Example
+from vlcore.errors import DeviceMemoryError, InputError, StoreError
+from vlcore.extract import EXTRACT_VERSION, _free_device_memory, is_out_of_memory, memory_message, model_image_input
+from vlcore.models.base import EncodedBatch, ModelAdapter
+from vlcore.stats import SUMMARY_COLUMNS, compute_custom_batch, compute_layer_summaries, summaries_to_frame
+from vlcore.store import atomic_write_bytes, fingerprint
+
+VECTOR_PATCHES = 16  # patches per example whose hidden vectors a sweep keeps (plus every text token)
+VECTORS_FILE = "vectors.safetensors"
+PREDICTION_COLUMNS = [
+    "example_id", "question", "gold", "category", "prediction", "probability", "correct",
+    "top_k", "text_truncated", "n_text_tokens", "n_image_tokens",
+]
+
+
+@dataclass
+class BatchSummary:
+    """What one sweep batch leaves on the host."""
+
+    predictions: pd.DataFrame
+    heads: pd.DataFrame
+    vectors: dict | None = None  # `gather_token_vectors` output, when the sweep keeps vectors
+
+
+def sample_token_positions(batch: EncodedBatch, max_patches: int) -> list[np.ndarray]:
+    """Per example, the batch positions whose hidden vectors a sweep keeps.
+
+    Every valid text token ([CLS] and [SEP] included), the image CLS, and at most ``max_patches``
+    patches spread evenly over the example's valid patches in row-major order (deterministic: the
+    same example always keeps the same patches).
+
+    Args:
+        batch: the encoded batch.
+        max_patches: patch cap per example (0 keeps text tokens and the image CLS only).
+
+    Returns:
+        ``B`` int64 arrays of positions in the padded batch, increasing.
+    """
+    out = []
+    for b in range(len(batch)):
+        valid = batch.valid[b]
+        keep = np.flatnonzero(valid & ((batch.modality[b] == 0) | batch.special[b]))
+        patches = np.flatnonzero(valid & (batch.modality[b] == 1) & ~batch.special[b])
+        if len(patches) > max_patches:
+            patches = patches[np.unique(np.linspace(0, len(patches) - 1, max_patches).round().astype(int))]
+        out.append(np.sort(np.concatenate([keep, patches])))
+    return out
+
+
+def gather_token_vectors(hidden_states: Sequence[torch.Tensor], batch: EncodedBatch, max_patches: int) -> dict:
+    """Pick the sampled tokens' vectors on the device and copy only them (fp16) to the host.
+
+    Args:
+        hidden_states: ``L + 1`` tensors ``[B, N, D]`` on the model's device.
+        batch: the batch's layout (first image pass).
+        max_patches: patch cap per example (see `sample_token_positions`).
+
+    Returns:
+        ``vectors`` float16 ``[L + 1, T, D]`` and, per kept token, ``example`` (batch row), ``token``
+        (index in the example's trace, padding removed), ``text``, ``modality``, ``special``,
+        ``patch_rc`` and ``thumbs`` (uint8 ``[T, p, p, 3]`` patch pixels, zeros for non-patches).
+    """
+    positions = sample_token_positions(batch, max_patches)
+    rows = np.concatenate([np.full(len(p), b) for b, p in enumerate(positions)]).astype(np.int64)
+    cols = np.concatenate(positions).astype(np.int64)
+    dev = hidden_states[0].device
+    r, c = torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)
+    vectors = torch.stack([h[r, c] for h in hidden_states]).half().cpu().numpy()
+    rank = np.cumsum(batch.valid, axis=1) - 1  # trace index of each valid batch position
+    rc = batch.patch_rc[rows, cols].astype(np.int16)
+    p = next((im.shape[0] // g[0] for im, g in zip(batch.images, batch.grids) if g[0]), 1)
+    thumbs = np.zeros((len(rows), p, p, 3), dtype=np.uint8)
+    for i, (b, (pr, pc)) in enumerate(zip(rows, rc)):
+        if pr >= 0:
+            thumbs[i] = batch.images[b][pr * p : (pr + 1) * p, pc * p : (pc + 1) * p]
+    return {
+        "vectors": vectors, "example": rows.astype(np.int32), "token": rank[rows, cols].astype(np.int32),
+        "text": [batch.tokens[b][n] for b, n in zip(rows, cols)], "modality": batch.modality[rows, cols],
+        "special": batch.special[rows, cols], "patch_rc": rc, "thumbs": thumbs,
+    }
+
+
+def summarize_batch(
+    adapter: ModelAdapter, batch: EncodedBatch, examples: Sequence[Example], top_k: int = 5,
+    vector_patches: int | None = None,
+) -> BatchSummary:
+    """Forward one encoded batch and reduce it on the device.
+
+    Only the per-head summaries ``[B, L, H, M]``, the top-k predictions and, when ``vector_patches``
+    is not None, the sampled token vectors (`gather_token_vectors`) are copied to the host.
+    """
+    dev = adapter.device
+    with torch.no_grad():
+        out = adapter.forward(batch, attentions=True, hidden=vector_patches is not None)
+        names, values = compute_layer_summaries(
+            adapter.pass_outputs(out, 0)[0],  # NLVR2: the first image's pass
+            torch.from_numpy(batch.modality.astype(np.int64)).to(dev),
+            torch.from_numpy(batch.special).to(dev),
+            torch.from_numpy(batch.valid).to(dev),
+            patch_rc=torch.from_numpy(batch.patch_rc.astype(np.int64)).to(dev),
+        )
+        values = values.cpu().numpy()
+        custom = compute_custom_batch(adapter.pass_outputs(out, 0)[0], batch, [e.example_id for e in examples],
+                                      adapter.model_id)
+        if custom is not None:
+            names, values = names + custom[0], np.concatenate([values, custom[1]], -1)
+        vectors = None
+        if vector_patches is not None:
+            vectors = gather_token_vectors(adapter.pass_outputs(out, 0)[1], batch, vector_patches)
+    preds = adapter.predict(getattr(out, "logits", None), top_k=top_k, batch=batch)
+    ids = [e.example_id for e in examples]
+    rows = []
+    for b, ex in enumerate(examples):
+        top = preds[b]
+        best, prob = (top[0] if top else (None, float("nan")))
+        gold = list(ex.answers)
+        rows.append({
+            "example_id": ex.example_id,
+            "question": ex.question,
+            "gold": gold,
+            "category": ex.category,
+            "prediction": best,
+            "probability": prob,
+            "correct": (best in gold) if adapter.task == "vqa" and gold and best is not None else None,
+            "top_k": json.dumps(top),
+            "text_truncated": batch.truncated[b],
+            "n_text_tokens": int(((batch.modality[b] == 0) & batch.valid[b]).sum()),
+            "n_image_tokens": int(((batch.modality[b] == 1) & batch.valid[b]).sum()),
+        })
+    if vectors is not None:
+        vectors["example_ids"] = ids
+    return BatchSummary(pd.DataFrame(rows, columns=PREDICTION_COLUMNS), summaries_to_frame(ids, names, values), vectors)
+
+
+@dataclass
+class SweepProgress:
+    """Passed to the progress callback after every batch."""
+
+    done: int
+    total: int
+    skipped: int
+    rate: float  # examples per second in this run
+    eta_s: float
+
+
+def sweep_key(
+    adapter: ModelAdapter, dataset: str, example_ids: Sequence[str], top_k: int = 5,
+    vector_patches: int | None = VECTOR_PATCHES,
+) -> str:
+    """Store key of a sweep: model, processing, dataset name, the exact example list and settings."""
+    settings = {"top_k": top_k, "vector_patches": vector_patches}
+    return fingerprint("sweep", EXTRACT_VERSION, adapter.fingerprint(), dataset, list(example_ids), settings)
+
+
+def run_sweep(
+    adapter: ModelAdapter,
+    examples: Sequence[Example],
+    out_dir: str | Path,
+    dataset: str = "",
+    batch_size: int = 8,
+    top_k: int = 5,
+    progress: Callable[[SweepProgress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    vector_patches: int | None = VECTOR_PATCHES,
+) -> Path:
+    """Run a model over examples and write summaries as parquet, resumably.
+
+    Every batch is written as parts named by the position of its first example: head stats, then
+    the sampled token vectors (``part-*.vectors.safetensors``, when ``vector_patches`` is not None),
+    then predictions last, so a predictions part marks a finished batch. A cancelled or crashed
+    sweep resumes after the last finished batch. When all examples are done the parts are merged
+    into ``head_stats.parquet``, ``vectors.safetensors`` and ``predictions.parquet``. A folder
+    holding another model's or another example list's sweep is refused, never mixed in.
+
+    Vectors are bounded: per example every text token (at most the model's 40 positions), the image
+    CLS and ``vector_patches`` patches, for every layer, fp16: at most ``(40 + 1 + K) * (L + 1) * D * 2``
+    bytes per example (ViLT-B/32 with K = 16 and a 12-token question: 29 tokens, 0.58 MB).
+
+    Args:
+        adapter: the model.
+        examples: what to run, in order (ids must be unique).
+        out_dir: the sweep folder (``Store.sweep_dir(key)`` or any folder).
+        dataset: dataset name recorded in the manifest.
+        batch_size: examples per forward pass.
+        top_k: predictions kept per example.
+        progress: called after each batch.
+        should_stop: polled before each batch; True cancels (the work done so far is kept).
+        vector_patches: patches per example whose vectors are kept (``K``); None keeps no vectors.
+
+    Raises:
+        StoreError: ``out_dir`` holds a sweep of a different model, settings or example list.
+        InputError: duplicate example ids.
+
+    Returns:
+        ``out_dir``.
+    """
+    ids = [e.example_id for e in examples]
+    if len(set(ids)) != len(ids):
+        raise InputError("the examples to sweep have duplicate ids; give every example a unique id")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key = sweep_key(adapter, dataset, ids, top_k, vector_patches)
+    with FileLock(str(out / ".lock")):
+        notices = _drop_stale(out)
+        _claim(out, key, adapter, dataset, len(examples), top_k, batch_size, vector_patches)
+        done = completed_ids(out, notices)
+        todo = [(i, e) for i, e in enumerate(examples) if e.example_id not in done]
+        start, finished, b, size = time.perf_counter(), 0, 0, batch_size
+        while b < len(todo):
+            if should_stop is not None and should_stop():
+                break
+            chunk = todo[b : b + size]
+            try:
+                batch = adapter.encode([model_image_input(adapter, e) for _, e in chunk], [e.question for _, e in chunk])
+                summary = summarize_batch(adapter, batch, [e for _, e in chunk], top_k, vector_patches)
+            except (RuntimeError, MemoryError) as exc:  # out of memory: halve the batch and retry it
+                if not is_out_of_memory(exc):
+                    raise
+                _free_device_memory(adapter)
+                if size == 1:
+                    raise DeviceMemoryError(memory_message(adapter, "at batch size 1; finished batches are kept")) from exc
+                size = max(1, size // 2)
+                continue
+            b += len(chunk)
+            part = f"part-{chunk[0][0]:07d}"
+            _write_parquet(out / f"{part}.heads.parquet", summary.heads)
+            if summary.vectors is not None:
+                atomic_write_bytes(out / f"{part}.vectors.safetensors", vectors_to_bytes(summary.vectors))
+            _write_parquet(out / f"{part}.predictions.parquet", summary.predictions)
+            finished += len(chunk)
+            if progress is not None:
+                rate = finished / max(time.perf_counter() - start, 1e-9)
+                progress(SweepProgress(len(done) + finished, len(examples), len(done), rate, (len(todo) - finished) / rate))
+        if size != batch_size:
+            notices.append(f"{adapter.model_id} ran out of memory on {adapter.device}: the batch size went from "
+                           f"{batch_size} to {size} (the results are the same)")
+        _write_manifest(out, {**_manifest(out), "notices": notices, "batch_size": size})
+        if completed_ids(out) >= set(ids):
+            _consolidate(out, ids)
+    return out
+
+
+def _drop_stale(out: Path) -> list[str]:
+    """Empty a sweep folder whose manifest is damaged or of another schema; returns the notice."""
+    path = out / "manifest.json"
+    if not path.exists():
+        return []
+    try:
+        schema = json.loads(path.read_text()).get("schema")
+    except (OSError, ValueError, AttributeError):
+        schema = "damaged"
+    if schema == EXTRACT_VERSION:
+        return []
+    for file in out.iterdir():
+        if file.is_file() and file.name != ".lock":
+            file.unlink(missing_ok=True)
+    return [f"dropped the sweep stored in {out.name[:12]} (manifest schema {schema}, this VLScope writes "
+            f"{EXTRACT_VERSION}); it is computed again"]
+
+
+def _claim(
+    out: Path, key: str, adapter: ModelAdapter, dataset: str, n: int, top_k: int, batch_size: int,
+    vector_patches: int | None,
+) -> None:
+    """Write the manifest, or check that the folder's sweep is this one."""
+    path = out / "manifest.json"
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        if old.get("key") not in (None, key):
+            raise StoreError(
+                f"{out} holds a sweep of {old.get('model_id')} on {old.get('n_examples')} examples of "
+                f"{old.get('dataset')!r} with other settings; use another output folder for this one"
+            )
+        if old.get("key") == key:
+            return
+    _write_manifest(out, {
+        "key": key, "model_id": adapter.model_id, "dataset": dataset, "n_examples": n, "top_k": top_k,
+        "batch_size": batch_size, "created": time.time(), "complete": False, "schema": EXTRACT_VERSION,
+        "vector_patches": vector_patches,
+    })
+
+
+def completed_ids(out: Path, notices: list[str] | None = None) -> set[str]:
+    """Example ids already summarised in a sweep folder (merged files or complete parts).
+
+    A part (or merged file) whose predictions, head stats or (when the sweep keeps them) vectors are
+    missing or unreadable is deleted with its twins, so it is recomputed; ``notices`` gets a line.
+    """
+    ids: set[str] = set()
+    with_vectors = _manifest(out).get("vector_patches") is not None
+    merged = out / "predictions.parquet"
+    files = ([merged] if merged.exists() else []) + sorted(out.glob("part-*.predictions.parquet"))
+    for path in files:
+        if path == merged:
+            heads, vectors = out / "head_stats.parquet", out / VECTORS_FILE
+        else:
+            heads = out / path.name.replace(".predictions.parquet", ".heads.parquet")
+            vectors = out / path.name.replace(".predictions.parquet", ".vectors.safetensors")
+        try:
+            pd.read_parquet(heads, columns=["example_id"])
+            if with_vectors:
+                _vector_ids(vectors)
+            ids.update(pd.read_parquet(path, columns=["example_id"])["example_id"].astype(str))
+        except Exception as exc:  # a half-written or corrupt part: drop it and its twins, recompute
+            for twin in (path, heads, vectors):
+                twin.unlink(missing_ok=True)
+            if notices is not None:
+                notices.append(f"dropped damaged sweep results {path.name} ({type(exc).__name__}); they were "
+                               "computed again")
+    return ids
+
+
+def _manifest(out: Path) -> dict:
+    try:
+        return json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def vectors_to_bytes(part: dict) -> bytes:
+    """A sweep's sampled token vectors (`gather_token_vectors` plus ``example_ids``) as safetensors.
+
+    Strings (example ids, token texts) go into the header as JSON; patch thumbnails are stored for
+    patch tokens only.
+    """
+    from safetensors.numpy import save
+
+    is_patch = np.asarray(part["patch_rc"])[:, 0] >= 0
+    tensors = {
+        "vectors": np.ascontiguousarray(part["vectors"], dtype=np.float16),
+        "example": np.asarray(part["example"], dtype=np.int32),
+        "token": np.asarray(part["token"], dtype=np.int32),
+        "modality": np.asarray(part["modality"], dtype=np.int8),
+        "special": np.asarray(part["special"], dtype=np.uint8),
+        "patch_rc": np.asarray(part["patch_rc"], dtype=np.int16),
+        "thumbs": np.ascontiguousarray(np.asarray(part["thumbs"], dtype=np.uint8)[is_patch]),
+    }
+    meta = {"example_ids": json.dumps(list(part["example_ids"])), "text": json.dumps(list(part["text"])),
+            "schema": "1"}
+    return save(tensors, metadata=meta)
+
+
+def vectors_from_bytes(data: bytes) -> dict:
+    """Inverse of `vectors_to_bytes` (thumbnails expanded back to one per token).
+
+    Raises:
+        ValueError: a damaged file.
+    """
+    from safetensors.numpy import load
+
+    try:
+        arrays = load(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+        part = {k: v for k, v in arrays.items() if k != "thumbs"}
+        part["example_ids"], part["text"] = json.loads(header["example_ids"]), json.loads(header["text"])
+        part["special"] = part["special"].astype(bool)
+        is_patch = part["patch_rc"][:, 0] >= 0
+        thumbs = np.zeros((len(is_patch), *arrays["thumbs"].shape[1:]), dtype=np.uint8)
+        thumbs[is_patch] = arrays["thumbs"]
+    except Exception as exc:  # safetensors raises its own error type; any failure means damaged
+        raise ValueError(f"damaged vectors file: {type(exc).__name__}: {exc}") from exc
+    part["thumbs"] = thumbs
+    return part
+
+
+def _vector_ids(path: Path) -> list[str]:
+    """Example ids of a vectors file (reads the whole file: it also checks it is readable)."""
+    return vectors_from_bytes(path.read_bytes())["example_ids"]
+
+
+def _vector_files(out: Path) -> list[Path]:
+    merged = out / VECTORS_FILE
+    return ([merged] if merged.exists() else []) + sorted(out.glob("part-*.vectors.safetensors"))
+
+
+def merge_vector_parts(parts: Sequence[dict], keep_ids: Sequence[str] | None = None) -> dict | None:
+    """Concatenate vector parts into one, each example once (first seen), optionally ordered by ``keep_ids``.
+
+    Returns:
+        A dict of the `gather_token_vectors` form with ``example`` indexing ``example_ids``; None when
+        ``parts`` is empty or keeps nothing.
+    """
+    if not parts:
+        return None
+    ids_in = [[str(part["example_ids"][i]) for i in part["example"]] for part in parts]
+    order = list(keep_ids) if keep_ids is not None else list(dict.fromkeys(e for ids in ids_in for e in ids))
+    rank = {eid: i for i, eid in enumerate(order)}
+    seen: dict[str, int] = {}
+    picks = []  # (example rank, part index, row)
+    for p, ids in enumerate(ids_in):
+        for row, eid in enumerate(ids):
+            if eid in rank and seen.setdefault(eid, p) == p:
+                picks.append((rank[eid], p, row))
+    if not picks:
+        return None
+    picks.sort()  # by example, then part, then row (token order within an example)
+    offsets = np.cumsum([0] + [len(part["example"]) for part in parts])
+    flat = np.array([offsets[p] + r for _, p, r in picks], dtype=np.int64)
+    used = [e for e in order if e in seen]
+    new_index = {eid: i for i, eid in enumerate(used)}
+
+    def cat(name: str, axis: int = 0) -> np.ndarray:
+        return np.take(np.concatenate([part[name] for part in parts], axis=axis), flat, axis=axis)
+
+    texts = [parts[p]["text"][r] for _, p, r in picks]
+    example = np.array([new_index[ids_in[p][r]] for _, p, r in picks], dtype=np.int32)
+    return {
+        "vectors": cat("vectors", axis=1), "example": example, "token": cat("token"), "text": texts,
+        "modality": cat("modality"), "special": cat("special"), "patch_rc": cat("patch_rc"),
+        "thumbs": cat("thumbs"), "example_ids": used,
+    }
+
+
+def load_sweep_vectors(out_dir: str | Path) -> dict | None:
+    """The sampled token vectors of a sweep folder, finished or not (merged file plus parts).
+
+    Returns:
+        The `merge_vector_parts` dict (``vectors`` float16 ``[L + 1, T, D]``, per-token fields, and
+        ``example_ids``), or None when the sweep kept no vectors (made before vectors existed, or
+        with ``vector_patches=None``). Unreadable files are skipped.
+    """
+    parts = []
+    for path in _vector_files(Path(out_dir)):
+        try:
+            parts.append(vectors_from_bytes(path.read_bytes()))
+        except (OSError, ValueError):
+            continue
+    return merge_vector_parts(parts)
+
+
+def load_sweep(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(predictions, head_stats)`` of a sweep folder, finished or not (merged file plus parts)."""
+    out = Path(out_dir)
+    pred_files = [p for p in [out / "predictions.parquet"] if p.exists()] + sorted(out.glob("part-*.predictions.parquet"))
+    head_files = [p for p in [out / "head_stats.parquet"] if p.exists()] + sorted(out.glob("part-*.heads.parquet"))
+    preds = [_read(p) for p in pred_files]
+    heads = [_read(p) for p in head_files]
+    preds, heads = [p for p in preds if p is not None], [h for h in heads if h is not None]
+    if not preds:
+        return pd.DataFrame(columns=PREDICTION_COLUMNS), pd.DataFrame(columns=SUMMARY_COLUMNS)
+    heads = pd.concat(heads, ignore_index=True) if heads else pd.DataFrame(columns=SUMMARY_COLUMNS)
+    return pd.concat(preds, ignore_index=True), heads
+
+
+def _read(path: Path) -> pd.DataFrame | None:
+    """A parquet file, or None when it vanished (another session merged it) or is damaged.
+
+    A damaged file is deleted and the sweep's manifest marked unfinished with a notice, so that the
+    next start of the sweep recomputes what it held.
+    """
+    try:
+        return pd.read_parquet(path)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        path.unlink(missing_ok=True)
+        manifest = _manifest(path.parent)
+        if manifest:
+            note = (f"dropped damaged sweep results {path.name} ({type(exc).__name__}); start the sweep again "
+                    "to recompute them")
+            _write_manifest(path.parent, {**manifest, "complete": False,
+                                          "notices": [*manifest.get("notices", []), note]})
+        return None
+
+
+def _consolidate(out: Path, ids: list[str]) -> None:
+    """Merge every part (and an earlier merged file) into the two files, in example order."""
+    preds, heads = load_sweep(out)
+    order = {eid: i for i, eid in enumerate(ids)}
+    preds = preds[preds["example_id"].isin(order)].drop_duplicates("example_id")
+    preds = preds.sort_values("example_id", key=lambda c: c.map(order)).reset_index(drop=True)
+    heads = heads[heads["example_id"].astype(str).isin(order)]
+    heads = heads.drop_duplicates(["example_id", "layer", "head", "metric"])
+    heads = heads.sort_values("example_id", key=lambda c: c.astype(str).map(order), kind="stable")
+    _write_parquet(out / "head_stats.parquet", heads.reset_index(drop=True))
+    vectors = load_sweep_vectors(out)
+    if vectors is not None:
+        atomic_write_bytes(out / VECTORS_FILE, vectors_to_bytes(merge_vector_parts([vectors], ids)))
+    _write_parquet(out / "predictions.parquet", preds)  # written last: it marks completion
+    for part in [*out.glob("part-*.parquet"), *out.glob("part-*.vectors.safetensors")]:
+        part.unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    _write_manifest(out, {**manifest, "complete": True})
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    import io
+
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    manifest["updated"] = time.time()
+    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
