@@ -143,3 +143,14 @@ def test_a_deployments_custom_metric_module_shows_up_on_the_page(tmp_path, monke
     finally:
         unregister_metric("diag_mass")
         sys.modules.pop("vlscope_metrics", None)
+
+
+def test_a_sweeps_notices_show_on_the_page(demo_sweep):
+    import json as _json
+
+    manifest = demo_sweep / "manifest.json"
+    data = _json.loads(manifest.read_text())
+    manifest.write_text(_json.dumps({**data, "notices": ["the batch size went from 8 to 4"]}))
+    at = open_page(PAGE, {"scope": "sweep"})
+    assert not at.exception
+    assert any("the batch size went from 8 to 4" in i.value for i in at.info)

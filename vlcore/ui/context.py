@@ -204,6 +204,11 @@ def pick_sweep(store: Store, adapter: ModelAdapter) -> Path | None:
     index = st.sidebar.selectbox("Sweep", range(len(sweeps)), index=index, key="sweep_pick",
                                  format_func=lambda i: sweep_label(sweeps[i]))
     set_params(sweep=keys[index][:12])
+    for note in sweeps[index].get("notices", []):  # damaged parts dropped, batch size lowered, ...
+        st.info(f"This sweep: {note}")
+    if not sweeps[index].get("complete", True):
+        st.info("This sweep is unfinished: its statistics cover the examples done so far. Start it again on the "
+                "Run model page to resume.")
     return Path(sweeps[index]["path"])
 
 
