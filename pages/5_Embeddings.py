@@ -10,6 +10,7 @@ import streamlit as st
 from vlcore.charts_embeddings import COLOR_BY, SELECT_PARAM, build_fusion_chart, build_projection_chart
 from vlcore.errors import VLScopeError
 from vlcore.ui.annotate import annotate_panel, share_view
+from vlcore.ui.export import chart_downloads
 from vlcore.projection import ALIGNS, METHOD_NAMES, METHODS, find_token, umap_available
 from vlcore.ui import embeddings as emb
 from vlcore.ui.context import load_example_trace, load_model, pick_sweep
@@ -122,17 +123,13 @@ if Path(HEATMAPS).exists():
                  query_params={k: v for k, v in link.items() if k not in ("scope", "proj", "color")})
 
 with st.expander("Downloads"):
-    import vl_convert as vlc
-
-    c1, c2, c3 = st.columns(3)
-    c1.download_button("Coordinates (CSV)", lambda: frame.drop(columns="image").to_csv(index=False),
-                       f"coords-{layer}.csv", "text/csv",
-                       key="emb_csv", on_click="ignore")
-    c2.download_button("Scatter (PNG)", lambda: vlc.vegalite_to_png(build_projection_chart(
-        frame.drop(columns="image"), color, f"{pick_ex}#{pick_tok}", title).to_json()), f"scatter-{layer}.png",
-        "image/png", key="emb_png", on_click="ignore")
-    c3.download_button("Fusion chart (SVG)", lambda: vlc.vegalite_to_svg(build_fusion_chart(
-        fusion, layer, {0: "embeddings"}).to_json()), "fusion.svg", "image/svg+xml", key="emb_svg", on_click="ignore")
+    st.download_button("Coordinates (CSV)", lambda: frame.drop(columns="image").to_csv(index=False),
+                       f"coords-{layer}.csv", "text/csv", key="emb_csv", on_click="ignore")
+    st.caption("Scatter")
+    chart_downloads(lambda: build_projection_chart(frame.drop(columns="image"), color, f"{pick_ex}#{pick_tok}",
+                                                   title), f"scatter-{layer}", "emb_scatter_dl")
+    st.caption("Fusion degree")
+    chart_downloads(lambda: build_fusion_chart(fusion, layer, {0: "embeddings"}), "fusion", "emb_fusion_dl")
 
 share_view("pages/5_Embeddings.py")
 annotate_panel("pages/5_Embeddings.py", example_id=pick_ex, model=adapter.model_id, layer=layer, token=int(pick_tok))

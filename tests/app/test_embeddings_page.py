@@ -94,3 +94,21 @@ def test_too_few_tokens_for_tsne_is_a_clear_message():
     at.selectbox(key="emb_show").set_value("text").run()
     assert at.error and "t-SNE needs at least 31 tokens" in at.error[0].value and "lower the perplexity" in at.error[0].value
     assert not at.exception
+
+
+def test_both_charts_download_as_png_and_svg_and_the_coordinates_as_csv():
+    import xml.dom.minidom
+
+    from vlcore.charts_embeddings import build_fusion_chart, build_projection_chart
+    from vlcore.export import chart_to_png, chart_to_svg
+
+    at = open_page(PAGE, {"ex": EX})
+    assert not at.exception and not at.error
+    keys = {b.key for b in at.get("download_button")}
+    assert {"emb_csv", "emb_scatter_dl_png", "emb_scatter_dl_svg", "emb_fusion_dl_png", "emb_fusion_dl_svg"} <= keys
+    # the buttons render lazily what these builders make of the page's data
+    points = scatter(at)
+    assert chart_to_png(build_projection_chart(points, "modality", "x", "t"))[:8] == b"\x89PNG\r\n\x1a\n"
+    fusion = pd.DataFrame({"layer": [0, 1], "nmi_modality": [1.0, 0.5], "nmi_kind": [1.0, 0.6], "n_tokens": 9})
+    svg = chart_to_svg(build_fusion_chart(fusion, 1, {0: "embeddings"}))
+    assert xml.dom.minidom.parseString(svg).documentElement.tagName == "svg"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -9,13 +11,17 @@ import streamlit as st
 from vlcore.export import chart_to_png, chart_to_svg, frame_to_csv, frame_to_parquet
 
 
-def chart_downloads(chart: alt.TopLevelMixin, name: str, key: str) -> None:
-    """PNG and SVG download buttons; the chart is rendered by vl-convert only when a button is clicked."""
-    spec = chart.to_json()
+def chart_downloads(chart: alt.TopLevelMixin | Callable[[], alt.TopLevelMixin], name: str, key: str) -> None:
+    """PNG and SVG download buttons; the chart (or the builder's chart, built only then) is rendered by
+    vl-convert only when a button is clicked, so a page rerun pays nothing for them."""
+
+    def spec() -> str:
+        return (chart() if callable(chart) else chart).to_json()
+
     c1, c2 = st.columns(2)
-    c1.download_button("PNG", lambda: chart_to_png(spec), f"{name}.png", "image/png", key=f"{key}_png",
+    c1.download_button("PNG", lambda: chart_to_png(spec()), f"{name}.png", "image/png", key=f"{key}_png",
                        on_click="ignore")
-    c2.download_button("SVG", lambda: chart_to_svg(spec), f"{name}.svg", "image/svg+xml", key=f"{key}_svg",
+    c2.download_button("SVG", lambda: chart_to_svg(spec()), f"{name}.svg", "image/svg+xml", key=f"{key}_svg",
                        on_click="ignore")
 
 
