@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from vlcore import charts_heatmaps as ch
+from vlcore.export import chart_spec_json
 from vlcore.trace import Trace
 
 # [CLS] a b [SEP] | [IMG] p(0,0) p(0,1) p(0,2) p(1,0) p(1,1) p(1,2): a NON-square 2x3 grid
@@ -178,7 +179,7 @@ def test_exports_parse():
     assert root.tag.endswith("svg")
     frame = pd.read_csv(io.StringIO(ch.matrix_csv(t, att)), index_col=0)
     assert frame.shape == (N, N) and frame.loc["1:a", "8:<patch 1,0>"] == pytest.approx(0.9, abs=1e-3)
-    assert json.loads(ch.chart_spec_json(ch.build_matrix_chart(t, att)))["datasets"]  # data inline, no row limit
+    assert json.loads(chart_spec_json(ch.build_matrix_chart(t, att)))["datasets"]  # data inline, no row limit
     with pytest.raises(ValueError, match="png"):
         ch.export_chart(overlay, "gif")
 

@@ -29,6 +29,7 @@ from altair.utils import schemapi
 from PIL import Image
 
 from vlcore.charts import image_data_uri, patch_frame
+from vlcore.export import chart_to_png, chart_to_svg
 from vlcore.trace import IMAGE, TEXT, Trace
 
 DIRECTIONS = ("from", "to")
@@ -724,25 +725,16 @@ def build_perturbation_chart(curves: Mapping[str, object], title: str = "", widt
 # ---------------------------------------------------------------------------------------
 
 
-def chart_spec_json(chart: alt.TopLevelMixin) -> str:
-    """The chart's Vega-Lite spec with its data inline (no row limit)."""
-    with alt.data_transformers.enable("default", max_rows=None):
-        return chart.to_json(validate=False)
-
-
 def export_chart(chart: alt.TopLevelMixin, fmt: str, scale: float = 2.0) -> bytes:
-    """A chart as a PNG or SVG file (rendered by vl-convert).
+    """A chart as a PNG or SVG file (`vlcore.export`, rendered by vl-convert, no row limit).
 
     Raises:
         ValueError: ``fmt`` is not ``"png"`` or ``"svg"``.
     """
-    import vl_convert as vlc
-
-    spec = chart_spec_json(chart)
     if fmt == "png":
-        return vlc.vegalite_to_png(spec, scale=scale)
+        return chart_to_png(chart, scale=scale)
     if fmt == "svg":
-        return vlc.vegalite_to_svg(spec).encode()
+        return chart_to_svg(chart).encode()
     raise ValueError(f"export format must be 'png' or 'svg', got {fmt!r}")
 
 

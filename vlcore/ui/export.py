@@ -8,7 +8,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from vlcore.export import chart_to_png, chart_to_svg, frame_to_csv, frame_to_parquet
+from vlcore.export import chart_spec_json, chart_to_png, chart_to_svg, frame_to_csv, frame_to_parquet
 
 
 def chart_downloads(chart: alt.TopLevelMixin | Callable[[], alt.TopLevelMixin], name: str, key: str) -> None:
@@ -16,7 +16,7 @@ def chart_downloads(chart: alt.TopLevelMixin | Callable[[], alt.TopLevelMixin], 
     vl-convert only when a button is clicked, so a page rerun pays nothing for them."""
 
     def spec() -> str:
-        return (chart() if callable(chart) else chart).to_json()
+        return chart_spec_json(chart() if callable(chart) else chart)
 
     c1, c2 = st.columns(2)
     c1.download_button("PNG", lambda: chart_to_png(spec()), f"{name}.png", "image/png", key=f"{key}_png",
