@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from vlcore.errors import InputError
 from vlcore.models.base import ModelAdapter
 
 METRIC = "ablation_drop"
@@ -50,21 +50,6 @@ def head_mask_hooks(adapter: ModelAdapter, mask: torch.Tensor):
             handle.remove()
 
 
-def _answer_probability(adapter: ModelAdapter, logits: torch.Tensor, label_index: int) -> torch.Tensor:
-    """Probability of one answer per row ``[B]`` (VQA: the head's softmax or sigmoid; ITM: match)."""
-    if adapter.task == "vqa":
-        return adapter.score(logits)[:, label_index]
-    if adapter.task == "nlvr2":
-        return logits.float().softmax(-1)[:, label_index]
-    if adapter.task == "itm":
-        return torch.sigmoid(logits.float()[:, 0])
-    raise InputError(f"head importance needs a VQA, NLVR2 or image-text-matching head; {adapter.model_id} is {adapter.task}")
-
-
-def _repeat(batch, n: int) -> dict:
-    return {k: v.repeat(n, *([1] * (v.dim() - 1))) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
-
-
 def extract_head_importance(
     adapter: ModelAdapter, image, text: str, answer: str | None = None, batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
@@ -86,23 +71,16 @@ def extract_head_importance(
     n_layers, n_heads = adapter.n_layers, adapter.n_heads
     with torch.no_grad():
         logits = adapter.forward(batch, attentions=False, hidden=False).logits
-        if adapter.task == "itm":
-            label, index = "match", 0
-        else:
-            labels = adapter.label2id
-            if answer is not None and answer not in labels:
-                raise InputError(f"{answer!r} is not one of {adapter.model_id}'s answers; pick one it knows")
-            index = int(logits[0].argmax()) if answer is None else int(labels[answer])
-            label = str(adapter.config.id2label[index])
-        base = float(_answer_probability(adapter, logits, index)[0])
+        base_probs, label = adapter.answer_probabilities(logits, answer)
+        base = float(base_probs[0])
         total = n_layers * n_heads
         probs = np.empty(total, dtype=np.float32)
         eye = torch.eye(total, device=adapter.device).reshape(total, n_layers, n_heads)
         for start in range(0, total, batch_size):
             chunk = 1.0 - eye[start : start + batch_size]
             with head_mask_hooks(adapter, chunk):
-                out = adapter.model(**_repeat(batch, len(chunk)), return_dict=True)
-            probs[start : start + len(chunk)] = _answer_probability(adapter, out.logits, index).float().cpu().numpy()
+                out = adapter.model(**batch.repeated_inputs(len(chunk)), return_dict=True)
+            probs[start : start + len(chunk)] = adapter.answer_probabilities(out.logits, label)[0].float().cpu().numpy()
             if progress is not None:
                 progress(min(start + len(chunk), total), total)
     return (base - probs).reshape(n_layers, n_heads), label, base
@@ -138,3 +116,34 @@ def extract_sweep_importance(
         if progress is not None:
             progress(i + 1, len(examples))
     return pd.concat(frames, ignore_index=True)
+
+
+IMPORTANCE_FILE = "head_importance.parquet"  # a sweep folder's stored head-importance rows
+
+
+def load_sweep_importance(sweep_dir: str | Path) -> pd.DataFrame | None:
+    """The head-importance rows stored in a sweep folder, or None when there are none.
+
+    A damaged file is deleted (it can be recomputed) and None returned.
+    """
+    path = Path(sweep_dir) / IMPORTANCE_FILE
+    if not path.exists():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except Exception:  # a half-written or corrupt file: drop it
+        path.unlink(missing_ok=True)
+        return None
+
+
+def save_sweep_importance(sweep_dir: str | Path, new: pd.DataFrame) -> Path:
+    """Add head-importance rows to a sweep folder's file (atomically; a later row for the same example and head
+    replaces an earlier one)."""
+    from vlcore.export import frame_to_parquet
+    from vlcore.store import atomic_write_bytes
+
+    old = load_sweep_importance(sweep_dir)
+    merged = new if old is None else pd.concat([old, new], ignore_index=True)
+    path = Path(sweep_dir) / IMPORTANCE_FILE
+    atomic_write_bytes(path, frame_to_parquet(merged.drop_duplicates(["example_id", "layer", "head"], keep="last")))
+    return path

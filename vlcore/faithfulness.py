@@ -225,18 +225,12 @@ def _patch_columns(adapter, batch, text: str):
 @torch.no_grad()
 def _answer_probabilities(adapter, batch, pixel_masks: torch.Tensor, answer: str | None) -> tuple[np.ndarray, str]:
     """Probability of the answer for each row of ``pixel_masks`` (row 0 must be the unperturbed mask)."""
-    n = pixel_masks.shape[0]
-    inputs = {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in batch.inputs.items() if k != "pixel_mask"}
-    logits = adapter.forward(batch, attentions=False, hidden=False, **inputs, pixel_mask=pixel_masks).logits.float()
-    if adapter.task == "vqa":
-        labels = adapter.label2id
-        if answer is not None and answer not in labels:
-            raise InputError(f"{answer!r} is not one of {adapter.model_id}'s answers; pick one it knows")
-        idx = int(logits[0].argmax()) if answer is None else int(labels[answer])
-        return adapter.score(logits)[:, idx].cpu().numpy().astype(np.float64), str(adapter.config.id2label[idx])
-    if adapter.task == "itm":
-        return torch.sigmoid(logits[:, 0]).cpu().numpy().astype(np.float64), "match"
-    raise InputError(f"perturbation needs a VQA or image-text-matching head; {adapter.model_id} is {adapter.task}")
+    if adapter.task not in ("vqa", "itm"):
+        raise InputError(f"perturbation needs a VQA or image-text-matching head; {adapter.model_id} is {adapter.task}")
+    inputs = batch.repeated_inputs(pixel_masks.shape[0], exclude=("pixel_mask",))
+    logits = adapter.forward(batch, attentions=False, hidden=False, **inputs, pixel_mask=pixel_masks).logits
+    probs, label = adapter.answer_probabilities(logits, answer)
+    return probs.cpu().numpy().astype(np.float64), label
 
 
 # -- pointing game ----------------------------------------------------------------------------------

@@ -45,6 +45,12 @@ class EncodedBatch:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def repeated_inputs(self, n: int, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The model inputs with every tensor repeated ``n`` times along the batch (for batched variants of
+        one example); keys in ``exclude`` are left out."""
+        return {k: v.repeat(n, *([1] * (v.dim() - 1))) if hasattr(v, "repeat") else v
+                for k, v in self.inputs.items() if k not in exclude}
+
 
 class ModelAdapter(ABC):
     """A loaded model with its processor, behind one interface.

@@ -382,6 +382,25 @@ class ViltAdapter(ModelAdapter):
             return logits.float().softmax(-1)
         return torch.sigmoid(logits.float())
 
+    def answer_probabilities(self, logits: torch.Tensor, label: str | None = None) -> tuple[torch.Tensor, str]:
+        """The probability of one answer in every row of ``logits`` ``[B, ...]``: ``(probs [B], label)``.
+
+        ``label`` None follows row 0's top answer. VQA heads use `score` (softmax or sigmoid), NLVR2 a
+        softmax, an image-text-matching head the sigmoid of its score (label ``"match"``).
+
+        Raises:
+            InputError: an unknown label, or a head without answers (MLM, bare ViltModel).
+        """
+        if self.task == "itm":
+            return torch.sigmoid(logits.float()[:, 0]), "match"
+        if self.task not in ("vqa", "nlvr2"):
+            raise InputError(f"this needs a VQA, NLVR2 or image-text-matching head; {self.model_id} is {self.task}")
+        if label is not None and label not in self.label2id:
+            raise InputError(f"{label!r} is not one of {self.model_id}'s answers; pick one it knows")
+        index = int(logits[0].argmax()) if label is None else self.label2id[label]
+        probs = self.score(logits) if self.task == "vqa" else logits.float().softmax(-1)
+        return probs[:, index], str(self.config.id2label[index])
+
     def _predict_mask(self, logits: torch.Tensor, batch: EncodedBatch, top_k: int) -> list:
         out = []
         mask_id = self.tokenizer.mask_token_id
