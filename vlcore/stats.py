@@ -132,6 +132,8 @@ def token_masks(
         "cls": valid & special & text & first_text,
         "sep": valid & special & text & ~first_text,
         "imgcls": valid & special & image,
+        "txt_all": valid & text,
+        "img_all": valid & image,
         "valid": valid,
     }
 
@@ -140,19 +142,24 @@ def _nan_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return num / den.where(den > 0, torch.full_like(den, float("nan")))
 
 
-def compute_block_means(attention: torch.Tensor, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def compute_block_means(
+    attention: torch.Tensor, masks: dict[str, torch.Tensor], row_mass: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Mean attention in each modality block of every head of one layer.
 
     Args:
         attention: ``[B, H, N, N]`` attention probabilities (rows are queries).
         masks: from `token_masks`.
+        row_mass: ``[B, H, N, >=2]`` each row's mass on the ``txt`` and ``img`` keys (first two columns), when
+            the caller has it already; computed here otherwise.
 
     Returns:
         ``{"txt2txt": [B, H], ...}`` float32 for `BLOCK_METRICS` plus ``cross_modal`` and ``intra_modal``;
         NaN where a block is empty.
     """
     keys = torch.stack([masks["txt"], masks["img"]], dim=-1).to(attention.dtype)  # [B, N, 2]
-    row_mass = torch.matmul(attention, keys[:, None]).float()  # [B, H, N, 2]: each row's mass per key set
+    if row_mass is None:
+        row_mass = torch.matmul(attention, keys[:, None]).float()  # [B, H, N, 2]: each row's mass per key set
     sums, cells = {}, {}
     for qi, src in enumerate(("txt", "img")):
         q = masks[src].float()
@@ -178,7 +185,6 @@ def _grid_distances(patch_rc: torch.Tensor, patch: torch.Tensor) -> tuple[torch.
 
 def _layer_metrics(att: torch.Tensor, m: dict[str, torch.Tensor], euclid, far) -> dict[str, torch.Tensor]:
     """Every built-in metric ``[B, H]`` for one layer's attention ``[B, H, N, N]``."""
-    out = compute_block_means(att, m)
     fl = {k: v.float() for k, v in m.items()}
     queries = fl["txt"] + fl["img"]  # the non-special (or all, with include_special) valid queries
     n_q = queries.sum(1)[:, None]
@@ -186,10 +192,11 @@ def _layer_metrics(att: torch.Tensor, m: dict[str, torch.Tensor], euclid, far) -
     def mean_over(q: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:  # per_row [B, H, N]
         return _nan_div(torch.einsum("bhn,bn->bh", per_row, q), q.sum(1)[:, None])
 
-    groups = torch.stack([fl["txt"], fl["img"], fl["cls"], fl["sep"], fl["imgcls"]], -1)  # [B, N, 5]
-    mass = torch.matmul(att, groups[:, None].to(att.dtype)).float()  # [B, H, N, 5]
-    out["cls_to_txt"] = torch.matmul(att[:, :, 0, :], (fl["valid"] * (m["txt"] | m["cls"] | m["sep"]).float())[:, :, None]).squeeze(-1)
-    out["cls_to_img"] = torch.matmul(att[:, :, 0, :], (fl["valid"] * (m["img"] | m["imgcls"]).float())[:, :, None]).squeeze(-1)
+    # each row's mass on every key set, in one matmul: [B, H, N, 8]
+    sets = ("txt", "img", "cls", "sep", "imgcls", "patch", "txt_all", "img_all")
+    mass = torch.matmul(att, torch.stack([fl[k] for k in sets], -1)[:, None].to(att.dtype)).float()
+    out = compute_block_means(att, m, row_mass=mass)
+    out["cls_to_txt"], out["cls_to_img"] = mass[:, :, 0, 6], mass[:, :, 0, 7]  # the text [CLS] row
     for src in ("txt", "img"):
         for ki, dst in enumerate(("txt", "img")):
             out[f"{src}q_to_{dst}"] = mean_over(fl[src], mass[..., ki])
@@ -199,12 +206,11 @@ def _layer_metrics(att: torch.Tensor, m: dict[str, torch.Tensor], euclid, far) -
     out["max_weight"] = mean_over(queries, att.amax(-1))
     for ki, name in ((2, "to_cls"), (3, "to_sep"), (4, "to_imgcls")):
         out[name] = _nan_div(torch.einsum("bhn,bn->bh", mass[..., ki], queries), n_q)
-    patch_q = fl["patch"] * fl["img"] if euclid is not None else None
     if euclid is not None:
+        patch_q = fl["patch"] * fl["img"]
         out["img2img_nonlocal"] = _nan_div((att * far[:, None]).sum((-1, -2)), far.sum((-1, -2))[:, None])
         weighted = (att * euclid[:, None]).sum(-1)  # [B, H, N]
-        on_patches = torch.matmul(att, fl["patch"][:, None, :, None]).squeeze(-1)  # [B, H, N]
-        out["spatial_distance"] = mean_over(patch_q, _nan_div(weighted, on_patches))
+        out["spatial_distance"] = mean_over(patch_q, _nan_div(weighted, mass[..., 5]))
     else:
         nan = torch.full_like(out["txt2txt"], float("nan"))
         out["img2img_nonlocal"], out["spatial_distance"] = nan, nan.clone()
