@@ -101,3 +101,18 @@ def test_sweep_importance_is_one_tidy_row_per_head_and_example(tiny_adapter):
     one, _, _ = extract_head_importance(tiny_adapter, exs[1].load_image(), QUESTION)
     got = frame[frame.example_id == "e/1"].sort_values(["layer", "head"])["value"].to_numpy()
     np.testing.assert_allclose(got, one.ravel(), atol=1e-6)
+
+
+def test_sweep_importance_file_round_trips_merges_and_drops_damage(tmp_path):
+    import numpy as np
+
+    from vlcore.ablation import IMPORTANCE_FILE, importance_frame, load_sweep_importance, save_sweep_importance
+
+    assert load_sweep_importance(tmp_path) is None
+    save_sweep_importance(tmp_path, importance_frame("a", np.ones((2, 2), np.float32)))
+    save_sweep_importance(tmp_path, importance_frame("b", np.zeros((2, 2), np.float32)))
+    save_sweep_importance(tmp_path, importance_frame("a", np.full((2, 2), 2.0, np.float32)))  # replaces a's rows
+    rows = load_sweep_importance(tmp_path)
+    assert len(rows) == 8 and rows[rows.example_id == "a"]["value"].eq(2.0).all()
+    (tmp_path / IMPORTANCE_FILE).write_bytes(b"PAR1 cut")
+    assert load_sweep_importance(tmp_path) is None and not (tmp_path / IMPORTANCE_FILE).exists()

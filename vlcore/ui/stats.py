@@ -7,12 +7,11 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from vlcore.ablation import METRIC as IMPORTANCE, extract_head_importance, extract_sweep_importance, importance_frame
+from vlcore.ablation import (IMPORTANCE_FILE, METRIC as IMPORTANCE, extract_head_importance, extract_sweep_importance,
+                             importance_frame, load_sweep_importance, save_sweep_importance)
 from vlcore.charts_stats import HEAD_SELECTION
 from vlcore.head_table import head_table, top_heads
 from vlcore.stats import compute_trace_summaries, metric_names
-from vlcore.store import atomic_write_bytes
-from vlcore.export import frame_to_parquet
 from vlcore.ui.state import set_params
 
 CUSTOM_METRICS_MODULE = "vlscope_metrics"  # an optional module next to streamlit_app.py that registers metrics
@@ -29,7 +28,6 @@ def load_custom_metrics() -> None:
             raise
 
 CHART_KEY = "head_chart"
-IMPORTANCE_FILE = "head_importance.parquet"
 AUTO_IMPORTANCE_HEADS = 64  # models with at most this many heads get head importance without a click
 
 
@@ -47,13 +45,12 @@ def sweep_tables(path: str, updated: float) -> tuple[pd.DataFrame, pd.DataFrame]
     from vlcore.sweep import load_sweep
 
     preds, heads = load_sweep(path)
-    extra = Path(path) / IMPORTANCE_FILE
-    if extra.exists():
-        try:
-            heads = pd.concat([heads, pd.read_parquet(extra)], ignore_index=True)
-        except Exception:  # a damaged importance file: drop it, it can be recomputed
-            extra.unlink(missing_ok=True)
-            st.info("Dropped a damaged head-importance file of this sweep; compute it again below.")
+    had_file = (Path(path) / IMPORTANCE_FILE).exists()
+    importance = load_sweep_importance(path)
+    if importance is not None:
+        heads = pd.concat([heads, importance], ignore_index=True)
+    elif had_file:
+        st.info("Dropped a damaged head-importance file of this sweep; compute it again below.")
     heads["metric"] = heads["metric"].astype(str)
     return preds, heads
 
@@ -97,10 +94,7 @@ def sweep_importance_panel(adapter, sweep_path: Path, source, ids: list[str], do
     bar = st.progress(0.0, text="starting…")
     new = extract_sweep_importance(adapter, examples,
                                    progress=lambda d, t: bar.progress(d / t, text=f"{d}/{t} examples"))
-    path = sweep_path / IMPORTANCE_FILE
-    old = pd.read_parquet(path) if path.exists() else None
-    merged = new if old is None else pd.concat([old, new], ignore_index=True)
-    atomic_write_bytes(path, frame_to_parquet(merged.drop_duplicates(["example_id", "layer", "head"], keep="last")))
+    save_sweep_importance(sweep_path, new)
     st.rerun()
 
 
