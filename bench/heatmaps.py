@@ -41,9 +41,10 @@ SECTIONS = ("matrices", "heads", "step", "explain")
 def page_parts(trace, layer: int, head: int | None, tok: int) -> list:
     """The charts the page shows for the query and the (default) full-matrix section, as `ChartParts`."""
     from vlcore import charts_heatmaps as ch
+    from vlcore import heatmap_maps as hm
 
     att = trace.head_attention(layer, head)
-    values = ch.compute_query_map(att, [tok], "from")
+    values = hm.compute_query_map(att, [tok], "from")
     return [ch.overlay_parts(trace, values, title="raw attention", width=340),
             ch.token_chips_parts(trace, values, [tok], title="Text tokens", width=380),
             ch.special_weights_parts(trace, values), ch.matrix_parts(trace, att, title="matrix", size=440)]
@@ -66,9 +67,10 @@ def send_parts(parts: list) -> None:
 def page_charts(trace, layer: int, head: int | None, tok: int) -> list:
     """The same charts as Altair objects (the builders the tests validate and the export uses)."""
     from vlcore import charts_heatmaps as ch
+    from vlcore import heatmap_maps as hm
 
     att = trace.head_attention(layer, head)
-    values = ch.compute_query_map(att, [tok], "from")
+    values = hm.compute_query_map(att, [tok], "from")
     return [ch.build_attention_overlay_chart(trace, values, title="raw attention", width=340),
             ch.build_token_chips_chart(trace, values, [tok], title="Text tokens", width=380),
             ch.build_special_weights_chart(trace, values), ch.build_matrix_chart(trace, att, title="matrix", size=440)]
@@ -80,7 +82,7 @@ def to_streamlit(charts: list) -> None:
 
     from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
 
-    from vlcore.charts_heatmaps import unvalidated
+    from vlcore.chart_parts import unvalidated
 
     for chart in charts:
         spec = _convert_altair_to_vega_lite_spec(unvalidated(chart))  # data frames become Arrow bytes here

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from vlcore import charts_heatmaps as ch
+from vlcore import heatmap_maps as hm
 from vlcore.errors import VLScopeError
 from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.ui.context import load_example_trace, load_model, pick_layer_head
@@ -22,7 +23,7 @@ verdict = {True: " ✅", False: " ❌", None: ""}[trace.correct]
 st.markdown(f"**{trace.text}** · predicted **{trace.predicted}**{verdict}"
             + (f" · gold {', '.join(trace.gold)}" if trace.gold else "") + f" · `{trace.example_id}`")
 
-if not ch.has_image_tokens(trace):
+if not hm.has_image_tokens(trace):
     st.info(f"Example `{trace.example_id}` has no image tokens (a text-only input): there is no image to draw "
             "attention on. Open an example with an image from the dataset browser.")
     st.stop()
@@ -52,7 +53,7 @@ view = pick_view()
 if view == "matrices":
     show_matrices(trace, att, f"{head_label}: query × key")
 elif view == "heads":
-    maps = ch.compute_head_maps(trace, layer, query.tokens, direction)
+    maps = hm.compute_head_maps(trace, layer, query.tokens, direction)
     show_parts(ch.all_heads_parts(trace, maps, title=f"Every head of layer {layer}: attention {direction} {query.label}"))
 elif view == "step":
     show_step_through(trace, layer, head, direction, opacity, smooth)
@@ -71,7 +72,7 @@ else:
     for block in ch.BLOCK_TITLES:
         builders[f"block {block}"] = lambda b=block: ch.build_block_chart(trace, att, b)
     builders["all heads"] = lambda: ch.build_all_heads_chart(
-        trace, ch.compute_head_maps(trace, layer, query.tokens, direction))
+        trace, hm.compute_head_maps(trace, layer, query.tokens, direction))
     builders["explanations side by side"] = lambda: ch.build_explanations_chart(
         trace, explanation_maps(trace, layer, head, start_layer, adapter, example, answer), opacity)
     show_export(builders, trace, att, head_label)

@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 
 from vlcore import charts_heatmaps as ch
+from vlcore import chart_parts as cp
+from vlcore import heatmap_maps as hm
 from vlcore.export import chart_spec_json
 from vlcore.trace import Trace
 
@@ -57,7 +59,7 @@ def heat_frame(chart) -> pd.DataFrame:
 @pytest.mark.parametrize("cell", [(0, 2), (1, 0), (1, 2), (0, 1)])
 def test_planted_attention_peaks_at_its_patch_not_its_transpose(cell):
     t = planted_trace({(1, 2, 1): patch_index(*cell)})  # token "a" attends to the patch
-    values = ch.compute_query_map(t.head_attention(1, 2), [1], "from")
+    values = hm.compute_query_map(t.head_attention(1, 2), [1], "from")
     heat = heat_frame(ch.build_attention_overlay_chart(t, values))
     top = heat.loc[heat["value"].idxmax()]
     assert (top["row"], top["col"]) == cell
@@ -72,11 +74,11 @@ def test_planted_attention_peaks_at_its_patch_not_its_transpose(cell):
 def test_attention_to_a_patch_is_its_column_and_several_patches_average():
     t = planted_trace({(0, 0, 2): patch_index(1, 1)})  # token "b" attends to patch (1, 1)
     att = t.head_attention(0, 0)
-    to = ch.compute_query_map(att, [patch_index(1, 1)], "to")
+    to = hm.compute_query_map(att, [patch_index(1, 1)], "to")
     assert to[2] == pytest.approx(0.9, abs=1e-3) and to[1] < 0.02  # "b" gives it 0.9, "a" almost nothing
     chips = ch.token_chips_frame(t, to)
     assert chips.set_index("text").loc["b", "value"] == pytest.approx(0.9, abs=1e-3)
-    both = ch.compute_query_map(att, [patch_index(0, 0), patch_index(1, 2)], "from")
+    both = hm.compute_query_map(att, [patch_index(0, 0), patch_index(1, 2)], "from")
     assert np.allclose(both, (att[patch_index(0, 0)] + att[patch_index(1, 2)]) / 2)
 
 
@@ -92,10 +94,10 @@ def test_selected_patches_are_outlined_and_overlay_has_a_click_selection():
 
 def test_upsample_bilinear_keeps_constants_and_corners():
     g = np.arange(6, dtype=np.float64).reshape(2, 3)
-    up = ch.upsample_bilinear(g, 4)
+    up = hm.upsample_bilinear(g, 4)
     assert up.shape == (8, 12)
     assert up[0, 0] == g[0, 0] and up[-1, -1] == g[-1, -1]
-    assert np.allclose(ch.upsample_bilinear(np.full((2, 3), 0.5), 3), 0.5)
+    assert np.allclose(hm.upsample_bilinear(np.full((2, 3), 0.5), 3), 0.5)
 
 
 def test_token_chips_leave_out_specials_and_flag_the_query():
@@ -135,30 +137,30 @@ def test_each_block_has_its_cells(block, shape):
 def test_all_heads_grid_puts_each_heads_peak_at_its_patch():
     plants = {(1, 0, 1): patch_index(0, 2), (1, 1, 1): patch_index(1, 0), (1, 2, 1): patch_index(1, 1)}
     t = planted_trace(plants)
-    chart = ch.build_all_heads_chart(t, ch.compute_head_maps(t, 1, [1]))
+    chart = ch.build_all_heads_chart(t, hm.compute_head_maps(t, 1, [1]))
     frame = chart.data
     peaks = frame.loc[frame.groupby("head")["value"].idxmax(), ["row", "col"]].values.tolist()
     assert peaks == [[0, 2], [1, 0], [1, 1]]
-    assert np.allclose(ch.compute_head_maps(t, 1, [1], "to")[0], t.head_attention(1, 0)[:, 1])
+    assert np.allclose(hm.compute_head_maps(t, 1, [1], "to")[0], t.head_attention(1, 0)[:, 1])
 
 
 def test_parse_patches_drops_bad_syntax_and_moves_cells_into_the_grid():
-    cells, problems = ch.parse_patches("1.2, 0.0,1.2,abc,5.-1,", (2, 3))
+    cells, problems = hm.parse_patches("1.2, 0.0,1.2,abc,5.-1,", (2, 3))
     assert cells == [(1, 2), (0, 0), (1, 0)]
     assert len(problems) == 2 and "abc" in problems[0] and "outside the 2×3 grid" in problems[1]
-    assert ch.parse_patches(None, (2, 3)) == ([], [])
-    assert ch.format_patches(cells) == "1.2,0.0,1.0"
+    assert hm.parse_patches(None, (2, 3)) == ([], [])
+    assert hm.format_patches(cells) == "1.2,0.0,1.0"
     t = planted_trace()
-    assert ch.patch_token_indices(t, cells).tolist() == [10, 5, 8]
+    assert hm.patch_token_indices(t, cells).tolist() == [10, 5, 8]
 
 
 def test_text_only_trace_has_no_image_tokens():
     t = planted_trace()
-    assert ch.has_image_tokens(t)
+    assert hm.has_image_tokens(t)
     text = Trace("t", "m", TOKENS[:4], np.zeros(4, np.int8), np.array([1, 0, 0, 1], bool),
                  np.full((4, 2), -1, np.int16), (0, 0), np.zeros((0, 0, 3), np.uint8), 8,
                  np.full((1, 1, 4, 4), 0.25, np.float16), None)
-    assert not ch.has_image_tokens(text)
+    assert not hm.has_image_tokens(text)
 
 
 def test_perturbation_chart_has_both_orders_and_their_auc():
@@ -173,15 +175,15 @@ def test_perturbation_chart_has_both_orders_and_their_auc():
 def test_exports_parse():
     t = planted_trace({(1, 2, 1): patch_index(1, 0)})
     att = t.head_attention(1, 2)
-    overlay = ch.build_attention_overlay_chart(t, ch.compute_query_map(att, [1]))
-    assert ch.export_chart(overlay, "png")[:8] == b"\x89PNG\r\n\x1a\n"
-    root = ET.fromstring(ch.export_chart(ch.build_matrix_chart(t, att), "svg"))
+    overlay = ch.build_attention_overlay_chart(t, hm.compute_query_map(att, [1]))
+    assert cp.export_chart(overlay, "png")[:8] == b"\x89PNG\r\n\x1a\n"
+    root = ET.fromstring(cp.export_chart(ch.build_matrix_chart(t, att), "svg"))
     assert root.tag.endswith("svg")
     frame = pd.read_csv(io.StringIO(ch.matrix_csv(t, att)), index_col=0)
     assert frame.shape == (N, N) and frame.loc["1:a", "8:<patch 1,0>"] == pytest.approx(0.9, abs=1e-3)
     assert json.loads(chart_spec_json(ch.build_matrix_chart(t, att)))["datasets"]  # data inline, no row limit
     with pytest.raises(ValueError, match="png"):
-        ch.export_chart(overlay, "gif")
+        cp.export_chart(overlay, "gif")
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def normalized(spec: dict, datasets: dict[str, list]) -> dict:
     return walk(json.loads(text))
 
 
-def same_chart(parts: ch.ChartParts, chart) -> bool:
+def same_chart(parts: cp.ChartParts, chart) -> bool:
     built = chart.to_dict()  # validated against the Vega-Lite schema
     assert built.get("config", {}) == alt.theme.get()().get("config", {})  # layouts add no config of their own
     fast = parts.to_dict()
@@ -214,10 +216,10 @@ def same_chart(parts: ch.ChartParts, chart) -> bool:
     return normalized(fast, fast["datasets"]) == normalized(built, built["datasets"])
 
 
-def parts_cases(t: Trace) -> list[tuple[ch.ChartParts, object]]:
+def parts_cases(t: Trace) -> list[tuple[cp.ChartParts, object]]:
     att = t.head_attention(1, 2)
-    v = ch.compute_query_map(att, [1])
-    p = ch.compute_query_map(att, [patch_index(1, 2), patch_index(0, 0)])
+    v = hm.compute_query_map(att, [1])
+    p = hm.compute_query_map(att, [patch_index(1, 2), patch_index(0, 0)])
     cases = [
         (ch.overlay_parts(t, v, title="raw"), ch.build_attention_overlay_chart(t, v, title="raw")),
         (ch.overlay_parts(t, p, [(1, 2), (0, 0)], 0.3, True, "two", 200, None),
@@ -226,8 +228,8 @@ def parts_cases(t: Trace) -> list[tuple[ch.ChartParts, object]]:
         (ch.token_chips_parts(t, p), ch.build_token_chips_chart(t, p)),
         (ch.special_weights_parts(t, v), ch.build_special_weights_chart(t, v)),
         (ch.matrix_parts(t, att, title="m", size=200), ch.build_matrix_chart(t, att, title="m", size=200)),
-        (ch.all_heads_parts(t, ch.compute_head_maps(t, 1, [1]), title="h"),
-         ch.build_all_heads_chart(t, ch.compute_head_maps(t, 1, [1]), title="h")),
+        (ch.all_heads_parts(t, hm.compute_head_maps(t, 1, [1]), title="h"),
+         ch.build_all_heads_chart(t, hm.compute_head_maps(t, 1, [1]), title="h")),
     ]
     return cases + [(ch.block_parts(t, att, b), ch.build_block_chart(t, att, b)) for b in ch.BLOCK_TITLES]
 
@@ -240,15 +242,15 @@ def test_chart_parts_are_the_builders_charts():
 
 def test_chart_parts_reuse_the_layout_and_swap_title_and_data():
     t = planted_trace({(1, 2, 1): patch_index(0, 2), (0, 0, 2): patch_index(1, 1)})
-    ch._TEMPLATES.clear()
-    first = ch.overlay_parts(t, ch.compute_query_map(t.head_attention(1, 2), [1]), title="layer 1, head 2")
-    second = ch.overlay_parts(t, ch.compute_query_map(t.head_attention(0, 0), [2]), title="layer 0, “head” 0")
-    assert len(ch._TEMPLATES) == 1  # one layout for both
+    cp._TEMPLATES.clear()
+    first = ch.overlay_parts(t, hm.compute_query_map(t.head_attention(1, 2), [1]), title="layer 1, head 2")
+    second = ch.overlay_parts(t, hm.compute_query_map(t.head_attention(0, 0), [2]), title="layer 0, “head” 0")
+    assert len(cp._TEMPLATES) == 1  # one layout for both
     assert second.spec()["title"] == "layer 0, “head” 0" and first.spec()["title"] == "layer 1, head 2"
     peaks = [parts.datasets["patches"].loc[parts.datasets["patches"]["value"].idxmax(), ["row", "col"]].tolist()
              for parts in (first, second)]
     assert peaks == [[0, 2], [1, 1]]
-    assert same_chart(second, ch.build_attention_overlay_chart(t, ch.compute_query_map(t.head_attention(0, 0), [2]),
+    assert same_chart(second, ch.build_attention_overlay_chart(t, hm.compute_query_map(t.head_attention(0, 0), [2]),
                                                                title="layer 0, “head” 0"))
     # what the layout draws is in its key: another opacity, an outline or another trace is another layout
     ch.overlay_parts(t, first.datasets["patches"]["value"].reindex(range(N), fill_value=0).to_numpy(), opacity=0.2)
@@ -256,7 +258,7 @@ def test_chart_parts_reuse_the_layout_and_swap_title_and_data():
     wide = planted_trace()
     object.__setattr__(wide, "image", np.zeros((16, 40, 3), np.uint8))
     ch.overlay_parts(wide, np.zeros(N))
-    assert len(ch._TEMPLATES) == 4
+    assert len(cp._TEMPLATES) == 4
     names = {"patches": "heat-1", "image": "img-1"}
     refs = re.findall(r'"data": \{"name": "([^"]+)"\}', json.dumps(first.spec(names)))
     assert set(refs) <= set(names.values()) and "heat-1" in refs
@@ -264,8 +266,8 @@ def test_chart_parts_reuse_the_layout_and_swap_title_and_data():
 
 def test_image_uri_is_remembered_for_a_read_only_array_only():
     image = np.full((16, 24, 3), 7, np.uint8)
-    uri = ch.cached_image_uri(image)
+    uri = cp.cached_image_uri(image)
     image[0, 0] = 200  # writable: looked up by its pixels, so a change is seen
-    assert ch.cached_image_uri(image) != uri
+    assert cp.cached_image_uri(image) != uri
     image.setflags(write=False)
-    assert ch.cached_image_uri(image) == ch.cached_image_uri(image.copy())
+    assert cp.cached_image_uri(image) == cp.cached_image_uri(image.copy())

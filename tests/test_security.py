@@ -180,6 +180,19 @@ def test_links_with_outside_paths_get_one_message_on_the_pages():
         assert not at.exception and len(at.error) == 1 and "not under a configured data folder" in at.error[0].value
 
 
+def test_a_refused_location_does_not_reveal_the_servers_folders(tmp_path, monkeypatch):
+    from vlcore.data.paths import data_roots
+    from vlcore.data.sources import check_location
+    from vlcore.errors import DatasetError
+
+    monkeypatch.setenv("VLSCOPE_DATA_ROOTS", str(tmp_path / "private-datasets"))
+    with pytest.raises(DatasetError) as err:
+        check_location("/etc")
+    assert "VLSCOPE_DATA_ROOTS" in str(err.value)
+    for root in data_roots():
+        assert str(root) not in str(err.value)
+
+
 def test_dataset_text_is_escaped_before_it_is_rendered_as_html():
     from vlcore.data.browse import highlight_mentions
 

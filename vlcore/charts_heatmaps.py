@@ -1,293 +1,36 @@
-"""Attention-heatmap views: query maps, overlays, token chips, matrices, head grids, curves, exports.
+"""Attention-heatmap views: overlays, token chips, matrices, head grids, explanation and perturbation charts.
 
-Pure functions: numpy/pandas in, Altair charts (or bytes for exports) out. The heatmaps page
-(`pages/4_Attention_Heatmaps.py`) renders them; the tests read their data directly.
+Pure functions: numpy/pandas in, Altair charts out. The maps they draw come from `vlcore.heatmap_maps`;
+each view has a ``build_*_chart`` (an Altair chart) and a ``*_parts`` twin (`vlcore.chart_parts.ChartParts`,
+the same chart from a cached layout) that the heatmaps page (`pages/4_Attention_Heatmaps.py`) renders.
 
 Token order is the trace's: ``[text (CLS first, SEP last) | image CLS | patches row-major]``.
-A *query* is one token or several (patches selected together); its map is the mean of their rows
-(attention **from** the query) or of their columns (attention **to** the query).
 """
 
 from __future__ import annotations
 
-import base64
-import functools
-import hashlib
-import io
-import json
-import re
-import threading
-import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import altair as alt
 import numpy as np
 import pandas as pd
-from altair.utils import schemapi
-from PIL import Image
 
-from vlcore.charts import image_data_uri, patch_frame
-from vlcore.export import chart_to_png, chart_to_svg
-from vlcore.trace import IMAGE, TEXT, Trace
+from vlcore.chart_parts import ChartParts, cached_image_uri, chart_parts, fast_build, layout_key
+from vlcore.charts import patch_frame
+from vlcore.heatmap_maps import token_label, upsample_bilinear
+from vlcore.trace import Trace
 
-DIRECTIONS = ("from", "to")
 SCHEME = "inferno"
 _AXIS_OFF = alt.Axis(title=None, labels=False, ticks=False, grid=False, domain=False)
-_PATCH = re.compile(r"^\s*(-?\d+)\.(-?\d+)\s*$")
 # Width and height are the plot's, axes, legend and title come on top. (Streamlit's default for a single or
 # layered chart, "fit" inside width x height, squeezed the 30-px chip rows and the bars to nothing and
 # shrank the overlay's patches but not its image mark, which is sized in pixels.)
 _PAD = alt.AutoSizeParams(type="pad", contains="padding")
 
 
-def _fast(build: Callable) -> Callable:
-    """Build without Altair validating every intermediate object (a third of a page rerun on a 234-token
-    trace). The finished chart is still validated by ``to_dict()``, as the tests do; the page skips that
-    too (`unvalidated`)."""
-
-    @functools.wraps(build)
-    def wrapper(*args, **kwargs):
-        with schemapi.debug_mode(False):
-            return build(*args, **kwargs)
-
-    return wrapper
-
-
-def unvalidated(chart: alt.TopLevelMixin) -> alt.TopLevelMixin:
-    """The chart, serialised without schema validation when Streamlit calls ``chart.to_dict()``.
-
-    Every builder's output is validated in tests/test_charts_heatmaps.py; skipping it at render time
-    saves ~20 ms per chart.
-    """
-    object.__setattr__(chart, "to_dict", functools.partial(chart.to_dict, validate=False))
-    return chart
-
-
-# ---------------------------------------------------------------------------------------
-# Queries and maps (pure numpy)
-# ---------------------------------------------------------------------------------------
-
-
-def has_image_tokens(trace: Trace) -> bool:
-    """Whether the trace has image patches to draw a heatmap on (False for a text-only trace).
-
-    >>> from vlcore.trace import Trace
-    >>> t = Trace("e", "m", ("[CLS]", "a", "[SEP]"), np.zeros(3, np.int8), np.array([1, 0, 1], bool),
-    ...           np.full((3, 2), -1, np.int16), (0, 0), np.zeros((0, 0, 3), np.uint8), 8, None, None)
-    >>> has_image_tokens(t)
-    False
-    """
-    return bool(trace.grid[0] * trace.grid[1] > 0 and (trace.patch_rc[:, 0] >= 0).any() and trace.image.size)
-
-
-def compute_query_map(attention: np.ndarray, query: Sequence[int], direction: str = "from") -> np.ndarray:
-    """The map of a query in one attention matrix: float32 ``[N]``.
-
-    Args:
-        attention: ``[N, N]`` (rows queries, columns keys): one head, the mean, or a rollout.
-        query: token indices; several give the mean of their maps.
-        direction: ``"from"`` (the query's rows: what it attends to) or ``"to"`` (its columns: how
-            much every token attends to it).
-
-    >>> a = np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
-    >>> compute_query_map(a, [1]).tolist(), compute_query_map(a, [0], "to").tolist()
-    ([0.0, 0.0, 1.0], [0.5, 0.0, 1.0])
-    """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    q = np.asarray(list(query), dtype=np.int64)
-    if q.size == 0:
-        raise ValueError("a query needs at least one token")
-    rows = attention[q] if direction == "from" else attention[:, q].T
-    return rows.mean(0, dtype=np.float32)
-
-
-def compute_head_maps(trace: Trace, layer: int, query: Sequence[int], direction: str = "from") -> np.ndarray:
-    """The query's map in every head of one layer: float32 ``[H, N]``."""
-    att = trace.attentions[layer]  # [H, N, N] float16
-    q = np.asarray(list(query), dtype=np.int64)
-    rows = att[:, q, :] if direction == "from" else np.swapaxes(att[:, :, q], 1, 2)
-    return rows.mean(1, dtype=np.float32)
-
-
-def parse_patches(text: str | None, grid: tuple[int, int]) -> tuple[list[tuple[int, int]], list[str]]:
-    """Patch cells from the URL form ``"row.col,row.col"``.
-
-    Malformed entries are dropped; cells outside the grid move to the nearest cell inside it.
-
-    Returns:
-        ``(cells, problems)``: unique (row, col) cells in the order given, and one line per problem.
-
-    >>> parse_patches("1.2,x,9.0", (2, 3))
-    ([(1, 2), (1, 0)], ['`x` is not row.col', '`9.0` is outside the 2×3 grid; using 1.0'])
-    """
-    cells: list[tuple[int, int]] = []
-    problems: list[str] = []
-    rows, cols = grid
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        m = _PATCH.match(part)
-        if m is None:
-            problems.append(f"`{part.strip()}` is not row.col")
-            continue
-        r, c = int(m.group(1)), int(m.group(2))
-        if rows * cols == 0:
-            problems.append(f"`{part.strip()}`: this example has no image patches")
-            continue
-        if not (0 <= r < rows and 0 <= c < cols):
-            r, c = min(max(r, 0), rows - 1), min(max(c, 0), cols - 1)
-            problems.append(f"`{part.strip()}` is outside the {rows}×{cols} grid; using {r}.{c}")
-        if (r, c) not in cells:
-            cells.append((r, c))
-    return cells, problems
-
-
-def format_patches(cells: Sequence[tuple[int, int]]) -> str:
-    """The URL form of patch cells.
-
-    >>> format_patches([(1, 2), (0, 0)])
-    '1.2,0.0'
-    """
-    return ",".join(f"{r}.{c}" for r, c in cells)
-
-
-def patch_token_indices(trace: Trace, cells: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Token indices of patch cells (cells with no patch token are skipped)."""
-    idx, rc = trace.patch_positions()
-    lookup = {(int(r), int(c)): int(i) for i, (r, c) in zip(idx, rc)}
-    return np.array([lookup[cell] for cell in cells if cell in lookup], dtype=np.int64)
-
-
-def token_label(trace: Trace, index: int) -> str:
-    """``"index:token"``: a unique, readable name of a token."""
-    return f"{index}:{trace.tokens[index]}"
-
-
-# ---------------------------------------------------------------------------------------
-# Chart parts: a layout built by Altair once, its data swapped on every call
-# ---------------------------------------------------------------------------------------
-
-_TITLE = "@@vlscope-title@@"
-_ROLE = "@@vlscope-data:"
-_TEMPLATES: OrderedDict[tuple, str] = OrderedDict()
-_TEMPLATES_MAX = 64
-_TEMPLATES_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class ChartParts:
-    """A chart as its Vega-Lite spec (JSON, data referenced by name) and the data frames it names.
-
-    The same chart as the matching ``build_*_chart`` (tests/test_charts_heatmaps.py compares them),
-    made without building Altair objects: Altair builds the layout once per *layout key* (everything
-    but the data and the title) and it is kept as JSON; each call only makes the data frames. The
-    heatmaps page renders these (`vlcore.ui.heatmaps.show_parts`), which keeps a rerun cheap.
-
-    Attributes:
-        spec_json: the Vega-Lite spec; every data reference is ``{"name": ROLE}`` for a role of ``datasets``.
-        datasets: role → data frame.
-    """
-
-    spec_json: str
-    datasets: dict[str, pd.DataFrame]
-
-    def spec(self, names: Mapping[str, str] | None = None) -> dict:
-        """The spec, with each role's data reference renamed by ``names`` (role → dataset name)."""
-        text = self.spec_json
-        for role in self.datasets:
-            text = text.replace(json.dumps(_ROLE + role), json.dumps((names or {}).get(role, role)))
-        return json.loads(text)
-
-    def to_dict(self) -> dict:
-        """The spec with the data inline as top-level ``datasets`` (named by role), as Altair writes them."""
-        spec = self.spec()
-        spec["datasets"] = {role: alt.utils.data.to_values(frame)["values"] for role, frame in self.datasets.items()}
-        return spec
-
-
-def _chart_parts(key: tuple, frames: dict[str, pd.DataFrame], title: str,
-                 layout: Callable[[Mapping[str, alt.Data], str], alt.TopLevelMixin]) -> ChartParts:
-    """``layout(data, title)`` as JSON, built once per ``key`` (which must name everything it draws but
-    the frames' values and the title), with ``frames`` as its data."""
-    key = (*key, tuple(frames))
-    with _TEMPLATES_LOCK:
-        template = _TEMPLATES.get(key)
-        if template is not None:
-            _TEMPLATES.move_to_end(key)
-    if template is None:
-        with schemapi.debug_mode(False):
-            chart = layout({role: alt.Data(name=_ROLE + role) for role in frames}, _TITLE)
-        spec = chart.to_dict(validate=False)
-        spec.pop("config", None)  # the default theme's view size; Streamlit renders charts with theme "none"
-        template = json.dumps(spec)
-        with _TEMPLATES_LOCK:
-            _TEMPLATES[key] = template
-            while len(_TEMPLATES) > _TEMPLATES_MAX:
-                _TEMPLATES.popitem(last=False)
-    return ChartParts(template.replace(json.dumps(_TITLE), json.dumps(title)), frames)
-
-
-def _layout_key(trace: Trace) -> tuple:
-    """What of a trace a layout can depend on: its identity, tokens, grid and image size."""
-    return trace.model_id, trace.example_id, trace.tokens, trace.grid, trace.image.shape, trace.patch_px
-
-
 # ---------------------------------------------------------------------------------------
 # Overlays
 # ---------------------------------------------------------------------------------------
-
-_URI_CACHE: OrderedDict[str, str] = OrderedDict()
-_URI_BY_ID: dict[int, tuple[weakref.ref, str]] = {}
-
-
-def cached_image_uri(image: np.ndarray) -> str:
-    """The image as a data URI (PNG; JPEG above 256×256 pixels), memoised on the pixels' digest.
-
-    The same array (a trace kept in memory) is looked up by identity first, without hashing its pixels.
-    """
-    known = _URI_BY_ID.get(id(image))
-    if known is not None and known[0]() is image:
-        return known[1]
-    key = hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest() + str(image.shape)
-    if key not in _URI_CACHE:
-        _URI_CACHE[key] = image_data_uri(image) if image.shape[0] * image.shape[1] <= 256 * 256 else _jpeg_uri(image)
-        while len(_URI_CACHE) > 16:
-            _URI_CACHE.popitem(last=False)
-    _URI_CACHE.move_to_end(key)
-    if not image.flags.writeable:  # a trace's read-only array: safe to remember by identity
-        for stale in [k for k, (ref, _) in _URI_BY_ID.items() if ref() is None]:
-            del _URI_BY_ID[stale]
-        _URI_BY_ID[id(image)] = (weakref.ref(image), _URI_CACHE[key])
-    return _URI_CACHE[key]
-
-
-def _jpeg_uri(image: np.ndarray, quality: int = 90) -> str:
-    """JPEG data URI for large images (a photo's PNG is several times larger to send on every rerun)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="JPEG", quality=quality)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def upsample_bilinear(grid: np.ndarray, factor: int) -> np.ndarray:
-    """Bilinear upsampling of a ``[R, C]`` grid to ``[R * factor, C * factor]`` (cell centres aligned).
-
-    NaN cells count as the mean of the others.
-
-    >>> upsample_bilinear(np.array([[0.0, 1.0]]), 2)[0].round(2).tolist()
-    [0.0, 0.25, 0.75, 1.0]
-    """
-    g = np.where(np.isnan(grid), np.nanmean(grid) if np.isfinite(grid).any() else 0.0, grid).astype(np.float64)
-    rows, cols = g.shape
-
-    def centres(n: int) -> np.ndarray:
-        return np.clip((np.arange(n * factor) + 0.5) / factor - 0.5, 0, n - 1)
-
-    ys, xs = centres(rows), centres(cols)
-    along_x = np.stack([np.interp(xs, np.arange(cols), g[r]) for r in range(rows)])  # [R, C*f]
-    return np.stack([np.interp(ys, np.arange(rows), along_x[:, j]) for j in range(cols * factor)], axis=1)
 
 
 def smooth_frame(trace: Trace, values: np.ndarray, factor: int = 4) -> pd.DataFrame:
@@ -350,7 +93,7 @@ def _overlay_layout(trace: Trace, data: Mapping, opacity: float, smooth: bool, t
     return alt.layer(*layers).properties(width=width, height=height, title=title, autosize=_PAD)
 
 
-@_fast
+@fast_build
 def build_attention_overlay_chart(
     trace: Trace,
     values: np.ndarray,
@@ -383,8 +126,8 @@ def overlay_parts(trace: Trace, values: np.ndarray, selected: Sequence[tuple[int
                   select_name: str | None = "patch") -> ChartParts:
     """`build_attention_overlay_chart` as `ChartParts` (the layout built once per trace and settings)."""
     frames = overlay_frames(trace, values, selected, smooth)
-    key = ("overlay", _layout_key(trace), float(opacity), bool(smooth), int(width), select_name)
-    return _chart_parts(key, frames, title,
+    key = ("overlay", layout_key(trace), float(opacity), bool(smooth), int(width), select_name)
+    return chart_parts(key, frames, title,
                         lambda data, t: _overlay_layout(trace, data, opacity, smooth, t, width, select_name))
 
 
@@ -449,7 +192,7 @@ def _n_lines(frames: Mapping[str, pd.DataFrame]) -> int:
     return int(chips["line"].max()) + 1 if len(chips) else 1
 
 
-@_fast
+@fast_build
 def build_token_chips_chart(
     trace: Trace, values: np.ndarray, selected: Sequence[int] = (), title: str = "", width: int = 640
 ) -> alt.LayerChart:
@@ -463,7 +206,7 @@ def token_chips_parts(trace: Trace, values: np.ndarray, selected: Sequence[int] 
     """`build_token_chips_chart` as `ChartParts`."""
     frames = chips_frames(trace, values, selected, width)
     n_lines = _n_lines(frames)
-    return _chart_parts(("chips", _layout_key(trace), int(width), n_lines), frames, title,
+    return chart_parts(("chips", layout_key(trace), int(width), n_lines), frames, title,
                         lambda data, t: _chips_layout(data, n_lines, t, width))
 
 
@@ -488,7 +231,7 @@ def _special_layout(data: Mapping, n_rows: int, title: str) -> alt.LayerChart:
     return alt.layer(bars, text).properties(height=22 * n_rows, width=220, title=title, autosize=_PAD)
 
 
-@_fast
+@fast_build
 def build_special_weights_chart(trace: Trace, values: np.ndarray, title: str = "Special tokens") -> alt.LayerChart:
     """Weights on [CLS], [SEP] and the image CLS, and the total on text and on patches, as bars.
 
@@ -502,7 +245,7 @@ def special_weights_parts(trace: Trace, values: np.ndarray, title: str = "Specia
     """`build_special_weights_chart` as `ChartParts`."""
     frame = special_weights_frame(trace, values)
     n_rows = len(frame)
-    return _chart_parts(("special", _layout_key(trace), n_rows), {"bars": frame}, title,
+    return chart_parts(("special", layout_key(trace), n_rows), {"bars": frame}, title,
                         lambda data, t: _special_layout(data, n_rows, t))
 
 
@@ -568,7 +311,7 @@ def _index(trace: Trace, index: np.ndarray | None) -> np.ndarray:
     return np.arange(trace.n_tokens) if index is None else np.asarray(index, dtype=np.int64)
 
 
-@_fast
+@fast_build
 def build_matrix_chart(
     trace: Trace,
     attention: np.ndarray,
@@ -598,8 +341,8 @@ def matrix_parts(trace: Trace, attention: np.ndarray, rows: np.ndarray | None = 
                  title: str = "", size: int = 360, separators: bool = True, fill: bool = False) -> ChartParts:
     """`build_matrix_chart` as `ChartParts`."""
     rows, cols = _index(trace, rows), _index(trace, cols)
-    key = ("matrix", _layout_key(trace), rows.tobytes(), cols.tobytes(), int(size), bool(fill))
-    return _chart_parts(key, matrix_frames(trace, attention, rows, cols, separators), title,
+    key = ("matrix", layout_key(trace), rows.tobytes(), cols.tobytes(), int(size), bool(fill))
+    return chart_parts(key, matrix_frames(trace, attention, rows, cols, separators), title,
                         lambda data, t: _matrix_layout(trace, data, rows, cols, t, size, fill))
 
 
@@ -613,7 +356,7 @@ BLOCK_TITLES = {"txt2txt": "text → text", "txt2img": "text → image", "img2tx
                 "img2img": "image → image"}
 
 
-@_fast
+@fast_build
 def build_block_chart(trace: Trace, attention: np.ndarray, block: str, size: int = 260) -> alt.LayerChart:
     """One modality block of the matrix (specials left out), e.g. ``"txt2img"`` (text queries, patch keys)."""
     rows, cols = trace.block_index(block)
@@ -666,7 +409,7 @@ def _all_heads_layout(trace: Trace, data: Mapping, n_heads: int, columns: int, p
     ).properties(title=title)
 
 
-@_fast
+@fast_build
 def build_all_heads_chart(trace: Trace, head_maps: np.ndarray, columns: int = 6, panel: int = 110,
                           title: str = "") -> alt.FacetChart:
     """Small multiples: one patch-grid heatmap per head (``head_maps`` ``[H, N]``), one shared colour scale."""
@@ -678,12 +421,12 @@ def all_heads_parts(trace: Trace, head_maps: np.ndarray, columns: int = 6, panel
                     title: str = "") -> ChartParts:
     """`build_all_heads_chart` as `ChartParts`."""
     n_heads = head_maps.shape[0]
-    return _chart_parts(("heads", _layout_key(trace), n_heads, int(columns), int(panel)),
+    return chart_parts(("heads", layout_key(trace), n_heads, int(columns), int(panel)),
                         {"heads": head_maps_frame(trace, head_maps)}, title,
                         lambda data, t: _all_heads_layout(trace, data, n_heads, columns, panel, t))
 
 
-@_fast
+@fast_build
 def build_explanations_chart(trace: Trace, maps: Mapping[str, np.ndarray], opacity: float = 0.6,
                              width: int = 260) -> alt.HConcatChart:
     """Overlays of several explanation maps side by side (e.g. raw / rollout / relevancy)."""
@@ -701,7 +444,7 @@ def curve_frame(curves: Mapping[str, object]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-@_fast
+@fast_build
 def build_perturbation_chart(curves: Mapping[str, object], title: str = "", width: int = 260) -> alt.Chart:
     """Answer probability as patches are removed, one line per order (e.g. positive vs random).
 
@@ -718,27 +461,3 @@ def build_perturbation_chart(curves: Mapping[str, object], title: str = "", widt
         strokeDash=alt.StrokeDash("order:N", legend=None),
         tooltip=[alt.Tooltip("order:N"), alt.Tooltip("fraction:Q", format=".0%"), alt.Tooltip("probability:Q", format=".4f")],
     ).properties(width=width, height=180, title=title)
-
-
-# ---------------------------------------------------------------------------------------
-# Export
-# ---------------------------------------------------------------------------------------
-
-
-def export_chart(chart: alt.TopLevelMixin, fmt: str, scale: float = 2.0) -> bytes:
-    """A chart as a PNG or SVG file (`vlcore.export`, rendered by vl-convert, no row limit).
-
-    Raises:
-        ValueError: ``fmt`` is not ``"png"`` or ``"svg"``.
-    """
-    if fmt == "png":
-        return chart_to_png(chart, scale=scale)
-    if fmt == "svg":
-        return chart_to_svg(chart).encode()
-    raise ValueError(f"export format must be 'png' or 'svg', got {fmt!r}")
-
-
-def modality_counts(trace: Trace) -> dict:
-    """Token counts for captions: text (with specials), image CLS and patches."""
-    return {"text": int((trace.modality == TEXT).sum()), "image": int((trace.modality == IMAGE).sum()),
-            "patches": int((trace.patch_rc[:, 0] >= 0).sum())}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from vlcore.data.paths import data_roots, is_allowed
+from vlcore.data.paths import is_allowed
 from vlcore.data.easy_vqa import answer_category, load_easy_vqa, to_example
 from vlcore.errors import DatasetError
 
@@ -189,8 +189,9 @@ def check_location(location: str) -> str:
     if is_allowed(location):
         return str(Path(location).expanduser().resolve())
     raise DatasetError(
-        f"{location!r} is not a hub id and not under a configured data folder; set VLSCOPE_DATA_ROOTS "
-        "to the folders VLScope may read (roots now: " + ", ".join(str(r) for r in data_roots()) + ")"
+        f"{location!r} is not a hub id and not under a configured data folder. Whoever runs the app can "
+        "allow a folder by adding it to VLSCOPE_DATA_ROOTS (the configured folders are not shown here, so "
+        "a link cannot reveal the server's paths)."
     )
 
 

@@ -17,6 +17,8 @@ import pyarrow as pa
 import streamlit as st
 
 from vlcore import charts_heatmaps as ch
+from vlcore import chart_parts as cp
+from vlcore import heatmap_maps as hm
 from vlcore.errors import VLScopeError
 from vlcore.trace import Trace
 from vlcore.ui.state import get_choice, get_int, get_param, notice, set_params
@@ -40,7 +42,7 @@ class Query:
 
 def show_chart(chart, **kwargs):
     """``st.altair_chart`` without Altair's schema validation at render time (the tests validate every builder)."""
-    return st.altair_chart(ch.unvalidated(chart), **kwargs)
+    return st.altair_chart(cp.unvalidated(chart), **kwargs)
 
 
 def arrow_bytes(frame: pd.DataFrame) -> bytes:
@@ -62,7 +64,7 @@ def arrow_bytes(frame: pd.DataFrame) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def show_parts(parts: ch.ChartParts, **kwargs):
+def show_parts(parts: cp.ChartParts, **kwargs):
     """Render `ChartParts` (a cached Altair layout and this run's data) as ``st.altair_chart`` would render
     the matching ``build_*_chart``: the same element, spec and Arrow datasets named by a hash of their bytes.
 
@@ -89,7 +91,7 @@ def show_parts(parts: ch.ChartParts, **kwargs):
 def _seed_from_url(trace: Trace) -> None:
     """Set the widgets' state from the URL once per (model, example); malformed values get a notice."""
     n_text = len(trace.text_index(include_special=True))
-    cells, problems = ch.parse_patches(get_param("patch"), trace.grid)
+    cells, problems = hm.parse_patches(get_param("patch"), trace.grid)
     for line in problems:
         notice(f"Link parameter `patch`: {line}.")
     raw = get_param("tok") or ""
@@ -107,7 +109,7 @@ def _seed_from_url(trace: Trace) -> None:
         tok = n_text - 1
     st.session_state["hm_tok"] = None if cells else tok
     st.session_state["hm_patches"] = [f"{r}.{c}" for r, c in cells]
-    st.session_state["hm_dir"] = get_choice("dir", ch.DIRECTIONS, "from")
+    st.session_state["hm_dir"] = get_choice("dir", hm.DIRECTIONS, "from")
     st.session_state["hm_method"] = get_choice("method", METHODS, "raw")
     st.session_state["hm_view"] = get_choice("view", VIEWS, "matrices")
     st.session_state["hm_trace"] = (trace.model_id, trace.example_id)
@@ -145,9 +147,9 @@ def pick_query(trace: Trace) -> Query:
     cells = [tuple(int(v) for v in p.split(".")) for p in st.session_state["hm_patches"]]
     tok = st.session_state["hm_tok"]
     if cells:
-        set_params(tok=None, patch=ch.format_patches(cells))
-        label = f"patch {ch.format_patches(cells)}" if len(cells) == 1 else f"mean of {len(cells)} patches"
-        return Query(ch.patch_token_indices(trace, cells), cells, label)
+        set_params(tok=None, patch=hm.format_patches(cells))
+        label = f"patch {hm.format_patches(cells)}" if len(cells) == 1 else f"mean of {len(cells)} patches"
+        return Query(hm.patch_token_indices(trace, cells), cells, label)
     tok = 0 if tok is None else int(tok)
     set_params(tok=tok, patch=None)
     return Query(np.array([tok]), [], f"token {tok} “{trace.tokens[tok]}”")
@@ -156,7 +158,7 @@ def pick_query(trace: Trace) -> Query:
 def pick_display() -> tuple[str, str, float, bool]:
     """Direction, method, opacity and smoothing (``dir``, ``method`` in the URL)."""
     c1, c2, c3, c4 = st.columns([2, 3, 2, 1])
-    direction = c1.segmented_control("Attention", ch.DIRECTIONS, key="hm_dir",
+    direction = c1.segmented_control("Attention", hm.DIRECTIONS, key="hm_dir",
                                      format_func=lambda d: f"{d} the query") or "from"
     method = c2.segmented_control("Map", METHODS, key="hm_method", format_func=METHOD_TITLES.get) or "raw"
     opacity = c3.slider("Heat opacity", 0.0, 1.0, 0.6, 0.05, key="hm_opacity")
@@ -233,10 +235,10 @@ def method_map(method: str, trace: Trace, layer: int, head: int | None, query: Q
                adapter=None, example=None, answer: str | None = None, start_layer: int = 0) -> np.ndarray:
     """The ``[N]`` map shown for a method: raw (this head), rollout (from ``start_layer``) or relevancy ([CLS])."""
     if method == "raw":
-        return ch.compute_query_map(trace.head_attention(layer, head), query.tokens, direction)
+        return hm.compute_query_map(trace.head_attention(layer, head), query.tokens, direction)
     if method == "rollout":
         rollout = cached_rollout(trace, trace.model_id, trace.example_id, trace.text, start_layer)
-        return ch.compute_query_map(rollout, query.tokens, direction)
+        return hm.compute_query_map(rollout, query.tokens, direction)
     return cached_relevancy(adapter, example, trace.model_id, trace.example_id, trace.text, answer)
 
 
@@ -315,7 +317,7 @@ def show_step_through(trace: Trace, layer: int, head: int | None, direction: str
             _step(1, n)
         st.slider("Token", 0, n - 1, key="hm_step")
         i = int(st.session_state["hm_step"])
-        values = ch.compute_query_map(att, [i], direction)
+        values = hm.compute_query_map(att, [i], direction)
         show_parts(ch.overlay_parts(trace, values, opacity=opacity, smooth=smooth, select_name=None, width=300,
                                     title=f"attention {direction} token {i} “{trace.tokens[i]}”"))
         show_parts(ch.token_chips_parts(trace, values, [i], width=CHIPS_WIDTH))
@@ -336,7 +338,7 @@ def show_export(charts: dict[str, Callable], trace: Trace, att: np.ndarray, head
             if what == csv_name:
                 data, name, mime = ch.matrix_csv(trace, att).encode(), f"{stem}.csv", "text/csv"
             else:
-                data = ch.export_chart(charts[what](), fmt)
+                data = cp.export_chart(charts[what](), fmt)
                 name, mime = f"{stem}.{fmt}", "image/png" if fmt == "png" else "image/svg+xml"
         except (VLScopeError, ValueError) as exc:
             st.error(f"Could not export {what}: {exc}")
