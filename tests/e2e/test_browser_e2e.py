@@ -156,7 +156,9 @@ def test_browse_run_click_patch_and_share(browser, app_url, artifacts_dir):
         assert "patch" in params and "tok" not in params, page.url
         assert patch_chips(page) == [params["patch"]]
         after = overlay_chart_png(page)
-        assert changed_fraction(before, after) > 0.02, "the heat layer did not change after the patch click"
+        # An unchanged render differs in 0 pixels; on the demo model a patch's map and the [CLS] map both peak
+        # on the shape, so only some patches change colour (0.9 % of the chart's pixels in the first run).
+        assert changed_fraction(before, after) > 0.002, "the heat layer did not change after the patch click"
         shot(page, "heatmaps-patch-clicked")
         if os.environ.get("VLSCOPE_E2E_SCREENSHOT"):
             save_readme_picture(page, os.environ["VLSCOPE_E2E_SCREENSHOT"])
