@@ -12,7 +12,6 @@ prints the test split's shape accuracy four times along the way. Chance is about
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -27,17 +26,6 @@ import train_demo_model as demo  # noqa: E402
 
 def shape_questions(data: dict) -> torch.Tensor:
     return torch.tensor([i for i, c in enumerate(data["category"]) if c == "shape"])
-
-
-@torch.no_grad()
-def subset_accuracy(model, data: dict, index: torch.Tensor) -> float:
-    model.eval()
-    correct = sum(
-        (model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits.argmax(-1) == labels).sum().item()
-        for ids, mask, pix, labels in demo.batches(data, index, 256, "cpu")
-    )
-    model.train()
-    return correct / len(index)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tied_share > 0:
         demo.tie_patch_filters(model, args.tied_share, args.tied_scale, args.tied_noise,
                                torch.Generator().manual_seed(args.seed))
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    warmup = max(1, args.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
-    )
+    optim, sched = demo.make_optimizer(model, args.lr, args.steps)
     gen = torch.Generator().manual_seed(args.seed)
     print(f"{len(train_idx)} train / {len(test_idx)} test shape questions; {vars(args)}")
     print("| step | train loss | test shape accuracy | seconds |\n|---|---|---|---|")
@@ -81,18 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     while step < args.steps:
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
         for ids, mask, pix, labels in demo.batches(train, order, args.batch_size, "cpu", gen):
-            loss = torch.nn.functional.cross_entropy(
-                model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits, labels
-            )
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
-            sched.step()
+            loss = demo.train_step(model, optim, sched, ids, mask, pix, labels)
             step += 1
             if step % (args.steps // 4) == 0:
-                acc = subset_accuracy(model, test, test_idx)
-                print(f"| {step} | {loss.item():.3f} | {acc:.3f} | {time.perf_counter() - start:.0f} |", flush=True)
+                acc = demo.accuracy(model, test, "cpu", index=test_idx)
+                print(f"| {step} | {loss:.3f} | {acc:.3f} | {time.perf_counter() - start:.0f} |", flush=True)
             if step >= args.steps:
                 break
     return 0

@@ -115,15 +115,39 @@ def batches(data: dict, order: torch.Tensor, batch_size: int, device: str, gen: 
 
 
 @torch.no_grad()
-def accuracy(model, data: dict, device: str, batch_size: int = 256) -> float:
+def accuracy(model, data: dict, device: str, batch_size: int = 256, index: torch.Tensor | None = None) -> float:
+    """Accuracy on the questions at ``index`` (all of them by default)."""
     model.eval()
     correct = 0
-    order = torch.arange(len(data["labels"]))
+    order = torch.arange(len(data["labels"])) if index is None else index
     for ids, mask, pix, labels in batches(data, order, batch_size, device):
         logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
         correct += (logits.argmax(-1) == labels).sum().item()
     model.train()
     return correct / len(order)
+
+
+def make_optimizer(model, lr: float, total_steps: int):
+    """AdamW (weight decay 0.01) with a linear warm-up over the first 5 % of steps, then cosine decay to 0."""
+    warmup = max(1, total_steps // 20)
+    optim = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)),
+    )
+    return optim, sched
+
+
+def train_step(model, optim, sched, ids, mask, pix, labels) -> float:
+    """One cross-entropy update with gradients clipped to norm 1; returns the batch loss."""
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    optim.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optim.step()
+    sched.step()
+    return loss.item()
 
 
 def make_model(tokenizer, answers: list[str], hidden: int, layers: int, heads: int):
@@ -316,11 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
     steps_per_epoch = math.ceil(len(train["labels"]) / args.batch_size)
     total = steps_per_epoch * args.epochs
-    warmup = max(1, total // 20)
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
+    optim, sched = make_optimizer(model, args.lr, total)
     gen = torch.Generator().manual_seed(args.seed)
     history, step = [], 0
     weights = balanced_weights(train["category"]) if args.balance else None
@@ -334,14 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         losses = []
         aug = gen if args.augment else None
         for ids, mask, pix, labels in batches(train, order, args.batch_size, device, aug):
-            logits = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optim.step()
-            sched.step()
-            losses.append(loss.item())
+            losses.append(train_step(model, optim, sched, ids, mask, pix, labels))
             step += 1
             if step % 100 == 0:
                 print(f"step {step}/{total} loss {np.mean(losses[-100:]):.4f} {time.perf_counter() - start:.0f}s", flush=True)
