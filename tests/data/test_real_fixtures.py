@@ -72,3 +72,16 @@ def test_real_webqa_record():
     assert sum(f.positive for f in text_facts) == 0 and len(text_facts) == 16
     assert ex.facts[0].positive and ex.facts[0].image_id == "30240126" == ex.meta["image_id"]
     assert ex.facts[0].title == "Litoria caerulea - Darwin NT"
+
+
+def test_real_vcr_record_with_split_contractions_renders_them_joined():
+    from vlcore.data.vcr import vcr_record_to_example
+
+    record = json.loads((REAL / "vcr_val_1.jsonl").read_text().splitlines()[0])
+    record["question"] = ["Is", [0], "'", "s", "coat", "wet", "?"]  # VCR's own split of "Casey's"
+    record["answer_choices"][0] = ["No", ",", "it", "'", "s", "dry", "and", "she", "'", "ll", "stay", "."]
+    ex = vcr_record_to_example(record, images_root=REAL / "vcr1images")
+    assert ex.question == "Is Casey's coat wet?" and ex.answer_choices[0] == "No, it's dry and she'll stay."
+    (mention,) = ex.meta["mentions"]["question"]
+    assert ex.question[mention["start"] : mention["end"]] == "Casey"
+    assert ex.answer_choices[2] == "No, Casey is a visitor."  # the record's own choices unchanged

@@ -8,7 +8,8 @@ import datasets
 import numpy as np
 import pytest
 
-from tests.data._records import BLUE, GREEN, RED, VCR_BOXES, VCR_OBJECTS, VCR_RECORD, png_bytes, vcr_image, write_vcr
+from tests.data._records import (BLUE, GREEN, RED, VCR_BOXES, VCR_CONTRACTIONS_RECORD, VCR_OBJECTS, VCR_RECORD, png_bytes,
+                                 vcr_image, write_vcr)
 from vlcore.data.vcr import (
     compute_object_names,
     join_names,
@@ -83,6 +84,24 @@ def test_detokenisation_joins_punctuation_and_possessives(vcr_example):
     text, _ = render_tokens(["He", "said", '"', "go", '"', "(", "now", ")", "."], [])
     assert text == 'He said "go" (now).'
 
+
+def test_split_contractions_and_possessives_render_without_a_space(tmp_path):
+    (ex,) = load_vcr_examples(write_vcr(tmp_path, VCR_CONTRACTIONS_RECORD))
+    assert ex.question == "What is Casey's job?"
+    assert ex.answer_choices == ("She'll leave soon.", "She's a nurse at the nurses' station.",
+                                 "Casey's clothing is a uniform.", "Casey and Riley don't work here.")
+    assert ex.rationale_choices[:2] == ("They're in a hospital and she'd wear a badge.",
+                                        "I'm sure we've seen Riley's badge.")
+    for text, mentions in all_texts_and_mentions(ex):
+        assert "' " not in text.replace("nurses' station", "") and " '" not in text
+        for mention in mentions:
+            assert [text[n["start"] : n["end"]] for n in mention["names"]] == [
+                ex.meta["object_names"][i] for i in mention["objects"]]
+
+
+def test_an_apostrophe_before_other_words_keeps_the_following_space():
+    assert render_tokens(["the", "dogs", "'", "tails", "."], [])[0] == "the dogs' tails."
+    assert render_tokens([[0], "'", "S", "hat"], ["Avery"])[0] == "Avery'S hat"
 
 def test_object_names_follow_person_order_and_number_other_classes():
     assert compute_object_names(["car", "person", "car", "person"]) == ["car 1", "Casey", "car 2", "Riley"]

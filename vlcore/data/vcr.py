@@ -56,6 +56,9 @@ GENDER_NEUTRAL_NAMES = (
 )
 NO_SPACE_BEFORE = frozenset({".", ",", "!", "?", ";", ":", "%", ")", "]", "}", "...", "n't", "'"})
 NO_SPACE_AFTER = frozenset({"(", "[", "{", "$", "#"})
+# VCR splits contractions and possessives into three tokens ("she", "'", "ll"; [4], "'", "s"): an apostrophe
+# followed by one of these joins both neighbours ("she'll", "Avery's").
+CONTRACTION_SUFFIXES = frozenset({"s", "t", "ll", "re", "ve", "d", "m"})
 REFERENCE_TEXT = re.compile(r"^\[\s*\d+(\s*,\s*\d+)*\s*\]$")
 REQUIRED_KEYS = ("question", "answer_choices", "objects", "img_fn")
 
@@ -120,6 +123,8 @@ def _space_before(text: str, prev: str | None, token: str, after_open_quote: boo
         return False
     if token == "-" or prev == "-":
         return False
+    if prev == "'" and token.lower() in CONTRACTION_SUFFIXES:
+        return False
     return not (token.startswith("'") and 1 < len(token) <= 4 and token[1:].isalpha())
 
 
@@ -138,6 +143,8 @@ def render_tokens(tokens: Sequence[Any], names: Sequence[str]) -> tuple[str, lis
 
     >>> render_tokens(["Is", [0, 1], "happy", "?"], ["Casey", "Riley"])[0]
     'Is Casey and Riley happy?'
+    >>> render_tokens(["she", "'", "ll", "see", [1], "'", "s", "hat", "."], ["Casey", "Riley"])[0]
+    "she'll see Riley's hat."
     >>> render_tokens(["No", ",", [1], "is", "n't", "."], ["Casey", "Riley"])
     ("No, Riley isn't.", [{'start': 4, 'end': 9, 'objects': [1], 'names': [{'object': 1, 'start': 4, 'end': 9}]}])
     """
