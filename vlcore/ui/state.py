@@ -30,6 +30,7 @@
 | `method`| explanation: `raw`, `rollout`, `relevancy`| `rollout`                   |
 | `answer`| answer label explained by relevancy       | `red`                       |
 | `view`  | heatmaps page section: `matrices`, `heads`, `step`, `explain`, `export` | `heads` |
+| `scale` | heatmaps colour scale: `map` (each map min–max), `shared` (across the views shown), `absolute` (0–1) | `shared` |
 | `proj`  | projection: `pca`, `tsne`, `umap`         | `pca`                       |
 | `color` | projection colouring: `modality`, `token`, `example`, `correct` | `modality` |
 | `who`   | annotations page: annotator filter        | `ana`                       |
@@ -45,6 +46,7 @@ PARAMS = (
     "ds", "loc", "img", "map", "stream", "cfg", "split", "q", "cat", "ans", "obj", "ex", "model", "layer", "head",
     "pg", "sweep", "scope", "metric", "norm", "slice", "cmp", "tok", "patch", "dir", "method", "answer", "proj", "color",
     "who", "label", "page", "view",
+    "scale",  # heatmaps colour scale (issue 14)
 )
 
 
