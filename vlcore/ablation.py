@@ -26,12 +26,12 @@ METRIC = "ablation_drop"
 def head_mask_hooks(adapter: ModelAdapter, mask: torch.Tensor):
     """Within the block, multiply every head's output by ``mask`` ``[B, L, H]`` (1 keeps, 0 removes).
 
-    Hooks are registered in ``try`` and removed in ``finally``.
+    The hooks go through `ModelAdapter.hooked`: they mask only the passes this block runs, never another
+    session's pass through the same shared model, and are removed in ``finally``.
     """
     modules = adapter.self_attention_modules()
     if mask.shape[1:] != (len(modules), adapter.n_heads):
         raise ValueError(f"mask must be [B, {len(modules)}, {adapter.n_heads}], got {tuple(mask.shape)}")
-    handles = []
 
     def make_hook(layer: int):
         def hook(module, args, output):
@@ -41,13 +41,8 @@ def head_mask_hooks(adapter: ModelAdapter, mask: torch.Tensor):
             return (context * scale[:, None, :],) + tuple(output[1:])
         return hook
 
-    try:
-        for layer, module in enumerate(modules):
-            handles.append(module.register_forward_hook(make_hook(layer)))
+    with adapter.hooked([(module, make_hook(layer)) for layer, module in enumerate(modules)]):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def extract_head_importance(

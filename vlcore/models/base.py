@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from vlcore.models.hooks import scoped_forward_hooks
 
 TASKS = ("vqa", "itm", "mlm", "base", "nlvr2")
 
@@ -56,6 +60,11 @@ class ModelAdapter(ABC):
     """A loaded model with its processor, behind one interface.
 
     Adapters own every quirk of their family (hook paths, patch order, text limits).
+
+    One adapter is shared by every session of the app (`vlcore.ui.loaders.get_adapter`), and passes from
+    several sessions may run through its model at the same moment. Every pass that attaches hooks therefore
+    goes through `hooked`, whose hooks act only on that pass (`vlcore.models.hooks`): plain passes need no
+    lock and are never changed by another call's hooks.
     """
 
     model_id: str
@@ -86,6 +95,29 @@ class ModelAdapter(ABC):
     @abstractmethod
     def forward(self, batch: EncodedBatch, attentions: bool = True, hidden: bool = True, **kwargs: Any) -> Any:
         """Run the model; the output has ``logits``, ``attentions`` and ``hidden_states``."""
+
+    def self_attention_modules(self) -> list:
+        """Each layer's self-attention module, in layer order, for hooks. Its forward output is a tuple whose
+        first item is the per-head context ``[B, N, H * d_head]`` (heads contiguous) and whose second is the
+        attention probabilities ``[B, H, N, N]``.
+
+        Raises:
+            NotImplementedError: the adapter exposes no attention modules (no head masking or gradient pass).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not expose its attention modules")
+
+    def hooked(self, hooks: Iterable[tuple[Any, Callable]]) -> AbstractContextManager[None]:
+        """Attach forward hooks for one pass: ``with adapter.hooked([(module, hook), ...]): adapter.model(...)``.
+
+        The only way VLScope attaches hooks to a model. Within the block the hooks act on forward passes run by
+        this thread and context only; another session's concurrent pass through the same shared model goes
+        through them unchanged and unseen (see `vlcore.models.hooks` for why this, rather than a lock). They are
+        registered in ``try`` and removed in ``finally``.
+
+        Args:
+            hooks: ``(module, hook)`` pairs; ``hook(module, args, output)`` may return a replacement output.
+        """
+        return scoped_forward_hooks(hooks)
 
     n_passes: int = 1  # image passes per example (2 for NLVR2: one encoder pass per image)
 

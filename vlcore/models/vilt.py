@@ -301,8 +301,9 @@ class ViltAdapter(ModelAdapter):
         in eval mode (dropout off) they are the very tensors multiplied with the values, so their
         gradient is the gradient of the logit through the attention. ``torch.autograd.grad`` computes
         it without touching the parameters' ``.grad``; the image embeddings are made a leaf that
-        requires grad so the pass also works with frozen weights. Gradients are enabled only here,
-        and the hooks are removed in ``finally`` whatever happens.
+        requires grad so the pass also works with frozen weights. Gradients are enabled only here.
+        The hooks are attached through `hooked`: they see only this pass (not another session's pass
+        through the shared model at the same moment) and are removed in ``finally`` whatever happens.
 
         Args:
             batch: from `encode`, exactly one example.
@@ -327,17 +328,12 @@ class ViltAdapter(ModelAdapter):
         def keep_probs(_module, _args, output):
             captured.append(output[1])
 
-        handles = [m.register_forward_hook(keep_probs) for m in self.self_attention_modules()]
-        try:
-            with torch.enable_grad():
-                embeds = batch.inputs["image_embeds"].detach().clone().requires_grad_(True)
-                out = self.forward(batch, attentions=True, hidden=False, image_embeds=embeds)
-                target = self.target_logit(out.logits, label)
-                layers = captured[image_pass * self.n_layers : (image_pass + 1) * self.n_layers]
-                grads = torch.autograd.grad(target, layers, allow_unused=True)
-        finally:
-            for h in handles:
-                h.remove()
+        with self.hooked([(m, keep_probs) for m in self.self_attention_modules()]), torch.enable_grad():
+            embeds = batch.inputs["image_embeds"].detach().clone().requires_grad_(True)
+            out = self.forward(batch, attentions=True, hidden=False, image_embeds=embeds)
+            target = self.target_logit(out.logits, label)
+            layers = captured[image_pass * self.n_layers : (image_pass + 1) * self.n_layers]
+            grads = torch.autograd.grad(target, layers, allow_unused=True)
         chosen = self._label_of(out.logits, label)
         attentions = [a[0].detach().float() for a in layers]
         gradients = [torch.zeros_like(a) if g is None else g[0].detach().float() for a, g in zip(attentions, grads)]

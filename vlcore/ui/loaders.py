@@ -11,7 +11,12 @@ from vlcore.store import Store
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=2)
 def get_adapter(source: str, revision: str | None = None, device: str = "auto") -> ModelAdapter:
-    """A model adapter, loaded once per (source, revision, device)."""
+    """A model adapter, loaded once per (source, revision, device) and shared by every session.
+
+    Sessions may run passes through it at the same moment: hooked passes (head masking, gradient relevancy)
+    attach their hooks through `ModelAdapter.hooked`, which confines them to their own call, so a plain pass
+    in another session is never changed by them (`vlcore.models.hooks`).
+    """
     return load_adapter(source, revision=revision, device=device)
 
 
