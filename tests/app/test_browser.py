@@ -76,7 +76,7 @@ def test_vqa_parquet_source_filters_opens_and_interprets(tmp_path, monkeypatch):
     assert any(c.value.endswith("10 of 30 examples match.") for c in at.caption)
     at.button(key="open_3").click().run()
     assert at.query_params["ex"] == "vqa/train/1003"
-    assert any("**Gold answer:** red" in m.value for m in at.markdown)
+    assert any("<b>Gold answer:</b> red" in h.proto.body for h in at.get("html"))
     at.button(key="interpret").click().run()
     assert not at.exception and not at.error, at.error
     assert at.title[0].value == "Run model" and at.query_params["loc"] == str(path)
@@ -187,3 +187,24 @@ def test_filters_live_in_the_url_and_come_back_from_it():
     assert fresh.text_input(key="q").value == "circle" and fresh.multiselect(key="cat").value == ["yes/no"]
     assert [c.value for c in fresh.caption if "examples match" in c.value] == \
         [c.value for c in at.caption if "examples match" in c.value]
+
+
+def test_webqa_entities_show_as_characters_and_dataset_html_stays_escaped(tmp_path, monkeypatch):
+    import json
+
+    from tests.data._records import OFFICIAL_WEBQA_IMAGES, webqa_entities_record, write_imgs_tsv
+
+    monkeypatch.setenv("VLSCOPE_DATA_ROOTS", str(tmp_path))
+    (tmp_path / "WebQA_train_val.json").write_text(json.dumps({"g9": webqa_entities_record("g9")}))
+    write_imgs_tsv(tmp_path, OFFICIAL_WEBQA_IMAGES)
+    at = open_page(BROWSER, {"ds": "webqa", "loc": str(tmp_path / "WebQA_train_val.json"), "split": "val"})
+    assert not at.exception and not at.error, at.error
+    assert any(c.value.startswith("Is Tom & Jerry's frog") for c in at.caption)  # the thumbnail's caption
+    at.button(key="open_0").click().run()
+    assert not at.exception and not at.error
+    html = " ".join(h.proto.body for h in at.get("html"))
+    assert "Is Tom &amp; Jerry&#x27;s frog &quot;green&quot;?" in html
+    assert "<b>Gold answer:</b> Yes \u2013 it&#x27;s green &amp; white." in html
+    assert "<b>Tom &amp; Jerry</b> — A frog &lt;img src=x onerror=alert(1)&gt; on a leaf &amp; a twig" in html
+    assert "at AT&amp;T&#x27;s pond; &amp;amp; stays" in html  # "&amp;amp;" in the data is "&amp;" on screen
+    assert "<img" not in html and "&amp;amp; Jerry" not in html and "&#39;" not in html

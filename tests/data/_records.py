@@ -128,6 +128,23 @@ def webqa_record(guid: str = "g1") -> dict:
     }
 
 
+def webqa_entities_record(guid: str = "g9") -> dict:
+    """A WebQA record whose texts carry HTML character references, as real WebQA captions and facts do."""
+    record = webqa_record(guid)
+    record["Q"] = '"Is Tom &amp; Jerry&#39;s frog &quot;green&quot;?"'
+    record["A"] = ['"Yes &ndash; it&#x27;s green &amp; white."']
+    record["img_posFacts"][0] = {**record["img_posFacts"][0], "title": "Tom &amp; Jerry",
+                                 "caption": "A frog &lt;img src=x onerror=alert(1)&gt; on a leaf &amp; a twig"}
+    record["txt_posFacts"][0] = {**record["txt_posFacts"][0], "title": "Frogs &amp; toads",
+                                 "fact": "Frogs &quot;croak&quot; at AT&T&#39;s pond; &amp;amp; stays &amp;amp;"}
+    return record
+
+
+def _official_webqa_images() -> dict:
+    """The images of `webqa_record`'s facts, by official id (line = id % 10_000_000)."""
+    return {"30000000": solid(colour=RED), "30000001": solid(colour=GREEN), "30000002": solid(colour=BLUE)}
+
+
 def write_imgs_tsv(folder: Path, images: dict[str, Image.Image], lineidx: str = "plain") -> Path:
     """Write ``imgs.tsv`` (``id<TAB>base64`` lines) and its line index; returns the TSV path.
 
@@ -145,3 +162,6 @@ def write_imgs_tsv(folder: Path, images: dict[str, Image.Image], lineidx: str = 
     elif lineidx == "new":
         (folder / "imgs.lineidx.new").write_text("".join(f"{i}\t{o}\n" for i, o in offsets))
     return tsv
+
+
+OFFICIAL_WEBQA_IMAGES = _official_webqa_images()

@@ -8,7 +8,7 @@ import datasets
 import numpy as np
 import pytest
 
-from tests.data._records import BLUE, GREEN, RED, png_bytes, solid, webqa_record, write_imgs_tsv
+from tests.data._records import BLUE, GREEN, RED, png_bytes, solid, webqa_entities_record, webqa_record, write_imgs_tsv
 from vlcore.data.webqa import (
     WebQAImages,
     build_lineidx,
@@ -173,3 +173,33 @@ def test_hub_mirror_without_question_lists_columns():
     ds = datasets.Dataset.from_dict({"title": ["x"], "image_url": ["y"]})
     with pytest.raises(DatasetError, match=r"WebQA.*\['Q'\].*title \(string\)"):
         webqa_hub_examples(ds, split="val")
+
+
+def test_html_entities_in_questions_answers_captions_and_facts_are_decoded(tmp_path):
+    ex = webqa_record_to_example("g9", webqa_entities_record("g9"))
+    assert ex.question == "Is Tom & Jerry's frog \"green\"?"
+    assert ex.answers == ("Yes \u2013 it's green & white.",)
+    image_fact, _, text_fact = ex.facts[:3]
+    assert image_fact.title == "Tom & Jerry"
+    assert image_fact.text == "A frog <img src=x onerror=alert(1)> on a leaf & a twig"
+    assert text_fact.title == "Frogs & toads"
+    assert text_fact.text == "Frogs \"croak\" at AT&T's pond; &amp; stays &amp;"  # decoded once, bare & kept
+
+
+def test_decoded_webqa_text_is_escaped_again_when_rendered_as_html():
+    from vlcore.data.browse import answers_html, fact_html, highlight_mentions
+
+    ex = webqa_record_to_example("g9", webqa_entities_record("g9"))
+    fact = fact_html(ex.facts[0])
+    assert "<img" not in fact and "&lt;img src=x onerror=alert(1)&gt;" in fact and "Tom &amp; Jerry" in fact
+    assert "&amp;amp;" not in fact  # escaped once for the page, not twice
+    assert answers_html(ex.answers).endswith("Yes \u2013 it&#x27;s green &amp; white.")
+    assert highlight_mentions(ex.question, []) == "Is Tom &amp; Jerry&#x27;s frog &quot;green&quot;?"
+
+
+def test_hub_mirror_text_is_decoded_too():
+    record = webqa_entities_record("g9")
+    ds = datasets.Dataset.from_dict({"question": [record["Q"]], "answers": [record["A"]], "guid": ["g9"],
+                                     "image": [solid(colour=RED)]})
+    (ex,) = webqa_hub_examples(ds, split="val")
+    assert ex.question == "Is Tom & Jerry's frog \"green\"?" and ex.answers == ("Yes \u2013 it's green & white.",)

@@ -132,3 +132,27 @@ def highlight_mentions(text: str, mentions: list[dict]) -> str:
         cursor = end
     parts.append(html.escape(text[cursor:]))
     return "".join(parts)
+
+
+def fact_html(fact) -> str:
+    """HTML of one WebQA fact for the detail view: mark, kind, bold title and text, all dataset text escaped.
+
+    Args:
+        fact: a `vlcore.data.example.Fact` (its texts hold decoded characters, e.g. ``&`` or ``<``).
+
+    >>> from vlcore.data.example import Fact
+    >>> fact_html(Fact("text", "Tom & Jerry", "<b>cat</b> & mouse", True))
+    '✅ 📄 <b>Tom &amp; Jerry</b> — &lt;b&gt;cat&lt;/b&gt; &amp; mouse'
+    """
+    tick = "✅" if fact.positive else "▫️"
+    kind = "🖼️" if fact.kind == "image" else "📄"
+    return f"{tick} {kind} <b>{html.escape(fact.title)}</b> — {html.escape(fact.text)}"
+
+
+def answers_html(answers) -> str:
+    """HTML of the gold answers, each escaped.
+
+    >>> answers_html(["R&B", "<i>soul</i>"])
+    '<b>Gold answer:</b> R&amp;B, &lt;i&gt;soul&lt;/i&gt;'
+    """
+    return "<b>Gold answer:</b> " + ", ".join(html.escape(str(a)) for a in answers)

@@ -4,6 +4,8 @@ The official JSON is keyed by Guid; each record has ``Q``, ``A`` (a list), ``Qca
 ``topic``, image facts ``img_posFacts`` / ``img_negFacts`` (``image_id``, ``title``, ``caption``,
 ``url``, ``imgUrl``) and text facts ``txt_posFacts`` / ``txt_negFacts`` (``title``, ``fact``,
 ``url``, ``snippet_id``). ``Q`` and ``A`` keep literal surrounding quotes, stripped here for display.
+Texts also hold HTML character references (``Tom &amp; Jerry``, ``&quot;``, ``&#39;``), decoded here into
+the characters they stand for (`unescape_entities`); whoever renders a text as HTML escapes it again.
 
 Images ship as base64 lines ``image_id<TAB>base64`` in a large ``imgs.tsv``; ``imgs.lineidx``
 lists each line's byte offset. `WebQAImages` seeks straight to one line (line number
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import json
+import re
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
@@ -51,20 +55,38 @@ FACT_KEYS = (
     ("img_negFacts", "image", False),
     ("txt_negFacts", "text", False),
 )
+# A complete character reference: named (``&amp;``), decimal (``&#39;``) or hex (``&#x27;``), with its ``;``.
+# Bare ampersands ("AT&T", "&copy2") are left alone, unlike `html.unescape` alone.
+ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
+
+
+def unescape_entities(text: str) -> str:
+    r"""WebQA text with its HTML character references decoded, once (``&amp;lt;`` gives ``&lt;``).
+
+    >>> unescape_entities("Tom &amp; Jerry &#8211; &quot;Cat&#x27;s&quot; at AT&T")
+    'Tom & Jerry – "Cat\'s" at AT&T'
+    >>> unescape_entities("&amp;lt;b&amp;gt; &nosuch;")
+    '&lt;b&gt; &nosuch;'
+    """
+    return ENTITY.sub(lambda m: html.unescape(m.group(0)), text)
 
 
 def strip_webqa_quotes(text: Any) -> str:
-    """WebQA text without its literal surrounding quotes.
+    """WebQA text for display: without its literal surrounding quotes, HTML entities decoded.
+
+    Quotes are stripped before entities are decoded, so an escaped quote (``&quot;``) at either end stays.
 
     >>> strip_webqa_quotes('"What color is the belly of a Green Tree Frog?"')
     'What color is the belly of a Green Tree Frog?'
     >>> strip_webqa_quotes('He said "hi"')
     'He said "hi"'
+    >>> strip_webqa_quotes('"&quot;Cats&quot; &amp; dogs"')
+    '"Cats" & dogs'
     """
     text = "" if text is None else str(text).strip()
     if len(text) >= 2 and text[0] == text[-1] == '"':
         text = text[1:-1].strip()
-    return text
+    return unescape_entities(text)
 
 
 # -- images -----------------------------------------------------------------------------------
@@ -203,8 +225,8 @@ def webqa_facts(record: Mapping[str, Any]) -> tuple[tuple[Fact, ...], list[str |
             facts.append(
                 Fact(
                     kind=kind,
-                    title=text_value(item.get("title")),
-                    text=text_value(item.get("caption") if kind == "image" else item.get("fact")),
+                    title=unescape_entities(text_value(item.get("title"))),
+                    text=unescape_entities(text_value(item.get("caption") if kind == "image" else item.get("fact"))),
                     positive=positive,
                     image_id=None if image_id is None else str(image_id),
                     url=item.get("url") or None,
@@ -260,7 +282,7 @@ def build_webqa_example(
         question=strip_webqa_quotes(record.get("Q")),
         answers=tuple(strip_webqa_quotes(a) for a in answers_value(answers) if strip_webqa_quotes(a)),
         facts=facts,
-        category=text_value(record.get("Qcate")) or None,
+        category=unescape_entities(text_value(record.get("Qcate"))) or None,
         source="webqa",
         meta=meta,
         **image,

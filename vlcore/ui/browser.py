@@ -7,7 +7,7 @@ import io
 import numpy as np
 import streamlit as st
 
-from vlcore.data.browse import draw_regions, highlight_mentions, make_thumbnail
+from vlcore.data.browse import answers_html, draw_regions, fact_html, highlight_mentions, make_thumbnail
 from vlcore.data.catalog import list_sources
 from vlcore.data.example import image_notes
 from vlcore.data.sources import ExampleSource, check_location, easy_vqa_source, open_source
@@ -186,8 +186,8 @@ def render_detail(source: ExampleSource, example_id: str) -> None:
     with right:
         mentions = example.meta.get("mentions", {})
         st.html(f"<p style='font-size:1.2em'>{highlight_mentions(example.question, mentions.get('question', []))}</p>")
-        if example.answers:
-            st.markdown(f"**Gold answer:** {', '.join(example.answers)}")
+        if example.answers:  # dataset text goes out as escaped HTML, never as markdown or raw HTML
+            st.html(f"<p>{answers_html(example.answers)}</p>")
         _choices("Answers", example.answer_choices, example.answer_label, mentions.get("answer_choices", []))
         _choices("Rationales", example.rationale_choices, example.rationale_label, mentions.get("rationale_choices", []))
         _facts(example)
@@ -212,10 +212,7 @@ def _facts(example) -> None:
     if not example.facts:
         return
     st.markdown("**Facts** (✅ positive)")
-    for fact in example.facts:
-        tick = "✅" if fact.positive else "▫️"
-        kind = "🖼️" if fact.kind == "image" else "📄"
-        st.markdown(f"{tick} {kind} **{fact.title}** — {fact.text}")
+    st.html("".join(f"<div>{fact_html(fact)}</div>" for fact in example.facts))
 
 
 def source_from_url() -> ExampleSource:
