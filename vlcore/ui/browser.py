@@ -12,10 +12,12 @@ from vlcore.data.catalog import list_sources
 from vlcore.data.example import image_notes
 from vlcore.data.sources import ExampleSource, check_location, easy_vqa_source, open_source
 from vlcore.errors import VLScopeError
-from vlcore.ui.state import get_param, set_params
+from vlcore.ui.state import get_param, notice, set_params
 
 RUNNER_PAGE = "pages/2_Run_Model.py"
 GRID_COLUMNS = 6
+BUNDLED_EXAMPLE = "easy_vqa/test/0"  # what a link shows when its dataset or example cannot be opened
+SOURCE_PARAMS = ("ds", "loc", "img", "cfg", "map", "stream", "split")
 
 
 @st.cache_resource(show_spinner="Indexing the dataset…", max_entries=4)
@@ -235,3 +237,65 @@ def use_bundled_source() -> None:
     st.session_state["ds"] = "easy_vqa"
     st.session_state["split"] = "test"
     set_params(ds="easy_vqa", loc=None, cfg=None, img=None, map=None, stream=None, split="test", ex=None)
+
+
+def _sentence(exc: Exception) -> str:
+    """An error message as a sentence ending in exactly one full stop (messages may or may not end in one).
+
+    >>> _sentence(ValueError("no such file")), _sentence(ValueError("refused (see the docs)."))
+    ('no such file.', 'refused (see the docs).')
+    """
+    text = str(exc).strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def example_from_url(store=None):
+    """The `Example` the URL names: ``ex`` in the URL's dataset (``ds``, ``loc``, ``split``, ...).
+
+    A link whose dataset cannot be opened, or whose example is not in its dataset, shows the bundled
+    easy-VQA example `BUNDLED_EXAMPLE` instead (an easy-VQA or upload ``ex`` is kept when only the dataset
+    failed), with a one-line notice saying why; the URL is rewritten to name what is shown.
+
+    Args:
+        store: the result store, to resolve ``upload/...`` ids.
+
+    Raises:
+        VLScopeError: the bundled example itself cannot be loaded.
+    """
+    from vlcore.data.sources import resolve_example
+
+    example_id = get_param("ex") or BUNDLED_EXAMPLE
+    try:
+        source = source_from_url()
+    except VLScopeError as exc:
+        if (get_param("ds") or "easy_vqa") == "easy_vqa":
+            raise
+        set_params(**dict.fromkeys(SOURCE_PARAMS))  # the dataset is refused: fall back to the bundled one
+        return _fall_back(exc, store, example_id)
+    try:
+        return resolve_example(example_id, store, source)
+    except VLScopeError as exc:
+        if example_id == BUNDLED_EXAMPLE:
+            raise
+        return _fall_back(exc, store, None)
+
+
+def _fall_back(exc: Exception, store, example_id: str | None):
+    """``example_id`` without a dataset (easy-VQA and upload ids), else `BUNDLED_EXAMPLE`; says why in a notice."""
+    from vlcore.data.sources import resolve_example
+
+    example = None
+    if example_id:
+        try:
+            example = resolve_example(example_id, store, None)
+        except VLScopeError:
+            example = None
+    if example is None:
+        example = resolve_example(BUNDLED_EXAMPLE, store, None)
+        set_params(ex=None)
+        shown = f"the bundled easy-VQA example {BUNDLED_EXAMPLE}"
+    else:
+        shown = f"{example.example_id} from the bundled easy-VQA samples" if example.source == "easy_vqa" \
+            else example.example_id
+    notice(f"{_sentence(exc)} Showing {shown} instead.")
+    return example

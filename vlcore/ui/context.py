@@ -150,21 +150,14 @@ def load_example_trace(adapter: ModelAdapter, store: Store, image_pass: int = 0)
     from the store or is computed now. Errors stop the page with a message. The last few traces stay in
     memory (`trace_memory`), so a rerun on the same example does not read the store again.
     """
-    from vlcore.data.sources import resolve_example
     from vlcore.extract import trace_for_example
-    from vlcore.ui.browser import source_from_url
+    from vlcore.ui.browser import example_from_url
 
-    example_id = get_param("ex") or DEFAULT_EXAMPLE
     try:
-        source = source_from_url()
-        example = resolve_example(example_id, store, source)
+        example = example_from_url(store)  # a bad link falls back to the bundled example, with a notice
     except VLScopeError as exc:
-        if example_id == DEFAULT_EXAMPLE:
-            st.error(str(exc))
-            st.stop()
-        notice(f"{exc}. Showing {DEFAULT_EXAMPLE} instead.")
-        set_params(ex=None)
-        return load_example_trace(adapter, store, image_pass)
+        st.error(str(exc))
+        st.stop()
     try:
         with st.spinner(f"Running {adapter.model_id} on {example.example_id}…"):
             trace, cached = trace_for_example(adapter, example, RememberingStore(store, trace_memory()),
