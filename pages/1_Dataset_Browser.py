@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from vlcore.data.browse import filter_index, page_of
+from vlcore.data.browse import count_pages, filter_index, page_of
 from vlcore.errors import VLScopeError
 from vlcore.ui.browser import render_detail, render_grid, source_picker, use_bundled_source
 from vlcore.ui.state import get_int, get_filters, get_param, set_filters, set_params
@@ -40,7 +40,9 @@ if len(matches) == 0:
     st.info("No example matches these filters.")
     st.stop()
 
-page_number = st.number_input("Page", min_value=1, value=get_int("pg", 1, 1, 10**9), step=1, key="pg")
+n_pages = count_pages(len(matches))  # the box and the link's page are clamped to the pages there are
+page_number = st.number_input("Page", min_value=1, max_value=n_pages, value=get_int("pg", 1, 1, n_pages), step=1,
+                              key="pg")
 positions, page_number, n_pages = page_of(matches, page_number)
 set_params(pg=page_number if page_number > 1 else None)
 st.caption(f"Page {page_number} of {n_pages}")

@@ -35,9 +35,25 @@ def test_category_filter_and_paging():
     caption = next(c.value for c in at.caption if "examples match" in c.value)
     n = int(caption.split(": ")[1].split(" of")[0].replace(",", ""))
     assert 0 < n < 9673
-    at.number_input(key="pg").set_value(10_000).run()  # out of range: clamped to the last page
-    assert not at.exception
-    assert any(c.value.startswith("Page ") and c.value.split()[1] == c.value.split()[3] for c in at.caption)
+    at.number_input(key="pg").set_value(10_000).run()  # out of range: refused, the page stays in range
+    assert not at.exception and at.number_input(key="pg").value <= at.number_input(key="pg").max
+    page, _, n_pages = next(c.value for c in at.caption if c.value.startswith("Page ")).split()[1:]
+    assert 1 <= int(page) <= int(n_pages)
+
+
+def test_page_box_and_page_link_are_clamped_to_the_pages_there_are():
+    at = open_page(BROWSER, {"cat": "shape", "pg": "99"})  # 1,257 shape questions: 53 pages of 24
+    assert not at.exception and not at.error
+    assert "`pg=99` is out of range (1–53); showing 53." in [i.value for i in at.info]
+    box = at.number_input(key="pg")
+    assert (box.min, box.max, box.value) == (1, 53, 53) and at.query_params["pg"] == "53"
+    assert "Page 53 of 53" in [c.value for c in at.caption]
+    box.set_value(99).run()  # typed past the end: never shown as "99 of 53"
+    assert not at.exception and at.number_input(key="pg").value <= 53 and int(at.query_params["pg"]) <= 53
+    at.number_input(key="pg").set_value(3).run()
+    assert "Page 3 of 53" in [c.value for c in at.caption] and at.query_params["pg"] == "3"
+    at.multiselect(key="cat").set_value(["color"]).run()  # 1,280 questions: the box's limit follows the filter
+    assert at.number_input(key="pg").max == 54 and "Page 3 of 54" in [c.value for c in at.caption]
 
 
 def test_no_match_gives_a_message():

@@ -63,7 +63,19 @@ def filter_index(
     return np.flatnonzero(keep)
 
 
-def page_of(positions: np.ndarray, page: int, page_size: int = 24) -> tuple[np.ndarray, int, int]:
+PAGE_SIZE = 24  # thumbnails per browser page
+
+
+def count_pages(n_items: int, page_size: int = PAGE_SIZE) -> int:
+    """How many pages ``n_items`` fill (at least 1, so that an empty result still has a page 1).
+
+    >>> count_pages(0), count_pages(24), count_pages(25), count_pages(336)
+    (1, 1, 2, 14)
+    """
+    return max(1, math.ceil(n_items / page_size))
+
+
+def page_of(positions: np.ndarray, page: int, page_size: int = PAGE_SIZE) -> tuple[np.ndarray, int, int]:
     """One page of positions.
 
     Returns:
@@ -72,7 +84,7 @@ def page_of(positions: np.ndarray, page: int, page_size: int = 24) -> tuple[np.n
     >>> page_of(np.arange(50), 9, 24)[1:]
     (3, 3)
     """
-    n_pages = max(1, math.ceil(len(positions) / page_size))
+    n_pages = count_pages(len(positions), page_size)
     page = min(max(int(page), 1), n_pages)
     return positions[(page - 1) * page_size : page * page_size], page, n_pages
 
