@@ -5,15 +5,13 @@ from __future__ import annotations
 import streamlit as st
 
 from vlcore.data.example import open_image_bytes
-from vlcore.data.sources import resolve_example
 from vlcore.errors import VLScopeError
 from vlcore.ui.annotate import annotate_panel, share_view
-from vlcore.extract import trace_for_example
 from vlcore.store import put_input
 from vlcore.ui.browser import source_from_url
 from vlcore.ui.context import load_model
-from vlcore.ui.state import get_param, set_params
-from vlcore.ui.widgets import show_input_notes, show_task_runs, show_trace_result, store_panel, sweep_panel
+from vlcore.ui.state import carried_params, get_param, set_params
+from vlcore.ui.widgets import open_in_pages, show_example, store_panel, sweep_panel
 
 st.set_page_config(page_title="Run model · VLScope", layout="wide")
 st.title("Run model")
@@ -46,41 +44,17 @@ try:
 except VLScopeError as exc:
     st.error(str(exc))
     st.stop()
-with st.expander(f"Sweep {source.label} (per-head summaries for every example)"):
+sweep_box = st.container()  # filled last: stopping a sweep (■ Stop, any click) leaves the example's result below
+
+example = show_example(adapter, store, source, get_param("ex"))
+if example is not None:
+    open_in_pages(carried_params())
+share_view("pages/2_Run_Model.py")
+if example is not None:
+    annotate_panel("pages/2_Run_Model.py", example_id=example.example_id, model=adapter.model_id)
+
+with sweep_box, st.expander(f"Sweep {source.label} (per-head summaries for every example)"):
     try:
         sweep_panel(adapter, store, source)
     except VLScopeError as exc:
         st.error(f"The sweep stopped: {exc}. Finished batches are kept; fix the input and start again to resume.")
-
-example_id = get_param("ex")
-if not example_id:
-    st.info("Open an example from the dataset browser (\"Interpret this example\"), or upload an image above.")
-    st.stop()
-try:
-    example = resolve_example(example_id, store, source)
-    trace, cached = trace_for_example(adapter, example, store)
-except VLScopeError as exc:
-    st.error(str(exc))
-    st.stop()
-for notice in store.notices:
-    st.info(notice)
-show_input_notes(example)
-st.caption(f"Example `{example.example_id}`" + (f" · category {example.category}" if example.category else ""))
-try:
-    show_task_runs(adapter, example)
-except VLScopeError as exc:
-    st.warning(str(exc))
-opacity = st.sidebar.slider("Heat opacity", 0.0, 1.0, 0.6, 0.05, key="opacity")
-if adapter.n_passes == 1:
-    show_trace_result(trace, cached, opacity=opacity)
-else:  # NLVR2: one encoder pass per image, one prediction from both
-    for k, tab in enumerate(st.tabs([f"Image {k + 1}" for k in range(adapter.n_passes)])):
-        with tab:
-            try:
-                shown = trace_for_example(adapter, example, store, image_pass=k) if k else (trace, cached)
-                show_trace_result(*shown, opacity=opacity)
-            except VLScopeError as exc:
-                st.error(str(exc))
-
-share_view("pages/2_Run_Model.py")
-annotate_panel("pages/2_Run_Model.py", example_id=example.example_id, model=adapter.model_id)

@@ -13,7 +13,7 @@ from vlcore.head_table import aggregate_heads, compare_slices, slice_examples, s
 from vlcore.stats import metric_description, metric_names
 from vlcore.ui.context import load_example_trace, load_model, pick_layer_head, pick_sweep
 from vlcore.ui.export import chart_downloads, table_downloads
-from vlcore.ui.state import get_choice, set_params
+from vlcore.ui.state import carried_params, get_choice, set_params
 from vlcore.ui import stats as ui
 from vlcore.ui.annotate import annotate_panel, share_view
 
@@ -38,10 +38,9 @@ try:
         include_special = st.sidebar.checkbox("Include [CLS]/[SEP]/image CLS in the blocks", key="with_special")
         ctx = load_example_trace(adapter, store)
         trace = ctx.trace
-        heads = ui.trace_stats(trace.model_id, trace.example_id, trace.text, trace.n_tokens, include_special,
-                               tuple(metric_names()), trace)
+        heads = ui.trace_stats(ctx.key, include_special, tuple(metric_names()), trace)
         if L * H <= ui.AUTO_IMPORTANCE_HEADS or st.sidebar.button("Compute head importance", key="imp_example"):
-            imp, answer, base = ui.example_importance(adapter, trace.example_id, trace.text,
+            imp, answer, base = ui.example_importance(adapter, ctx.key, trace.example_id, trace.text,
                                                       model_image_input(adapter, ctx.example))
             heads = pd.concat([heads, imp], ignore_index=True)
             st.caption(f"Head importance follows the predicted answer **{answer}** (p = {base:.3f}).")
@@ -93,10 +92,10 @@ with right:
     if head is not None:
         row = agg[(agg["layer"] == layer) & (agg["head"] == head)].set_index("metric")
         st.markdown(f"**Layer {layer}, head {head}**")
-        st.dataframe(row[["mean"] + [c for c in ("std", "n") if c in row]], height=240)
+        spread = [c for c in ("std", "n") if "n" in row and (row["n"] > 1).any() and c in row]  # none for one example
+        st.dataframe(row[["mean", *spread]], height=240)
         st.page_link("pages/4_Attention_Heatmaps.py", label="Open this head's attention heatmaps", icon="🔥",
-                     query_params={k: v for k, v in st.query_params.to_dict().items()
-                                   if k in ("ex", "model", "ds", "loc", "cfg", "split", "layer", "head")})
+                     query_params=carried_params())
     if IMPORTANCE in metrics:
         imp = agg[agg["metric"] == IMPORTANCE]
         st.altair_chart(build_importance_bar_chart(imp), width="stretch")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from vlcore.annotations import COLUMNS, frame_to_csv, frame_to_parquet
+from vlcore.annotations import COLUMNS, frame_to_csv, frame_to_parquet, head_labels
 from vlcore.errors import VLScopeError
 from vlcore.ui.annotate import (add_label_control, get_annotations, open_view_link, page_url_path, share_link,
                                 share_view, view_params)
@@ -55,7 +55,9 @@ if table.empty:
     st.stop()
 
 st.caption(f"{len(table):,} of {store.count():,} annotation(s)")
-shown = table.assign(link=[share_link(st.context.url, p, view_params(v)) for p, v in zip(table["page"], table["view"])])
+shown = table.assign(head=head_labels(table),  # "mean" for the mean over heads
+                     link=[share_link(st.context.url, p, view_params(v)) for p, v in zip(table["page"], table["view"])])
+shown = shown.drop(columns="head_mean")
 st.dataframe(shown, hide_index=True, key="annotations_table",
              column_config={"link": st.column_config.LinkColumn("view", display_text="open"),
                             "created_at": st.column_config.DatetimeColumn("time (UTC)")})

@@ -1,7 +1,8 @@
 """Annotators' judgements of a view, in a SQL database (SQLite by default, Postgres in production).
 
 An annotation names the view it judges (the page, the share-link query string, and the example, model,
-layer, head and token), who made it, when, a label from a configurable label set, and free text.
+layer, head and token), who made it, when, a label from a configurable label set, and free text. A view of the
+mean over heads is stored with ``head_mean`` true (and no head index); a view without heads has both empty.
 
     >>> store = AnnotationStore("sqlite://")
     >>> row_id = store.add(annotator="ana", page="heatmaps", example_id="easy_vqa/test/0", label="plausible",
@@ -36,7 +37,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from vlcore.errors import AnnotationError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_FILENAME = "annotations.sqlite"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 DEFAULT_LABELS = (
@@ -47,8 +48,9 @@ DEFAULT_LABELS = (
     "other",
 )
 MAX_TEXT = 10_000
-COLUMNS = ["id", "created_at", "annotator", "page", "example_id", "model", "layer", "head", "token", "view",
-           "label", "text"]
+COLUMNS = ["id", "created_at", "annotator", "page", "example_id", "model", "layer", "head", "head_mean", "token",
+           "view", "label", "text"]
+MEAN = "mean"  # the head of a view that shows the mean over heads
 
 metadata = sa.MetaData()
 annotations = sa.Table(
@@ -61,6 +63,7 @@ annotations = sa.Table(
     sa.Column("model", sa.String(300)),
     sa.Column("layer", sa.Integer),
     sa.Column("head", sa.Integer),
+    sa.Column("head_mean", sa.Boolean),  # true: the view shows the mean over heads (head is empty); added in v3
     sa.Column("token", sa.Integer),
     sa.Column("view", sa.Text, nullable=False),
     sa.Column("label", sa.String(200), nullable=False),
@@ -80,7 +83,14 @@ def _migrate_1_to_2(conn: Connection) -> None:
         index.create(conn, checkfirst=True)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}  # version N -> N + 1
+def _migrate_2_to_3(conn: Connection) -> None:
+    """Version 3 adds ``head_mean``: a view of the mean over heads was stored with an empty head, like a view
+    without heads. Older rows keep it empty (unknown)."""
+    column = sa.schema.CreateColumn(annotations.c.head_mean).compile(dialect=conn.dialect)
+    conn.execute(sa.text(f"ALTER TABLE annotations ADD COLUMN {column}"))  # a constant column definition
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_2_to_3}  # N -> N + 1
 
 
 def default_url() -> str:
@@ -158,7 +168,8 @@ def load_label_set(configured: str | Iterable[str] | None = None, file: Path | N
 def _clean_text(name: str, value: object, limit: int, required: bool) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
-            raise AnnotationError(f"the {name} is empty: type a {name} before saving")
+            article = "an" if name[0] in "aeiou" else "a"
+            raise AnnotationError(f"the {name} is empty: type {article} {name} before saving")
         return None
     if not isinstance(value, str):
         raise AnnotationError(f"the {name} must be text, got {type(value).__name__}")
@@ -267,8 +278,8 @@ class AnnotationStore:
     # writing --------------------------------------------------------------------------------------------
 
     def add(self, *, annotator: str, page: str, label: str, text: str = "", example_id: str | None = None,
-            model: str | None = None, layer: int | None = None, head: int | None = None, token: int | None = None,
-            view: str = "", labels: Sequence[str] | None = None) -> int:
+            model: str | None = None, layer: int | None = None, head: int | str | None = None,
+            token: int | None = None, view: str = "", labels: Sequence[str] | None = None) -> int:
         """Save one annotation; returns its id.
 
         Args:
@@ -277,7 +288,7 @@ class AnnotationStore:
             label: one of ``labels`` (default: the store's label set).
             text: free text (may be empty).
             example_id, model, layer, head, token: the view's coordinates (None where not applicable;
-                head None is the mean over heads).
+                head ``"mean"`` (`MEAN`) is the mean over heads, stored as ``head_mean`` true).
             view: the share-link query string of the view.
 
         Raises:
@@ -291,7 +302,8 @@ class AnnotationStore:
             "page": _clean_text("page", page, 100, required=True),
             "example_id": _clean_text("example id", example_id, 500, required=False),
             "model": _clean_text("model", model, 300, required=False),
-            "layer": _clean_int("layer", layer), "head": _clean_int("head", head), "token": _clean_int("token", token),
+            "layer": _clean_int("layer", layer), "head": None if head == MEAN else _clean_int("head", head),
+            "head_mean": head == MEAN, "token": _clean_int("token", token),
             "view": _clean_text("view", view, MAX_TEXT, required=False) or "",
             "label": _clean_text("label", label, 200, required=True),
             "text": _clean_text("text", text, MAX_TEXT, required=False) or "",
@@ -307,12 +319,16 @@ class AnnotationStore:
     # reading --------------------------------------------------------------------------------------------
 
     def list(self, annotator: str | None = None, label: str | None = None, example_id: str | None = None,
-             page: str | None = None, model: str | None = None, head: int | None = None,
+             page: str | None = None, model: str | None = None, head: int | str | None = None,
              limit: int | None = 10_000) -> pd.DataFrame:
         """Annotations matching every given filter, newest first, as a DataFrame with ``COLUMNS``
-        (``created_at`` tz-aware UTC; ``layer``/``head``/``token`` nullable integers)."""
+        (``created_at`` tz-aware UTC; ``layer``/``head``/``token`` nullable integers, ``head_mean`` nullable
+        boolean). ``head="mean"`` selects views of the mean over heads."""
         self.ensure_schema()
         query = sa.select(annotations).order_by(annotations.c.created_at.desc(), annotations.c.id.desc())
+        if head == MEAN:
+            query = query.where(annotations.c.head_mean.is_(True))
+            head = None
         for column, value in (("annotator", annotator), ("label", label), ("example_id", example_id),
                               ("page", page), ("model", model), ("head", head)):
             if value is not None:
@@ -325,6 +341,7 @@ class AnnotationStore:
         frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True)
         for column in ("id", "layer", "head", "token"):
             frame[column] = frame[column].astype("Int64")
+        frame["head_mean"] = frame["head_mean"].astype("boolean")
         return frame
 
     def labels_used(self) -> list[str]:
@@ -358,6 +375,18 @@ class AnnotationStore:
     def export_parquet(self, **filters) -> bytes:
         """The ``list(**filters)`` table as parquet bytes."""
         return frame_to_parquet(self.list(**filters))
+
+
+def head_labels(frame: pd.DataFrame) -> pd.Series:
+    """The head of each annotation as shown to a reader: its index, ``mean`` (the mean over heads) or empty.
+
+    >>> head_labels(pd.DataFrame({"head": pd.array([3, None, None], dtype="Int64"),
+    ...                           "head_mean": pd.array([False, True, None], dtype="boolean")})).tolist()
+    ['3', 'mean', '']
+    """
+    mean = frame["head_mean"].fillna(False).astype(bool)
+    index = frame["head"].astype("string").fillna("")
+    return index.where(~mean, MEAN).astype(object)
 
 
 def frame_to_csv(frame: pd.DataFrame) -> bytes:

@@ -96,18 +96,32 @@ def build_patch_overlay_chart(
                                              autosize=alt.AutoSizeParams(type="pad"))
 
 
+BAR_STEP = 26  # pixels per bar of a bar list: room for a 12 px label at Streamlit's font size
+
+
+def bar_list_axis(title: str | None = None) -> alt.Axis:
+    """The category axis of a bar list: every bar labelled (Vega's default hides labels it thinks overlap),
+    long labels kept."""
+    return alt.Axis(title=title, labelOverlap=False, labelLimit=240, labelPadding=4)
+
+
 def build_prediction_chart(prediction: list[tuple[str, float]], gold: tuple[str, ...] | None = None) -> alt.Chart:
-    """Horizontal bars of the top-k answers, gold answers highlighted."""
+    """Horizontal bars of the top-k answers (highest first), gold answers highlighted.
+
+    The height is a step per bar (`BAR_STEP`), not a fixed number of pixels: Streamlit stretches a chart to its
+    column and fits a fixed height around the axes, which left too little room per bar and made Vega drop every
+    other label (2 labels for 5 bars).
+    """
     frame = pd.DataFrame(prediction, columns=["answer", "probability"])
     frame["gold"] = frame["answer"].isin(gold or ())
     return (
         alt.Chart(frame)
         .mark_bar()
         .encode(
-            x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1])),
-            y=alt.Y("answer:N", sort="-x"),
+            x=alt.X("probability:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
+            y=alt.Y("answer:N", sort=frame["answer"].tolist(), axis=bar_list_axis("answer")),
             color=alt.Color("gold:N", scale=alt.Scale(domain=[True, False], range=["#2ca02c", "#9e9e9e"])),
-            tooltip=["answer", alt.Tooltip("probability:Q", format=".4f"), "gold"],
+            tooltip=["answer", alt.Tooltip("probability:Q", format=".2%"), "gold"],
         )
-        .properties(height=24 * max(len(frame), 1))
+        .properties(height=alt.Step(BAR_STEP))
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
+from vlcore.charts import BAR_STEP, bar_list_axis
+
 HEAD_SELECTION = "head_pick"  # name of the click selection on the layer × head heatmap
 
 
@@ -37,6 +39,10 @@ def build_head_heatmap_chart(
     for col in ("std", "n"):
         if col not in data:
             data[col] = float("nan")
+    # std and n only where some head has more than one example; a head with one shows "n/a", never "null"
+    spread = bool((data["n"] > 1).any())
+    data["std_text"] = data["std"].map(lambda v: "n/a" if pd.isna(v) else f"{v:.6f}")
+    spread_tips = [alt.Tooltip("std_text:N", title="std"), alt.Tooltip("n:Q")] if spread else []
     n_layers, n_heads = data["layer"].max() + 1, data["head"].max() + 1
     means = data.groupby("layer", as_index=False)["mean"].mean().assign(column="Mean")
     lo, hi = float(data["mean"].min()), float(data["mean"].max())
@@ -62,7 +68,7 @@ def build_head_heatmap_chart(
             stroke=stroke,
             tooltip=[
                 alt.Tooltip("layer:O"), alt.Tooltip("head:O"), alt.Tooltip("mean:Q", title=metric, format=".6f"),
-                alt.Tooltip("std:Q", format=".6f"), alt.Tooltip("n:Q"),
+                *spread_tips,
             ],
         )
         .add_params(pick)
@@ -83,7 +89,8 @@ def build_head_heatmap_chart(
 
 
 def build_importance_bar_chart(drop: pd.DataFrame, k: int = 15) -> alt.Chart:
-    """The ``k`` heads whose masking drops the answer's probability most (``layer, head, mean`` rows)."""
+    """The ``k`` heads whose masking drops the answer's probability most (``layer, head, mean`` rows), largest
+    first, every bar labelled (a step per bar, see `vlcore.charts.build_prediction_chart`)."""
     top = drop.sort_values("mean", ascending=False).head(k).copy()
     top["name"] = "L" + top["layer"].astype(int).astype(str) + " H" + top["head"].astype(int).astype(str)
     return (
@@ -91,8 +98,8 @@ def build_importance_bar_chart(drop: pd.DataFrame, k: int = 15) -> alt.Chart:
         .mark_bar()
         .encode(
             x=alt.X("mean:Q", title="drop in the answer's probability"),
-            y=alt.Y("name:N", sort="-x", title=None),
+            y=alt.Y("name:N", sort=top["name"].tolist(), axis=bar_list_axis()),
             tooltip=["layer", "head", alt.Tooltip("mean:Q", format=".5f")],
         )
-        .properties(height=18 * max(len(top), 1))
+        .properties(height=alt.Step(BAR_STEP))
     )

@@ -155,12 +155,33 @@ def test_annotate_panel_saves_a_row_with_its_view():
     assert any("Annotating as **carla**" in c.value for c in at.caption)
 
 
-def test_annotate_panel_refuses_a_save_without_a_name():
+def test_annotate_panel_refuses_a_save_without_a_name_and_keeps_the_note():
     at = AppTest.from_file(PANEL_PAGE, default_timeout=60).run()
+    at.text_area(key="annotate_text").set_value("the head looks at the background")
     at.button(key="FormSubmitter:annotate-Save annotation").click().run()
     assert not at.exception
-    assert any("annotator name is empty" in e.value for e in at.error)
+    assert [e.value for e in at.error if "annotator name" in e.value][0].startswith("Type an annotator name")
+    assert at.text_area(key="annotate_text").value == "the head looks at the background"  # the note is kept
     assert AnnotationStore(default_url()).count() == 0
+    at.text_input(key="annotator_name_input").set_value("dana")
+    at.button(key="FormSubmitter:annotate-Save annotation").click().run()
+    assert not at.exception and not at.error, at.error
+    assert AnnotationStore(default_url()).list()["text"].tolist() == ["the head looks at the background"]
+    assert at.text_area(key="annotate_text").value == ""  # saved: the form is ready for the next note
+
+
+def test_a_view_of_the_mean_over_heads_is_stored_as_mean():
+    at = AppTest.from_file(str(ROOT / "streamlit_app.py"), default_timeout=120)
+    at.switch_page("pages/3_Head_Statistics.py").run()
+    assert not at.exception and not at.error, at.error
+    assert at.selectbox(key="head").value == "mean"
+    at.text_input(key="annotator_name_input").set_value("ana")
+    at.button(key="FormSubmitter:annotate-Save annotation").click().run()
+    assert not at.exception and not at.error, at.error
+    row = AnnotationStore(default_url()).list().iloc[0]
+    assert bool(row["head_mean"]) and pd.isna(row["head"])
+    at = open_page(PAGE)
+    assert _table(at)["head"].tolist() == ["mean"]
 
 
 def test_share_view_gives_the_full_link():

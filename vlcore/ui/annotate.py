@@ -23,12 +23,17 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from vlcore.annotations import AnnotationStore, default_url, load_label_set, parse_labels
+from vlcore.annotations import MEAN, AnnotationStore, default_url, head_labels, load_label_set, parse_labels
 from vlcore.errors import AnnotationError, VLScopeError
+from vlcore.ui.state import current_params
 
-ROOT = Path(__file__).resolve().parents[2]
+from vlcore.app_files import APP_ROOT as ROOT  # the checkout, or the installed vlscope_app
 LABELS_FILE = ROOT / ".streamlit" / "vlscope_labels.toml"
 NAME_KEY = "vlscope_annotator"
+NAME_INPUT_KEY = "annotator_name_input"
+NOTE_KEY = "annotate_text"
+SAVE_RESULT_KEY = "_vlscope_annotate_result"  # (kind, message) of the last save, shown once
+NO_HEAD = object()  # annotate_panel's head when the view has no heads (head=None is the mean over heads)
 EXTRA_LABELS_KEY = "vlscope_extra_labels"
 MAIN_SCRIPT = "streamlit_app.py"
 
@@ -103,7 +108,7 @@ def annotator_name() -> str | None:
             st.session_state.pop(NAME_KEY, None)
             st.rerun()
         return name
-    typed = st.text_input("Your name (asked once per session)", key="annotator_name_input", max_chars=100)
+    typed = st.text_input("Your name (asked once per session)", key=NAME_INPUT_KEY, max_chars=100)
     if typed.strip():
         st.session_state[NAME_KEY] = typed.strip()
         return typed.strip()
@@ -112,17 +117,18 @@ def annotator_name() -> str | None:
 
 def current_view() -> str:
     """The current URL state as a query string (the view an annotation refers to)."""
-    return urlencode(st.query_params.to_dict(), quote_via=quote, safe="/:,")
+    return urlencode(current_params(), quote_via=quote, safe="/:,")
 
 
 def annotate_panel(page: str, example_id: str | None = None, model: str | None = None, layer: int | None = None,
-                   head: int | None = None, token: int | None = None) -> None:
+                   head: int | None | object = NO_HEAD, token: int | None = None) -> None:
     """An "Annotate this view" expander: label, note, save; then the annotations of this example.
 
     Args:
         page: the page's script path, e.g. ``pages/4_Attention_Heatmaps.py`` (the Annotations page links to it).
-        example_id, model, layer, head, token: the view's coordinates (None where they do not apply;
-            head None is the mean over heads).
+        example_id, model, layer, token: the view's coordinates (None where they do not apply).
+        head: the view's head; None is the mean over heads (stored as ``head="mean"``); leave it out for a view
+            without heads.
     """
     with st.expander("Annotate this view"):
         try:
@@ -130,25 +136,48 @@ def annotate_panel(page: str, example_id: str | None = None, model: str | None =
         except VLScopeError as exc:
             st.error(str(exc))
             return
-        name = annotator_name()
-        with st.form("annotate", clear_on_submit=True):
-            label = st.selectbox("Label", store.labels, key="annotate_label")
-            text = st.text_area("Note", key="annotate_text", max_chars=10_000,
-                                placeholder="e.g. the answer is wrong because the head looks at the background")
-            saved = st.form_submit_button("Save annotation")
-        if saved:
-            try:
-                store.add(annotator=name or "", page=page, label=label, text=text, example_id=example_id,
-                          model=model, layer=layer, head=head, token=token, view=current_view())
-                st.success(f"Saved as {name}: {label}")
-            except VLScopeError as exc:
-                st.error(str(exc))
-        _show_existing(store, example_id, model, layer, head)
+        stored_head = None if head is NO_HEAD else MEAN if head is None else head
+        annotator_name()
+        # No clear_on_submit: a refused save (no name yet) keeps the note; a saved one is cleared by the callback.
+        with st.form("annotate", clear_on_submit=False):
+            st.selectbox("Label", store.labels, key="annotate_label")
+            st.text_area("Note", key=NOTE_KEY, max_chars=10_000,
+                         placeholder="e.g. the answer is wrong because the head looks at the background")
+            st.form_submit_button("Save annotation", on_click=_save, args=(store, dict(
+                page=page, example_id=example_id, model=model, layer=layer, head=stored_head, token=token,
+                view=current_view())))
+        kind, message = st.session_state.pop(SAVE_RESULT_KEY, (None, None))
+        if kind == "success":
+            st.success(message)
+        elif kind == "error":
+            st.error(message)
+        _show_existing(store, example_id, model, layer, stored_head)
+
+
+def _save(store: AnnotationStore, view: dict) -> None:
+    """The Save button's callback (it runs before the page, so it may clear the note): save the form's label and
+    note with the view; on a refusal keep the note and say why."""
+    state = st.session_state
+    name = state.get(NAME_KEY) or (state.get(NAME_INPUT_KEY) or "").strip()
+    if not name:
+        state[SAVE_RESULT_KEY] = ("error", "Type an annotator name in “Your name” above, then save again: "
+                                           "your note is kept.")
+        return
+    label = state.get("annotate_label")
+    try:
+        store.add(annotator=name, label=label, text=state.get(NOTE_KEY) or "", **view)
+    except VLScopeError as exc:
+        state[SAVE_RESULT_KEY] = ("error", f"{str(exc)[:1].upper()}{str(exc)[1:]}. Your note is kept.")
+        return
+    state[NAME_KEY] = name
+    state[NOTE_KEY] = ""
+    state[SAVE_RESULT_KEY] = ("success", f"Saved as {name}: {label}")
 
 
 def _show_existing(store: AnnotationStore, example_id: str | None, model: str | None, layer: int | None,
-                   head: int | None) -> None:
-    """The annotations on this example (this head's counted); without an example, those on this model's head."""
+                   head: int | str | None) -> None:
+    """The annotations on this example (this head's counted); without an example, those on this model's head
+    (``head``: an index, ``"mean"`` or None for a view without heads)."""
     if example_id is None and head is None:
         return
     try:
@@ -160,14 +189,21 @@ def _show_existing(store: AnnotationStore, example_id: str | None, model: str | 
     except VLScopeError as exc:
         st.error(str(exc))
         return
-    where = "this example" if example_id is not None else f"layer {layer} head {head} of this model"
+    head_text = "the mean over heads" if head == MEAN else f"head {head}"
+    where = "this example" if example_id is not None else f"layer {layer} {head_text} of this model"
     if rows.empty:
         st.caption(f"No annotations on {where} yet.")
         return
-    on_head = rows["head"].eq(head).fillna(False) if head is not None else rows["head"].isna()
+    if head == MEAN:
+        on_head = rows["head_mean"].fillna(False).astype(bool)
+    elif head is not None:
+        on_head = rows["head"].eq(head).fillna(False).astype(bool)
+    else:
+        on_head = rows["head"].isna() & ~rows["head_mean"].fillna(False).astype(bool)
     count = f"{len(rows)} annotation(s) on {where}"
-    st.caption(count + (f", {int(on_head.sum())} on this head" if example_id is not None else ""))
-    shown = rows.assign(this_head=on_head.to_numpy())
+    st.caption(count + (f", {int(on_head.sum())} on this head" if example_id is not None and head is not None
+                        else ""))
+    shown = rows.assign(head=head_labels(rows), this_head=on_head.to_numpy())
     st.dataframe(shown[["created_at", "annotator", "label", "text", "example_id", "layer", "head", "token",
                         "this_head", "page"]], hide_index=True)
 
@@ -211,7 +247,7 @@ def share_view(page: str) -> str:
     Returns:
         The link.
     """
-    link = share_link(st.context.url, page, st.query_params.to_dict())
+    link = share_link(st.context.url, page, current_params())
     with st.sidebar.expander("🔗 Share this view"):
         st.code(link, language=None, wrap_lines=True)
         if not st.context.url:

@@ -29,13 +29,16 @@ TRACE_MEMORY_BYTES = 1 << 29  # and at most 512 MiB of their arrays (a ViLT-B tr
 
 @dataclass
 class TraceContext:
-    """The model, the store, the example and its full trace."""
+    """The model, the store, the example and its full trace; ``key`` is the trace's store key, a fingerprint of
+    the model, its processing, the example's content and the extraction settings (caches of results derived
+    from the trace are keyed on it, never on the example's id or text)."""
 
     adapter: ModelAdapter
     store: Store
     example: object
     trace: Trace
     cached: bool
+    key: str
 
 
 def load_model() -> tuple[ModelAdapter, Store]:
@@ -130,8 +133,10 @@ class RememberingStore:
 
     def __init__(self, store: Store, memory: TraceMemory):
         self._store, self._memory = store, memory
+        self.last_key: str | None = None  # the key of the last trace asked for
 
     def get_or_compute_trace(self, key: str, compute) -> tuple[Trace, bool]:
+        self.last_key = key
         trace = self._memory.get(self._store, key)
         if trace is not None:
             return trace, True
@@ -158,17 +163,17 @@ def load_example_trace(adapter: ModelAdapter, store: Store, image_pass: int = 0)
     except VLScopeError as exc:
         st.error(str(exc))
         st.stop()
+    remembering = RememberingStore(store, trace_memory())
     try:
         with st.spinner(f"Running {adapter.model_id} on {example.example_id}…"):
-            trace, cached = trace_for_example(adapter, example, RememberingStore(store, trace_memory()),
-                                              image_pass=image_pass)
+            trace, cached = trace_for_example(adapter, example, remembering, image_pass=image_pass)
     except VLScopeError as exc:
         st.error(str(exc))
         st.stop()
     for text in store.notices:
         st.info(text)
     store.notices.clear()
-    return TraceContext(adapter, store, example, trace, cached)
+    return TraceContext(adapter, store, example, trace, cached, remembering.last_key)
 
 
 def list_model_sweeps(store: Store, adapter: ModelAdapter) -> list[dict]:

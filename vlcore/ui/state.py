@@ -36,9 +36,20 @@
 | `who`   | annotations page: annotator filter        | `ana`                       |
 | `label` | annotations page: label filter            | `plausible`                 |
 | `page`  | annotations page: page filter (page name) | `Attention_Heatmaps`        |
+
+Writes are batched: `set_params` records them and the app's entry point (`vlcore.ui.navigation`) applies them
+in **one** URL update at the end of the run (`apply_params`), so one rerun adds at most one browser history
+entry and one Back press goes back one view. Reads (`get_param`, `current_params`) see this run's writes.
+A script run without the entry point (a test page) writes at once.
+
+The view is carried across pages: the example, model, layer, head and the dataset that identifies the example
+(`CARRIED`) are remembered in the session on every page that carries them, and a page opened with none of them
+in its URL (Streamlit's sidebar navigation drops the query string) gets them back.
 """
 
 from __future__ import annotations
+
+import functools
 
 import streamlit as st
 
@@ -48,24 +59,121 @@ PARAMS = (
     "who", "label", "page", "view",
     "scale",  # heatmaps colour scale (issue 14)
 )
+CARRIED = ("ex", "model", "layer", "head", "ds", "loc", "img", "map", "stream", "cfg", "split")
+
+_PENDING = "_vlscope_url_pending"  # {name: value, or None to remove}: this run's writes, applied once
+_BATCHED = "_vlscope_url_batched"  # set by begin_run: the entry point applies the writes at the end of the run
+_CARRY = "_vlscope_carry"  # {name: value}: the CARRIED part of the last view on a carrying page
+_PAGE = "_vlscope_page"  # (page, carries) of the current run
+
+
+def _check(name: str) -> None:
+    if name not in PARAMS:
+        raise KeyError(f"unknown URL parameter {name!r}; add it to vlcore.ui.state.PARAMS")
+
+
+def current_params() -> dict[str, str]:
+    """The URL's parameters as this run has set them so far (the URL itself changes at the end of the run)."""
+    view = st.query_params.to_dict()
+    for name, value in st.session_state.get(_PENDING, {}).items():
+        if value is None:
+            view.pop(name, None)
+        else:
+            view[name] = value
+    return view
 
 
 def get_param(name: str, default: str | None = None) -> str | None:
     """A query parameter's value, or ``default``."""
-    if name not in PARAMS:
-        raise KeyError(f"unknown URL parameter {name!r}; add it to vlcore.ui.state.PARAMS")
-    return st.query_params.get(name, default)
+    _check(name)
+    return current_params().get(name, default)
 
 
 def set_params(**values: str | int | None) -> None:
-    """Write view state into the URL; None removes a parameter."""
+    """Write view state into the URL; None removes a parameter. Applied once at the end of the run."""
+    for name in values:
+        _check(name)
+    page = st.session_state.get(_PAGE)
+    view = current_params()
+    changed = {}
     for name, value in values.items():
-        if name not in PARAMS:
-            raise KeyError(f"unknown URL parameter {name!r}")
-        if value is None:
+        text = None if value is None else str(value)
+        if page is not None and page[1] and name in CARRIED:
+            carried = st.session_state.setdefault(_CARRY, {})
+            if text is None:
+                carried.pop(name, None)
+            else:
+                carried[name] = text
+        if view.get(name) != text:
+            changed[name] = text
+    if not changed:
+        return
+    if st.session_state.get(_BATCHED):
+        st.session_state.setdefault(_PENDING, {}).update(changed)
+        return
+    for name, text in changed.items():  # no entry point (a test page): write now
+        if text is None:
             st.query_params.pop(name, None)
-        elif st.query_params.get(name) != str(value):
-            st.query_params[name] = str(value)
+        else:
+            st.query_params[name] = text
+
+
+def carried_params() -> dict[str, str]:
+    """The current view's `CARRIED` parameters (for links that open the same example on another page)."""
+    view = current_params()
+    return {name: view[name] for name in CARRIED if name in view}
+
+
+def begin_run(page: str, carries: bool) -> None:
+    """Start a run of ``page`` (called by the entry point before the page runs).
+
+    Writes left from an interrupted run of another page are dropped (a page switch comes with its own URL).
+    On a page that ``carries`` the view: a URL with any `CARRIED` parameter names the view (and is remembered);
+    a URL with none of them (the sidebar navigation) gets the remembered view back.
+    """
+    state = st.session_state
+    if state.get(_PAGE, (None,))[0] != page:
+        state.pop(_PENDING, None)
+    state[_PAGE], state[_BATCHED] = (page, carries), True
+    _apply_before_stop()
+    if not carries:
+        return
+    view = current_params()
+    if any(name in view for name in CARRIED):
+        state[_CARRY] = {name: view[name] for name in CARRIED if name in view}
+    elif state.get(_CARRY):
+        state.setdefault(_PENDING, {}).update(state[_CARRY])
+
+
+def apply_params() -> None:
+    """Apply this run's URL writes in one update (one browser history entry); no-op when nothing changed."""
+    pending = st.session_state.pop(_PENDING, None)
+    if not pending:
+        return
+    view = st.query_params.to_dict()
+    for name, value in pending.items():
+        if value is None:
+            view.pop(name, None)
+        else:
+            view[name] = value
+    if view != st.query_params.to_dict():
+        st.query_params.from_dict(view)
+
+
+def _apply_before_stop() -> None:
+    """Make ``st.stop()`` apply this run's URL writes first: once a run is stopping, Streamlit sends nothing more,
+    so the end-of-run update would be lost (a page that stops after an error would keep a stale URL)."""
+    if getattr(st.stop, "_vlscope_applies_url", False):
+        return
+    stop = st.stop
+
+    @functools.wraps(stop)
+    def stop_after_url_update():
+        apply_params()
+        stop()
+
+    stop_after_url_update._vlscope_applies_url = True
+    st.stop = stop_after_url_update
 
 
 def get_filters() -> dict:

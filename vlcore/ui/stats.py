@@ -32,9 +32,16 @@ AUTO_IMPORTANCE_HEADS = 64  # models with at most this many heads get head impor
 
 
 @st.cache_data(max_entries=64, show_spinner="Computing head statistics…")
-def trace_stats(model_id: str, example_id: str, text: str, n_tokens: int, include_special: bool,
-                metrics: tuple[str, ...], _trace) -> pd.DataFrame:
-    """Tidy statistics of one trace; every hashed argument identifies the trace or changes the result."""
+def trace_stats(trace_key: str, include_special: bool, metrics: tuple[str, ...], _trace) -> pd.DataFrame:
+    """Tidy statistics of one trace.
+
+    Args:
+        trace_key: the trace's store key (`vlcore.ui.context.TraceContext.key`): a fingerprint of the model, the
+            example's content and the extraction settings. Never the example's id or text: one id names
+            different examples in two datasets, and one example gives different traces under two models.
+        include_special, metrics: change the result (``metrics``: the registered metric names).
+        _trace: the trace ``trace_key`` names.
+    """
     return compute_trace_summaries(_trace, include_special=include_special)
 
 
@@ -60,14 +67,18 @@ def sweep_updated(path: Path) -> float:
     return max(stamps, default=0.0)
 
 
-def example_importance(adapter, example_id: str, text: str, image) -> pd.DataFrame:
+def example_importance(adapter, trace_key: str, example_id: str, text: str, image) -> tuple[pd.DataFrame, str, float]:
     """Tidy head-importance rows of one example (its predicted answer), with a progress bar.
 
-    Kept per session (keyed by model, example and text) rather than in ``st.cache_data``, so that the
-    progress bar shows while it runs and is never replayed from a cache.
+    Kept per session, keyed by the trace's store key (model fingerprint and example content, see `trace_stats`),
+    rather than in ``st.cache_data``, so that the progress bar shows while it runs and is never replayed from a
+    cache.
+
+    Returns:
+        ``(rows, answer, base probability)``.
     """
     cache = st.session_state.setdefault("_importance", {})
-    key = (adapter.model_id, example_id, text)
+    key = trace_key
     if key not in cache:
         bar = st.progress(0.0, text="Masking heads one at a time…")
         drop, label, base = extract_head_importance(

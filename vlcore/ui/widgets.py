@@ -9,9 +9,15 @@ from vlcore.models.registry import KNOWN_CHECKPOINTS
 from vlcore.relevance import compute_raw_attention
 from vlcore.store import Store
 from vlcore.trace import Trace
-from vlcore.ui.state import get_param, set_params
+from vlcore.ui.state import apply_params, get_param, set_params
 
 MODEL_KINDS = ("Bundled demo", "Hub checkpoint", "Local folder")
+DEFAULT_HUB_CHECKPOINT = "dandelin/vilt-b32-finetuned-vqa"  # preselected when "Hub checkpoint" is chosen
+ANALYSIS_PAGES = {  # page script -> link label of open_in_pages
+    "pages/4_Attention_Heatmaps.py": "Open in Heatmaps",
+    "pages/3_Head_Statistics.py": "Open in Head statistics",
+    "pages/5_Embeddings.py": "Open in Embeddings",
+}
 
 
 def model_picker() -> str:
@@ -28,7 +34,12 @@ def model_picker() -> str:
         source = "demo"
     elif kind == "Hub checkpoint":
         options = list(KNOWN_CHECKPOINTS) + ["other…"]
-        default = options.index(current) if current in options else len(options) - 1
+        if current in options:
+            default = options.index(current)
+        elif current == "demo":  # just switched from the demo: a checkpoint, not an empty "other…" box
+            default = options.index(DEFAULT_HUB_CHECKPOINT)
+        else:
+            default = len(options) - 1
         pick = st.sidebar.selectbox("Checkpoint", options, index=default, key="model_hub",
                                     format_func=lambda o: f"{o} ({KNOWN_CHECKPOINTS[o]})" if o in KNOWN_CHECKPOINTS else o)
         other = current if current not in options and current != "demo" else ""
@@ -41,6 +52,14 @@ def model_picker() -> str:
     if kind != "Local folder" and source:
         set_params(model=source)  # folders never go into share links
     return source
+
+
+def open_in_pages(params: dict[str, str]) -> None:
+    """One link per analysis page that opens it on this view (``params``: the example, model, layer, head and
+    the dataset that identifies the example)."""
+    columns = st.columns(len(ANALYSIS_PAGES))
+    for column, (page, label) in zip(columns, ANALYSIS_PAGES.items()):
+        column.page_link(page, label=label, query_params=params, icon="➡️")
 
 
 def show_model_info(info: dict) -> None:
@@ -73,6 +92,48 @@ def show_trace_result(trace: Trace, cached: bool, opacity: float = 0.6) -> None:
             build_patch_overlay_chart(trace, values, title="[CLS] attention, last layer, mean over heads", opacity=opacity),
             width="content",
         )
+
+
+def show_example(adapter, store: Store, source, example_id: str | None):
+    """The Run model page's result for the URL's example: input notes, task runs, prediction and [CLS] heatmap
+    (one tab per image for NLVR2).
+
+    Returns:
+        The example, or None (with a message) when there is none or it cannot be run.
+    """
+    from vlcore.data.sources import resolve_example
+    from vlcore.errors import VLScopeError
+    from vlcore.extract import trace_for_example
+
+    if not example_id:
+        st.info("Open an example from the dataset browser (\"Interpret this example\"), or upload an image above.")
+        return None
+    try:
+        example = resolve_example(example_id, store, source)
+        trace, cached = trace_for_example(adapter, example, store)
+    except VLScopeError as exc:
+        st.error(str(exc))
+        return None
+    for notice in store.notices:
+        st.info(notice)
+    show_input_notes(example)
+    st.caption(f"Example `{example.example_id}`" + (f" · category {example.category}" if example.category else ""))
+    try:
+        show_task_runs(adapter, example)
+    except VLScopeError as exc:
+        st.warning(str(exc))
+    opacity = st.sidebar.slider("Heat opacity", 0.0, 1.0, 0.6, 0.05, key="opacity")
+    if adapter.n_passes == 1:
+        show_trace_result(trace, cached, opacity=opacity)
+        return example
+    for k, tab in enumerate(st.tabs([f"Image {k + 1}" for k in range(adapter.n_passes)])):  # NLVR2: a pass per image
+        with tab:
+            try:
+                shown = trace_for_example(adapter, example, store, image_pass=k) if k else (trace, cached)
+                show_trace_result(*shown, opacity=opacity)
+            except VLScopeError as exc:
+                st.error(str(exc))
+    return example
 
 
 def show_input_notes(example) -> None:
@@ -121,18 +182,23 @@ def sweep_panel(adapter, store: Store, source) -> None:
     dataset = f"{source.key}/{source.split}"  # the key names location, config, images and mapping
     out = store.sweep_dir(sweep_key(adapter, dataset, ids))
     if start:
+        apply_params()  # the URL is final before a long run that a stop may end
         bar = st.progress(0.0, text="starting…")
 
         def progress(p) -> None:
-            bar.progress(p.done / p.total, text=f"{p.done}/{p.total} examples · {p.rate:.1f} ex/s · ETA {p.eta_s:.0f} s"
-                         + (f" · resumed after {p.skipped}" if p.skipped else ""))
+            # A stopped run can write nothing more, so this text stays on the page as it is: say what is kept.
+            bar.progress(p.done / p.total, text=f"{p.done}/{p.total} examples done and kept · {p.rate:.1f} ex/s · "
+                         f"ETA {p.eta_s:.0f} s" + (f" · resumed after {p.skipped}" if p.skipped else ""))
 
         examples = [source.example(i) for i in chosen]
         run_sweep(adapter, examples, out, dataset=dataset, batch_size=int(batch_size), progress=progress)
+        bar.empty()
     preds, _ = load_sweep(out) if out.exists() else (None, None)
     for note in _manifest_notices(out):
         st.info(note)
     if preds is not None and len(preds):
+        if len(preds) < len(ids):
+            st.warning(f"Stopped: {len(preds)} examples kept; run again to resume ({len(preds)}/{len(ids)} done).")
         acc = preds["correct"].dropna().mean()
         st.markdown(f"**Sweep:** {len(preds)}/{len(ids)} examples done · accuracy {acc:.3f}")
         st.dataframe(preds[["example_id", "question", "gold", "prediction", "probability", "correct", "category"]],
