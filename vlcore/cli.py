@@ -1,6 +1,7 @@
 """``python -m vlcore``: extract sweeps, write single traces, evaluate the demo model.
 
     python -m vlcore extract --model demo --dataset easy_vqa --split test --limit 100 --out runs/sweep
+    python -m vlcore extract ... --engine ray [--address auto] [--workers 4] [--gpus-per-worker 1] --out s3://b/sweep
     python -m vlcore trace --model demo --image cat.png --text "what is it?" --out cat.safetensors
     python -m vlcore evaluate [--model demo] [--subset 500]
     python -m vlcore faithfulness --model sample_data/models/vilt-tiny-easyvqa --limit 1000 [--out table.csv]
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from vlcore.errors import InputError, VLScopeError
@@ -43,9 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--dataset", default="easy_vqa")
     ext.add_argument("--split", default="test")
     ext.add_argument("--limit", type=_positive, default=None, help="first N examples")
-    ext.add_argument("--out", type=Path, required=True, help="output folder (resumes if it holds a partial sweep)")
+    ext.add_argument("--location", default=None, help="hub id or local path of the dataset (all but easy_vqa)")
+    ext.add_argument("--config", default=None, help="hub configuration (subset) name")
+    ext.add_argument("--out", required=True,
+                     help="output folder (resumes if it holds a partial sweep); with --engine ray also a URL: s3://, gs://")
     ext.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ext.add_argument("--batch-size", type=_positive, default=8)
+    ext.add_argument("--engine", default="local", choices=["local", "ray"],
+                     help="local: this process; ray: Ray Data actors on a Ray cluster (pip install 'ray[data]')")
+    ext.add_argument("--address", default=None,
+                     help='Ray cluster: "auto" (the one this machine joined) or ray://host:port; default: a local Ray')
+    ext.add_argument("--workers", type=_positive, default=None, help="Ray: model-holding workers (default 1)")
+    ext.add_argument("--gpus-per-worker", type=_gpus, default=None,
+                     help="Ray: GPUs each worker reserves, fractions share one (default 0: CPU)")
 
     tr = sub.add_parser("trace", help="write the full trace of one image and text")
     tr.add_argument("--model", default="demo")
@@ -72,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     fa.add_argument("--details", type=Path, default=None, help="write the per-example rows as CSV")
     fa.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return parser
+
+
+def _gpus(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs >= 0, got {text!r}") from None
+    if not 0.0 <= value < 1024:
+        raise argparse.ArgumentTypeError(f"expected a number of GPUs >= 0, got {value}")
+    return value
 
 
 def _share(text: str) -> float:
@@ -122,7 +144,14 @@ def cmd_extract(args) -> int:
     from vlcore.sweep import load_sweep, run_sweep
     from vlcore.models.registry import load_adapter
 
-    examples = load_examples(args.dataset, args.split, args.limit)
+    ray_only = [f"--{k.replace('_', '-')}" for k in ("address", "workers", "gpus_per_worker") if getattr(args, k) is not None]
+    if args.engine == "ray":
+        return _extract_on_ray(args)
+    if ray_only:
+        raise InputError(f"{', '.join(ray_only)} apply to --engine ray; add --engine ray or drop them")
+    if "://" in args.out:
+        raise InputError(f"the in-process sweep writes to a local folder, got {args.out}; use --engine ray for URLs")
+    examples = load_examples(args.dataset, args.split, args.limit, location=args.location, config=args.config)
     adapter = load_adapter(args.model, device=args.device)
     bar = tqdm(total=len(examples), unit="ex", desc="extract")
 
@@ -136,6 +165,26 @@ def cmd_extract(args) -> int:
     preds, heads = load_sweep(args.out)
     acc = preds["correct"].dropna().mean() if len(preds) else float("nan")
     print(f"wrote {len(preds)} examples, {len(heads)} head-stat rows to {args.out} (accuracy {acc:.4f})")
+    return 0
+
+
+def _extract_on_ray(args) -> int:
+    """``extract --engine ray``: the same sweep folder, written by Ray Data workers (`vlcore.ray_sweep`)."""
+    from vlcore.ray_sweep import import_ray, ray_input, run_ray_sweep
+
+    import_ray()  # without ray: one line saying how to install it, before anything loads
+    source = ray_input(args.dataset, args.split, args.limit, location=args.location, config=args.config)
+    last = [0.0]
+
+    def progress(p) -> None:  # a line every 5 s at most, and the last one
+        if p.done == p.total or time.monotonic() - last[0] >= 5:
+            last[0] = time.monotonic()
+            sys.stderr.write(f"ray sweep {p.done}/{p.total} ({p.rate:.1f} ex/s, ETA {p.eta_s:.0f} s)\n")
+
+    report = run_ray_sweep(args.model, source, args.out, dataset=f"{args.dataset}/{args.split}",
+                           workers=args.workers or 1, gpus_per_worker=args.gpus_per_worker or 0.0,
+                           batch_size=args.batch_size, address=args.address, progress=progress)
+    print(report.summary())
     return 0
 
 

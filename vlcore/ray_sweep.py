@@ -1,0 +1,484 @@
+"""Sweeps past one machine: the in-process sweep's batches, run by Ray Data actors.
+
+    python -m vlcore extract --model demo --dataset easy_vqa --limit 400 --out runs/sweep --engine ray --workers 2
+
+The examples become a Ray dataset: easy-VQA rows with `ray.data.from_items` (the package ships the images to
+every worker), the rows of anything `vlcore.data.hub.load_source` opens (hub ids, parquet shards, ``save_to_disk``
+folders, JSON, image folders) with `ray.data.from_arrow` (what `ray.data.from_huggingface` does with a selection). `Dataset.map_batches` runs `SweepWorker`, a
+callable class that loads the adapter once per worker and reduces each batch with `vlcore.sweep.summarize_batch`,
+the function the in-process sweep runs: there is one implementation of the statistics.
+
+The output is `vlcore.sweep`'s folder format (manifest, parts, merged files; the manifest key is the in-process
+sweep's key of the same examples, so either engine resumes the other's folder) at a local path or a URL
+(`vlcore.sweep_target`). A part is named by a hash of its example ids and written whole, so a batch Ray retries
+after a worker died rewrites the same files; merging keeps each example once. ``ray`` is optional: without it
+`import_ray` raises a one-line `RayUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlcore.errors import DatasetError, InputError, VLScopeError
+from vlcore.sweep import (VECTOR_PATCHES, SweepProgress, _claim, _consolidate, _drop_stale, _manifest,
+                          _write_manifest, completed_ids, summarize_batch, sweep_key, vectors_to_bytes)
+from vlcore.sweep_target import SweepTarget, open_target
+
+RAY_PIN = "ray[data]==2.60.0"
+ROW = "__vlscope_row"  # the example's position in its split, carried through Ray
+MAX_ATTEMPTS = 4  # tries of one batch (its worker died, an I/O error); then the sweep stops, resumable
+
+
+class RayUnavailableError(VLScopeError):
+    """``--engine ray`` without the optional ``ray[data]`` dependency."""
+
+
+def import_ray():
+    """The ``ray`` module with Ray Data.
+
+    Raises:
+        RayUnavailableError: ray is not installed.
+    """
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise RayUnavailableError(
+            f"the Ray engine needs ray[data], which is not installed: pip install '{RAY_PIN}' (or the [ray] extra), "
+            "or drop --engine ray to sweep in this process") from exc
+    return ray
+
+
+# -- the examples as a Ray dataset ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RowMapper:
+    """Turns a row of the Ray dataset into the `Example` the in-process loader makes of the same row.
+
+    Attributes:
+        dataset: ``easy_vqa``, ``vqa``, ``generic``, ``vcr`` or ``webqa``.
+        split: the split, for example ids.
+        columns: role -> column (the column mapping for ``generic``), found on the driver.
+        features: the `datasets.Features` of the rows (None for easy-VQA).
+        images: VCR images folder or WebQA ``imgs.tsv``, a path the workers can read.
+    """
+
+    dataset: str
+    split: str
+    columns: dict | None = None
+    features: Any = None
+    images: str | None = None
+
+    def examples(self, batch) -> list:
+        """The `Example` of every row of a pyarrow batch, in order (rows formatted as `vlcore.data.hub.load_rows`)."""
+        if self.dataset == "easy_vqa":
+            from vlcore.data.easy_vqa import load_easy_vqa, to_example
+
+            records = load_easy_vqa(self.split)
+            return [to_example(records[i]) for i in batch.column(ROW).to_pylist()]
+        return [self.example(row) for row in self.rows(batch)]
+
+    def rows(self, batch) -> list[dict]:
+        import datasets
+        from datasets.table import InMemoryTable
+
+        from vlcore.data.generic import undecoded
+        from vlcore.data.hub import load_rows
+
+        hf = datasets.Dataset(InMemoryTable(batch.select(list(self.features))),
+                              info=datasets.DatasetInfo(features=self.features))
+        return load_rows(undecoded(hf, list(self.features)))
+
+    def example(self, row: dict):
+        """One formatted row as an `Example` (the image stays undecoded)."""
+        index, c, split = int(row[ROW]), self.columns, self.split
+        if self.dataset == "vqa":
+            from vlcore.data.vqa import vqa_row_to_example
+
+            return vqa_row_to_example(row, c, split=split, index=index, features=self.features)
+        if self.dataset == "generic":
+            from vlcore.data.generic import generic_row_to_example
+
+            return generic_row_to_example(row, c, split=split, index=index, features=self.features)
+        if self.dataset == "vcr":
+            from vlcore.data.vcr_hub import vcr_hub_row_to_example
+
+            return vcr_hub_row_to_example(row, c, split=split, index=index, images_root=self.images)
+        from vlcore.data.webqa import WebQAImages, webqa_hub_row_to_example
+
+        images = WebQAImages(self.images) if self.images else None
+        return webqa_hub_row_to_example(row, c, split=split, index=index, images=images)
+
+
+@dataclass
+class RayInput:
+    """The examples of a Ray sweep.
+
+    Attributes:
+        ids: every example id, in split order (the in-process sweep's list for the same arguments).
+        mapper: rows -> examples, run on the workers.
+        table: for ``datasets`` sources, the selected rows (with the ``ROW`` column); None for easy-VQA.
+        offset: position of the first example in its split.
+    """
+
+    ids: list[str]
+    mapper: RowMapper
+    table: Any = None
+    offset: int = 0
+
+    def to_ray(self, positions: Sequence[int], batch_size: int):
+        """The Ray dataset of the examples at ``positions`` (indexes into ``ids``), one block per batch."""
+        import ray.data
+
+        blocks = max(1, math.ceil(len(positions) / batch_size))
+        if self.table is None:
+            items = [{ROW: self.offset + int(p)} for p in positions]
+            return ray.data.from_items(items, override_num_blocks=blocks)
+        # from_huggingface would hand this selection to from_arrow too, after trying to reload the whole
+        # split from the hub to compare fingerprints (and it needs aiohttp): hand it over directly.
+        table = self.table.select(positions).with_format("arrow")[:]
+        return ray.data.from_arrow(table, override_num_blocks=blocks)
+
+
+def ray_input(
+    dataset: str, split: str, limit: int | None = None, *, location: str | None = None, offset: int = 0,
+    config: str | None = None, mapping: dict | None = None, images: str | None = None,
+) -> RayInput:
+    """The examples `vlcore.data.catalog.load_examples` would give for the same arguments, for Ray.
+
+    Only ids are mapped on the driver (without image columns); workers map rows and decode images.
+
+    Raises:
+        DatasetError: an unknown dataset, a missing location, or a source only the in-process sweep reads
+            (the original VCR ``.jsonl`` and WebQA ``.json`` files).
+    """
+    from vlcore.data.catalog import SOURCE_INFO, _is_vcr_original
+
+    if dataset not in SOURCE_INFO:
+        raise DatasetError(f"unknown dataset {dataset!r}; choose one of: {', '.join(SOURCE_INFO)}")
+    if dataset == "easy_vqa":
+        from vlcore.data.easy_vqa import load_easy_vqa
+
+        records = load_easy_vqa(split)[offset : None if limit is None else offset + limit]
+        return RayInput([r.example_id for r in records], RowMapper(dataset, split), offset=offset)
+    if not location:
+        raise DatasetError(f"dataset {dataset!r} needs a location: {SOURCE_INFO[dataset].location_help}")
+    if (dataset == "vcr" and _is_vcr_original(location)) or (dataset == "webqa" and location.lower().endswith(".json")):
+        raise DatasetError(f"the Ray engine reads datasets through `datasets` (hub ids, parquet, save_to_disk, "
+                           f"JSON lines, image folders); {location} is read in this process: drop --engine ray")
+    from vlcore.data.hub import SourceSpec, load_source
+
+    ds = load_source(SourceSpec(location, split=split, config=config))
+    stop = len(ds) if limit is None else min(len(ds), offset + limit)
+    page = ds.select(range(offset, max(offset, stop)))
+    columns = _columns(dataset, page.features, mapping)  # before the row column exists: never mapped to a role
+    page = page.add_column(ROW, list(range(offset, max(offset, stop))))
+    mapper = RowMapper(dataset, split, columns, page.features, images)
+    image_cols = [c for c in page.column_names if _is_image(page.features[c])]
+    ids = [mapper.example(row).example_id for row in page.remove_columns(image_cols)]
+    return RayInput(ids, mapper, page, offset)
+
+
+def _columns(dataset: str, features, mapping: dict | None) -> dict:
+    if dataset == "vqa":
+        from vlcore.data.vqa import vqa_columns
+
+        return vqa_columns(features)
+    if dataset == "vcr":
+        from vlcore.data.vcr_hub import vcr_hub_columns
+
+        return vcr_hub_columns(features)
+    if dataset == "webqa":
+        from vlcore.data.webqa import webqa_hub_columns
+
+        return webqa_hub_columns(features)
+    from vlcore.data.generic import check_mapping, propose_mapping
+
+    return check_mapping(features, mapping) if mapping else propose_mapping(features)
+
+
+def _is_image(feature) -> bool:
+    from vlcore.data.generic import is_image_feature, is_image_list_feature
+
+    return is_image_feature(feature) or is_image_list_feature(feature)
+
+
+# -- the worker ------------------------------------------------------------------------------------------
+def part_name(ids: Sequence[str]) -> str:
+    """A part's file stem from its example ids: the same batch always writes the same files.
+
+    >>> part_name(["a", "b"]) == part_name(["a", "b"]) != part_name(["a"])
+    True
+    """
+    return "part-r" + hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+class AttemptLog:
+    """A Ray actor counting worker starts and batch attempts, so the driver can report retries."""
+
+    def __init__(self) -> None:
+        self.batches: Counter = Counter()
+        self.workers = 0
+
+    def worker_started(self) -> None:
+        self.workers += 1
+
+    def batch_started(self, part: str) -> int:
+        """Count an attempt at a batch; returns how many there have been."""
+        self.batches[part] += 1
+        return self.batches[part]
+
+    def counts(self) -> dict:
+        return {"retries": sum(n - 1 for n in self.batches.values()), "worker_starts": self.workers}
+
+
+class SweepWorker:
+    """`map_batches` callable class: loads the adapter once, then summarises and writes each batch it gets.
+
+    Returns, per batch, the ``example_id`` of every example it wrote (the driver counts progress from them).
+    """
+
+    def __init__(self, model: str, device: str, target: SweepTarget, mapper: RowMapper, top_k: int,
+                 vector_patches: int | None, log=None, batch_hook: Callable[[list[str]], None] | None = None) -> None:
+        from transformers.utils import logging as hf_logging
+
+        from vlcore.models.registry import load_adapter
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.adapter = load_adapter(model, device=device)
+        self.target, self.mapper, self.top_k, self.vector_patches = target, mapper, top_k, vector_patches
+        self.log, self.batch_hook = log, batch_hook
+        self._tell("worker_started")
+
+    def __call__(self, batch) -> dict:
+        examples = self.mapper.examples(batch)
+        ids = [e.example_id for e in examples]
+        attempt = self._tell("batch_started", part_name(ids))
+        if attempt is not None and attempt > MAX_ATTEMPTS:
+            raise InputError(f"the batch of {ids[0]} .. {ids[-1]} failed {MAX_ATTEMPTS} times (its worker died or "
+                             "could not write); the finished batches are kept: check the workers' logs, then resume")
+        if self.batch_hook is not None:
+            self.batch_hook(ids)
+        self._run(examples)
+        return {"example_id": np.array(ids, dtype=object)}
+
+    def _tell(self, method: str, *args):
+        if self.log is None:
+            return None
+        import ray
+
+        return ray.get(getattr(self.log, method).remote(*args))
+
+    def _run(self, examples: list) -> None:
+        """Summarise and write ``examples``; on out-of-memory, each half on its own (as the in-process sweep)."""
+        from vlcore.errors import DeviceMemoryError
+        from vlcore.extract import _free_device_memory, is_out_of_memory, memory_message, model_image_input
+
+        try:
+            batch = self.adapter.encode([model_image_input(self.adapter, e) for e in examples],
+                                        [e.question for e in examples])
+            summary = summarize_batch(self.adapter, batch, examples, self.top_k, self.vector_patches)
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            _free_device_memory(self.adapter)
+            if len(examples) == 1:
+                raise DeviceMemoryError(memory_message(self.adapter, "at batch size 1; finished batches are kept")) from exc
+            half = len(examples) // 2
+            self._run(examples[:half])
+            self._run(examples[half:])
+            return
+        part = part_name([e.example_id for e in examples])
+        self.target.write(f"{part}.heads.parquet", _parquet(summary.heads))
+        if summary.vectors is not None:
+            self.target.write(f"{part}.vectors.safetensors", vectors_to_bytes(summary.vectors))
+        self.target.write(f"{part}.predictions.parquet", _parquet(summary.predictions))  # last: marks the part done
+
+
+def _parquet(frame) -> bytes:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+# -- the driver ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RaySweepReport:
+    """What a Ray sweep did."""
+
+    out: str
+    examples: int  # in the sweep
+    new: int  # computed in this run
+    skipped: int  # already in the folder
+    seconds: float
+    retries: int  # batch attempts after the first (a worker died, an I/O error)
+    restarts: int  # workers started again after one died
+    workers: int
+    complete: bool
+
+    @property
+    def rate(self) -> float:
+        return self.new / max(self.seconds, 1e-9)
+
+    def summary(self) -> str:
+        """One line: examples, time, examples/s, retries."""
+        done = "complete" if self.complete else "unfinished"
+        return (f"ray sweep {done}: {self.examples} examples ({self.new} computed, {self.skipped} already done) in "
+                f"{self.seconds:.1f} s, {self.rate:.1f} examples/s on {self.workers} workers, {self.retries} "
+                f"retries, {self.restarts} worker restarts -> {self.out}")
+
+
+def connect(address: str | None = None):
+    """Join the Ray cluster at ``address`` ("auto", ``ray://host:port``), or start a local one; returns ``ray``.
+
+    A local Ray gets this checkout on its workers' ``PYTHONPATH``; a cluster gets the ``vlcore`` package as a
+    ``py_modules`` runtime env (its image needs the other requirements). An initialised Ray is used as it is.
+    """
+    import os
+
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    package = Path(__file__).resolve().parent
+    if address is None:
+        path = os.pathsep.join(p for p in (str(package.parent), os.environ.get("PYTHONPATH", "")) if p)
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=address, runtime_env={"py_modules": [str(package)]})
+    return ray
+
+
+def run_ray_sweep(
+    model: str,
+    source: RayInput,
+    out: str | Path,
+    *,
+    dataset: str = "",
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    batch_size: int = 8,
+    top_k: int = 5,
+    vector_patches: int | None = VECTOR_PATCHES,
+    address: str | None = None,
+    progress: Callable[[SweepProgress], None] | None = None,
+    batch_hook: Callable[[list[str]], None] | None = None,
+) -> RaySweepReport:
+    """Run a model over ``source`` on Ray and write the sweep folder at ``out`` (a path or a URL), resumably.
+
+    Args:
+        model: "demo", a checkpoint folder the workers can read, or a hub id.
+        source: the examples (`ray_input`).
+        out: local folder or URL (``s3://bucket/sweeps/x``); a folder holding part of this sweep is resumed.
+        dataset: dataset name recorded in the manifest (and in the sweep key).
+        workers: model-holding actors.
+        gpus_per_worker: GPUs each actor reserves (fractions share a GPU); 0 runs on CPU.
+        batch_size: examples per forward pass.
+        top_k / vector_patches: as `vlcore.sweep.run_sweep`.
+        address: the Ray cluster (see `connect`).
+        progress: called after each batch on the driver.
+        batch_hook: called on the worker with a batch's ids before it runs (fault injection, instrumentation).
+
+    Raises:
+        RayUnavailableError: ray is not installed.
+        InputError: duplicate example ids. StoreError: ``out`` holds another sweep.
+        VLScopeError: what a worker raised (a bad image, out of memory at batch size 1); finished batches are kept.
+    """
+    from filelock import FileLock
+
+    from vlcore.models.registry import load_adapter, resolve_source
+
+    ray = connect(address)
+    if len(set(source.ids)) != len(source.ids):
+        raise InputError("the examples to sweep have duplicate ids; give every example a unique id")
+    path, local = resolve_source(model)
+    model = str(Path(path).resolve()) if local else path  # the workers get the same folder, never "demo"
+    adapter = load_adapter(model, device="cpu")  # the driver's copy only fingerprints the model
+    key = sweep_key(adapter, dataset, source.ids, top_k, vector_patches)
+    target = open_target(out)
+    with tempfile.TemporaryDirectory(prefix="vlscope-ray-") as tmp:
+        staging = target.local or Path(tmp)
+        staging.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(staging / ".lock")):
+            if target.local is None:
+                target.pull(staging)
+            notices = _drop_stale(staging)
+            _claim(staging, key, adapter, dataset, len(source.ids), top_k, batch_size, vector_patches)
+            done = completed_ids(staging, notices)
+            if target.local is None:
+                target.push(staging)
+            todo = [i for i, e in enumerate(source.ids) if e not in done]
+            start = time.perf_counter()
+            counts = _execute(ray, model, source, target, todo, len(done), workers=workers, gpus=gpus_per_worker,
+                              batch_size=batch_size, top_k=top_k, vector_patches=vector_patches, progress=progress,
+                              batch_hook=batch_hook) if todo else {"retries": 0, "worker_starts": 0}
+            seconds = time.perf_counter() - start
+            if target.local is None:
+                target.pull(staging, only_new=True)
+            _write_manifest(staging, {**_manifest(staging), "notices": notices, "engine": "ray",
+                                      "workers": workers, "gpus_per_worker": gpus_per_worker})
+            complete = completed_ids(staging) >= set(source.ids)
+            if complete:
+                _consolidate(staging, source.ids)
+            if target.local is None:
+                target.push(staging)
+    restarts = max(0, counts["worker_starts"] - workers) if todo else 0
+    return RaySweepReport(str(out), len(source.ids), len(todo), len(done), seconds, counts["retries"], restarts,
+                          workers, complete)
+
+
+def _execute(ray, model, source, target, todo, n_done, *, workers, gpus, batch_size, top_k, vector_patches,
+             progress, batch_hook) -> dict:
+    """Map the batches over the workers, reporting progress; returns the attempt counts."""
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.actor_task_retry_on_errors
+    # Ray Data restarts a dead actor and retries its batch (max_restarts / max_task_retries default to -1 for
+    # actor pools); OSError (a failed write to remote storage) is retried too; AttemptLog bounds the tries.
+    ctx.enable_progress_bars, ctx.actor_task_retry_on_errors = False, [OSError]
+    log = ray.remote(num_cpus=0)(AttemptLog).remote()
+    results = source.to_ray(todo, batch_size).map_batches(
+        SweepWorker, batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=workers),
+        num_cpus=1, num_gpus=gpus or None,
+        fn_constructor_kwargs={"model": model, "device": "cuda" if gpus else "cpu", "target": target,
+                               "mapper": source.mapper, "top_k": top_k, "vector_patches": vector_patches, "log": log,
+                               "batch_hook": batch_hook},
+    )
+    start, finished = time.perf_counter(), 0
+    try:
+        for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+            finished += batch.num_rows
+            if progress is not None:
+                rate = finished / max(time.perf_counter() - start, 1e-9)
+                progress(SweepProgress(n_done + finished, n_done + len(todo), n_done, rate, (len(todo) - finished) / rate))
+        return ray.get(log.counts.remote())
+    except Exception as exc:
+        cause = _vlscope_cause(exc)
+        if cause is not None:
+            raise cause from exc
+        raise
+    finally:
+        ray.kill(log)
+        ctx.enable_progress_bars, ctx.actor_task_retry_on_errors = saved
+
+
+def _vlscope_cause(exc: BaseException) -> VLScopeError | None:
+    """The `VLScopeError` a worker raised, found inside Ray's wrappers (or None)."""
+    seen = 0
+    while exc is not None and seen < 12:
+        if isinstance(exc, VLScopeError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return None
