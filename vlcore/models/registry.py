@@ -1,16 +1,18 @@
 """Load a model adapter from a hub id or a local directory.
 
-Always eager attention, never ``trust_remote_code``; ``local_files_only`` when offline.
+Always eager attention, never ``trust_remote_code``; ``local_files_only`` when offline or when the Hub does not
+answer a quick probe (`vlcore.models.hub`), so an unreachable Hub fails in seconds, not after half a minute of
+retries. Load errors name their cause (`vlcore.models.hub.describe_load_error`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from vlcore.errors import ModelLoadError, UnsupportedModelError
 from vlcore.models.base import ModelAdapter
+from vlcore.models.hub import describe_load_error, first_line, hub_unreachable, is_network_error, offline_variable
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODEL_DIR = ROOT / "sample_data" / "models" / "vilt-tiny-easyvqa"
@@ -27,8 +29,9 @@ KNOWN_CHECKPOINTS = {
 
 
 def is_offline() -> bool:
-    """True when the environment asks for no hub access (``HF_HUB_OFFLINE`` or ``VLSCOPE_OFFLINE``)."""
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "VLSCOPE_OFFLINE"))
+    """True when the environment asks for no hub access (``HF_HUB_OFFLINE``, ``TRANSFORMERS_OFFLINE`` or
+    ``VLSCOPE_OFFLINE``)."""
+    return offline_variable() is not None
 
 
 def weights_hash(directory: Path) -> str:
@@ -66,22 +69,30 @@ def load_adapter(source: str = DEMO_MODEL, revision: str | None = None, device: 
         device: "auto", "cpu" or "cuda".
         dtype: torch dtype of the weights (default float32).
 
+    A hub id is loaded from the hub cache only (``local_files_only``) when hub access is switched off or the Hub
+    does not answer a quick, cached probe (`vlcore.models.hub.hub_unreachable`).
+
     Raises:
         UnsupportedModelError: the checkpoint is not a supported architecture.
-        ModelLoadError: the checkpoint or its processor cannot be loaded (offline, missing files).
+        ModelLoadError: the checkpoint or its processor cannot be loaded; the message names the cause (no network,
+            no such model or revision, a missing or damaged file, ...).
     """
     from transformers import AutoConfig
 
     path, local = resolve_source(source)
-    offline = local or is_offline()
+    if local and not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"the folder {source!r} has no config.json, so it is not a saved checkpoint; give the "
+                             "folder save_pretrained wrote (config.json and model.safetensors), or a hub id.")
+    unreachable = None if local or is_offline() else hub_unreachable()
+    offline = local or is_offline() or unreachable is not None
     kwargs = {"revision": revision, "local_files_only": offline, "trust_remote_code": False}
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
-    except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors
-        raise ModelLoadError(_load_message(source, local, offline, exc)) from exc
+    except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors: name the cause
+        raise describe_load_error(source, local, exc, revision, unreachable) from exc
     archs = list(getattr(config, "architectures", None) or [])
     if config.model_type == "vilt":
-        return _load_vilt(path, local, config, archs, kwargs, source, revision, device, dtype)
+        return _load_vilt(path, local, config, archs, kwargs, source, revision, device, dtype, unreachable)
     raise UnsupportedModelError(
         f"{source!r} is a {config.model_type!r} model ({', '.join(archs) or 'no architecture'}); VLScope supports "
         "ViLT checkpoints (ViltForQuestionAnswering, ViltForImageAndTextRetrieval, ViltForMaskedLM, ViltModel, "
@@ -90,7 +101,7 @@ def load_adapter(source: str = DEMO_MODEL, revision: str | None = None, device: 
     )
 
 
-def _load_vilt(path, local, config, archs, kwargs, source, revision, device, dtype) -> ModelAdapter:
+def _load_vilt(path, local, config, archs, kwargs, source, revision, device, dtype, unreachable) -> ModelAdapter:
     import transformers
     from transformers import AutoTokenizer, ViltImageProcessorPil
 
@@ -105,31 +116,33 @@ def _load_vilt(path, local, config, archs, kwargs, source, revision, device, dty
     try:
         model = getattr(transformers, arch).from_pretrained(path, attn_implementation="eager", **kwargs)
     except Exception as exc:
-        raise ModelLoadError(_load_message(source, local, kwargs["local_files_only"], exc)) from exc
+        raise describe_load_error(source, local, exc, revision, unreachable) from exc
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         image_processor = ViltImageProcessorPil.from_pretrained(path, **kwargs)
     except Exception as exc:
+        if is_network_error(exc):
+            raise describe_load_error(source, local, exc, revision, unreachable) from exc
         raise ModelLoadError(
             f"{source!r} has weights but its processor (tokenizer or preprocessor_config.json) could not be "
-            f"loaded: {type(exc).__name__}: {exc}. Save the processor beside the weights "
+            f"loaded ({first_line(exc)}). Save the processor beside the weights "
             "(ViltProcessor.save_pretrained) or use a checkpoint that ships one."
         ) from exc
     if local:
         model_id = f"{Path(path).name}@sha256:{weights_hash(Path(path))}"
     else:
-        model_id = f"{source}@{getattr(config, '_commit_hash', None) or revision or 'main'}"
+        model_id = f"{source}@{_hub_commit(path, revision) or revision or 'main'}"
     return ViltAdapter(model, tokenizer, image_processor, model_id=model_id, device=device, dtype=dtype)
 
 
-def _load_message(source: str, local: bool, offline: bool, exc: Exception) -> str:
-    if local:
-        return (
-            f"could not load the model in {source!r}: {type(exc).__name__}: {exc}. "
-            "The folder needs config.json and model.safetensors, as written by save_pretrained."
-        )
-    reason = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hugging Face Hub could not be reached or has no such model"
-    return (
-        f"could not load {source!r}: {reason}, and there is no local copy in the hub cache "
-        f"({type(exc).__name__}). Connect to the network, check the id, or use the bundled demo model."
-    )
+def _hub_commit(repo_id: str, revision: str | None) -> str | None:
+    """The commit a loaded hub checkpoint came from: the name of its hub-cache snapshot folder (transformers 5 no
+    longer sets ``config._commit_hash``). None when it cannot be told."""
+    from transformers.utils import cached_file
+
+    try:
+        resolved = cached_file(repo_id, "config.json", revision=revision, local_files_only=True)
+    except Exception:  # not in the cache layout we know: fall back to the revision name
+        return None
+    folder = Path(resolved).parent if resolved else None
+    return folder.name if folder is not None and folder.parent.name == "snapshots" else None
