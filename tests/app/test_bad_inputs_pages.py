@@ -60,6 +60,21 @@ def test_decompression_bomb_upload_is_refused_and_the_page_keeps_working():
     assert not at.exception and not at.error and at.query_params["ex"].startswith("upload/")
 
 
+@pytest.mark.parametrize("name, cut, expect", [
+    ("photo.png", "half", "photo.png is not a readable image: the PNG data ends early, so the file is truncated"),
+    ("notes.png", "text", 'notes.png is not a readable image: it holds text ("my shopping list: eggs, milk'),
+], ids=["truncated-png", "text-named-png"])
+def test_corrupt_upload_says_what_is_wrong_with_the_file(name, cut, expect):
+    whole = encoded(Image.effect_noise((64, 64), 60).convert("RGB"))
+    data = whole[: len(whole) // 2] if cut == "half" else b"my shopping list: eggs, milk, bread\n"
+    at = upload(open_page(RUNNER), name, data, "what is it?")
+    assert not at.exception and len(at.error) == 1
+    said = at.error[0].value
+    assert said.startswith(expect), said
+    assert "BytesIO" not in said and " at 0x" not in said and "use a PNG" not in said
+    assert "ex" not in at.query_params
+
+
 # -- runner: text -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text", ["ما لون الشكل؟", "what color is the 🔺? 👀", "quelle est la forme ? é à ç"])
 def test_non_ascii_and_right_to_left_text_runs(text):

@@ -256,7 +256,83 @@ def open_image_bytes(data: bytes, name: str = "upload") -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(_bomb_message(name, exc)) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InputError(f"{name} is not a readable image ({exc}); use a PNG, JPEG, GIF or WebP file") from exc
+        raise InputError(unreadable_image_message(name, data, exc)) from exc
+
+
+# Leading bytes of the image formats PIL reads, and of files often picked by mistake: (magic, label, readable).
+SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG", True),
+    (b"\xff\xd8\xff", "JPEG", True),
+    (b"GIF87a", "GIF", True),
+    (b"GIF89a", "GIF", True),
+    (b"BM", "BMP", True),
+    (b"II*\x00", "TIFF", True),
+    (b"MM\x00*", "TIFF", True),
+    (b"%PDF", "PDF document", False),
+    (b"PK\x03\x04", "ZIP archive (or an Office document)", False),
+    (b"\x1f\x8b", "gzip archive", False),
+)
+IMAGE_FILE_TYPES = "PNG, JPEG, GIF, WebP or BMP"
+
+
+def sniff_format(data: bytes) -> tuple[str, bool] | None:
+    r"""What a file's first bytes say it is: ``(label, PIL reads this format)``, or None when they match nothing.
+
+    >>> sniff_format(b"\x89PNG\r\n\x1a\n..."), sniff_format(b"RIFF\x00\x00\x00\x00WEBPVP8 "), sniff_format(b"%PDF-1.7")
+    (('PNG', True), ('WebP', True), ('PDF document', False))
+    >>> sniff_format(b"\x00\x00\x00\x18ftypheic"), sniff_format(b"hello")
+    (('HEIC photo', False), None)
+    """
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP", True
+    if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"avif"):
+        return ("AVIF photo" if data[8:12] == b"avif" else "HEIC photo"), False
+    return next(((label, readable) for magic, label, readable in SIGNATURES if data.startswith(magic)), None)
+
+
+def _first_bytes(data: bytes) -> str:
+    r"""The start of a file, as quoted text when it is text, else as hex bytes.
+
+    >>> _first_bytes(b"just some notes,\nnot pixels at all, or ever"), _first_bytes(bytes(range(10)))
+    ('text ("just some notes, not pixels at a …")', 'bytes 00 01 02 03 04 05 06 07 …')
+    """
+    import codecs
+
+    head = data[:32]
+    try:  # a character cut at the 32nd byte is left out, not taken for binary
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        text = ""
+    if text.strip() and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return f'text ("{" ".join(text.split())}{" …" if len(data) > len(head) else ""}")'
+    return "bytes " + " ".join(f"{b:02x}" for b in data[:8]) + (" …" if len(data) > 8 else "")
+
+
+def unreadable_image_message(name: str, data: bytes, exc: Exception) -> str:
+    r"""Why ``data`` (the file ``name``) could not be decoded, in one line: what the file is and what to do.
+
+    A file in an image format whose data fails is damaged or truncated (export it again); anything else is no
+    image at all, and its first bytes are named (a text file or a PDF saved as ``.png`` shows as what it is).
+
+    >>> unreadable_image_message("photo.png", b"\x89PNG\r\n\x1a\n" + bytes(40), OSError("image file is truncated"))
+    'photo.png is not a readable image: the PNG data ends early, so the file is truncated (48 bytes). Export or download it again.'
+    >>> unreadable_image_message("notes.png", b"just some notes", OSError("cannot identify image file <_io.BytesIO>"))
+    'notes.png is not a readable image: it holds text ("just some notes"), not image data. Choose a PNG, JPEG, GIF, WebP or BMP file.'
+    """
+    import re
+
+    found = sniff_format(data)
+    detail = re.sub(r"\s*<_io\.BytesIO[^>]*>", "", str(exc)).strip()
+    if found and found[1]:
+        if "truncat" in detail.lower() or isinstance(exc, EOFError):
+            what = f"the {found[0]} data ends early, so the file is truncated ({len(data):,} bytes)"
+        else:
+            why = "no decoder accepts it" if detail.startswith("cannot identify") else detail or type(exc).__name__
+            what = f"its {found[0]} data is damaged ({why})"
+        return f"{name} is not a readable image: {what}. Export or download it again."
+    if found:
+        return f"{name} is not a readable image: it is a {found[0]}. Convert it to a {IMAGE_FILE_TYPES} file."
+    return f"{name} is not a readable image: it holds {_first_bytes(data)}, not image data. Choose a {IMAGE_FILE_TYPES} file."
 
 
 def _bomb_message(name: str, exc: Exception) -> str:
