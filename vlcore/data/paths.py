@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vlcore.errors import InputError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from vlcore.app_files import APP_ROOT as REPO_ROOT  # the checkout, or the installed vlscope_app
 
 
 def data_roots() -> list[Path]:

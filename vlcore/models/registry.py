@@ -14,8 +14,7 @@ from vlcore.errors import ModelLoadError, UnsupportedModelError
 from vlcore.models.base import ModelAdapter
 from vlcore.models.hub import describe_load_error, first_line, hub_unreachable, is_network_error, offline_variable
 
-ROOT = Path(__file__).resolve().parents[2]
-DEMO_MODEL_DIR = ROOT / "sample_data" / "models" / "vilt-tiny-easyvqa"
+from vlcore.app_files import APP_ROOT as ROOT, DEMO_MODEL_DIR  # the checkout, or the installed vlscope_app
 DEMO_MODEL = "demo"
 
 # Offered in the UI; any other ViLT id or directory also works.

@@ -1,0 +1,460 @@
+"""VLScope in a notebook: a trace in one call, each of the app's main charts in one more.
+
+    import vlcore.notebook as vn
+
+    trace = vn.run(example="easy_vqa/test/0")             # or vn.run(image="cat.png", text="what is it?")
+    vn.heatmap(trace, query="shape", method="rollout")    # where a word (or [CLS], a patch) looks in the image
+    vn.head_summary(trace, metric="cls_to_img")           # one number per layer × head
+    vn.matrix(trace, block="txt2img", layer=3, head=1)    # query × key attention
+    vn.projection(trace, layer=4)                         # the token vectors of one layer in 2-D
+
+Each chart is an Altair chart (it renders in Jupyter, VS Code and Colab; ``chart.save("map.png")`` writes a
+file) built by the same `vlcore` functions and chart builders as the app's pages, with the pages' defaults:
+a chart here draws the data its page draws for the same trace and settings. Importing this module lifts
+Altair's 5,000-row limit (`altair.data_transformers.disable_max_rows`), as a full attention matrix or a
+sweep's scatter has more rows; the app draws them too.
+
+Public API (``source`` is a `Trace`, a list of traces, pooled, or a sweep folder: `sweep`,
+``vlscope extract``, or a sweep started on the Run model page):
+
+- `run` (model, image, text | example) → `vlcore.trace.Trace`; `load_model` → the model adapter.
+- `sweep` (model, dataset, split, limit) → the folder of a sweep's per-head summaries and token vectors.
+- `head_summary` (source, metric) → layer × head heatmap of one statistic (Head statistics page).
+- `heatmap` (trace, query, layer, head, method) → a map over the image: raw attention, rollout or gradient
+  relevancy (Attention heatmaps page); `query_map` → the same map as numbers, float32 ``[N]``.
+- `matrix` (trace, block, layer, head) → the query × key matrix or one modality block of it.
+- `projection` (source, layer, method) → one layer's token vectors in 2-D (Embeddings page).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from vlcore.errors import InputError
+from vlcore.trace import Trace
+
+alt.data_transformers.disable_max_rows()
+
+METHODS = {"attention": "raw attention", "rollout": "attention rollout", "relevancy": "gradient relevancy"}
+_ALIASES = {"raw": "attention"}  # the app's name for raw attention (URL ``method=raw``)
+_ADAPTERS: dict[tuple[str, str], object] = {}
+_INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trace → (adapter, example) it came from
+
+
+class _NoStore:
+    """`vlcore.extract.trace_for_example`'s store when nothing is kept: every call computes the trace."""
+
+    notices: tuple = ()
+
+    def get_or_compute_trace(self, key: str, compute):
+        return compute(), False
+
+
+# ---------------------------------------------------------------------------------------
+# Traces and sweeps
+# ---------------------------------------------------------------------------------------
+
+
+def load_model(model="demo", device: str = "auto"):
+    """The model adapter (`vlcore.models.base.ModelAdapter`), loaded once per (model, device) in this process.
+
+    Args:
+        model: ``"demo"`` (the bundled ViLT), a checkpoint folder, a hub id, or an adapter (returned as is).
+        device: ``auto``, ``cpu`` or ``cuda``.
+    """
+    if not isinstance(model, (str, Path)):
+        return model
+    key = (str(model), device)
+    if key not in _ADAPTERS:
+        from vlcore.models.registry import load_adapter
+
+        _ADAPTERS[key] = load_adapter(str(model), device=device)
+    return _ADAPTERS[key]
+
+
+def _to_image(image):
+    """A PIL image from a file path, a PIL image, or a uint8 / [0, 1] float array ``[H, W]`` or ``[H, W, 3|4]``."""
+    from PIL import Image
+
+    from vlcore.data.example import open_image_bytes
+
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, Path)):
+        path = Path(image).expanduser()
+        if not path.is_file():
+            raise InputError(f"image file not found: {path}; give an existing file, a PIL image or an array")
+        return open_image_bytes(path.read_bytes(), path.name)  # the user's own file, as on the command line
+    array = np.asarray(image)
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))) or array.dtype.kind not in "uif":
+        raise InputError(f"image must be a file path, a PIL image or an [H, W] / [H, W, 3] array; got "
+                         f"{type(image).__name__} with shape {array.shape} and dtype {array.dtype}")
+    if array.dtype != np.uint8:
+        values = array.astype(np.float64)
+        top = 1.0 if array.dtype.kind == "f" and values.max(initial=0) <= 1.0 else 255.0
+        if not np.isfinite(values).all() or values.min(initial=0) < 0 or values.max(initial=0) > top:
+            raise InputError(f"image array values must lie in [0, 1] (floats) or [0, 255]; got "
+                             f"{values.min():g} to {values.max():g}")
+        array = np.rint(values * (255.0 / top)).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def _example(image, text: str | None, example, store):
+    """The `Example` to run: a dataset id (``easy_vqa/test/0``), an `Example`, or an image and a text."""
+    from vlcore.data.example import Example, content_hash, to_rgb
+
+    if example is not None:
+        if image is not None or text is not None:
+            raise InputError("give either example=... or image=... and text=..., not both")
+        if isinstance(example, Example):
+            return example
+        from vlcore.data.sources import resolve_example
+
+        return resolve_example(str(example), store)
+    if image is None or not isinstance(text, str) or not text.strip():
+        raise InputError("run() needs image=... (a path, PIL image or array) and text=... (a non-empty question), "
+                         "or example=... such as 'easy_vqa/test/0'")
+    picture = to_rgb(_to_image(image))
+    return Example(example_id=f"upload/{content_hash(picture, text)[:16]}", question=text, image=picture,
+                   source="upload")
+
+
+def run(model="demo", image=None, text: str | None = None, example=None, device: str = "auto", store=None,
+        top_k: int = 5) -> Trace:
+    """Run a model on one image and text, or on a dataset example, and return its `Trace`.
+
+    Args:
+        model: ``"demo"``, a checkpoint folder, a hub id, or a loaded adapter (see `load_model`).
+        image: a file path, a PIL image, or an array ``[H, W]`` / ``[H, W, 3]`` (uint8, or floats in [0, 1]).
+        text: the question or caption.
+        example: instead of ``image`` and ``text``: an example id such as ``"easy_vqa/test/0"``, or an `Example`.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        store: a `vlcore.store.Store` to read and keep traces in (the app's cache); None computes every time.
+        top_k: predictions kept.
+
+    Returns:
+        The trace (the same one the Run model page makes for that example): tokens, attentions
+        ``[L, H, N, N]``, hidden states ``[L + 1, N, D]`` and the prediction.
+
+    Raises:
+        VLScopeError: a missing or unreadable image, an empty text, an unknown example or model.
+    """
+    from vlcore.extract import trace_for_example
+
+    ex = _example(image, text, example, store)
+    adapter = load_model(model, device)
+    trace, _ = trace_for_example(adapter, ex, store if store is not None else _NoStore(), top_k=top_k)
+    _INPUTS[trace] = (adapter, ex)
+    return trace
+
+
+def sweep(model="demo", dataset: str = "easy_vqa", split: str = "test", limit: int | None = 64,
+          out: str | Path | None = None, batch_size: int = 8, device: str = "auto") -> Path:
+    """Per-head summaries and token vectors of many examples (`vlcore.sweep.run_sweep`); returns the folder.
+
+    Args:
+        out: the folder; by default the app's store, where the Run model, Head statistics and Embeddings pages
+            find it. A finished sweep in that folder is reused, an unfinished one resumed.
+    """
+    from vlcore.data.catalog import load_examples
+    from vlcore.store import Store
+    from vlcore.sweep import run_sweep, sweep_key
+
+    examples = load_examples(dataset, split, limit)
+    adapter = load_model(model, device)
+    name = f"{dataset}/{split}"
+    if out is None:
+        out = Store().sweep_dir(sweep_key(adapter, name, [e.example_id for e in examples]))
+    return run_sweep(adapter, examples, out, dataset=name, batch_size=batch_size)
+
+
+def _inputs(trace: Trace, what: str):
+    """The adapter and example a trace from `run` was made from."""
+    found = _INPUTS.get(trace)
+    if found is None:
+        raise InputError(f"{what} runs the model again, so it needs a trace made by vlcore.notebook.run in this "
+                         f"session (this one, {trace.example_id}, was not)")
+    return found
+
+
+# ---------------------------------------------------------------------------------------
+# Head statistics
+# ---------------------------------------------------------------------------------------
+
+
+def _metric_names(heads: pd.DataFrame) -> list[str]:
+    """The metrics present, in the statistics page's order (built-ins, custom, head importance last)."""
+    from vlcore.ablation import METRIC as IMPORTANCE
+    from vlcore.stats import metric_names
+
+    present = set(heads["metric"].astype(str))
+    return [m for m in metric_names() if m in present] + ([IMPORTANCE] if IMPORTANCE in present else [])
+
+
+def _trace_heads(trace: Trace, include_special: bool, importance: bool) -> pd.DataFrame:
+    from vlcore.stats import compute_trace_summaries
+
+    heads = compute_trace_summaries(trace, include_special=include_special)
+    if importance:
+        from vlcore.ablation import extract_head_importance, importance_frame
+        from vlcore.extract import model_image_input
+
+        adapter, ex = _inputs(trace, "head importance")
+        drop, _, _ = extract_head_importance(adapter, model_image_input(adapter, ex), trace.text)
+        heads = pd.concat([heads, importance_frame(trace.example_id, drop)], ignore_index=True)
+    return heads
+
+
+def _sweep_heads(path: Path, slice_: str) -> tuple[pd.DataFrame, list[str], str]:
+    from vlcore.ablation import load_sweep_importance
+    from vlcore.head_table import slice_examples
+    from vlcore.sweep import load_sweep
+
+    preds, heads = load_sweep(path)
+    if not len(preds):
+        raise InputError(f"no sweep in {path}: make one with vlcore.notebook.sweep or vlscope extract")
+    importance = load_sweep_importance(path)
+    if importance is not None:
+        heads = pd.concat([heads, importance], ignore_index=True)
+    heads["metric"] = heads["metric"].astype(str)
+    ids = slice_examples(preds, slice_)
+    if not ids:
+        raise InputError(f"the slice {slice_!r} has no examples in this sweep; choose another slice")
+    return heads, ids, f"{slice_} (n = {len(ids)})"
+
+
+def head_summary(source, metric: str | None = None, norm: str = "raw", include_special: bool = False,
+                 slice: str = "all", selected: tuple[int, int] | None = None) -> alt.HConcatChart:
+    """Layer × head heatmap of one statistic, with the mean over heads per layer beside it.
+
+    Args:
+        source: a trace, a list of traces (mean over them), or a sweep folder.
+        metric: a name of `vlcore.stats.metric_names` (default: the first, as on the page), or
+            ``"ablation_drop"``: head importance, computed for traces made by `run`.
+        norm: ``raw``, or ``z`` (z-scored across heads per example, then averaged).
+        include_special: count [CLS], [SEP] and the image CLS in the modality blocks (traces only).
+        slice: for a sweep: ``all``, ``correct``, ``incorrect``, ``cat:<category>``, ``ans:<answer>``...
+        selected: a (layer, head) to outline.
+    """
+    from vlcore.ablation import METRIC as IMPORTANCE
+    from vlcore.charts_stats import build_head_heatmap_chart
+    from vlcore.head_table import aggregate_heads
+
+    if isinstance(source, (str, Path)):
+        heads, ids, label = _sweep_heads(Path(source), slice)
+    else:
+        traces = [source] if isinstance(source, Trace) else list(source)
+        if not traces:
+            raise InputError("head_summary needs a trace, a list of traces or a sweep folder; got an empty list")
+        heads = pd.concat([_trace_heads(t, include_special, metric == IMPORTANCE) for t in traces], ignore_index=True)
+        ids, label = None, traces[0].example_id if len(traces) == 1 else f"{len(traces)} traces"
+    metrics = _metric_names(heads)
+    metric = metrics[0] if metric is None else metric
+    if metric not in metrics:
+        raise InputError(f"unknown metric {metric!r}; choose one of {', '.join(metrics + [IMPORTANCE])}")
+    aggregated = aggregate_heads(heads, ids, norm)
+    return build_head_heatmap_chart(aggregated, metric, title=f"{metric} · {label}", diverging=norm == "z",
+                                    selected=selected)
+
+
+# ---------------------------------------------------------------------------------------
+# Attention maps and matrices
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Query:
+    """The query of a map: token indices (several patches give the mean of their maps) and patch cells."""
+
+    tokens: np.ndarray
+    cells: list[tuple[int, int]]
+    label: str
+
+
+def _query(trace: Trace, query) -> Query:
+    """A token index, a token's text, a patch ``(row, col)`` or a list of patches, as a `Query`."""
+    from vlcore import heatmap_maps as hm
+
+    if isinstance(query, str):
+        text = trace.text_index(include_special=True)
+        hits = [int(i) for i in text if trace.tokens[i].lower() == query.lower()]
+        if not hits:
+            raise InputError(f"no text token {query!r}; the text tokens are {[trace.tokens[i] for i in text]}")
+        query = hits[0]
+    if isinstance(query, (int, np.integer)):
+        if not 0 <= int(query) < trace.n_tokens:
+            raise InputError(f"query token {query} is outside the trace's {trace.n_tokens} tokens (0 is [CLS])")
+        tok = int(query)
+        return Query(np.array([tok]), [], f"token {tok} “{trace.tokens[tok]}”")
+    cells = [query] if len(query) == 2 and all(isinstance(v, (int, np.integer)) for v in query) else list(query)
+    cells = [(int(r), int(c)) for r, c in cells]
+    rows, cols = trace.grid
+    bad = [cell for cell in cells if not (0 <= cell[0] < rows and 0 <= cell[1] < cols)]
+    if bad or not cells:
+        raise InputError(f"patch cells must lie in the {rows}×{cols} grid as (row, col); got {bad or cells}")
+    label = f"patch {hm.format_patches(cells)}" if len(cells) == 1 else f"mean of {len(cells)} patches"
+    return Query(hm.patch_token_indices(trace, cells), cells, label)
+
+
+def _layer_head(trace: Trace, layer: int, head: int | None) -> tuple[int, int | None]:
+    """``layer`` (negative counts from the end) and ``head`` checked against the trace."""
+    if trace.attentions is None:
+        raise InputError(f"trace {trace.example_id} carries no attentions (a summary-only sweep); use vlcore.notebook.run")
+    if not -trace.n_layers <= layer < trace.n_layers:
+        raise InputError(f"layer {layer} is outside the model's {trace.n_layers} layers (0 to {trace.n_layers - 1})")
+    if head is not None and not 0 <= head < trace.n_heads:
+        raise InputError(f"head {head} is outside the model's {trace.n_heads} heads (0 to {trace.n_heads - 1}, "
+                         "or None for the mean)")
+    return layer % trace.n_layers, head
+
+
+def _method(method: str) -> str:
+    method = _ALIASES.get(method, method)
+    if method not in METHODS:
+        raise InputError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    return method
+
+
+def query_map(trace: Trace, query=0, layer: int = -1, head: int | None = None, method: str = "attention",
+              direction: str = "from", start_layer: int = 0, answer: str | None = None) -> np.ndarray:
+    """The map `heatmap` draws: float32 ``[N]``, one value per token of the trace.
+
+    ``attention``: the query's row (``from``) or column (``to``) of one layer's attention, one head or the
+    mean over heads. ``rollout``: the same of the attention rollout from ``start_layer``. ``relevancy``:
+    gradient relevancy of each token for ``answer`` (default: the prediction) through [CLS], whatever the
+    query (a forward and backward pass: the trace must come from `run`).
+    """
+    from vlcore import heatmap_maps as hm
+
+    method = _method(method)
+    if direction not in hm.DIRECTIONS:
+        raise InputError(f"direction must be one of {hm.DIRECTIONS}; got {direction!r}")
+    layer, head = _layer_head(trace, layer, head)
+    tokens = _query(trace, query).tokens
+    if method == "attention":
+        return hm.compute_query_map(trace.head_attention(layer, head), tokens, direction)
+    if method == "rollout":
+        from vlcore.relevance import compute_rollout
+
+        return hm.compute_query_map(compute_rollout(trace, start_layer), tokens, direction)
+    from vlcore.extract import model_image_input
+    from vlcore.relevance import extract_relevancy
+
+    adapter, ex = _inputs(trace, "relevancy")
+    return extract_relevancy(adapter, model_image_input(adapter, ex), ex.question, answer).values
+
+
+def heatmap(trace: Trace, query=0, layer: int = -1, head: int | None = None, method: str = "attention",
+            direction: str = "from", start_layer: int = 0, answer: str | None = None, opacity: float = 0.8,
+            smooth: bool = False, width: int = 340) -> alt.LayerChart:
+    """A map over the image as the model saw it (`query_map`), drawn as on the Attention heatmaps page.
+
+    Args:
+        trace: a trace with an image.
+        query: a token index (0 is [CLS]), a token's text (``"shape"``), a patch ``(row, col)``, or a list of
+            patches (the mean of their maps).
+        layer: attention layer (negative counts from the end).
+        head: a head, or None for the mean over heads.
+        method: ``attention`` (raw), ``rollout`` or ``relevancy``.
+        direction: ``from`` the query (its attention row) or ``to`` it (how much each token attends to it).
+        start_layer: rollout's first layer.
+        answer: relevancy's answer (default: the prediction).
+        opacity: the heat's opacity at the top of the colour scale.
+        smooth: bilinear upsampling of the patch grid.
+        width: width in pixels.
+    """
+    from vlcore import charts_heatmaps as ch
+    from vlcore import heatmap_maps as hm
+
+    if not hm.has_image_tokens(trace):
+        raise InputError(f"trace {trace.example_id} has no image tokens: there is no image to draw a map on")
+    method = _method(method)
+    values = query_map(trace, query, layer, head, method, direction, start_layer, answer)
+    q = _query(trace, query)
+    title = (f"{METHODS[method]} {direction} {q.label}" if method != "relevancy"
+             else f"gradient relevancy for “{answer or trace.predicted}”")
+    return ch.build_attention_overlay_chart(trace, values, q.cells, opacity, smooth, title=title, width=width,
+                                            select_name=None)
+
+
+def matrix(trace: Trace, block: str | None = None, layer: int = -1, head: int | None = None,
+           size: int = 440) -> alt.LayerChart:
+    """The query × key attention of one layer (rows attend, columns are attended to), as on the heatmaps page.
+
+    Args:
+        block: None (every token, rules between text and image), or a modality block without the special
+            tokens: ``txt2txt``, ``txt2img`` (text queries, patch keys), ``img2txt``, ``img2img``.
+        layer: layer (negative counts from the end).
+        head: a head, or None for the mean over heads.
+        size: the larger side in pixels.
+    """
+    from vlcore import charts_heatmaps as ch
+
+    layer, head = _layer_head(trace, layer, head)
+    att = trace.head_attention(layer, head)
+    head_label = f"layer {layer}, " + ("mean over heads" if head is None else f"head {head}")
+    if block in (None, "full"):
+        return ch.build_matrix_chart(trace, att, title=f"{head_label}: query × key", size=size)
+    if block not in ch.BLOCK_TITLES:
+        raise InputError(f"block must be None or one of {', '.join(ch.BLOCK_TITLES)}; got {block!r}")
+    return ch.build_block_chart(trace, att, block, size=size).properties(
+        title=f"{ch.BLOCK_TITLES[block]} · {head_label}")
+
+
+# ---------------------------------------------------------------------------------------
+# Embeddings
+# ---------------------------------------------------------------------------------------
+
+
+def _token_set(source):
+    from vlcore.projection import token_set_from_sweep, token_set_from_traces
+
+    if isinstance(source, (str, Path)):
+        from vlcore.sweep import load_sweep, load_sweep_vectors
+
+        preds, _ = load_sweep(source)
+        return token_set_from_sweep(load_sweep_vectors(source), preds)
+    return token_set_from_traces([source] if isinstance(source, Trace) else list(source))
+
+
+def projection(source, layer: int = -1, method: str = "pca", color: str = "modality", align: str = "sign",
+               perplexity: float = 30.0, width: int = 560, height: int = 460) -> alt.Chart:
+    """One layer's token vectors in 2-D, one fit over every token of the source, as on the Embeddings page.
+
+    Args:
+        source: a trace, a list of traces (pooled into one fit), or a sweep folder (its sampled tokens).
+        layer: 0 is the embedding output, ``n_layers`` the last layer; negative counts from the end.
+        method: ``pca``, ``tsne`` or ``umap`` (``pip install vlscope[umap]``).
+        color: ``modality``, ``token``, ``example`` or ``correct``.
+        align: PCA only: ``sign`` (each layer's axes agree with the previous layer's), ``joint`` (one fit
+            for all layers) or ``none``.
+        perplexity: t-SNE perplexity.
+    """
+    from vlcore.charts_embeddings import COLOR_BY, build_projection_chart, thumbnail_uris
+    from vlcore.projection import ALIGNS, METHOD_NAMES, METHODS as PROJECTIONS, compute_layer_projections, \
+        coordinates_frame
+
+    for name, value, allowed in (("method", method, PROJECTIONS), ("align", align, ALIGNS), ("color", color, COLOR_BY)):
+        if value not in allowed:
+            raise InputError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    tokens = _token_set(source)
+    n = tokens.n_layers
+    if not -(n + 1) <= layer <= n:
+        raise InputError(f"layer {layer} is outside 0 (embeddings) to {n} (the last layer)")
+    layer %= n + 1
+    coords = compute_layer_projections(tokens, method, align, layers=[layer], perplexity=perplexity)[layer]
+    frame = coordinates_frame(tokens, coords, layer).assign(
+        image=thumbnail_uris(tokens.thumbs, tokens.tokens["kind"].to_numpy() == "patch"))
+    title = f"{METHOD_NAMES[method]} of {tokens.n_tokens:,} tokens · " + ("embeddings" if layer == 0 else f"layer {layer}")
+    return build_projection_chart(frame, color, title=title, width=width, height=height)
+
+
+__all__ = ["METHODS", "Query", "head_summary", "heatmap", "load_model", "matrix", "projection", "query_map", "run",
+           "sweep"]
