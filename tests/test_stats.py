@@ -77,9 +77,10 @@ def reference(trace: Trace) -> dict[str, np.ndarray]:
             out["to_imgcls"][layer, h] = np.mean([sum(a[q, k] for k in imgcls) for q in queries])
             dists = []
             for q in img:
-                num = sum(a[q, k] * math.dist(rc[q], rc[k]) for k in img)
-                dists.append(num / sum(a[q, k] for k in img))
-            out["spatial_distance"][layer, h] = np.mean(dists)
+                mass = sum(a[q, k] for k in img)
+                if mass > 0:  # a patch query with no patch mass has no distance: left out
+                    dists.append(sum(a[q, k] * math.dist(rc[q], rc[k]) for k in img) / mass)
+            out["spatial_distance"][layer, h] = np.mean(dists) if dists else np.nan
     return out
 
 
@@ -194,3 +195,66 @@ def test_device_path_of_a_sweep_batch_equals_the_trace_path_with_custom_metrics(
             np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), atol=1e-5)
     finally:
         unregister_metric("diag")
+
+
+def test_spatial_distance_leaves_out_rows_without_patch_mass_and_is_nan_only_when_none_is_left():
+    n_text, grid = 2, (2, 2)  # tokens: [CLS] t0 t1 [SEP] [IMG] p00 p01 p10 p11
+    n, p00, p01, p10, p11 = n_text + 3 + 4, 5, 6, 7, 8
+    att = np.zeros((1, 2, n, n))
+    att[0, :, :, 0] = 1.0  # head 1: every query (patches included) looks at [CLS] only: no patch mass anywhere
+    head = att[0, 0]  # head 0: the text queries and [CLS] keep zero patch mass, the patches differ
+    head[p00] = 0
+    head[p00, p11] = 1.0  # distance sqrt(2)
+    head[p01] = 0
+    head[p01, [p00, p01]] = 0.5  # 0.5 * 1 + 0.5 * 0
+    head[p11] = 0
+    head[p11, p11] = 1.0  # distance 0
+    # p10 still attends to [CLS] only: no patch mass, so it has no distance and is left out
+    got = as_arrays(compute_trace_summaries(make_trace(att, n_text, grid)))["spatial_distance"]
+    assert got[0, 0] == pytest.approx((math.sqrt(2) + 0.5 + 0.0) / 3, abs=1e-6)
+    assert np.isnan(got[0, 1])
+    np.testing.assert_allclose(got, _spatial_reference(make_trace(att, n_text, grid)), atol=1e-6)
+
+
+def _demo_examples(n: int = 5):
+    from vlcore.data.easy_vqa import easy_vqa_examples
+    from vlcore.models.registry import load_adapter
+
+    return load_adapter("demo", device="cpu"), easy_vqa_examples("test", n)
+
+
+def _spatial_reference(trace: Trace) -> np.ndarray:
+    """``[L, H]`` spatial distance in numpy, written from docs/statistics.md (float64)."""
+    att = trace.attentions.astype(np.float64)
+    img = np.flatnonzero((trace.modality == 1) & ~trace.special)
+    rc = trace.patch_rc[img].astype(np.float64)
+    dist = np.sqrt(((rc[:, None] - rc[None]) ** 2).sum(-1))  # [P, P]
+    block = att[:, :, img][:, :, :, img]  # [L, H, P, P]
+    mass = block.sum(-1)
+    defined = mass > 0  # a patch query with no patch mass has no distance: left out
+    per_row = np.where(defined, (block * dist).sum(-1), 0.0) / np.where(defined, mass, 1.0)
+    with np.errstate(invalid="ignore"):
+        return per_row.sum(-1) / defined.sum(-1)  # NaN when no row is defined
+
+
+def test_spatial_distance_of_the_demo_model_has_no_nan_on_the_trace_and_the_sweep_path():
+    from vlcore.extract import extract_trace, model_image_input
+    from vlcore.sweep import summarize_batch
+
+    adapter, exs = _demo_examples(5)
+    images = [model_image_input(adapter, e) for e in exs]
+    traces = [extract_trace(adapter, im, e.question, e.example_id) for im, e in zip(images, exs)]
+    # the case that made it NaN: a query outside the patch set ([CLS], a word) with no mass on patches
+    no_patch_mass = [(t.attentions[..., t.patch_rc[:, 0] >= 0].astype(np.float32).sum(-1) == 0)[..., t.patch_rc[:, 0] < 0].any()
+                     for t in traces]
+    assert any(no_patch_mass)
+    heads = summarize_batch(adapter, adapter.encode(images, [e.question for e in exs]), exs).heads
+    for trace in traces:
+        got = as_arrays(compute_trace_summaries(trace))["spatial_distance"]
+        ref = _spatial_reference(trace)
+        assert not np.isnan(ref).any()  # every head has a patch query with patch mass
+        assert not np.isnan(got).any(), trace.example_id
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        swept = as_arrays(heads[heads.example_id == trace.example_id])["spatial_distance"]
+        assert not np.isnan(swept).any(), trace.example_id
+        np.testing.assert_allclose(swept, got, rtol=1e-3, atol=1e-5)  # another batch size: float16 tolerance

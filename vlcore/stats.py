@@ -142,6 +142,16 @@ def _nan_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return num / den.where(den > 0, torch.full_like(den, float("nan")))
 
 
+def _masked_mean(per_row: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_row`` ``[B, H, N]`` over the rows in ``rows`` (bool ``[B, N]`` or ``[B, H, N]``); NaN when none.
+
+    Rows outside the set are selected out, never multiplied by 0: a NaN there (``0 / 0``) cannot leak in.
+    """
+    rows = rows if rows.dim() == 3 else rows[:, None]
+    total = torch.where(rows, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device)).sum(-1)
+    return _nan_div(total, rows.sum(-1).to(per_row.dtype).expand_as(total))
+
+
 def compute_block_means(
     attention: torch.Tensor, masks: dict[str, torch.Tensor], row_mass: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
@@ -164,7 +174,7 @@ def compute_block_means(
     for qi, src in enumerate(("txt", "img")):
         q = masks[src].float()
         for ki, dst in enumerate(("txt", "img")):
-            sums[src, dst] = torch.einsum("bhn,bn->bh", row_mass[..., ki], q)
+            sums[src, dst] = torch.where(masks[src][:, None], row_mass[..., ki], 0.0).sum(-1)
             cells[src, dst] = (q.sum(1) * keys[..., ki].float().sum(1))[:, None]
     out = {f"{s}2{d}": _nan_div(sums[s, d], cells[s, d]) for s, d in sums}
     cross, intra = (("txt", "img"), ("img", "txt")), (("txt", "txt"), ("img", "img"))
@@ -187,10 +197,9 @@ def _layer_metrics(att: torch.Tensor, m: dict[str, torch.Tensor], euclid, far) -
     """Every built-in metric ``[B, H]`` for one layer's attention ``[B, H, N, N]``."""
     fl = {k: v.float() for k, v in m.items()}
     queries = fl["txt"] + fl["img"]  # the non-special (or all, with include_special) valid queries
-    n_q = queries.sum(1)[:, None]
 
     def mean_over(q: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:  # per_row [B, H, N]
-        return _nan_div(torch.einsum("bhn,bn->bh", per_row, q), q.sum(1)[:, None])
+        return _masked_mean(per_row, q > 0)
 
     # each row's mass on every key set, in one matmul: [B, H, N, 8]
     sets = ("txt", "img", "cls", "sep", "imgcls", "patch", "txt_all", "img_all")
@@ -205,12 +214,13 @@ def _layer_metrics(att: torch.Tensor, m: dict[str, torch.Tensor], euclid, far) -
     out["entropy"] = mean_over(queries, _nan_div(-plogp, n_keys.log()))
     out["max_weight"] = mean_over(queries, att.amax(-1))
     for ki, name in ((2, "to_cls"), (3, "to_sep"), (4, "to_imgcls")):
-        out[name] = _nan_div(torch.einsum("bhn,bn->bh", mass[..., ki], queries), n_q)
+        out[name] = _masked_mean(mass[..., ki], queries > 0)
     if euclid is not None:
         patch_q = fl["patch"] * fl["img"]
         out["img2img_nonlocal"] = _nan_div((att * far[:, None]).sum((-1, -2)), far.sum((-1, -2))[:, None])
         weighted = (att * euclid[:, None]).sum(-1)  # [B, H, N]
-        out["spatial_distance"] = mean_over(patch_q, _nan_div(weighted, mass[..., 5]))
+        defined = (patch_q > 0)[:, None] & (mass[..., 5] > 0)  # a patch query with no patch mass has no distance
+        out["spatial_distance"] = _masked_mean(_nan_div(weighted, mass[..., 5]), defined)
     else:
         nan = torch.full_like(out["txt2txt"], float("nan"))
         out["img2img_nonlocal"], out["spatial_distance"] = nan, nan.clone()
