@@ -10,13 +10,12 @@ update (`vlcore.ui.state.apply_params`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import streamlit as st
 
+from vlcore.app_files import APP_ROOT as ROOT  # the checkout, or the installed vlscope_app (pip install .)
 from vlcore.ui.state import apply_params, begin_run
 
-ROOT = Path(__file__).resolve().parents[2]
 HOME_TITLE = "Home"
 NOT_CARRYING = ("pages/6_Annotations.py",)  # its ``ex`` is a filter, not the example being looked at
 
