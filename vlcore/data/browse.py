@@ -168,3 +168,42 @@ def answers_html(answers) -> str:
     '<b>Gold answer:</b> R&amp;B, &lt;i&gt;soul&lt;/i&gt;'
     """
     return "<b>Gold answer:</b> " + ", ".join(html.escape(str(a)) for a in answers)
+
+
+def describe_filters(query: str = "", categories=None, answer: str = "", objects=None,
+                     categories_label: str = "category") -> str:
+    """The browser's active filters in words, for labels that act on "the examples matching the filters".
+
+    Args:
+        query, categories, answer, objects: as `filter_index` takes them (`vlcore.ui.state.get_filters`).
+        categories_label: what a category is called in this source (``ExampleSource.categories_label``).
+
+    >>> describe_filters("circle", ["shape", "color"], categories_label="question type")
+    'search "circle"; question type shape or color'
+    >>> describe_filters(answer=" red ", objects=["car", "person"])
+    'answer "red"; objects car and person'
+    """
+    parts = []
+    if query.strip():
+        parts.append(f'search "{query.strip()}"')
+    if categories:
+        parts.append(f"{categories_label} {' or '.join(map(str, categories))}")
+    if answer.strip():
+        parts.append(f'answer "{answer.strip()}"')
+    if objects:
+        parts.append(f"objects {' and '.join(map(str, objects))}")
+    return "; ".join(parts)
+
+
+def filtered_label(filters: dict, n_matching: int, n_total: int, categories_label: str = "category") -> str:
+    """A checkbox label naming the active filters and how many examples they keep.
+
+    Markdown characters in the user's filter text are escaped (Streamlit renders labels as markdown).
+
+    >>> filtered_label({"query": "circle", "categories": ["shape"], "answer": "", "objects": []}, 412, 9673,
+    ...                "question type")
+    'Only the 412 of 9,673 examples matching the browser\\'s filters: search "circle"; question type shape'
+    """
+    words = describe_filters(**filters, categories_label=categories_label)
+    words = "".join("\\" + c if c in "\\`*_{}[]()#+-.!|~<>$:" else c for c in words)
+    return f"Only the {n_matching:,} of {n_total:,} examples matching the browser's filters: {words}"

@@ -161,13 +161,14 @@ def sweep_panel(adapter, store: Store, source) -> None:
     """Run the model over the first N examples of a source, with progress, stop and resume."""
     from vlcore.sweep import load_sweep, run_sweep, sweep_key
 
-    from vlcore.data.browse import filter_index
+    from vlcore.data.browse import filter_index, filtered_label
     from vlcore.ui.state import get_filters
 
     filters = get_filters()
-    filtered = any(filters.values()) and st.checkbox(
-        "Only the examples matching the browser's filters", value=True, key="sweep_filtered")
-    positions = filter_index(source.index, **filters) if filtered else range(len(source))
+    matching = filter_index(source.index, **filters)
+    filtered = any(filters.values()) and st.checkbox(  # the label names the filters and how many examples match
+        filtered_label(filters, len(matching), len(source), source.categories_label), value=True, key="sweep_filtered")
+    positions = matching if filtered else range(len(source))
     n_max = len(positions)
     if n_max == 0:
         st.info("No example to sweep.")
