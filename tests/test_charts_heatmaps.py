@@ -15,6 +15,7 @@ import pytest
 
 from vlcore import charts_heatmaps as ch
 from vlcore import chart_parts as cp
+from vlcore import charts_multiples as cm
 from vlcore import heatmap_maps as hm
 from vlcore.export import chart_spec_json
 from vlcore.trace import Trace
@@ -137,7 +138,7 @@ def test_each_block_has_its_cells(block, shape):
 def test_all_heads_grid_puts_each_heads_peak_at_its_patch():
     plants = {(1, 0, 1): patch_index(0, 2), (1, 1, 1): patch_index(1, 0), (1, 2, 1): patch_index(1, 1)}
     t = planted_trace(plants)
-    chart = ch.build_all_heads_chart(t, hm.compute_head_maps(t, 1, [1]))
+    chart = cm.build_all_heads_chart(t, hm.compute_head_maps(t, 1, [1]))
     frame = chart.data
     peaks = frame.loc[frame.groupby("head")["value"].idxmax(), ["row", "col"]].values.tolist()
     assert peaks == [[0, 2], [1, 0], [1, 1]]
@@ -167,7 +168,7 @@ def test_perturbation_chart_has_both_orders_and_their_auc():
     fr = np.linspace(0, 0.9, 10)
     curves = {"positive": SimpleNamespace(fractions=fr, probabilities=1 - fr, auc=0.4),
               "random": SimpleNamespace(fractions=fr, probabilities=1 - fr / 2, auc=0.7)}
-    frame = ch.build_perturbation_chart(curves).data
+    frame = cm.build_perturbation_chart(curves).data
     assert sorted(frame["label"].unique()) == ["positive (AUC 0.400)", "random (AUC 0.700)"]
     assert len(frame) == 20
 
@@ -228,8 +229,20 @@ def parts_cases(t: Trace) -> list[tuple[cp.ChartParts, object]]:
         (ch.token_chips_parts(t, p), ch.build_token_chips_chart(t, p)),
         (ch.special_weights_parts(t, v), ch.build_special_weights_chart(t, v)),
         (ch.matrix_parts(t, att, title="m", size=200), ch.build_matrix_chart(t, att, title="m", size=200)),
-        (ch.all_heads_parts(t, hm.compute_head_maps(t, 1, [1]), title="h"),
-         ch.build_all_heads_chart(t, hm.compute_head_maps(t, 1, [1]), title="h")),
+        (cm.all_heads_parts(t, hm.compute_head_maps(t, 1, [1]), title="h"),
+         cm.build_all_heads_chart(t, hm.compute_head_maps(t, 1, [1]), title="h")),
+    ]
+    layers = hm.compute_layer_maps(t, 2, [1])
+    cases += [
+        (ch.overlay_parts(t, v, domain=(0.0, 1.0), subtitle="image: 90.0% of this row"),
+         ch.build_attention_overlay_chart(t, v, domain=(0.0, 1.0), subtitle="image: 90.0% of this row")),
+        (ch.special_weights_parts(t, v, shares=True), ch.build_special_weights_chart(t, v, shares=True)),
+        (cm.all_heads_parts(t, hm.compute_head_maps(t, 1, [1]), domain=(0.0, 0.5)),
+         cm.build_all_heads_chart(t, hm.compute_head_maps(t, 1, [1]), domain=(0.0, 0.5))),
+        (cm.layer_strip_parts(t, layers, selected=1, captions=["a", "b"], title="every layer"),
+         cm.build_layer_strip_chart(t, layers, selected=1, captions=["a", "b"], title="every layer")),
+        (cm.layer_strip_parts(t, layers, domain=(0.0, 0.9), select_name=None),
+         cm.build_layer_strip_chart(t, layers, domain=(0.0, 0.9), select_name=None)),
     ]
     return cases + [(ch.block_parts(t, att, b), ch.build_block_chart(t, att, b)) for b in ch.BLOCK_TITLES]
 
@@ -246,7 +259,7 @@ def test_chart_parts_reuse_the_layout_and_swap_title_and_data():
     first = ch.overlay_parts(t, hm.compute_query_map(t.head_attention(1, 2), [1]), title="layer 1, head 2")
     second = ch.overlay_parts(t, hm.compute_query_map(t.head_attention(0, 0), [2]), title="layer 0, “head” 0")
     assert len(cp._TEMPLATES) == 1  # one layout for both
-    assert second.spec()["title"] == "layer 0, “head” 0" and first.spec()["title"] == "layer 1, head 2"
+    assert second.spec()["title"]["text"] == "layer 0, “head” 0" and first.spec()["title"]["text"] == "layer 1, head 2"
     peaks = [parts.datasets["patches"].loc[parts.datasets["patches"]["value"].idxmax(), ["row", "col"]].tolist()
              for parts in (first, second)]
     assert peaks == [[0, 2], [1, 1]]
@@ -271,3 +284,189 @@ def test_image_uri_is_remembered_for_a_read_only_array_only():
     assert cp.cached_image_uri(image) != uri
     image.setflags(write=False)
     assert cp.cached_image_uri(image) == cp.cached_image_uri(image.copy())
+
+
+# ---------------------------------------------------------------------------------------
+# An honest heatmap (issue 14): scales, transparency at zero, the image's share, every layer
+# ---------------------------------------------------------------------------------------
+
+
+def white_trace(plants: dict[tuple[int, int, int], int] | None = None, image_weight: float | None = None) -> Trace:
+    """`planted_trace` on a white image; ``image_weight`` sets token "a"'s row (layer 0, head 0) to put that
+    much on each patch and the rest on [CLS]."""
+    t = planted_trace(plants)
+    att = t.attentions.astype(np.float32)
+    if image_weight is not None:
+        att[0, 0, 1] = 0.0
+        att[0, 0, 1, 5:] = image_weight
+        att[0, 0, 1, 0] = 1.0 - 6 * image_weight
+    object.__setattr__(t, "image", np.full((16, 24, 3), 255, np.uint8))
+    object.__setattr__(t, "attentions", att.astype(np.float16))
+    return t
+
+
+def overlay_pixels(t: Trace, values: np.ndarray, width: int = 240, **kwargs) -> np.ndarray:
+    """The overlay's plot (the image and its heat, without the legend) rendered by vl-convert."""
+    from PIL import Image
+
+    chart = ch.build_attention_overlay_chart(t, values, select_name=None, width=width, **kwargs)
+    png = cp.export_chart(chart, "png", scale=1)
+    height = round(width * t.image.shape[0] / t.image.shape[1])
+    pad = 5  # Vega's default padding; no title
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)[pad:pad + height, pad:pad + width]
+
+
+def changed_share(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float((np.abs(a - b).max(-1) > 8).mean())
+
+
+def test_a_query_that_gives_the_image_almost_nothing_is_faint_on_a_shared_or_absolute_scale():
+    t = white_trace(image_weight=5e-6)  # every patch < 1e-5 of the row
+    values = hm.compute_query_map(t.head_attention(0, 0), [1])
+    assert hm.patch_values(t, values).max() < 1e-5
+    assert hm.image_share_caption(t, values) == "image: <0.1% of this row"
+    values[5] += 4e-6  # a little structure, so the per-map scale has something to stretch
+    bare = overlay_pixels(t, values, opacity=0.0, domain=(0.0, 1.0))  # the image alone
+    per_map = overlay_pixels(t, values, opacity=0.8, domain=None)
+    absolute = overlay_pixels(t, values, opacity=0.8, domain=(0.0, 1.0))
+    shared = overlay_pixels(t, values, opacity=0.8, domain=hm.compute_domain([hm.patch_values(t, values),
+                                                                             np.array([0.0, 0.5])], "shared"))
+    assert changed_share(bare, absolute) == 0 and changed_share(bare, shared) == 0  # drawn as the image it is
+    assert changed_share(bare, per_map) > 0.9  # stretched min to max: looks like signal
+    spec = ch.build_attention_overlay_chart(t, values, domain=(0.0, 1.0)).to_dict()
+    heat = next(layer for layer in spec["layer"] if layer.get("encoding", {}).get("color"))
+    assert heat["encoding"]["color"]["scale"]["domain"] == [0.0, 1.0] and heat["encoding"]["color"]["scale"]["clamp"]
+
+
+def test_zero_weight_is_transparent_and_alpha_grows_with_the_weight():
+    t = white_trace({(1, 2, 1): patch_index(0, 2)})
+    values = np.zeros(N)
+    values[patch_index(0, 2)], values[patch_index(1, 1)] = 0.9, 0.45
+    spec = ch.build_attention_overlay_chart(t, values, opacity=0.6).to_dict()
+    heat = next(layer for layer in spec["layer"] if layer.get("encoding", {}).get("color"))
+    opacity = heat["encoding"]["opacity"]
+    assert opacity["field"] == "value" and opacity["scale"] == {"domain": [0.0, 0.9], "range": [0, 0.6], "clamp": True}
+    bare, drawn = overlay_pixels(t, values, opacity=0.0), overlay_pixels(t, values, opacity=0.6)
+    diff = np.abs(bare - drawn).max(-1) > 8
+    assert 0 < diff.mean() < 0.5  # only the two weighted patches are painted; the 4 zero patches show the image
+    # the smooth layer too: a sub-rectangle's alpha follows its own (interpolated) weight
+    smooth = ch.build_attention_overlay_chart(t, values, smooth=True).to_dict()
+    smooth_heat = next(layer for layer in smooth["layer"] if layer.get("encoding", {}).get("color"))
+    assert smooth_heat["encoding"]["opacity"]["field"] == "value"
+
+
+def test_compute_domain_and_the_image_share():
+    t = planted_trace({(1, 2, 1): patch_index(0, 2)})
+    row = hm.compute_query_map(t.head_attention(1, 2), [1])
+    assert hm.compute_image_share(t, row) == pytest.approx(0.9 + 5 * 0.01, abs=2e-3)
+    assert hm.image_share_caption(t, row) == "image: 95.0% of this row"
+    to = hm.compute_query_map(t.head_attention(1, 2), [patch_index(0, 2)], "to")
+    assert hm.compute_image_share(t, to, "to") == pytest.approx(to[5:].mean())
+    assert "of their attention" in hm.image_share_caption(t, to, "to")
+    relevance = np.zeros(N)
+    relevance[[1, 6]] = [3.0, 1.0]  # not a distribution: the share is of the map's total
+    assert hm.image_share_caption(t, relevance, relevance=True) == "image: 25.0% of the relevance"
+    maps = [np.array([0.1, 0.3]), np.array([0.05, 0.6])]
+    assert hm.compute_domain(maps, "shared") == (0.0, 0.6)
+    assert hm.compute_domain(maps, "absolute") == (0.0, 1.0) and hm.compute_domain(maps, "map") is None
+    assert ch.overlay_scale(t, row)["lo"] == pytest.approx(hm.patch_values(t, row).min())
+    with pytest.raises(ValueError, match="scale"):
+        hm.compute_domain(maps, "log")
+
+
+def test_shares_are_never_printed_above_100_percent():
+    t = planted_trace()
+    values = np.zeros(N)
+    values[5:] = np.float16(1 / 6 + 2e-4)  # a float16 row whose patches sum to 1.0012
+    assert values[5:].sum() > 1.001
+    frame = ch.special_weights_frame(t, values, shares=True)
+    patches = frame.set_index("token").loc["all patches"]
+    assert patches["value"] == 1.0 and patches["label"] == "100.0%"
+    assert frame["value"].between(0, 1).all() and hm.format_share(1.00001) == "100.0%"
+    assert hm.image_share_caption(t, values) == "image: 100.0% of this row"
+    spec = ch.build_special_weights_chart(t, values, shares=True).to_dict()
+    assert spec["layer"][1]["encoding"]["text"]["field"] == "label"
+    weights = ch.special_weights_frame(t, values * 3)  # not shares ("to" maps, relevancy): printed as they are
+    assert weights.set_index("token").loc["all patches", "label"] == f"{values[5:].sum() * 3:.3f}"
+
+
+def test_layer_maps_are_each_layers_query_map():
+    t = planted_trace({(0, 1, 1): patch_index(1, 0), (1, 1, 1): patch_index(0, 2)})
+    for head in (1, None):
+        for direction in ("from", "to"):
+            maps = hm.compute_layer_maps(t, head, [1, 2], direction)
+            for layer in range(2):
+                expected = hm.compute_query_map(t.head_attention(layer, head), [1, 2], direction)
+                assert np.allclose(maps[layer], expected, atol=1e-6)
+
+
+def test_layer_strip_has_one_map_per_layer_with_its_peak_and_picks_a_layer_on_click():
+    t = planted_trace({(0, 1, 1): patch_index(1, 0), (1, 1, 1): patch_index(0, 2)})
+    maps = hm.compute_layer_maps(t, 1, [1])
+    chart = cm.build_layer_strip_chart(t, maps, selected=1, captions=["img 10.0%", "img 95.0%"], panel=60)
+    spec = chart.to_dict()
+    cells = chart.layer[1].data
+    assert len(cells) == 2 * 6 and sorted(cells["layer"].unique()) == [0, 1]
+    peaks = cells.loc[cells.groupby("layer")["value"].idxmax(), ["row", "col"]].values.tolist()
+    assert peaks == [[1, 0], [0, 2]]
+    # layer 1's map lies right of layer 0's, each map inside its own 60-px panel
+    for layer, part in cells.groupby("layer"):
+        left = layer * (60 + cm.STRIP_GAP)
+        assert part["x"].min() == pytest.approx(left) and part["x2"].max() == pytest.approx(left + 60)
+    assert [p["name"] for p in spec["params"]] == ["pick_layer"] and spec["params"][0]["select"]["fields"] == ["layer"]
+    labels = chart.layer[2].data
+    assert labels["text"].tolist() == ["layer 0", "layer 1"]
+    assert labels["caption"].tolist() == ["img 10.0%", "img 95.0%"]
+    assert labels["shown"].tolist() == [False, True]
+    box = chart.layer[-1].data  # the shown layer is outlined
+    assert box["x"].item() < 60 + cm.STRIP_GAP + 1 < box["x2"].item()
+    # per map: each map from its min (0) to its max (1); shared: the real weights on one scale
+    assert cells.groupby("layer")["level"].max().tolist() == [1.0, 1.0]
+    shared = cm.build_layer_strip_chart(t, maps, domain=(0.0, 1.0))
+    assert shared.to_dict()["layer"][1]["encoding"]["color"]["field"] == "value"
+    assert np.allclose(shared.layer[1].data["alpha"], shared.layer[1].data["value"], atol=1e-6)  # alpha = weight on 0–1
+    assert "params" not in cm.build_layer_strip_chart(t, maps, select_name=None).to_dict()
+
+
+def test_layer_strip_wraps_many_layers_into_rows():
+    t = planted_trace(n_layers=2)
+    maps = np.tile(hm.compute_layer_maps(t, 0, [1]), (12, 1))  # 24 layers
+    frames = cm.layer_strip_frames(t, maps, panel=cm.strip_panel(24), per_row=10)
+    tops = frames["images"].groupby(frames["images"]["y"]).size().tolist()
+    assert tops == [10, 10, 4]
+    spec = cm.build_layer_strip_chart(t, maps).to_dict()
+    assert spec["width"] <= cm.STRIP_WIDTH
+
+
+def test_faithfulness_curves_show_their_y_ticks_and_a_legend_entry_per_order():
+    fr = np.linspace(0, 0.9, 10)
+    curves = {"positive": SimpleNamespace(fractions=fr, probabilities=0.3 - fr / 4, auc=0.15),
+              "random": SimpleNamespace(fractions=fr, probabilities=0.3 - fr / 8, auc=0.21),
+              "negative": SimpleNamespace(fractions=fr, probabilities=0.3 - fr / 16, auc=0.26)}
+    chart = cm.build_perturbation_chart(curves, title="faithfulness")
+    spec = chart.to_dict()
+    # sized as built: the plot keeps its height; axes, legend and title come on top (Streamlit's "fit" squashed it)
+    assert spec["autosize"] == {"type": "pad", "contains": "padding"} and spec["height"] >= 150
+    y = spec["encoding"]["y"]
+    assert y["axis"]["ticks"] and y["axis"]["labels"] and y["axis"]["tickCount"] >= 4
+    color = spec["encoding"]["color"]
+    labels = ["positive (AUC 0.150)", "random (AUC 0.210)", "negative (AUC 0.260)"]
+    assert color["scale"]["domain"] == labels and len(set(color["scale"]["range"])) == 3
+    assert color["legend"]["labelLimit"] == 0  # no label cut short
+    # rendered: the y axis has tick labels and the legend names every order
+    root = ET.fromstring(cp.export_chart(chart, "svg"))
+    texts = [el.text for el in root.iter() if el.tag.endswith("text") and el.text]
+    assert all(label in texts for label in labels)
+    ticks = [float(x) for x in texts if re.fullmatch(r"0\.\d\d", x or "")]
+    assert len(set(ticks)) >= 4
+
+
+def test_explanations_side_by_side_export():
+    t = planted_trace({(1, 2, 0): patch_index(1, 1)})
+    maps = {"raw": hm.compute_query_map(t.head_attention(1, 2), [0]), "flat": np.full(N, 1 / N)}
+    chart = cm.build_explanations_chart(t, maps, domain=(0.0, 1.0), subtitles={"raw": "image: 95.0% of this row"})
+    spec = chart.to_dict()
+    assert len(spec["hconcat"]) == 2 and spec["autosize"]["type"] == "pad"
+    assert spec["hconcat"][0]["title"] == {"text": "raw", "subtitle": "image: 95.0% of this row"}
+    assert cp.export_chart(chart, "png")[:8] == b"\x89PNG\r\n\x1a\n"

@@ -92,17 +92,24 @@ class ChartParts:
 
 
 def chart_parts(key: tuple, frames: dict[str, pd.DataFrame], title: str,
-                 layout: Callable[[Mapping[str, alt.Data], str], alt.TopLevelMixin]) -> ChartParts:
-    """``layout(data, title)`` as JSON, built once per ``key`` (which must name everything it draws but
-    the frames' values and the title), with ``frames`` as its data."""
-    key = (*key, tuple(frames))
+                 layout: Callable[..., alt.TopLevelMixin], values: Mapping[str, object] | None = None) -> ChartParts:
+    """``layout(data, title, **values)`` as JSON, built once per ``key`` (which must name everything it
+    draws but the frames' data, the title and ``values``), with ``frames`` as its data.
+
+    ``values`` are numbers or strings the layout puts in the spec as they are (a colour domain, a subtitle,
+    an image URI): the layout is built with a placeholder string for each, which every call replaces by
+    the value's JSON. Each must appear in the spec as a whole JSON value (not inside a longer string).
+    """
+    values = dict(values or {})
+    key = (*key, tuple(frames), tuple(values))
     with _TEMPLATES_LOCK:
         template = _TEMPLATES.get(key)
         if template is not None:
             _TEMPLATES.move_to_end(key)
     if template is None:
         with schemapi.debug_mode(False):
-            chart = layout({role: alt.Data(name=_ROLE + role) for role in frames}, _TITLE)
+            chart = layout({role: alt.Data(name=_ROLE + role) for role in frames}, _TITLE,
+                           **{name: _value_holder(name) for name in values})
         spec = chart.to_dict(validate=False)
         spec.pop("config", None)  # the default theme's view size; Streamlit renders charts with theme "none"
         template = json.dumps(spec)
@@ -110,7 +117,14 @@ def chart_parts(key: tuple, frames: dict[str, pd.DataFrame], title: str,
             _TEMPLATES[key] = template
             while len(_TEMPLATES) > _TEMPLATES_MAX:
                 _TEMPLATES.popitem(last=False)
-    return ChartParts(template.replace(json.dumps(_TITLE), json.dumps(title)), frames)
+    text = template.replace(json.dumps(_TITLE), json.dumps(title))
+    for name, value in values.items():
+        text = text.replace(json.dumps(_value_holder(name)), json.dumps(value))
+    return ChartParts(text, frames)
+
+
+def _value_holder(name: str) -> str:
+    return f"@@vlscope-value:{name}@@"
 
 
 def layout_key(trace: Trace) -> tuple:

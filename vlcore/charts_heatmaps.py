@@ -1,8 +1,10 @@
-"""Attention-heatmap views: overlays, token chips, matrices, head grids, explanation and perturbation charts.
+"""Attention-heatmap views: overlays, token chips, special-token bars and matrices.
 
 Pure functions: numpy/pandas in, Altair charts out. The maps they draw come from `vlcore.heatmap_maps`;
 each view has a ``build_*_chart`` (an Altair chart) and a ``*_parts`` twin (`vlcore.chart_parts.ChartParts`,
 the same chart from a cached layout) that the heatmaps page (`pages/4_Attention_Heatmaps.py`) renders.
+Small multiples (every head, every layer, explanations side by side) and the faithfulness curves are in
+`vlcore.charts_multiples`.
 
 Token order is the trace's: ``[text (CLS first, SEP last) | image CLS | patches row-major]``.
 """
@@ -17,6 +19,7 @@ import pandas as pd
 
 from vlcore.chart_parts import ChartParts, cached_image_uri, chart_parts, fast_build, layout_key
 from vlcore.charts import patch_frame
+from vlcore import heatmap_maps as hm
 from vlcore.heatmap_maps import token_label, upsample_bilinear
 from vlcore.trace import Trace
 
@@ -65,9 +68,21 @@ def overlay_frames(trace: Trace, values: np.ndarray, selected: Sequence[tuple[in
     return frames
 
 
+def overlay_scale(trace: Trace, values: np.ndarray, domain: tuple[float, float] | None = None) -> dict[str, float]:
+    """The overlay's colour domain ``lo, hi`` (``domain``, or the map's own min to max) and ``alpha_lo``,
+    where its opacity starts from 0 (0, or a lower minimum: zero weight is transparent)."""
+    lo, hi = hm.safe_domain(*domain) if domain is not None else hm.map_domain(hm.patch_values(trace, values))
+    alpha_lo = min(lo, 0.0)
+    return {"lo": lo, "hi": hi, "alpha_lo": alpha_lo}
+
+
 def _overlay_layout(trace: Trace, data: Mapping, opacity: float, smooth: bool, title: str, width: int,
-                    select_name: str | None) -> alt.LayerChart:
-    """The overlay's layers on ``data`` (frames or named data, roles of `overlay_frames`)."""
+                    select_name: str | None, lo, hi, alpha_lo, subtitle) -> alt.LayerChart:
+    """The overlay's layers on ``data`` (frames or named data, roles of `overlay_frames`).
+
+    The heat colour runs over ``[lo, hi]`` and its opacity from 0 at ``alpha_lo`` up to ``opacity`` at ``hi``
+    (values outside are clamped), so weights near zero leave the image visible.
+    """
     h, w = trace.image.shape[:2]
     height = max(1, int(round(width * h / max(w, 1))))
     xs = alt.Scale(domain=[0, w], nice=False, zero=False)
@@ -77,19 +92,22 @@ def _overlay_layout(trace: Trace, data: Mapping, opacity: float, smooth: bool, t
     image = alt.Chart(data["image"]).mark_image(
         width=width, height=height, align="left", baseline="top"
     ).encode(x=alt.X("x:Q", scale=xs, axis=_AXIS_OFF), y=alt.Y("y:Q", scale=ys, axis=_AXIS_OFF), url=alt.Url("url:N"))
-    color = alt.Color("value:Q", scale=alt.Scale(scheme=SCHEME), title="weight")
+    heat = dict(color=alt.Color("value:Q", scale=alt.Scale(scheme=SCHEME, domain=[lo, hi], clamp=True), title="weight"),
+                opacity=alt.Opacity("value:Q", scale=alt.Scale(domain=[alpha_lo, hi], range=[0, opacity], clamp=True),
+                                    legend=None))
     tooltip = [alt.Tooltip("row:Q"), alt.Tooltip("col:Q"), alt.Tooltip("token:Q"), alt.Tooltip("value:Q", format=".4f")]
     layers = [image]
     if smooth:
-        layers.append(alt.Chart(data["smooth"]).mark_rect(opacity=opacity).encode(**pos, color=color))
+        layers.append(alt.Chart(data["smooth"]).mark_rect().encode(**pos, **heat))
         hit = alt.Chart(data["patches"]).mark_rect(opacity=0.001).encode(**pos, tooltip=tooltip)
     else:
-        hit = alt.Chart(data["patches"]).mark_rect(opacity=opacity).encode(**pos, color=color, tooltip=tooltip)
+        hit = alt.Chart(data["patches"]).mark_rect().encode(**pos, **heat, tooltip=tooltip)
     if select_name:
         hit = hit.add_params(alt.selection_point(name=select_name, fields=["row", "col"], on="click", clear="dblclick"))
     layers.append(hit)
     if "selected" in data:
         layers.append(alt.Chart(data["selected"]).mark_rect(fill=None, stroke="#00e5ff", strokeWidth=2).encode(**pos))
+    title = alt.TitleParams(text=title, subtitle=subtitle)
     return alt.layer(*layers).properties(width=width, height=height, title=title, autosize=_PAD)
 
 
@@ -103,6 +121,8 @@ def build_attention_overlay_chart(
     title: str = "",
     width: int = 320,
     select_name: str | None = "patch",
+    domain: tuple[float, float] | None = None,
+    subtitle: str = "",
 ) -> alt.LayerChart:
     """The image as the model saw it, a heat layer per patch placed by ``patch_rc``, selected patches outlined.
 
@@ -110,25 +130,30 @@ def build_attention_overlay_chart(
         trace: supplies the image, ``patch_rc`` and ``patch_px``.
         values: ``[N]`` per-token weights; only patch tokens are drawn (specials never set the scale).
         selected: (row, col) cells to outline (the query patches).
-        opacity: opacity of the heat layer.
+        opacity: the heat layer's opacity at the top of the scale; it falls to 0 at weight 0.
         smooth: draw a bilinear upsampling of the patch grid instead of flat patches.
         title: chart title.
         width: width in pixels; the height keeps the image's aspect.
         select_name: name of a point selection on the patch rectangles (fields ``row, col``; shift-click
             adds patches), or None for a static chart.
+        domain: the colour scale's ``(lo, hi)`` (`vlcore.heatmap_maps.compute_domain`: shared by several
+            maps, or 0–1); None stretches this map from its min to its max.
+        subtitle: a line under the title (the page puts the image's share of the map there).
     """
     frames = overlay_frames(trace, values, selected, smooth)
-    return _overlay_layout(trace, frames, opacity, smooth, title, width, select_name)
+    return _overlay_layout(trace, frames, opacity, smooth, title, width, select_name,
+                           subtitle=subtitle, **overlay_scale(trace, values, domain))
 
 
 def overlay_parts(trace: Trace, values: np.ndarray, selected: Sequence[tuple[int, int]] = (), opacity: float = 0.6,
-                  smooth: bool = False, title: str = "", width: int = 320,
-                  select_name: str | None = "patch") -> ChartParts:
+                  smooth: bool = False, title: str = "", width: int = 320, select_name: str | None = "patch",
+                  domain: tuple[float, float] | None = None, subtitle: str = "") -> ChartParts:
     """`build_attention_overlay_chart` as `ChartParts` (the layout built once per trace and settings)."""
     frames = overlay_frames(trace, values, selected, smooth)
     key = ("overlay", layout_key(trace), float(opacity), bool(smooth), int(width), select_name)
     return chart_parts(key, frames, title,
-                        lambda data, t: _overlay_layout(trace, data, opacity, smooth, t, width, select_name))
+                       lambda data, t, **v: _overlay_layout(trace, data, opacity, smooth, t, width, select_name, **v),
+                       {**overlay_scale(trace, values, domain), "subtitle": subtitle})
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,43 +235,60 @@ def token_chips_parts(trace: Trace, values: np.ndarray, selected: Sequence[int] 
                         lambda data, t: _chips_layout(data, n_lines, t, width))
 
 
-def special_weights_frame(trace: Trace, values: np.ndarray) -> pd.DataFrame:
-    """Weights on the special tokens, then the totals on text (no specials) and on patches:
-    columns ``token, value, kind``."""
+def special_weights_frame(trace: Trace, values: np.ndarray, shares: bool = False) -> pd.DataFrame:
+    """Weights on the special tokens, then the totals on text (no specials) and on patches.
+
+    Args:
+        shares: the values are shares of one row (attention *from* a query, or its rollout): each is shown
+            clipped to [0, 1] and labelled as a percentage (a float16 row's total can pass 1 by 1e-3).
+
+    Returns:
+        Columns ``token, value, kind, label`` (``label``: the value as printed beside its bar).
+    """
     v = np.asarray(values, dtype=np.float64)
     special = np.flatnonzero(trace.special)
     rows = [(token_label(trace, int(i)), float(v[i]), "special token") for i in special]
     rows.append(("all text (no specials)", float(v[trace.text_index()].sum()), "total"))
     rows.append(("all patches", float(v[trace.image_index()].sum()), "total"))
-    return pd.DataFrame(rows, columns=["token", "value", "kind"])
+    frame = pd.DataFrame(rows, columns=["token", "value", "kind"])
+    if shares:
+        frame["value"] = frame["value"].map(hm.clip_share)
+        frame["label"] = frame["value"].map(hm.format_share)
+    else:
+        frame["label"] = frame["value"].map("{:.3f}".format)
+    return frame
 
 
-def _special_layout(data: Mapping, n_rows: int, title: str) -> alt.LayerChart:
+def _special_layout(data: Mapping, n_rows: int, title: str, shares: bool) -> alt.LayerChart:
+    axis_title = "share of the row" if shares else "weight"
     base = alt.Chart(data["bars"]).encode(
-        y=alt.Y("token:N", sort=None, title=None), x=alt.X("value:Q", title="weight"),
-        tooltip=[alt.Tooltip("token:N"), alt.Tooltip("kind:N"), alt.Tooltip("value:Q", format=".4f")],
+        y=alt.Y("token:N", sort=None, title=None), x=alt.X("value:Q", title=axis_title),
+        tooltip=[alt.Tooltip("token:N"), alt.Tooltip("kind:N"), alt.Tooltip("label:N", title=axis_title)],
     )
     bars = base.mark_bar().encode(color=alt.Color("kind:N", scale=alt.Scale(range=["#ff7f0e", "#9e9e9e"]), legend=None))
-    text = base.mark_text(align="left", dx=3).encode(text=alt.Text("value:Q", format=".3f"))
+    text = base.mark_text(align="left", dx=3).encode(text=alt.Text("label:N"))
     return alt.layer(bars, text).properties(height=22 * n_rows, width=220, title=title, autosize=_PAD)
 
 
 @fast_build
-def build_special_weights_chart(trace: Trace, values: np.ndarray, title: str = "Special tokens") -> alt.LayerChart:
+def build_special_weights_chart(trace: Trace, values: np.ndarray, title: str = "Special tokens",
+                                shares: bool = False) -> alt.LayerChart:
     """Weights on [CLS], [SEP] and the image CLS, and the total on text and on patches, as bars.
 
     Kept apart from the overlay and the chips so their (often large) weights do not wash out those scales.
+    ``shares``: see `special_weights_frame`.
     """
-    frame = special_weights_frame(trace, values)
-    return _special_layout({"bars": frame}, len(frame), title)
+    frame = special_weights_frame(trace, values, shares)
+    return _special_layout({"bars": frame}, len(frame), title, shares)
 
 
-def special_weights_parts(trace: Trace, values: np.ndarray, title: str = "Special tokens") -> ChartParts:
+def special_weights_parts(trace: Trace, values: np.ndarray, title: str = "Special tokens",
+                          shares: bool = False) -> ChartParts:
     """`build_special_weights_chart` as `ChartParts`."""
-    frame = special_weights_frame(trace, values)
+    frame = special_weights_frame(trace, values, shares)
     n_rows = len(frame)
-    return chart_parts(("special", layout_key(trace), n_rows), {"bars": frame}, title,
-                        lambda data, t: _special_layout(data, n_rows, t))
+    return chart_parts(("special", layout_key(trace), n_rows, bool(shares)), {"bars": frame}, title,
+                       lambda data, t: _special_layout(data, n_rows, t, shares))
 
 
 # ---------------------------------------------------------------------------------------
@@ -377,87 +419,3 @@ def matrix_csv(trace: Trace, attention: np.ndarray) -> str:
     frame = pd.DataFrame(np.asarray(attention, dtype=np.float32), index=labels, columns=labels)
     frame.index.name = "query\\key"
     return frame.to_csv(float_format="%.6g")
-
-
-# ---------------------------------------------------------------------------------------
-# Heads, step-through, explanations, faithfulness
-# ---------------------------------------------------------------------------------------
-
-
-def head_maps_frame(trace: Trace, head_maps: np.ndarray) -> pd.DataFrame:
-    """Long form of ``head_maps`` ``[H, N]`` on the patches: ``head, row, col, value``."""
-    idx, rc = trace.patch_positions()
-    n_heads = head_maps.shape[0]
-    return pd.DataFrame({
-        "head": np.repeat(np.arange(n_heads), len(idx)),
-        "row": np.tile(rc[:, 0].astype(int), n_heads), "col": np.tile(rc[:, 1].astype(int), n_heads),
-        "value": np.asarray(head_maps)[:, idx].ravel().astype(np.float32),
-    })
-
-
-def _all_heads_layout(trace: Trace, data: Mapping, n_heads: int, columns: int, panel: int,
-                      title: str) -> alt.FacetChart:
-    rows, cols = trace.grid
-    cell = panel / max(rows, cols, 1)
-    return alt.Chart(data["heads"]).mark_rect().encode(
-        x=alt.X("col:O", axis=None), y=alt.Y("row:O", axis=None),
-        color=alt.Color("value:Q", scale=alt.Scale(scheme=SCHEME), title="weight"),
-        tooltip=[alt.Tooltip("head:Q"), alt.Tooltip("row:Q"), alt.Tooltip("col:Q"), alt.Tooltip("value:Q", format=".4f")],
-    ).properties(width=round(cell * cols), height=round(cell * rows)).facet(
-        facet=alt.Facet("head:O", title=None, header=alt.Header(labelExpr="'head ' + datum.value")),
-        columns=min(columns, n_heads),
-    ).properties(title=title)
-
-
-@fast_build
-def build_all_heads_chart(trace: Trace, head_maps: np.ndarray, columns: int = 6, panel: int = 110,
-                          title: str = "") -> alt.FacetChart:
-    """Small multiples: one patch-grid heatmap per head (``head_maps`` ``[H, N]``), one shared colour scale."""
-    return _all_heads_layout(trace, {"heads": head_maps_frame(trace, head_maps)}, head_maps.shape[0], columns, panel,
-                             title)
-
-
-def all_heads_parts(trace: Trace, head_maps: np.ndarray, columns: int = 6, panel: int = 110,
-                    title: str = "") -> ChartParts:
-    """`build_all_heads_chart` as `ChartParts`."""
-    n_heads = head_maps.shape[0]
-    return chart_parts(("heads", layout_key(trace), n_heads, int(columns), int(panel)),
-                        {"heads": head_maps_frame(trace, head_maps)}, title,
-                        lambda data, t: _all_heads_layout(trace, data, n_heads, columns, panel, t))
-
-
-@fast_build
-def build_explanations_chart(trace: Trace, maps: Mapping[str, np.ndarray], opacity: float = 0.6,
-                             width: int = 260) -> alt.HConcatChart:
-    """Overlays of several explanation maps side by side (e.g. raw / rollout / relevancy)."""
-    return alt.hconcat(*[
-        build_attention_overlay_chart(trace, values, opacity=opacity, title=name, width=width, select_name=None)
-        for name, values in maps.items()
-    ]).resolve_scale(color="independent")
-
-
-def curve_frame(curves: Mapping[str, object]) -> pd.DataFrame:
-    """Long form of perturbation curves: ``order, fraction, probability, auc``."""
-    parts = [pd.DataFrame({"order": name, "fraction": np.asarray(c.fractions, dtype=float),
-                           "probability": np.asarray(c.probabilities, dtype=float), "auc": float(c.auc)})
-             for name, c in curves.items()]
-    return pd.concat(parts, ignore_index=True)
-
-
-@fast_build
-def build_perturbation_chart(curves: Mapping[str, object], title: str = "", width: int = 260) -> alt.Chart:
-    """Answer probability as patches are removed, one line per order (e.g. positive vs random).
-
-    Args:
-        curves: order name → an object with ``fractions``, ``probabilities`` and ``auc``
-            (`vlcore.faithfulness.PerturbationCurve`).
-    """
-    frame = curve_frame(curves)
-    frame["label"] = frame["order"] + " (AUC " + frame["auc"].map("{:.3f}".format) + ")"
-    return alt.Chart(frame).mark_line(point=True).encode(
-        x=alt.X("fraction:Q", title="fraction of patches removed", scale=alt.Scale(domain=[0, 1])),
-        y=alt.Y("probability:Q", title="answer probability"),
-        color=alt.Color("label:N", title=None, legend=alt.Legend(orient="bottom", direction="vertical")),
-        strokeDash=alt.StrokeDash("order:N", legend=None),
-        tooltip=[alt.Tooltip("order:N"), alt.Tooltip("fraction:Q", format=".0%"), alt.Tooltip("probability:Q", format=".4f")],
-    ).properties(width=width, height=180, title=title)

@@ -61,6 +61,130 @@ def compute_head_maps(trace: Trace, layer: int, query: Sequence[int], direction:
     return rows.mean(1, dtype=np.float32)
 
 
+def compute_layer_maps(trace: Trace, head: int | None, query: Sequence[int], direction: str = "from") -> np.ndarray:
+    """The query's map in every layer, for one head or the mean over heads: float32 ``[L, N]``.
+
+    Row ``l`` equals ``compute_query_map(trace.head_attention(l, head), query, direction)``.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    q = np.asarray(list(query), dtype=np.int64)
+    att = trace.attentions if head is None else trace.attentions[:, head : head + 1]  # [L, H', N, N]
+    rows = att[:, :, q, :] if direction == "from" else np.swapaxes(att[:, :, :, q], 2, 3)  # [L, H', Q, N]
+    return rows.mean((1, 2), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Colour scales and the image's share of a map
+# ---------------------------------------------------------------------------------------
+
+SCALES = ("map", "shared", "absolute")
+SCALE_TITLES = {"map": "per map (min–max)", "shared": "shared by the maps shown", "absolute": "absolute 0–1"}
+
+
+def patch_values(trace: Trace, values: np.ndarray) -> np.ndarray:
+    """The values of the patch tokens (row-major grid order): float64 ``[P]``."""
+    return np.asarray(values, dtype=np.float64)[trace.patch_positions()[0]]
+
+
+def safe_domain(lo: float, hi: float) -> tuple[float, float]:
+    """A colour domain Vega can draw: finite, and ``hi > lo`` (a constant map gets a sliver of width).
+
+    >>> safe_domain(0.0, 0.5), safe_domain(0.25, 0.25)[1] > 0.25, safe_domain(float("nan"), 1.0)
+    ((0.0, 0.5), True, (0.0, 1.0))
+    """
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return 0.0, 1.0
+    lo, hi = float(lo), float(hi)
+    if hi <= lo:
+        hi = lo + max(abs(lo), 1.0) * 1e-6
+    return lo, hi
+
+
+def map_domain(values: np.ndarray) -> tuple[float, float]:
+    """One map's own range, min to max (the "per map" scale).
+
+    >>> map_domain(np.array([0.2, 0.1, 0.4]))
+    (0.1, 0.4)
+    """
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return safe_domain(float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+
+
+def compute_domain(maps: Sequence[np.ndarray], scale: str) -> tuple[float, float] | None:
+    """The colour domain the maps share under a scale, or None when each map keeps its own (``"map"``).
+
+    Args:
+        maps: the values each map draws (e.g. `patch_values` of every map on screen).
+        scale: ``"map"`` (None: every map min to max), ``"shared"`` (0, or a lower minimum, to the
+            largest value of all maps) or ``"absolute"`` (0 to 1: a weight's share of its row).
+
+    >>> compute_domain([np.array([0.0, 0.2]), np.array([0.1, 0.6])], "shared")
+    (0.0, 0.6)
+    >>> compute_domain([np.array([0.3])], "absolute"), compute_domain([np.array([0.3])], "map")
+    ((0.0, 1.0), None)
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if scale == "map":
+        return None
+    if scale == "absolute":
+        return 0.0, 1.0
+    values = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps]) if len(maps) else np.zeros(0)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return 0.0, 1.0
+    return safe_domain(min(0.0, float(values.min())), float(values.max()))
+
+
+def clip_share(share: float) -> float:
+    """A share for display, in [0, 1] (float16 rows sum to 1 ± 1e-3; a printed 100.01 % is noise).
+
+    >>> clip_share(1.00001), clip_share(-1e-9), clip_share(0.25)
+    (1.0, 0.0, 0.25)
+    """
+    return float(min(max(float(share), 0.0), 1.0)) if np.isfinite(share) else 0.0
+
+
+def format_share(share: float) -> str:
+    """A share as a percentage with one decimal; a positive share below 0.05 % reads "<0.1%", not "0.0%".
+
+    >>> format_share(1.00001), format_share(0.1234), format_share(0.0), format_share(3e-6)
+    ('100.0%', '12.3%', '0.0%', '<0.1%')
+    """
+    s = clip_share(share)
+    return "<0.1%" if 0 < s < 0.0005 else f"{s:.1%}"
+
+
+def compute_image_share(trace: Trace, values: np.ndarray, direction: str = "from") -> float:
+    """How much of a map lies on the image patches.
+
+    ``"from"``: the patches' part of the map's total, i.e. the share of the query's attention (its row) that
+    the image receives, or of a relevancy map's total relevance. ``"to"``: the mean over patches of the weight
+    each gives the query, i.e. the share of a patch's attention the query receives.
+
+    Returns:
+        A share in [0, 1] (clipped: float16 sums may pass 1 by a rounding error).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    patches = patch_values(trace, v)
+    if direction == "to":
+        return clip_share(patches.mean()) if patches.size else 0.0
+    total = float(v.sum())
+    return clip_share(patches.sum() / total) if total > 0 else 0.0
+
+
+def image_share_caption(trace: Trace, values: np.ndarray, direction: str = "from", relevance: bool = False) -> str:
+    """The line shown beside an overlay, e.g. ``"image: 0.0% of this row"``."""
+    share = format_share(compute_image_share(trace, values, direction))
+    if relevance:
+        return f"image: {share} of the relevance"
+    if direction == "to":
+        return f"patches give the query {share} of their attention (mean)"
+    return f"image: {share} of this row"
+
+
 def parse_patches(text: str | None, grid: tuple[int, int]) -> tuple[list[tuple[int, int]], list[str]]:
     """Patch cells from the URL form ``"row.col,row.col"``.
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pytest
 
 from tests.app.conftest import open_page
 from vlcore.trace import Trace
@@ -28,13 +30,18 @@ def layer_data(spec: dict, frames: dict, i: int) -> pd.DataFrame:
     return frames[(spec["layer"][i].get("data") or spec["data"])["name"]]
 
 
+def is_strip(spec: dict) -> bool:
+    """The layer strip: small maps of every layer, titled "Every layer: ..."."""
+    return isinstance(spec.get("title"), str) and spec["title"].startswith("Every layer")
+
+
 def overlay_heats(at) -> list[pd.DataFrame]:
-    """The heat layer (patch rectangles coloured by value) of every image overlay on the page."""
+    """The heat layer (patch rectangles coloured by value) of every image overlay on the page (not the strip)."""
     heats = []
     for element in at.get("vega_lite_chart"):
         spec, frames = chart_data(element)
         layers = spec.get("layer", [])
-        if not any(layer.get("mark", {}).get("type") == "image" for layer in layers):
+        if is_strip(spec) or not any(layer.get("mark", {}).get("type") == "image" for layer in layers):
             continue
         heat = next(layer for layer in layers if layer.get("encoding", {}).get("color", {}).get("field") == "value")
         heats.append(frames[heat["data"]["name"]])
@@ -84,7 +91,7 @@ def test_matrices_step_through_and_exports():
     assert len(cells) == trace_n**2 and cells["key"].nunique() == trace_n
     image_cls = next(k for k in cells["key"].unique() if k.endswith(":[IMG]"))
     assert [layer_data(spec, frames, i).iloc[0, 0] for i in (1, 2)] == [image_cls] * 2  # text | image rules
-    at.segmented_control(key="hm_block").set_value("txt2img").run()
+    at.radio(key="hm_block").set_value("txt2img").run()
     spec, frames = next(c for c in map(chart_data, at.get("vega_lite_chart")) if c[0].get("title") == "text → image")
     block = layer_data(spec, frames, 0)
     assert block["key"].nunique() == 64 and len(block) == 64 * block["query"].nunique()
@@ -199,10 +206,12 @@ def rendered(element) -> dict:
 def test_show_parts_sends_what_altair_chart_sends_for_the_builder():
     from streamlit.testing.v1 import AppTest
 
+    from tests.test_charts_heatmaps import parts_cases, planted_trace
+
     at = AppTest.from_function(_render_both_ways, default_timeout=60).run()
     assert not at.exception
     charts = at.get("vega_lite_chart")
-    assert len(charts) == 2 * 11
+    assert len(charts) == 2 * len(parts_cases(planted_trace()))
     for fast, built in zip(charts[::2], charts[1::2]):
         assert rendered(fast) == rendered(built)
         assert fast.proto.theme == built.proto.theme and fast.proto.use_container_width == built.proto.use_container_width
@@ -262,3 +271,235 @@ def test_trace_memory_keeps_the_last_few_traces_while_their_files_exist(tmp_path
     small = TraceMemory(max_bytes=100)  # a trace bigger than the budget is not kept
     small.put(store, "bb2", traces["bb2"])
     assert len(small) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 14: colour scales, the image's share, the layer strip, titles, faithfulness curves, caches
+# ---------------------------------------------------------------------------------------
+
+
+def overlay_specs(at) -> list[dict]:
+    """Specs of the image overlays (not the layer strip), in page order."""
+    specs = [json.loads(e.proto.spec) for e in at.get("vega_lite_chart")]
+    return [s for s in specs if not is_strip(s) and any(part.get("mark", {}).get("type") == "image"
+                                                         for part in s.get("layer", []))]
+
+
+def heat_scale(spec: dict, channel: str = "color") -> dict:
+    heat = next(layer for layer in spec["layer"] if layer.get("encoding", {}).get("color", {}).get("field") == "value")
+    return heat["encoding"][channel]["scale"]
+
+
+def strip(at) -> tuple[dict, dict, object]:
+    """The layer strip's spec, its datasets and its element."""
+    element = next(e for e in at.get("vega_lite_chart") if is_strip(json.loads(e.proto.spec)))
+    spec, frames = chart_data(element)
+    return spec, frames, element
+
+
+def test_colour_scale_per_map_shared_and_absolute_and_the_url():
+    at = open_page(PAGE, {"ex": EX, "layer": "2", "head": "1", "view": "heads"})
+    assert not at.exception and not at.error and at.query_params["scale"] == "map"
+    heat = overlay_heats(at)[0]
+    assert heat_scale(overlay_specs(at)[0])["domain"] == [heat["value"].min(), heat["value"].max()]  # its own range
+    opacity = heat_scale(overlay_specs(at)[0], "opacity")
+    assert opacity["domain"] == [0.0, heat["value"].max()] and opacity["range"][0] == 0  # zero weight: transparent
+
+    at.segmented_control(key="hm_scale").set_value("shared").run()
+    assert not at.exception and at.query_params["scale"] == "shared"
+    spec, frames, _ = strip(at)
+    cells = next(f for f in frames.values() if "level" in f)
+    grid = next(frames[s["data"]["name"]] for s, frames in map(chart_data, at.get("vega_lite_chart")) if "facet" in s)
+    top = max(overlay_heats(at)[0]["value"].max(), cells["value"].max(), grid["value"].max())
+    domain = heat_scale(overlay_specs(at)[0])["domain"]
+    assert domain == [0.0, pytest.approx(top, rel=1e-6)]  # one scale for the overlay, every layer and every head
+    assert spec["layer"][1]["encoding"]["color"]["scale"]["domain"] == domain
+    facet = next(s for s, _ in map(chart_data, at.get("vega_lite_chart")) if "facet" in s)
+    facet_color = facet["spec"]["encoding"]["color"]
+    assert facet_color["scale"]["domain"] == domain
+
+    at.segmented_control(key="hm_scale").set_value("absolute").run()
+    assert at.query_params["scale"] == "absolute"
+    assert heat_scale(overlay_specs(at)[0])["domain"] == [0.0, 1.0]
+    reopened = open_page(PAGE, dict(at.query_params))  # a shared link keeps the scale
+    assert reopened.segmented_control(key="hm_scale").value == "absolute"
+    assert open_page(PAGE, {"ex": EX, "scale": "log"}).segmented_control(key="hm_scale").value == "map"
+
+
+def test_every_overlay_says_how_much_of_the_map_is_on_the_image():
+    at = open_page(PAGE, {"ex": EX, "view": "explain"})
+    assert not at.exception and not at.error
+    subtitles = [spec["title"]["subtitle"] for spec in overlay_specs(at)]
+    assert len(subtitles) == 4
+    pattern = r"image: (<0\.1|\d{1,3}\.\d)% of (this row|the relevance)"
+    assert all(re.fullmatch(pattern, s) for s in subtitles), subtitles
+    assert subtitles[-1].endswith("of the relevance")
+    # the [CLS] row's patch total, as the special-token bars show it
+    bars = next(frames[spec["data"]["name"]] for spec, frames in map(chart_data, at.get("vega_lite_chart"))
+                if spec.get("title") == "Special tokens")
+    patches = bars.set_index("token").loc["all patches"]
+    assert subtitles[0] == f"image: {patches['label']} of this row" and 0 <= patches["value"] <= 1
+    at.segmented_control(key="hm_view").set_value("step").run()
+    assert overlay_specs(at)[-1]["title"]["subtitle"].startswith("image: ")
+    at.segmented_control(key="hm_dir").set_value("to").run()
+    assert "of their attention" in overlay_specs(at)[0]["title"]["subtitle"]
+
+
+def test_relevancy_view_is_titled_as_relevancy():
+    at = open_page(PAGE, {"ex": EX, "method": "relevancy"})
+    assert not at.exception and not at.error
+    heading = at.subheader[0].value
+    assert heading.startswith("Gradient relevancy") and "Attention" not in heading
+    assert overlay_specs(at)[0]["title"]["text"].startswith("gradient relevancy for “")
+    at.segmented_control(key="hm_method").set_value("rollout").run()
+    assert at.subheader[0].value.startswith("Attention rollout from the query")
+    at.segmented_control(key="hm_method").set_value("raw").run()
+    assert at.subheader[0].value.startswith("Attention from the query · layer ")
+
+
+class ChartClick:
+    """What a click on a chart with ``on_select`` sends (AppTest cannot click a chart): the next run gets
+    ``event`` as that chart's selection state."""
+
+    def __new__(cls, element, event: dict):
+        from streamlit.proto.WidgetStates_pb2 import WidgetState
+        from streamlit.testing.v1.element_tree import Widget
+
+        class Clicked(Widget):
+            def __init__(self):
+                super().__init__(element.proto, element.root)
+                self.type = "vega_lite_chart"
+
+            @property
+            def value(self):
+                return event
+
+            @property
+            def _widget_state(self):
+                state = WidgetState(id=self.proto.id)
+                state.string_value = json.dumps(event)
+                return state
+
+        return Clicked()
+
+
+def click_chart(at, element, event: dict) -> None:
+    """Replace ``element`` in the app's tree by a `ChartClick` of it (for the next ``at.run()``)."""
+    def walk(block) -> bool:
+        for index, child in getattr(block, "children", {}).items():
+            if child is element:
+                block.children[index] = ChartClick(element, event)
+                return True
+            if walk(child):
+                return True
+        return False
+
+    assert walk(at._tree)
+
+
+def test_layer_strip_shows_every_layer_and_a_click_picks_the_layer():
+    at = open_page(PAGE, {"ex": EX, "head": "1", "tok": "2"})
+    assert not at.exception and not at.error
+    assert at.slider(key="layer").value == 3  # the default: the last layer
+    spec, frames, element = strip(at)
+    cells = next(f for f in frames.values() if "level" in f)
+    assert sorted(cells["layer"].unique()) == [0, 1, 2, 3] and len(cells) == 4 * 64
+    labels = next(f for f in frames.values() if "caption" in f)
+    assert labels.loc[labels["shown"], "layer"].tolist() == [3]
+    assert all(c.startswith("img ") and c.endswith("%") for c in labels["caption"])
+    # each small map is the raw map of this query and head in its layer
+    from vlcore.ui.context import trace_memory
+
+    trace = next(reversed(trace_memory()._entries.values()))[0]
+    for layer, part in cells.groupby("layer"):
+        expected = trace.head_attention(int(layer), 1)[2][trace.patch_positions()[0]]
+        assert np.allclose(part.sort_values(["row", "col"])["value"], expected, atol=1e-3)
+    assert list(element.proto.selection_mode) == ["pick_layer"]
+
+    click_chart(at, element, {"selection": {"pick_layer": [{"layer": 2}]}})
+    at.run()
+    assert not at.exception and not at.error
+    assert at.slider(key="layer").value == 2 and at.query_params["layer"] == "2"
+    labels = next(f for f in strip(at)[1].values() if "caption" in f)
+    assert labels.loc[labels["shown"], "layer"].tolist() == [2]
+    assert "layer 2" in at.subheader[0].value
+    at.slider(key="layer").set_value(0).run()  # the slider still works, and a second click on layer 2 counts again
+    click_chart(at, strip(at)[2], {"selection": {"pick_layer": [{"layer": 2}]}})
+    at.run()
+    assert at.slider(key="layer").value == 2 and at.query_params["layer"] == "2"
+
+
+def test_matrix_block_picker_is_beside_the_chart_not_under_its_toolbar():
+    at = open_page(PAGE, {"ex": EX})
+    assert not at.exception
+    row = next(b for b in at.main.children.values()
+               if any(hasattr(c, "children") and c.get("radio") for c in getattr(b, "children", {}).values()))
+    picker, chart = list(row.children.values())  # one row of two columns
+    assert picker.type == chart.type == "column"
+    assert [r.key for r in picker.get("radio")] == ["hm_block"] and not picker.get("vega_lite_chart")
+    assert len(chart.get("vega_lite_chart")) == 1 and not chart.get("radio")
+    assert "image → image" in [o for o in at.radio(key="hm_block").options]
+
+
+def test_faithfulness_curves_are_drawn_at_their_own_size_with_ticks_and_legend():
+    at = open_page(PAGE, {"ex": EX, "view": "explain"})
+    at.toggle(key="hm_faith").set_value(True).run()
+    assert not at.exception and not at.error
+    lines = [s for s, _ in map(chart_data, at.get("vega_lite_chart")) if s.get("mark", {}).get("type") == "line"]
+    assert len(lines) == 3
+    for spec in lines:
+        assert spec["autosize"] == {"type": "pad", "contains": "padding"}  # not stretched and fitted by Streamlit
+        assert spec["encoding"]["y"]["axis"]["ticks"] and spec["encoding"]["color"]["legend"]["labelLimit"] == 0
+        assert len(spec["encoding"]["color"]["scale"]["domain"]) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Derived caches are keyed on the trace's content and the model, not on its example id and text
+# ---------------------------------------------------------------------------------------
+
+
+def test_same_example_id_and_text_with_other_content_never_gets_a_stale_rollout():
+    from tests.test_charts_heatmaps import patch_index, planted_trace
+    from vlcore.relevance import compute_rollout
+    from vlcore.ui.heatmaps import Query, method_map, trace_fingerprint
+
+    first = planted_trace({(0, 0, 1): patch_index(0, 2), (1, 0, 1): patch_index(0, 2)})
+    second = planted_trace({(0, 0, 1): patch_index(1, 0), (1, 0, 1): patch_index(1, 0)})  # same id, model, text
+    assert (first.example_id, first.model_id, first.text) == (second.example_id, second.model_id, second.text)
+    assert trace_fingerprint(first) != trace_fingerprint(second)
+    assert trace_fingerprint(first) == trace_fingerprint(planted_trace({(0, 0, 1): patch_index(0, 2),
+                                                                        (1, 0, 1): patch_index(0, 2)}))
+    query = Query(np.array([1]), [], "a")
+    for trace in (first, second, first):
+        shown = method_map("rollout", trace, 1, 0, query, "from")
+        assert np.allclose(shown, compute_rollout(trace, 0)[1], atol=1e-6)
+
+
+def test_same_example_id_and_text_from_another_dataset_or_model_never_gets_a_stale_relevancy_or_curve(
+        tiny_tokenizer_dir):
+    from tests.conftest import grey_image, make_tiny_adapter
+    from vlcore.data.example import Example
+    from vlcore.extract import extract_trace
+    from vlcore.faithfulness import compute_perturbation_curve
+    from vlcore.relevance import extract_relevancy
+    from vlcore.ui.heatmaps import Query, cached_curve, method_map, model_fingerprint, trace_fingerprint
+
+    model_a = make_tiny_adapter(tiny_tokenizer_dir, seed=0)
+    model_b = make_tiny_adapter(tiny_tokenizer_dir, seed=1)
+    model_b.model_id = model_a.model_id  # e.g. a local folder retrained under the same name
+    question = "what color is the shape ?"
+    red = Example("upload/x/0", question, image=grey_image(32, 32, red_cell=(1, 2)))
+    blue = Example("upload/x/0", question, image=grey_image(32, 32, red_cell=(3, 0)))  # same id, another dataset
+    cls = Query(np.array([0]), [], "[CLS]")
+    seen = []
+    for adapter, example in ((model_a, red), (model_a, blue), (model_b, red), (model_a, red)):
+        trace = extract_trace(adapter, example.load_image(), question, example.example_id)
+        shown = method_map("relevancy", trace, 0, None, cls, "from", adapter, example, None)
+        expected = extract_relevancy(adapter, example.load_image(), question).values
+        assert np.allclose(shown, expected, atol=1e-6)
+        curve = cached_curve(adapter, example, trace_fingerprint(trace), model_fingerprint(adapter),
+                             np.asarray(shown, np.float32), None, "positive")
+        direct = compute_perturbation_curve(adapter, example.load_image(), question, shown, order="positive")
+        assert np.allclose(curve.probabilities, direct.probabilities, atol=1e-6)
+        seen.append(shown)
+    assert not np.allclose(seen[0], seen[1]) and not np.allclose(seen[0], seen[2])  # the cases really differ

@@ -1,13 +1,19 @@
 """Streamlit glue of the attention-heatmaps page: query picking, cached explanations, step-through, export.
 
-The URL is the shareable state (``tok``, ``patch``, ``dir``, ``method``, ``answer``, ``view``); widgets are
-seeded from it once per example and write it back on every run.
+The URL is the shareable state (``tok``, ``patch``, ``dir``, ``method``, ``scale``, ``answer``, ``view``; the
+layer strip writes ``layer``); widgets are seeded from it once per example and write it back on every run.
+Derived results (rollout, relevancy, perturbation curves) are cached on the trace's content fingerprint
+(`trace_fingerprint`) and the model's (`model_fingerprint`), never on its example id or text.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
+import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +24,7 @@ import streamlit as st
 
 from vlcore import charts_heatmaps as ch
 from vlcore import chart_parts as cp
+from vlcore import charts_multiples as cm
 from vlcore import heatmap_maps as hm
 from vlcore.errors import VLScopeError
 from vlcore.trace import Trace
@@ -111,6 +118,7 @@ def _seed_from_url(trace: Trace) -> None:
     st.session_state["hm_patches"] = [f"{r}.{c}" for r, c in cells]
     st.session_state["hm_dir"] = get_choice("dir", hm.DIRECTIONS, "from")
     st.session_state["hm_method"] = get_choice("method", METHODS, "raw")
+    st.session_state["hm_scale"] = get_choice("scale", hm.SCALES, "map")
     st.session_state["hm_view"] = get_choice("view", VIEWS, "matrices")
     st.session_state["hm_trace"] = (trace.model_id, trace.example_id)
 
@@ -155,16 +163,35 @@ def pick_query(trace: Trace) -> Query:
     return Query(np.array([tok]), [], f"token {tok} “{trace.tokens[tok]}”")
 
 
-def pick_display() -> tuple[str, str, float, bool]:
-    """Direction, method, opacity and smoothing (``dir``, ``method`` in the URL)."""
-    c1, c2, c3, c4 = st.columns([2, 3, 2, 1])
+@dataclass
+class Display:
+    """How the maps are drawn: direction, method, colour scale (`vlcore.heatmap_maps.SCALES`), opacity, smoothing."""
+
+    direction: str
+    method: str
+    scale: str
+    opacity: float
+    smooth: bool
+
+
+def pick_display() -> Display:
+    """Direction, method, colour scale, opacity and smoothing (``dir``, ``method``, ``scale`` in the URL)."""
+    c1, c2, c3 = st.columns([2, 3, 3])
     direction = c1.segmented_control("Attention", hm.DIRECTIONS, key="hm_dir",
                                      format_func=lambda d: f"{d} the query") or "from"
     method = c2.segmented_control("Map", METHODS, key="hm_method", format_func=METHOD_TITLES.get) or "raw"
-    opacity = c3.slider("Heat opacity", 0.0, 1.0, 0.6, 0.05, key="hm_opacity")
-    smooth = c4.toggle("Smooth", key="hm_smooth", help="bilinear upsampling of the patch grid")
-    set_params(dir=direction, method=method)
-    return direction, method, opacity, smooth
+    scale = c3.segmented_control(
+        "Colour scale", hm.SCALES, key="hm_scale", format_func=hm.SCALE_TITLES.get,
+        help="per map: each map from its own min to its max (a map of near-zero weights looks as strong as any); "
+             "shared: one scale from 0 to the largest weight of every map on the page; absolute: 0 to 1, "
+             "the share of a row") or "map"
+    c4, c5 = st.columns([3, 1])
+    opacity = c4.slider("Heat opacity", 0.0, 1.0, 0.8, 0.05, key="hm_opacity",
+                        help="the heat's opacity at the top of the colour scale; it falls to 0 (transparent) at "
+                             "weight 0, so the image shows through low weights")
+    smooth = c5.toggle("Smooth", key="hm_smooth", help="bilinear upsampling of the patch grid")
+    set_params(dir=direction, method=method, scale=scale)
+    return Display(direction, method, scale, opacity, smooth)
 
 
 def pick_view() -> str:
@@ -203,17 +230,54 @@ def pick_answer(adapter, trace: Trace) -> str | None:
 # ---------------------------------------------------------------------------------------
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FINGERPRINTS_LOCK = threading.Lock()
+
+
+def trace_fingerprint(trace: Trace) -> str:
+    """A digest of what the trace holds: model id, tokens, text, grid, the image and every attention weight.
+
+    Two traces with the same example id and text but another image, model or dataset get different
+    fingerprints. A trace is frozen with read-only arrays, so its digest is computed once per object
+    (~20 ms for a 234-token ViLT-B trace) and remembered while the object lives.
+    """
+    with _FINGERPRINTS_LOCK:
+        known = _FINGERPRINTS.get(trace)
+    if known is not None:
+        return known
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(json.dumps([trace.model_id, list(trace.tokens), trace.text, list(trace.grid),
+                              trace.patch_px]).encode())
+    for array in (trace.image, trace.patch_rc, trace.attentions):
+        if array is None:
+            digest.update(b"none")
+            continue
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    value = digest.hexdigest()
+    with _FINGERPRINTS_LOCK:
+        _FINGERPRINTS[trace] = value
+    return value
+
+
+def model_fingerprint(adapter) -> str:
+    """A digest of the adapter's fingerprint (model id with revision or weights hash, dtype, processing)."""
+    text = json.dumps(adapter.fingerprint(), sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 @st.cache_data(max_entries=8, show_spinner=False)
-def cached_rollout(_trace: Trace, model_id: str, example_id: str, text: str, start_layer: int) -> np.ndarray:
-    """Attention rollout ``[N, N]`` of the trace (keyed on model, example and start layer)."""
+def cached_rollout(_trace: Trace, trace_key: str, start_layer: int) -> np.ndarray:
+    """Attention rollout ``[N, N]`` of the trace (keyed on its `trace_fingerprint` and the start layer)."""
     from vlcore.relevance import compute_rollout
 
     return compute_rollout(_trace, start_layer)
 
 
 @st.cache_data(max_entries=32, show_spinner="Computing gradient relevancy (one forward and backward pass)…")
-def cached_relevancy(_adapter, _example, model_id: str, example_id: str, text: str, answer: str | None) -> np.ndarray:
-    """Relevancy values ``[N]`` of the example for one answer."""
+def cached_relevancy(_adapter, _example, trace_key: str, model_key: str, answer: str | None) -> np.ndarray:
+    """Relevancy values ``[N]`` of the example for one answer (keyed on the trace's and the model's fingerprints:
+    the example is the one the trace was made from)."""
     from vlcore.extract import model_image_input
     from vlcore.relevance import extract_relevancy
 
@@ -221,8 +285,8 @@ def cached_relevancy(_adapter, _example, model_id: str, example_id: str, text: s
 
 
 @st.cache_data(max_entries=64, show_spinner="Removing patches in order and re-running the model…")
-def cached_curve(_adapter, _example, model_id: str, example_id: str, text: str, values: np.ndarray,
-                 answer: str | None, order: str):
+def cached_curve(_adapter, _example, trace_key: str, model_key: str, values: np.ndarray, answer: str | None,
+                 order: str):
     """A perturbation curve (`vlcore.faithfulness.compute_perturbation_curve`) for one map and order."""
     from vlcore.extract import model_image_input
     from vlcore.faithfulness import compute_perturbation_curve
@@ -237,9 +301,9 @@ def method_map(method: str, trace: Trace, layer: int, head: int | None, query: Q
     if method == "raw":
         return hm.compute_query_map(trace.head_attention(layer, head), query.tokens, direction)
     if method == "rollout":
-        rollout = cached_rollout(trace, trace.model_id, trace.example_id, trace.text, start_layer)
+        rollout = cached_rollout(trace, trace_fingerprint(trace), start_layer)
         return hm.compute_query_map(rollout, query.tokens, direction)
-    return cached_relevancy(adapter, example, trace.model_id, trace.example_id, trace.text, answer)
+    return cached_relevancy(adapter, example, trace_fingerprint(trace), model_fingerprint(adapter), answer)
 
 
 # ---------------------------------------------------------------------------------------
@@ -247,49 +311,115 @@ def method_map(method: str, trace: Trace, layer: int, head: int | None, query: Q
 # ---------------------------------------------------------------------------------------
 
 
-def show_query_views(trace: Trace, values: np.ndarray, query: Query, title: str, opacity: float, smooth: bool,
-                     clickable: bool = True) -> dict[str, Callable]:
-    """Overlay (clickable patches), token chips and special-token bars for one map.
+def show_query_views(trace: Trace, values: np.ndarray, query: Query, title: str, display: Display,
+                     domain: tuple[float, float] | None, clickable: bool = True) -> dict[str, Callable]:
+    """Overlay (clickable patches; the image's share of the map under its title), token chips and
+    special-token bars for one map.
 
     Returns:
         name → a function building the chart as an Altair object (for the export section).
     """
     select_name = "patch" if clickable else None
     tokens = query.tokens.tolist()
+    relevance = display.method == "relevancy"
+    subtitle = hm.image_share_caption(trace, values, display.direction, relevance)
+    shares = not relevance and display.direction == "from"
+    overlay_args = dict(selected=query.cells, opacity=display.opacity, smooth=display.smooth, title=title, width=340,
+                        select_name=select_name, domain=domain, subtitle=subtitle)
     left, right = st.columns(2)
     with left:
-        overlay = ch.overlay_parts(trace, values, query.cells, opacity, smooth, title=title, width=340,
-                                   select_name=select_name)
+        overlay = ch.overlay_parts(trace, values, **overlay_args)
         if clickable:
             show_parts(overlay, key="hm_click", on_select=_on_overlay_click, selection_mode="patch")
         else:
             show_parts(overlay)
     with right:
         show_parts(ch.token_chips_parts(trace, values, tokens, title="Text tokens", width=CHIPS_WIDTH))
-        show_parts(ch.special_weights_parts(trace, values))
+        show_parts(ch.special_weights_parts(trace, values, shares=shares))
     return {
-        "overlay": lambda: ch.build_attention_overlay_chart(trace, values, query.cells, opacity, smooth, title=title,
-                                                            width=340, select_name=select_name),
+        "overlay": lambda: ch.build_attention_overlay_chart(trace, values, **overlay_args),
         "text tokens": lambda: ch.build_token_chips_chart(trace, values, tokens, title="Text tokens", width=CHIPS_WIDTH),
-        "special tokens": lambda: ch.build_special_weights_chart(trace, values),
+        "special tokens": lambda: ch.build_special_weights_chart(trace, values, shares=shares),
     }
+
+
+STRIP_SELECTION = "pick_layer"
+
+
+def layer_from_event(event: dict | None) -> int | None:
+    """The layer a click on the layer strip picked (the selection event Streamlit keeps), or None."""
+    points = ((event or {}).get("selection") or {}).get(STRIP_SELECTION) or []
+    layers = [int(p["layer"]) for p in points if isinstance(p, dict) and p.get("layer") is not None]
+    return layers[-1] if layers else None
+
+
+def _on_layer_click(key: str) -> None:
+    """A click on a map of the layer strip selects that layer (the sidebar slider ``layer``, then the URL)."""
+    layer = layer_from_event(st.session_state.get(key))
+    if layer is not None:
+        st.session_state["layer"] = layer
+
+
+def layer_strip_captions(trace: Trace, layer_maps: np.ndarray, direction: str) -> list[str]:
+    """Each layer's image share, short enough for a small map ("img 12.3%"; "to": the patches' mean)."""
+    return [f"img {hm.format_share(hm.compute_image_share(trace, m, direction))}" for m in layer_maps]
+
+
+def show_layer_strip(trace: Trace, layer_maps: np.ndarray, layer: int, head_text: str, query: Query, display: Display,
+                     domain: tuple[float, float] | None) -> Callable:
+    """Every layer's raw map of the query (this head), side by side; a click on one shows that layer.
+
+    Returns:
+        A function building the strip as an Altair object (for the export section).
+    """
+    title = f"Every layer: raw attention {display.direction} {query.label}, {head_text} (click a map to show its layer)"
+    args = dict(domain=domain, selected=layer, captions=layer_strip_captions(trace, layer_maps, display.direction),
+                opacity=display.opacity, title=title)
+    key = f"hm_layers_{layer}"  # a new widget per shown layer: a click on a map picked before still registers
+    show_parts(cm.layer_strip_parts(trace, layer_maps, **args), key=key,
+               on_select=functools.partial(_on_layer_click, key), selection_mode=STRIP_SELECTION)
+    what = "of this row" if display.direction == "from" else "of each patch's row to the query (mean)"
+    st.caption(f"Under each layer: the image's share {what}. The informative layer is often not the last.")
+    return lambda: cm.build_layer_strip_chart(trace, layer_maps, select_name=None, **args)
+
+
+def scale_domain(trace: Trace, maps: list[np.ndarray], scale: str) -> tuple[float, float] | None:
+    """The colour domain of every map drawn this run (`vlcore.heatmap_maps.compute_domain` on their patches).
+
+    Args:
+        maps: arrays ``[..., N]``: one map, or a stack (every layer, head or step-through token).
+    """
+    rows = [row for m in maps for row in np.asarray(m).reshape(-1, trace.n_tokens)]
+    return hm.compute_domain([hm.patch_values(trace, row) for row in rows], scale)
+
+
+def step_maps(trace: Trace, layer: int, head: int | None, direction: str) -> np.ndarray:
+    """The step-through's maps: one per text token ``[T, N]`` (so a shared scale holds while it plays)."""
+    att = trace.head_attention(layer, head)
+    rows = trace.text_index(include_special=True)
+    return att[rows] if direction == "from" else att[:, rows].T
 
 
 def show_matrices(trace: Trace, att: np.ndarray, title: str) -> str:
     """The full matrix with modality separators, or one of the four blocks (one chart per run keeps it fast).
 
+    The block picker sits in a column of its own, left of the chart: above the chart it was covered by the
+    chart's toolbar.
+
     Returns:
         The block shown (``"full"`` or a key of ``BLOCK_TITLES``).
     """
     options = ["full", *ch.BLOCK_TITLES]
-    block = st.segmented_control("Matrix", options, key="hm_block", default="full",
-                                 format_func=lambda b: "full query × key" if b == "full" else ch.BLOCK_TITLES[b]) or "full"
-    if block == "full":
-        show_parts(ch.matrix_parts(trace, att, title=title, size=440))
-    else:
-        show_parts(ch.block_parts(trace, att, block, size=440))
-    st.caption("Rows are queries (attending), columns keys (attended to); hover a cell for both tokens. "
-               "White rules separate text from image tokens; the blocks leave out [CLS], [SEP] and [IMG].")
+    picker, chart = st.columns([1, 4])
+    block = picker.radio("Matrix", options, key="hm_block", index=0,
+                         format_func=lambda b: "full query × key" if b == "full" else ch.BLOCK_TITLES[b]) or "full"
+    with chart:
+        if block == "full":
+            show_parts(ch.matrix_parts(trace, att, title=title, size=440))
+        else:
+            show_parts(ch.block_parts(trace, att, block, size=440))
+        st.caption("Rows are queries (attending), columns keys (attended to); hover a cell for both tokens. "
+                   "White rules separate text from image tokens; the blocks leave out [CLS], [SEP] and [IMG].")
     return block
 
 
@@ -297,8 +427,8 @@ def _step(delta: int, n: int) -> None:
     st.session_state["hm_step"] = (int(st.session_state.get("hm_step", 0)) + delta) % n
 
 
-def show_step_through(trace: Trace, layer: int, head: int | None, direction: str, opacity: float, smooth: bool,
-                      interval_s: float = 1.0) -> None:
+def show_step_through(trace: Trace, layer: int, head: int | None, display: Display,
+                      domain: tuple[float, float] | None, interval_s: float = 1.0) -> None:
     """Play through the text tokens one by one (a fragment timer), or step with buttons and a slider."""
     n = len(trace.text_index(include_special=True))
     if st.session_state.get("hm_step", 0) >= n:
@@ -308,6 +438,7 @@ def show_step_through(trace: Trace, layer: int, head: int | None, direction: str
     c2.button("next ▶", key="hm_next", on_click=_step, args=(1, n))
     playing = c3.toggle("Play", key="hm_play", help=f"advance one token every {interval_s:.1f} s")
     att = trace.head_attention(layer, head)
+    direction = display.direction
 
     @st.fragment(run_every=interval_s if playing else None)
     def frame() -> None:
@@ -318,8 +449,9 @@ def show_step_through(trace: Trace, layer: int, head: int | None, direction: str
         st.slider("Token", 0, n - 1, key="hm_step")
         i = int(st.session_state["hm_step"])
         values = hm.compute_query_map(att, [i], direction)
-        show_parts(ch.overlay_parts(trace, values, opacity=opacity, smooth=smooth, select_name=None, width=300,
-                                    title=f"attention {direction} token {i} “{trace.tokens[i]}”"))
+        show_parts(ch.overlay_parts(trace, values, opacity=display.opacity, smooth=display.smooth, select_name=None,
+                                    width=300, title=f"attention {direction} token {i} “{trace.tokens[i]}”",
+                                    domain=domain, subtitle=hm.image_share_caption(trace, values, direction)))
         show_parts(ch.token_chips_parts(trace, values, [i], width=CHIPS_WIDTH))
 
     frame()
@@ -358,26 +490,35 @@ def explanation_maps(trace: Trace, layer: int, head: int | None, start_layer: in
             for method in METHODS}
 
 
+def explanation_captions(trace: Trace, maps: dict[str, np.ndarray]) -> dict[str, str]:
+    """The image's share of each explanation map ([CLS] rows, and the relevance)."""
+    return {method: hm.image_share_caption(trace, values, "from", method == "relevancy")
+            for method, values in maps.items()}
+
+
 def show_explanations(trace: Trace, maps: dict[str, np.ndarray], titles: dict[str, str], adapter, example,
-                      answer: str | None, opacity: float, smooth: bool) -> None:
+                      answer: str | None, display: Display, domain: tuple[float, float] | None) -> None:
     """Each explanation's overlay and text colouring, and (on request) its perturbation curve and AUC."""
     score = st.toggle("Score faithfulness: remove patches in order of each map and re-run the model "
                       "(a few dozen forward passes per map, cached)", key="hm_faith")
+    captions = explanation_captions(trace, maps)
     for col, (method, values) in zip(st.columns(len(maps)), maps.items()):
         with col:
-            show_parts(ch.overlay_parts(trace, values, opacity=opacity, smooth=smooth, title=titles[method],
-                                        width=260, select_name=None))
+            show_parts(ch.overlay_parts(trace, values, opacity=display.opacity, smooth=display.smooth,
+                                        title=titles[method], width=260, select_name=None, domain=domain,
+                                        subtitle=captions[method]))
             show_parts(ch.token_chips_parts(trace, values, width=260))
             if not score:
                 continue
             try:
-                curves = {order: cached_curve(adapter, example, trace.model_id, trace.example_id, trace.text,
+                curves = {order: cached_curve(adapter, example, trace_fingerprint(trace), model_fingerprint(adapter),
                                               np.asarray(values, dtype=np.float32), answer, order)
                           for order in ("positive", "random")}
             except VLScopeError as exc:
                 st.error(str(exc))
                 continue
-            show_chart(ch.build_perturbation_chart(curves, title="faithfulness", width=220))
+            show_chart(cm.build_perturbation_chart(curves, title=f"faithfulness of {method}", width=200, height=160),
+                       width="content")
             drop = curves["random"].auc - curves["positive"].auc
             st.metric("AUC, relevance order", f"{curves['positive'].auc:.3f}", f"{-drop:+.3f} vs random",
                       delta_color="inverse")
