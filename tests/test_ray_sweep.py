@@ -133,7 +133,8 @@ def test_the_statistics_page_reads_a_ray_sweep(cli_sweep):
 
 
 def test_a_rerun_computes_only_the_missing_examples(local_ray, reference, tmp_path):
-    from vlcore.ray_sweep import ray_input, run_ray_sweep
+    from vlcore.ray_examples import ray_input
+    from vlcore.ray_sweep import run_ray_sweep
 
     out, seen = tmp_path / "sweep", tmp_path / "computed.txt"
     stops = iter(range(100))  # the in-process sweep stops after two batches: 8 of 16 done
@@ -151,8 +152,9 @@ def test_a_rerun_computes_only_the_missing_examples(local_ray, reference, tmp_pa
     assert len(seen.read_text().split()) == 8  # nothing ran again
 
 
-def test_a_worker_that_dies_is_retried_and_the_url_target_is_complete_without_duplicates(local_ray, reference, tmp_path):
-    from vlcore.ray_sweep import ray_input, run_ray_sweep
+def test_a_killed_worker_is_retried_and_the_url_target_is_complete_without_duplicates(local_ray, reference, tmp_path):
+    from vlcore.ray_examples import ray_input
+    from vlcore.ray_sweep import run_ray_sweep
 
     remote, died = tmp_path / "bucket" / "sweep", tmp_path / "died"
     report = run_ray_sweep("demo", ray_input("easy_vqa", "test", N), remote.as_uri(), dataset=DATASET,
@@ -170,7 +172,8 @@ def test_a_parquet_vqa_set_sweeps_on_ray_as_in_process(local_ray, tmp_path):
 
     from vlcore.data.catalog import load_examples
     from vlcore.data.easy_vqa import load_easy_vqa
-    from vlcore.ray_sweep import ray_input, run_ray_sweep
+    from vlcore.ray_examples import ray_input
+    from vlcore.ray_sweep import run_ray_sweep
 
     records = load_easy_vqa("test")[:6]
 
@@ -180,8 +183,9 @@ def test_a_parquet_vqa_set_sweeps_on_ray_as_in_process(local_ray, tmp_path):
         return buf.getvalue()
 
     answer = {"answer": datasets.Value("string"), "answer_id": datasets.Value("int64")}
-    features = datasets.Features({"question": datasets.Value("string"), "multiple_choice_answer": datasets.Value("string"),
-                                  "answers": datasets.List(answer), "image": datasets.Image()})
+    text = datasets.Value("string")
+    features = datasets.Features({"question": text, "multiple_choice_answer": text, "answers": datasets.List(answer),
+                                  "image": datasets.Image()})
     datasets.Dataset.from_dict({
         "question": [r.question for r in records], "multiple_choice_answer": [r.answer for r in records],
         "answers": [[{"answer": r.answer, "answer_id": k} for k in range(3)] for r in records],

@@ -141,12 +141,13 @@ def cmd_extract(args) -> int:
     from tqdm import tqdm
 
     from vlcore.data.catalog import load_examples
-    from vlcore.sweep import load_sweep, run_sweep
     from vlcore.models.registry import load_adapter
+    from vlcore.sweep import load_sweep, run_sweep
 
-    ray_only = [f"--{k.replace('_', '-')}" for k in ("address", "workers", "gpus_per_worker") if getattr(args, k) is not None]
     if args.engine == "ray":
         return _extract_on_ray(args)
+    ray_only = [f"--{k.replace('_', '-')}" for k in ("address", "workers", "gpus_per_worker")
+                if getattr(args, k) is not None]
     if ray_only:
         raise InputError(f"{', '.join(ray_only)} apply to --engine ray; add --engine ray or drop them")
     if "://" in args.out:
@@ -170,9 +171,13 @@ def cmd_extract(args) -> int:
 
 def _extract_on_ray(args) -> int:
     """``extract --engine ray``: the same sweep folder, written by Ray Data workers (`vlcore.ray_sweep`)."""
-    from vlcore.ray_sweep import import_ray, ray_input, run_ray_sweep
+    from vlcore.ray_examples import ray_input
+    from vlcore.ray_sweep import import_ray, run_ray_sweep
 
     import_ray()  # without ray: one line saying how to install it, before anything loads
+    if args.device == "cuda" and not args.gpus_per_worker:
+        raise InputError("with --engine ray the workers' device follows --gpus-per-worker; give --gpus-per-worker 1 "
+                         "to run on GPUs")
     source = ray_input(args.dataset, args.split, args.limit, location=args.location, config=args.config)
     last = [0.0]
 

@@ -2,11 +2,9 @@
 
     python -m vlcore extract --model demo --dataset easy_vqa --limit 400 --out runs/sweep --engine ray --workers 2
 
-The examples become a Ray dataset: easy-VQA rows with `ray.data.from_items` (the package ships the images to
-every worker), the rows of anything `vlcore.data.hub.load_source` opens (hub ids, parquet shards, ``save_to_disk``
-folders, JSON, image folders) with `ray.data.from_arrow` (what `ray.data.from_huggingface` does with a selection). `Dataset.map_batches` runs `SweepWorker`, a
-callable class that loads the adapter once per worker and reduces each batch with `vlcore.sweep.summarize_batch`,
-the function the in-process sweep runs: there is one implementation of the statistics.
+The examples become a Ray dataset (`vlcore.ray_examples`). `Dataset.map_batches` runs `SweepWorker`, a callable
+class that loads the adapter once per worker and reduces each batch with `vlcore.sweep.summarize_batch`, the
+function the in-process sweep runs: there is one implementation of the statistics.
 
 The output is `vlcore.sweep`'s folder format (manifest, parts, merged files; the manifest key is the in-process
 sweep's key of the same examples, so either engine resumes the other's folder) at a local path or a URL
@@ -19,24 +17,23 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from vlcore.errors import DatasetError, InputError, VLScopeError
-from vlcore.sweep import (VECTOR_PATCHES, SweepProgress, _claim, _consolidate, _drop_stale, _manifest,
+from vlcore.errors import InputError, VLScopeError
+from vlcore.ray_examples import RayInput, RowMapper
+
+# The sweep folder has one owner, vlcore.sweep: the Ray driver opens, checks and merges it with its functions.
+from vlcore.sweep import (VECTOR_PATCHES, SweepProgress, _claim, _consolidate, _drop_stale, _manifest,  # isort: skip
                           _write_manifest, completed_ids, summarize_batch, sweep_key, vectors_to_bytes)
 from vlcore.sweep_target import SweepTarget, open_target
 
 RAY_PIN = "ray[data]==2.60.0"
-ROW = "__vlscope_row"  # the example's position in its split, carried through Ray
 MAX_ATTEMPTS = 4  # tries of one batch (its worker died, an I/O error); then the sweep stops, resumable
 
 
@@ -52,165 +49,12 @@ def import_ray():
     """
     try:
         import ray
-        import ray.data  # noqa: F401
+        import ray.data
     except ImportError as exc:
         raise RayUnavailableError(
             f"the Ray engine needs ray[data], which is not installed: pip install '{RAY_PIN}' (or the [ray] extra), "
             "or drop --engine ray to sweep in this process") from exc
     return ray
-
-
-# -- the examples as a Ray dataset ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RowMapper:
-    """Turns a row of the Ray dataset into the `Example` the in-process loader makes of the same row.
-
-    Attributes:
-        dataset: ``easy_vqa``, ``vqa``, ``generic``, ``vcr`` or ``webqa``.
-        split: the split, for example ids.
-        columns: role -> column (the column mapping for ``generic``), found on the driver.
-        features: the `datasets.Features` of the rows (None for easy-VQA).
-        images: VCR images folder or WebQA ``imgs.tsv``, a path the workers can read.
-    """
-
-    dataset: str
-    split: str
-    columns: dict | None = None
-    features: Any = None
-    images: str | None = None
-
-    def examples(self, batch) -> list:
-        """The `Example` of every row of a pyarrow batch, in order (rows formatted as `vlcore.data.hub.load_rows`)."""
-        if self.dataset == "easy_vqa":
-            from vlcore.data.easy_vqa import load_easy_vqa, to_example
-
-            records = load_easy_vqa(self.split)
-            return [to_example(records[i]) for i in batch.column(ROW).to_pylist()]
-        return [self.example(row) for row in self.rows(batch)]
-
-    def rows(self, batch) -> list[dict]:
-        import datasets
-        from datasets.table import InMemoryTable
-
-        from vlcore.data.generic import undecoded
-        from vlcore.data.hub import load_rows
-
-        hf = datasets.Dataset(InMemoryTable(batch.select(list(self.features))),
-                              info=datasets.DatasetInfo(features=self.features))
-        return load_rows(undecoded(hf, list(self.features)))
-
-    def example(self, row: dict):
-        """One formatted row as an `Example` (the image stays undecoded)."""
-        index, c, split = int(row[ROW]), self.columns, self.split
-        if self.dataset == "vqa":
-            from vlcore.data.vqa import vqa_row_to_example
-
-            return vqa_row_to_example(row, c, split=split, index=index, features=self.features)
-        if self.dataset == "generic":
-            from vlcore.data.generic import generic_row_to_example
-
-            return generic_row_to_example(row, c, split=split, index=index, features=self.features)
-        if self.dataset == "vcr":
-            from vlcore.data.vcr_hub import vcr_hub_row_to_example
-
-            return vcr_hub_row_to_example(row, c, split=split, index=index, images_root=self.images)
-        from vlcore.data.webqa import WebQAImages, webqa_hub_row_to_example
-
-        images = WebQAImages(self.images) if self.images else None
-        return webqa_hub_row_to_example(row, c, split=split, index=index, images=images)
-
-
-@dataclass
-class RayInput:
-    """The examples of a Ray sweep.
-
-    Attributes:
-        ids: every example id, in split order (the in-process sweep's list for the same arguments).
-        mapper: rows -> examples, run on the workers.
-        table: for ``datasets`` sources, the selected rows (with the ``ROW`` column); None for easy-VQA.
-        offset: position of the first example in its split.
-    """
-
-    ids: list[str]
-    mapper: RowMapper
-    table: Any = None
-    offset: int = 0
-
-    def to_ray(self, positions: Sequence[int], batch_size: int):
-        """The Ray dataset of the examples at ``positions`` (indexes into ``ids``), one block per batch."""
-        import ray.data
-
-        blocks = max(1, math.ceil(len(positions) / batch_size))
-        if self.table is None:
-            items = [{ROW: self.offset + int(p)} for p in positions]
-            return ray.data.from_items(items, override_num_blocks=blocks)
-        # from_huggingface would hand this selection to from_arrow too, after trying to reload the whole
-        # split from the hub to compare fingerprints (and it needs aiohttp): hand it over directly.
-        table = self.table.select(positions).with_format("arrow")[:]
-        return ray.data.from_arrow(table, override_num_blocks=blocks)
-
-
-def ray_input(
-    dataset: str, split: str, limit: int | None = None, *, location: str | None = None, offset: int = 0,
-    config: str | None = None, mapping: dict | None = None, images: str | None = None,
-) -> RayInput:
-    """The examples `vlcore.data.catalog.load_examples` would give for the same arguments, for Ray.
-
-    Only ids are mapped on the driver (without image columns); workers map rows and decode images.
-
-    Raises:
-        DatasetError: an unknown dataset, a missing location, or a source only the in-process sweep reads
-            (the original VCR ``.jsonl`` and WebQA ``.json`` files).
-    """
-    from vlcore.data.catalog import SOURCE_INFO, _is_vcr_original
-
-    if dataset not in SOURCE_INFO:
-        raise DatasetError(f"unknown dataset {dataset!r}; choose one of: {', '.join(SOURCE_INFO)}")
-    if dataset == "easy_vqa":
-        from vlcore.data.easy_vqa import load_easy_vqa
-
-        records = load_easy_vqa(split)[offset : None if limit is None else offset + limit]
-        return RayInput([r.example_id for r in records], RowMapper(dataset, split), offset=offset)
-    if not location:
-        raise DatasetError(f"dataset {dataset!r} needs a location: {SOURCE_INFO[dataset].location_help}")
-    if (dataset == "vcr" and _is_vcr_original(location)) or (dataset == "webqa" and location.lower().endswith(".json")):
-        raise DatasetError(f"the Ray engine reads datasets through `datasets` (hub ids, parquet, save_to_disk, "
-                           f"JSON lines, image folders); {location} is read in this process: drop --engine ray")
-    from vlcore.data.hub import SourceSpec, load_source
-
-    ds = load_source(SourceSpec(location, split=split, config=config))
-    stop = len(ds) if limit is None else min(len(ds), offset + limit)
-    page = ds.select(range(offset, max(offset, stop)))
-    columns = _columns(dataset, page.features, mapping)  # before the row column exists: never mapped to a role
-    page = page.add_column(ROW, list(range(offset, max(offset, stop))))
-    mapper = RowMapper(dataset, split, columns, page.features, images)
-    image_cols = [c for c in page.column_names if _is_image(page.features[c])]
-    ids = [mapper.example(row).example_id for row in page.remove_columns(image_cols)]
-    return RayInput(ids, mapper, page, offset)
-
-
-def _columns(dataset: str, features, mapping: dict | None) -> dict:
-    if dataset == "vqa":
-        from vlcore.data.vqa import vqa_columns
-
-        return vqa_columns(features)
-    if dataset == "vcr":
-        from vlcore.data.vcr_hub import vcr_hub_columns
-
-        return vcr_hub_columns(features)
-    if dataset == "webqa":
-        from vlcore.data.webqa import webqa_hub_columns
-
-        return webqa_hub_columns(features)
-    from vlcore.data.generic import check_mapping, propose_mapping
-
-    return check_mapping(features, mapping) if mapping else propose_mapping(features)
-
-
-def _is_image(feature) -> bool:
-    from vlcore.data.generic import is_image_feature, is_image_list_feature
-
-    return is_image_feature(feature) or is_image_list_feature(feature)
 
 
 # -- the worker ------------------------------------------------------------------------------------------
@@ -294,7 +138,8 @@ class SweepWorker:
                 raise
             _free_device_memory(self.adapter)
             if len(examples) == 1:
-                raise DeviceMemoryError(memory_message(self.adapter, "at batch size 1; finished batches are kept")) from exc
+                message = memory_message(self.adapter, "at batch size 1; finished batches are kept")
+                raise DeviceMemoryError(message) from exc
             half = len(examples) // 2
             self._run(examples[:half])
             self._run(examples[half:])
@@ -394,52 +239,50 @@ def run_ray_sweep(
         InputError: duplicate example ids. StoreError: ``out`` holds another sweep.
         VLScopeError: what a worker raised (a bad image, out of memory at batch size 1); finished batches are kept.
     """
-    from filelock import FileLock
-
-    from vlcore.models.registry import load_adapter, resolve_source
-
-    ray = connect(address)
     if len(set(source.ids)) != len(source.ids):
         raise InputError("the examples to sweep have duplicate ids; give every example a unique id")
-    path, local = resolve_source(model)
-    model = str(Path(path).resolve()) if local else path  # the workers get the same folder, never "demo"
-    adapter = load_adapter(model, device="cpu")  # the driver's copy only fingerprints the model
+    import_ray()
+    model, adapter = _model_for_workers(model)
     key = sweep_key(adapter, dataset, source.ids, top_k, vector_patches)
     target = open_target(out)
-    with tempfile.TemporaryDirectory(prefix="vlscope-ray-") as tmp:
-        staging = target.local or Path(tmp)
-        staging.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(staging / ".lock")):
-            if target.local is None:
-                target.pull(staging)
-            notices = _drop_stale(staging)
-            _claim(staging, key, adapter, dataset, len(source.ids), top_k, batch_size, vector_patches)
-            done = completed_ids(staging, notices)
-            if target.local is None:
-                target.push(staging)
-            todo = [i for i, e in enumerate(source.ids) if e not in done]
-            start = time.perf_counter()
-            counts = _execute(ray, model, source, target, todo, len(done), workers=workers, gpus=gpus_per_worker,
+    with target.staged() as staging:  # the folder itself, or a local copy of a URL's
+        notices = _drop_stale(staging)
+        _claim(staging, key, adapter, dataset, len(source.ids), top_k, batch_size, vector_patches)
+        done = completed_ids(staging, notices)
+        target.push(staging)
+        todo = [i for i, e in enumerate(source.ids) if e not in done]
+        start, counts = time.perf_counter(), {"retries": 0, "worker_starts": workers}
+        if todo:
+            connect(address)
+            counts = _execute(model, source, target, todo, len(done), workers=workers, gpus=gpus_per_worker,
                               batch_size=batch_size, top_k=top_k, vector_patches=vector_patches, progress=progress,
-                              batch_hook=batch_hook) if todo else {"retries": 0, "worker_starts": 0}
-            seconds = time.perf_counter() - start
-            if target.local is None:
-                target.pull(staging, only_new=True)
-            _write_manifest(staging, {**_manifest(staging), "notices": notices, "engine": "ray",
-                                      "workers": workers, "gpus_per_worker": gpus_per_worker})
-            complete = completed_ids(staging) >= set(source.ids)
-            if complete:
-                _consolidate(staging, source.ids)
-            if target.local is None:
-                target.push(staging)
-    restarts = max(0, counts["worker_starts"] - workers) if todo else 0
-    return RaySweepReport(str(out), len(source.ids), len(todo), len(done), seconds, counts["retries"], restarts,
-                          workers, complete)
+                              batch_hook=batch_hook)
+        seconds = time.perf_counter() - start
+        target.pull(staging, only_new=True)  # the parts the workers wrote to a URL
+        _write_manifest(staging, {**_manifest(staging), "notices": notices, "engine": "ray", "workers": workers,
+                                  "gpus_per_worker": gpus_per_worker})
+        complete = completed_ids(staging) >= set(source.ids)
+        if complete:
+            _consolidate(staging, source.ids)
+        target.push(staging)
+    return RaySweepReport(str(out), len(source.ids), len(todo), len(done), seconds, counts["retries"],
+                          max(0, counts["worker_starts"] - workers), workers, complete)
 
 
-def _execute(ray, model, source, target, todo, n_done, *, workers, gpus, batch_size, top_k, vector_patches,
+def _model_for_workers(model: str):
+    """``(source, adapter)``: the model as the workers should load it (a local folder as an absolute path, never
+    "demo") and the driver's CPU copy, which only fingerprints it for the manifest."""
+    from vlcore.models.registry import load_adapter, resolve_source
+
+    path, local = resolve_source(model)
+    source = str(Path(path).resolve()) if local else path
+    return source, load_adapter(source, device="cpu")
+
+
+def _execute(model, source, target, todo, n_done, *, workers, gpus, batch_size, top_k, vector_patches,
              progress, batch_hook) -> dict:
     """Map the batches over the workers, reporting progress; returns the attempt counts."""
+    import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -461,7 +304,8 @@ def _execute(ray, model, source, target, todo, n_done, *, workers, gpus, batch_s
             finished += batch.num_rows
             if progress is not None:
                 rate = finished / max(time.perf_counter() - start, 1e-9)
-                progress(SweepProgress(n_done + finished, n_done + len(todo), n_done, rate, (len(todo) - finished) / rate))
+                eta = (len(todo) - finished) / rate
+                progress(SweepProgress(n_done + finished, n_done + len(todo), n_done, rate, eta))
         return ray.get(log.counts.remote())
     except Exception as exc:
         cause = _vlscope_cause(exc)

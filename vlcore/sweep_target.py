@@ -11,9 +11,14 @@ URLs go through pyarrow's filesystems (``s3``, ``gs``, ``hdfs``, ``file``); any 
 
 from __future__ import annotations
 
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from filelock import FileLock
 
 from vlcore.errors import InputError
 from vlcore.store import atomic_write_bytes
@@ -78,8 +83,23 @@ class SweepTarget:
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith("."))
 
+    @contextmanager
+    def staged(self) -> Iterator[Path]:
+        """The local folder to read and check the sweep in, locked as `vlcore.sweep.run_sweep` locks it.
+
+        For a URL, a temporary copy of the remote folder (removed afterwards); `push` makes the remote match it.
+        """
+        with tempfile.TemporaryDirectory(prefix="vlscope-sweep-") as tmp:
+            staging = self.local or Path(tmp)
+            staging.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(staging / ".lock")):
+                self.pull(staging)
+                yield staging
+
     def pull(self, staging: Path, only_new: bool = False) -> None:
-        """Copy the remote folder's files into ``staging`` (``only_new``: those not copied before)."""
+        """Copy the remote folder's files into ``staging`` (``only_new``: those not copied before); no-op when local."""
+        if self.fs is None:
+            return
         for name in self.names():
             if only_new and name in self._pulled:
                 continue
@@ -90,8 +110,11 @@ class SweepTarget:
     def push(self, staging: Path) -> None:
         """Make the remote folder what ``staging`` holds: upload new or changed files, delete the rest.
 
-        Merged files go up before the parts they replace are deleted, predictions and manifest last.
+        Merged files go up before the parts they replace are deleted, predictions and manifest last. No-op when
+        the target is local (``staging`` is the folder).
         """
+        if self.fs is None:
+            return
         here = {p.name: p.stat().st_mtime_ns for p in staging.iterdir() if p.is_file() and not p.name.startswith(".")}
         changed = sorted((n for n, t in here.items() if self._pulled.get(n) != t),
                          key=lambda n: (_LAST.index(n) + 1 if n in _LAST else 0, n))
@@ -111,11 +134,12 @@ def open_target(out: str | Path) -> SweepTarget:
     """
     if not is_url(out):
         return SweepTarget(str(out), None, str(Path(out).expanduser().resolve()))
+    import pyarrow as pa
     from pyarrow import fs as pafs
 
     try:
         fs, path = pafs.FileSystem.from_uri(out)
-    except Exception:  # pyarrow knows s3, gs, hdfs, file; fsspec knows the rest
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # pyarrow knows s3, gs, hdfs, file; fsspec the rest
         fs, path = _fsspec(out)
     return SweepTarget(out, fs, path.rstrip("/"))
 
