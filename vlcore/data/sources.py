@@ -29,6 +29,9 @@ class ExampleSource:
         index: one row per example with `INDEX_COLUMNS`.
         build: position -> `Example`.
         categories_label: what "category" means for this source (e.g. "Qcate", "answer type").
+        fingerprint: the version of the local files it was read from (`vlcore.data.paths.local_fingerprint`
+            of the location and the images), "" for the bundled set and hub ids; caches of anything derived
+            from the source are keyed on it, so a file rewritten under the same path is never served stale.
     """
 
     key: str
@@ -37,6 +40,7 @@ class ExampleSource:
     index: pd.DataFrame
     build: Callable[[int], object]
     categories_label: str = "category"
+    fingerprint: str = ""
 
     def __len__(self) -> int:
         return len(self.index)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -10,6 +11,7 @@ import streamlit as st
 from vlcore.data.browse import answers_html, draw_regions, fact_html, highlight_mentions, make_thumbnail
 from vlcore.data.catalog import list_sources
 from vlcore.data.example import image_notes
+from vlcore.data.paths import local_fingerprint
 from vlcore.data.sources import ExampleSource, check_location, easy_vqa_source, open_source
 from vlcore.errors import VLScopeError
 from vlcore.ui.state import get_param, notice, set_params
@@ -20,23 +22,47 @@ BUNDLED_EXAMPLE = "easy_vqa/test/0"  # what a link shows when its dataset or exa
 SOURCE_PARAMS = ("ds", "loc", "img", "cfg", "map", "stream", "split")
 
 
-@st.cache_resource(show_spinner="Indexing the dataset…", max_entries=4)
 def get_source(kind: str, location: str, config: str | None, split: str, streaming: bool = False,
                images: str | None = None, mapping: tuple | None = None) -> ExampleSource:
-    """An example source, opened once per argument set (every argument changes the result)."""
+    """An example source, opened once per argument set and version of its local files.
+
+    The cache key holds every argument and the fingerprint of the files read (`local_fingerprint` of the
+    location and the images), never the path alone: a dataset rewritten under the same path is indexed again.
+
+    Raises:
+        VLScopeError: the location is refused, or the source cannot be opened.
+    """
+    if kind == "easy_vqa":
+        return _open_source("easy_vqa", "easy_vqa", None, split, False, None, None, "")
+    location = check_location(location)
+    images = check_location(images) if images else None
+    fingerprint = local_fingerprint(location) + (f"+{local_fingerprint(images)}" if images else "")
+    return _open_source(kind, location, config, split, streaming, images, mapping, fingerprint)
+
+
+@st.cache_resource(show_spinner="Indexing the dataset…", max_entries=4)
+def _open_source(kind: str, location: str, config: str | None, split: str, streaming: bool, images: str | None,
+                 mapping: tuple | None, fingerprint: str) -> ExampleSource:
+    """`get_source`'s cached part; ``fingerprint`` (the files' version) changes the result like every argument."""
     if kind == "easy_vqa":
         return easy_vqa_source(split)
-    return open_source(kind, check_location(location), split, config or None, streaming,
-                       check_location(images) if images else None, dict(mapping) if mapping else None)
+    source = open_source(kind, location, split, config or None, streaming, images, dict(mapping) if mapping else None)
+    return dataclasses.replace(source, fingerprint=fingerprint)
+
+
+def get_features(location: str, config: str | None, split: str, streaming: bool = False) -> dict:
+    """Column name -> feature description of a dataset, for the generic column mapping (cached per version of
+    the dataset's files, as `get_source`)."""
+    location = check_location(location)
+    return _read_features(location, config, split, streaming, local_fingerprint(location))
 
 
 @st.cache_resource(show_spinner="Reading the dataset's columns…", max_entries=4)
-def get_features(location: str, config: str | None, split: str, streaming: bool = False) -> dict:
-    """Column name -> feature description of a dataset, for the generic column mapping."""
+def _read_features(location: str, config: str | None, split: str, streaming: bool, fingerprint: str) -> dict:
     from vlcore.data.generic import describe_features
     from vlcore.data.hub import SourceSpec, load_source
 
-    ds = load_source(SourceSpec(check_location(location), split=split, config=config, streaming=streaming))
+    ds = load_source(SourceSpec(location, split=split, config=config, streaming=streaming))
     return {"features": ds.features, "described": describe_features(ds.features)}
 
 
@@ -94,11 +120,25 @@ def save_upload(upload) -> str:
     return str(path)
 
 
-@st.cache_data(show_spinner=False, max_entries=4096)
-def thumbnail_png(args: tuple, position: int) -> bytes | None:
-    """PNG bytes of one example's thumbnail (``args`` are `get_source`'s), or None when unreadable."""
+def thumbnail_png(source: ExampleSource, args: tuple, position: int) -> bytes | None:
+    """PNG bytes of one example's thumbnail (``source`` is `get_source(*args)`), or None when unreadable.
+
+    Cached on the source's fingerprint and the image file's (`local_fingerprint`), not on the position alone:
+    a dataset or an image replaced under the same path gets a new thumbnail.
+    """
     try:
-        image = get_source(*args).example(position).load_image()
+        example = source.example(position)
+    except VLScopeError:
+        return None
+    image_version = local_fingerprint(example.image_path) if example.image_path else ""
+    return _thumbnail_png(args, source.fingerprint, position, image_version, example)
+
+
+@st.cache_data(show_spinner=False, max_entries=4096)
+def _thumbnail_png(args: tuple, fingerprint: str, position: int, image_version: str, _example) -> bytes | None:
+    """`thumbnail_png`'s cached part; ``_example`` is the one at ``position`` of that source version."""
+    try:
+        image = _example.load_image()
     except VLScopeError:
         return None
     buf = io.BytesIO()
@@ -158,7 +198,7 @@ def render_grid(source: ExampleSource, positions: np.ndarray) -> int | None:
         cols = st.columns(GRID_COLUMNS)
         for col, pos in zip(cols, positions[row_start : row_start + GRID_COLUMNS]):
             with col:
-                png = thumbnail_png(args, int(pos))
+                png = thumbnail_png(source, args, int(pos))
                 if png is None:
                     st.warning("image unavailable")
                 else:
