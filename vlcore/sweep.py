@@ -40,6 +40,7 @@ class BatchSummary:
     predictions: pd.DataFrame
     heads: pd.DataFrame
     vectors: dict | None = None  # `gather_token_vectors` output, when the sweep keeps vectors
+    probe: dict | None = None  # `vlcore.probe_sweep.compute_probe_batch` output, in a probe sweep
 
 
 def sample_token_positions(batch: EncodedBatch, max_patches: int) -> list[np.ndarray]:
@@ -102,12 +103,13 @@ def gather_token_vectors(hidden_states: Sequence[torch.Tensor], batch: EncodedBa
 
 def summarize_batch(
     adapter: ModelAdapter, batch: EncodedBatch, examples: Sequence[Example], top_k: int = 5,
-    vector_patches: int | None = None,
+    vector_patches: int | None = None, probe: bool = False,
 ) -> BatchSummary:
     """Forward one encoded batch and reduce it on the device.
 
     Only the per-head summaries ``[B, L, H, M]``, the top-k predictions and, when ``vector_patches``
-    is not None, the sampled token vectors (`gather_token_vectors`) are copied to the host.
+    is not None, the sampled token vectors (`gather_token_vectors`) are copied to the host; with
+    ``probe``, also the probe payload (`vlcore.probe_sweep.compute_probe_batch`).
     """
     dev = adapter.device
     with torch.no_grad():
@@ -127,6 +129,12 @@ def summarize_batch(
         vectors = None
         if vector_patches is not None:
             vectors = gather_token_vectors(adapter.pass_outputs(out, 0)[1], batch, vector_patches)
+        probe_part = None
+        if probe:  # probing data (issue 18): word→patch attention and region labels, reduced here
+            from vlcore.probe_sweep import compute_probe_batch
+
+            probe_part = compute_probe_batch(adapter.pass_outputs(out, 0)[0], batch, examples,
+                                             [e.example_id for e in examples])
     preds = adapter.predict(getattr(out, "logits", None), top_k=top_k, batch=batch)
     ids = [e.example_id for e in examples]
     rows = []
@@ -149,7 +157,8 @@ def summarize_batch(
         })
     if vectors is not None:
         vectors["example_ids"] = ids
-    return BatchSummary(pd.DataFrame(rows, columns=PREDICTION_COLUMNS), summaries_to_frame(ids, names, values), vectors)
+    return BatchSummary(pd.DataFrame(rows, columns=PREDICTION_COLUMNS), summaries_to_frame(ids, names, values), vectors,
+                        probe_part)
 
 
 @dataclass
@@ -165,10 +174,14 @@ class SweepProgress:
 
 def sweep_key(
     adapter: ModelAdapter, dataset: str, example_ids: Sequence[str], top_k: int = 5,
-    vector_patches: int | None = VECTOR_PATCHES,
+    vector_patches: int | None = VECTOR_PATCHES, probe: bool = False,
 ) -> str:
     """Store key of a sweep: model, processing, dataset name, the exact example list and settings."""
     settings = {"top_k": top_k, "vector_patches": vector_patches}
+    if probe:  # a probe sweep is another sweep (vlcore.probe_sweep); plain sweeps keep their keys
+        from vlcore.probe_sweep import PROBE_VERSION
+
+        settings["probe"] = PROBE_VERSION
     return fingerprint("sweep", EXTRACT_VERSION, adapter.fingerprint(), dataset, list(example_ids), settings)
 
 
@@ -182,6 +195,7 @@ def run_sweep(
     progress: Callable[[SweepProgress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     vector_patches: int | None = VECTOR_PATCHES,
+    probe: bool = False,
 ) -> Path:
     """Run a model over examples and write summaries as parquet, resumably.
 
@@ -206,6 +220,8 @@ def run_sweep(
         progress: called after each batch.
         should_stop: polled before each batch; True cancels (the work done so far is kept).
         vector_patches: patches per example whose vectors are kept (``K``); None keeps no vectors.
+        probe: also store what probes need (``part-*.probe.safetensors``, merged into
+            ``probe.safetensors``; see `vlcore.probe_sweep`). A probe sweep has its own key.
 
     Raises:
         StoreError: ``out_dir`` holds a sweep of a different model, settings or example list.
@@ -219,10 +235,10 @@ def run_sweep(
         raise InputError("the examples to sweep have duplicate ids; give every example a unique id")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    key = sweep_key(adapter, dataset, ids, top_k, vector_patches)
+    key = sweep_key(adapter, dataset, ids, top_k, vector_patches, probe=probe)
     with FileLock(str(out / ".lock")):
         notices = _drop_stale(out)
-        _claim(out, key, adapter, dataset, len(examples), top_k, batch_size, vector_patches)
+        _claim(out, key, adapter, dataset, len(examples), top_k, batch_size, vector_patches, probe=probe)
         done = completed_ids(out, notices)
         todo = [(i, e) for i, e in enumerate(examples) if e.example_id not in done]
         start, finished, b, size = time.perf_counter(), 0, 0, batch_size
@@ -232,7 +248,7 @@ def run_sweep(
             chunk = todo[b : b + size]
             try:
                 batch = adapter.encode([model_image_input(adapter, e) for _, e in chunk], [e.question for _, e in chunk])
-                summary = summarize_batch(adapter, batch, [e for _, e in chunk], top_k, vector_patches)
+                summary = summarize_batch(adapter, batch, [e for _, e in chunk], top_k, vector_patches, probe=probe)
             except (RuntimeError, MemoryError) as exc:  # out of memory: halve the batch and retry it
                 if not is_out_of_memory(exc):
                     raise
@@ -246,6 +262,10 @@ def run_sweep(
             _write_parquet(out / f"{part}.heads.parquet", summary.heads)
             if summary.vectors is not None:
                 atomic_write_bytes(out / f"{part}.vectors.safetensors", vectors_to_bytes(summary.vectors))
+            if summary.probe is not None:
+                from vlcore.probe_sweep import probe_to_bytes
+
+                atomic_write_bytes(out / f"{part}.probe.safetensors", probe_to_bytes(summary.probe))
             _write_parquet(out / f"{part}.predictions.parquet", summary.predictions)
             finished += len(chunk)
             if progress is not None:
@@ -280,7 +300,7 @@ def _drop_stale(out: Path) -> list[str]:
 
 def _claim(
     out: Path, key: str, adapter: ModelAdapter, dataset: str, n: int, top_k: int, batch_size: int,
-    vector_patches: int | None,
+    vector_patches: int | None, probe: bool = False,
 ) -> None:
     """Write the manifest, or check that the folder's sweep is this one."""
     path = out / "manifest.json"
@@ -299,7 +319,7 @@ def _claim(
     _write_manifest(out, {
         "key": key, "model_id": adapter.model_id, "dataset": dataset, "n_examples": n, "top_k": top_k,
         "batch_size": batch_size, "created": time.time(), "complete": False, "schema": EXTRACT_VERSION,
-        "vector_patches": vector_patches,
+        "vector_patches": vector_patches, **({"probe": True} if probe else {}),
     })
 
 
@@ -311,6 +331,9 @@ def completed_ids(out: Path, notices: list[str] | None = None) -> set[str]:
     """
     ids: set[str] = set()
     with_vectors = _manifest(out).get("vector_patches") is not None
+    with_probe = bool(_manifest(out).get("probe"))
+    if with_probe:
+        from vlcore.probe_sweep import probe_part_ok, probe_part_path
     merged = out / "predictions.parquet"
     files = ([merged] if merged.exists() else []) + sorted(out.glob("part-*.predictions.parquet"))
     for path in files:
@@ -319,6 +342,13 @@ def completed_ids(out: Path, notices: list[str] | None = None) -> set[str]:
         else:
             heads = out / path.name.replace(".predictions.parquet", ".heads.parquet")
             vectors = out / path.name.replace(".predictions.parquet", ".vectors.safetensors")
+        if with_probe and not probe_part_ok(probe_part_path(path)):  # a probe sweep's batch needs its probe part
+            for twin in (path, heads, vectors, probe_part_path(path)):
+                twin.unlink(missing_ok=True)
+            if notices is not None:
+                notices.append(f"dropped sweep results {path.name} without a readable probe part; they were "
+                               "computed again")
+            continue
         try:
             pd.read_parquet(heads, columns=["example_id"])
             if with_vectors:
@@ -499,8 +529,12 @@ def _consolidate(out: Path, ids: list[str]) -> None:
     vectors = load_sweep_vectors(out)
     if vectors is not None:
         atomic_write_bytes(out / VECTORS_FILE, vectors_to_bytes(merge_vector_parts([vectors], ids)))
+    if _manifest(out).get("probe"):
+        from vlcore.probe_sweep import consolidate_probe
+
+        consolidate_probe(out, ids)
     _write_parquet(out / "predictions.parquet", preds)  # written last: it marks completion
-    for part in [*out.glob("part-*.parquet"), *out.glob("part-*.vectors.safetensors")]:
+    for part in [*out.glob("part-*.parquet"), *out.glob("part-*.vectors.safetensors"), *out.glob("part-*.probe.safetensors")]:
         part.unlink()
     manifest = json.loads((out / "manifest.json").read_text())
     _write_manifest(out, {**manifest, "complete": True})
