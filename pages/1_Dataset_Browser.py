@@ -7,7 +7,7 @@ import streamlit as st
 from vlcore.data.browse import count_pages, filter_index, page_of
 from vlcore.errors import VLScopeError
 from vlcore.ui.browser import render_detail, render_grid, source_picker, use_bundled_source
-from vlcore.ui.state import get_int, get_filters, get_param, set_filters, set_params
+from vlcore.ui.state import get_filters, get_int, get_param, set_filters, set_params
 
 st.set_page_config(page_title="Dataset browser · VLScope", layout="wide")
 st.title("Dataset browser")

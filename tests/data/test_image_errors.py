@@ -32,8 +32,8 @@ def message(data: bytes, name: str) -> str:
 
 
 @pytest.mark.parametrize("data, name, expect", [
-    (PNG[: len(PNG) // 2], "photo.png", f"photo.png is not a readable image: the PNG data ends early, so the file is "
-                                        f"truncated ({len(PNG) // 2:,} bytes). Export or download it again."),
+    (PNG[: len(PNG) // 2], "photo.png", (f"photo.png is not a readable image: the PNG data ends early, so the file is "
+                                         f"truncated ({len(PNG) // 2:,} bytes). Export or download it again.")),
     (PNG[:60], "photo.png", "the PNG data ends early, so the file is truncated (60 bytes)"),
     (JPEG[:300], "holiday.jpg", "the JPEG data ends early, so the file is truncated (300 bytes)"),
     (b"\x89PNG\r\n\x1a\n" + bytes(64), "photo.png", "its PNG data is damaged"),
@@ -45,8 +45,8 @@ def test_a_damaged_image_says_it_is_damaged_and_not_to_use_another_format(data, 
 
 
 @pytest.mark.parametrize("data, expect", [
-    (b"just some notes, not pixels\n", 'notes.png is not a readable image: it holds text ("just some notes, not '
-                                       'pixels"), not image data. Choose a PNG, JPEG, GIF, WebP or BMP file.'),
+    (b"just some notes, not pixels\n", ('notes.png is not a readable image: it holds text ("just some notes, not '
+                                        'pixels"), not image data. Choose a PNG, JPEG, GIF, WebP or BMP file.')),
     (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "notes.png is not a readable image: it is a PDF document."),
     (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00", "it is a HEIC photo. Convert it to a PNG, JPEG, GIF, WebP or BMP"),
     (bytes(range(200, 256)), "it holds bytes c8 c9 ca cb cc cd ce cf …, not image data"),

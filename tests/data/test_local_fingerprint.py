@@ -46,7 +46,7 @@ def test_hub_ids_and_missing_paths_have_no_local_fingerprint(tmp_path):
 
 
 def test_a_huge_image_folder_is_listed_only_up_to_the_cap(tmp_path, monkeypatch):
-    import vlcore.data.paths as paths
+    from vlcore.data import paths
 
     monkeypatch.setattr(paths, "FINGERPRINT_MAX_ENTRIES", 50)
     images = tmp_path / "images"

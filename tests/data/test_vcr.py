@@ -8,8 +8,18 @@ import datasets
 import numpy as np
 import pytest
 
-from tests.data._records import (BLUE, GREEN, RED, VCR_BOXES, VCR_CONTRACTIONS_RECORD, VCR_OBJECTS, VCR_RECORD, png_bytes,
-                                 vcr_image, write_vcr)
+from tests.data._records import (
+    BLUE,
+    GREEN,
+    RED,
+    VCR_BOXES,
+    VCR_CONTRACTIONS_RECORD,
+    VCR_OBJECTS,
+    VCR_RECORD,
+    png_bytes,
+    vcr_image,
+    write_vcr,
+)
 from vlcore.data.vcr import (
     compute_object_names,
     join_names,

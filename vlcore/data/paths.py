@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vlcore.errors import InputError
-
 from vlcore.app_files import APP_ROOT as REPO_ROOT  # the checkout, or the installed vlscope_app
+from vlcore.errors import InputError
 
 
 def data_roots() -> list[Path]:

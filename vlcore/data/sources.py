@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from vlcore.data.paths import is_allowed
 from vlcore.data.easy_vqa import answer_category, load_easy_vqa, to_example
+from vlcore.data.paths import is_allowed
 from vlcore.errors import DatasetError
 
 

@@ -14,13 +14,13 @@ from typing import Any
 
 from vlcore.data.example import Example
 from vlcore.data.generic import (
-    map_rows,
     find_column,
     image_column,
     image_value,
     is_list_feature,
     is_text_feature,
     json_value,
+    map_rows,
     require_columns,
     row_id,
 )

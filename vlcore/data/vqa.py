@@ -19,13 +19,13 @@ from typing import Any
 
 from vlcore.data.example import Example
 from vlcore.data.generic import (
-    map_rows,
     IMAGE_PATH_NAMES,
     answers_value,
     find_column,
     image_column,
     image_value,
     is_text_feature,
+    map_rows,
     require_columns,
     row_id,
     text_value,

@@ -33,13 +33,13 @@ from PIL import Image
 
 from vlcore.data.example import Example, Fact
 from vlcore.data.generic import (
-    map_rows,
     answers_value,
     decode_image_bytes,
     find_column,
     image_column,
     image_value,
     is_text_feature,
+    map_rows,
     require_columns,
     row_id,
     rows_of,
