@@ -114,19 +114,24 @@ def extract_sweep_importance(
 
 
 IMPORTANCE_FILE = "head_importance.parquet"  # a sweep folder's stored head-importance rows
+IMPORTANCE_COLUMNS = ("example_id", "layer", "head", "metric", "value")
 
 
 def load_sweep_importance(sweep_dir: str | Path) -> pd.DataFrame | None:
     """The head-importance rows stored in a sweep folder, or None when there are none.
 
-    A damaged file is deleted (it can be recomputed) and None returned.
+    A damaged file (not parquet, or without the ``example_id, layer, head, metric, value`` columns) is
+    deleted (it can be recomputed) and None returned. Any other failure (``MemoryError``, a disk error, a
+    bug) propagates and deletes nothing.
     """
+    from vlcore.store import DamagedFileError, parquet_from_bytes
+
     path = Path(sweep_dir) / IMPORTANCE_FILE
-    if not path.exists():
-        return None
     try:
-        return pd.read_parquet(path)
-    except Exception:  # a half-written or corrupt file: drop it
+        return parquet_from_bytes(path.read_bytes(), IMPORTANCE_FILE, required=IMPORTANCE_COLUMNS)
+    except FileNotFoundError:
+        return None
+    except DamagedFileError:  # a half-written or corrupt file: drop it
         path.unlink(missing_ok=True)
         return None
 

@@ -120,25 +120,97 @@ def trace_to_bytes(trace: Trace) -> bytes:
     return st_save(arrays, metadata={"vlscope": json.dumps(meta)})
 
 
+class DamagedFileError(ValueError):
+    """A stored file that does not parse as what it claims to be: safe to drop and compute again.
+
+    Readers delete a file only on this error. Anything else (``MemoryError``, an ``OSError`` of the disk,
+    a bug) propagates and leaves every file in place.
+    """
+
+
+def safetensors_from_bytes(data: bytes, what: str) -> tuple[dict, dict]:
+    """``(arrays, metadata)`` of a safetensors blob.
+
+    Raises:
+        DamagedFileError: the bytes are not a safetensors file (bad header, truncated, invalid JSON).
+    """
+    try:
+        arrays = st_load(data)
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+    except (SafetensorError, ValueError) as exc:  # ValueError: JSON (and UTF-8) decoding
+        raise DamagedFileError(f"damaged {what}: {type(exc).__name__}: {exc}") from exc
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict):
+        raise DamagedFileError(f"damaged {what}: the safetensors header has no metadata")
+    return arrays, meta
+
+
+def parquet_from_bytes(data: bytes, what: str, columns: list[str] | None = None, required: tuple[str, ...] = ()):
+    """A pandas DataFrame from parquet bytes, parsed in memory (so an ``OSError`` here is the content, not the disk).
+
+    Raises:
+        DamagedFileError: not a parquet file (no magic bytes, a bad footer, corrupt compressed pages), or a
+            column in ``columns`` / ``required`` is missing.
+    """
+    import io
+
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        frame = pd.read_parquet(io.BytesIO(data), columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DamagedFileError(f"damaged {what}: {type(exc).__name__}: {exc}") from exc
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DamagedFileError(f"damaged {what}: no column {missing[0]!r}")
+    return frame
+
+
+def _check(ok: bool, what: str) -> None:
+    if not ok:
+        raise DamagedFileError(f"damaged trace file: {what}")
+
+
 def trace_from_bytes(data: bytes) -> Trace:
     """Inverse of `trace_to_bytes`.
 
     Raises:
-        ValueError: a damaged file or a different schema version.
+        DamagedFileError: a damaged file (also a `ValueError`) or a different schema version. Anything else
+            (``MemoryError``, a bug) propagates: only a damaged file may be dropped.
     """
+    arrays, header = safetensors_from_bytes(data, "trace file")
     try:
-        arrays = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
-        meta = json.loads(header["__metadata__"]["vlscope"])
-    except (SafetensorError, KeyError, ValueError, TypeError) as exc:
-        raise ValueError(f"damaged trace file: {exc}") from exc
+        meta = json.loads(header.get("vlscope", ""))
+    except (ValueError, TypeError) as exc:
+        raise DamagedFileError(f"damaged trace file: no VLScope metadata ({type(exc).__name__}: {exc})") from exc
+    _check(isinstance(meta, dict), "the metadata is not a JSON object")
     if meta.get("schema") != SCHEMA_VERSION:
-        raise ValueError(f"trace schema {meta.get('schema')} != {SCHEMA_VERSION}")
-    try:
-        return _build_trace(arrays, meta)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"damaged trace file: {type(exc).__name__}: {exc}") from exc
+        raise DamagedFileError(f"trace schema {meta.get('schema')} != {SCHEMA_VERSION}")
+    _validate(arrays, meta)
+    return _build_trace(arrays, meta)
+
+
+def _validate(arrays: dict, meta: dict) -> None:
+    """Check the fields and shapes `_build_trace` relies on; raises `DamagedFileError`."""
+    for name in ("modality", "special", "patch_rc", "image"):
+        _check(name in arrays, f"no {name!r} array")
+    for name, kind in (("example_id", str), ("model_id", str), ("tokens", list), ("grid", list),
+                       ("patch_px", int), ("prediction", list), ("text_truncated", bool)):
+        _check(isinstance(meta.get(name), kind), f"{name!r} missing or not a {kind.__name__}")
+    _check(meta.get("gold") is None or isinstance(meta["gold"], list), "'gold' is not a list")
+    _check(len(meta["grid"]) == 2, "'grid' is not (rows, cols)")
+    _check(all(isinstance(p, list) and len(p) == 2 and isinstance(p[1], (int, float)) for p in meta["prediction"]),
+           "'prediction' is not a list of (answer, probability) pairs")
+    n = len(meta["tokens"])
+    _check(arrays["modality"].shape == (n,) and arrays["special"].shape == (n,) and arrays["patch_rc"].shape == (n, 2),
+           f"token arrays do not match the {n} tokens")
+    if "attentions" in arrays:  # [L, H, N, N]
+        att = arrays["attentions"]
+        _check(att.ndim == 4 and att.shape[2:] == (n, n), f"'attentions' has shape {att.shape} for {n} tokens")
+    if "hidden" in arrays:  # [L + 1, N, D]
+        hid = arrays["hidden"]
+        _check(hid.ndim == 3 and hid.shape[1] == n, f"'hidden' has shape {hid.shape} for {n} tokens")
 
 
 def _build_trace(arrays: dict, meta: dict) -> Trace:
@@ -155,7 +227,7 @@ def _build_trace(arrays: dict, meta: dict) -> Trace:
         attentions=arrays.get("attentions"),
         hidden=arrays.get("hidden"),
         prediction=tuple((str(a), float(b)) for a, b in meta["prediction"]),
-        gold=tuple(meta["gold"]) if meta["gold"] is not None else None,
+        gold=tuple(meta["gold"]) if meta.get("gold") is not None else None,
         text_truncated=bool(meta["text_truncated"]),
         text=meta.get("text", ""),
         meta=meta.get("meta", {}),
@@ -191,7 +263,7 @@ class Store:
             return None
         try:
             trace = trace_from_bytes(data)
-        except ValueError as exc:
+        except DamagedFileError as exc:  # only a file that does not parse is dropped; anything else propagates
             path.unlink(missing_ok=True)
             self.notices.append(f"dropped a damaged cache entry ({exc}); it will be recomputed")
             return None

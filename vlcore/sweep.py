@@ -23,7 +23,7 @@ from vlcore.errors import DeviceMemoryError, InputError, StoreError
 from vlcore.extract import EXTRACT_VERSION, _free_device_memory, is_out_of_memory, memory_message, model_image_input
 from vlcore.models.base import EncodedBatch, ModelAdapter
 from vlcore.stats import SUMMARY_COLUMNS, compute_custom_batch, compute_layer_summaries, summaries_to_frame
-from vlcore.store import atomic_write_bytes, fingerprint
+from vlcore.store import DamagedFileError, atomic_write_bytes, fingerprint, parquet_from_bytes, safetensors_from_bytes
 
 VECTOR_PATCHES = 16  # patches per example whose hidden vectors a sweep keeps (plus every text token)
 VECTORS_FILE = "vectors.safetensors"
@@ -286,8 +286,11 @@ def _drop_stale(out: Path) -> list[str]:
     if not path.exists():
         return []
     try:
-        schema = json.loads(path.read_text()).get("schema")
-    except (OSError, ValueError, AttributeError):
+        data = json.loads(path.read_bytes())  # an OSError of the disk propagates: it says nothing about the sweep
+        schema = data.get("schema") if isinstance(data, dict) else "damaged"
+    except FileNotFoundError:
+        return []
+    except ValueError:  # not JSON (or not UTF-8): the manifest is damaged
         schema = "damaged"
     if schema == EXTRACT_VERSION:
         return []
@@ -327,7 +330,8 @@ def completed_ids(out: Path, notices: list[str] | None = None) -> set[str]:
     """Example ids already summarised in a sweep folder (merged files or complete parts).
 
     A part (or merged file) whose predictions, head stats or (when the sweep keeps them) vectors are
-    missing or unreadable is deleted with its twins, so it is recomputed; ``notices`` gets a line.
+    missing or do not parse (`DamagedFileError`) is deleted with its twins, so it is recomputed; ``notices``
+    gets a line. Any other failure (``MemoryError``, a disk error, a bug) propagates and deletes nothing.
     """
     ids: set[str] = set()
     with_vectors = _manifest(out).get("vector_patches") is not None
@@ -350,15 +354,15 @@ def completed_ids(out: Path, notices: list[str] | None = None) -> set[str]:
                                "computed again")
             continue
         try:
-            pd.read_parquet(heads, columns=["example_id"])
+            _read_parquet(heads, columns=["example_id"])
             if with_vectors:
                 _vector_ids(vectors)
-            ids.update(pd.read_parquet(path, columns=["example_id"])["example_id"].astype(str))
-        except Exception as exc:  # a half-written or corrupt part: drop it and its twins, recompute
+            ids.update(_read_parquet(path, columns=["example_id"])["example_id"].astype(str))
+        except (FileNotFoundError, DamagedFileError) as exc:  # a missing twin or a corrupt file: drop, recompute
             for twin in (path, heads, vectors):
                 twin.unlink(missing_ok=True)
             if notices is not None:
-                notices.append(f"dropped damaged sweep results {path.name} ({type(exc).__name__}); they were "
+                notices.append(f"dropped damaged sweep results {path.name} ({_cause(exc)}); they were "
                                "computed again")
     return ids
 
@@ -397,23 +401,43 @@ def vectors_from_bytes(data: bytes) -> dict:
     """Inverse of `vectors_to_bytes` (thumbnails expanded back to one per token).
 
     Raises:
-        ValueError: a damaged file.
+        DamagedFileError: a damaged file (not safetensors, a header or shapes that do not match); a
+            `ValueError`. Anything else (``MemoryError``, a bug) propagates.
     """
-    from safetensors.numpy import load
-
+    arrays, header = safetensors_from_bytes(data, "vectors file")
     try:
-        arrays = load(data)
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
-        part = {k: v for k, v in arrays.items() if k != "thumbs"}
-        part["example_ids"], part["text"] = json.loads(header["example_ids"]), json.loads(header["text"])
-        part["special"] = part["special"].astype(bool)
-        is_patch = part["patch_rc"][:, 0] >= 0
-        thumbs = np.zeros((len(is_patch), *arrays["thumbs"].shape[1:]), dtype=np.uint8)
-        thumbs[is_patch] = arrays["thumbs"]
-    except Exception as exc:  # safetensors raises its own error type; any failure means damaged
-        raise ValueError(f"damaged vectors file: {type(exc).__name__}: {exc}") from exc
-    part["thumbs"] = thumbs
+        example_ids, text = json.loads(header["example_ids"]), json.loads(header["text"])
+    except (KeyError, ValueError) as exc:
+        raise DamagedFileError(f"damaged vectors file: no example ids or token texts ({exc})") from exc
+    _check_vector_shapes(arrays, example_ids, text)
+    part = {k: v for k, v in arrays.items() if k != "thumbs"}
+    part["example_ids"], part["text"] = example_ids, text
+    part["special"] = part["special"].astype(bool)
+    is_patch = part["patch_rc"][:, 0] >= 0
+    part["thumbs"] = np.zeros((len(is_patch), *arrays["thumbs"].shape[1:]), dtype=np.uint8)
+    part["thumbs"][is_patch] = arrays["thumbs"]
     return part
+
+
+def _check_vector_shapes(arrays: dict, example_ids, text) -> None:
+    """Raise `DamagedFileError` unless the arrays and header of a vectors file fit together."""
+    def fail(what: str):
+        raise DamagedFileError(f"damaged vectors file: {what}")
+
+    names = ("vectors", "example", "token", "modality", "special", "patch_rc", "thumbs")
+    if missing := [n for n in names if n not in arrays]:
+        fail(f"no {missing[0]!r} array")
+    if not isinstance(example_ids, list) or not isinstance(text, list):
+        fail("example ids or token texts are not lists")
+    t = len(arrays["example"])
+    if arrays["vectors"].ndim != 3 or arrays["vectors"].shape[1] != t or arrays["patch_rc"].shape != (t, 2):
+        fail(f"{t} tokens, vectors {arrays['vectors'].shape}, patch_rc {arrays['patch_rc'].shape}")
+    if any(len(arrays[n]) != t for n in ("token", "modality", "special")) or len(text) != t:
+        fail(f"per-token fields of different lengths for {t} tokens")
+    if t and not 0 <= int(arrays["example"].min()) <= int(arrays["example"].max()) < len(example_ids):
+        fail("token rows point outside the example ids")
+    if arrays["thumbs"].ndim != 4 or len(arrays["thumbs"]) != int((arrays["patch_rc"][:, 0] >= 0).sum()):
+        fail(f"{len(arrays['thumbs'])} thumbnails for {int((arrays['patch_rc'][:, 0] >= 0).sum())} patch tokens")
 
 
 def _vector_ids(path: Path) -> list[str]:
@@ -470,13 +494,14 @@ def load_sweep_vectors(out_dir: str | Path) -> dict | None:
     Returns:
         The `merge_vector_parts` dict (``vectors`` float16 ``[L + 1, T, D]``, per-token fields, and
         ``example_ids``), or None when the sweep kept no vectors (made before vectors existed, or
-        with ``vector_patches=None``). Unreadable files are skipped.
+        with ``vector_patches=None``). Files that vanished (merged meanwhile) or are damaged are skipped
+        (never deleted here: the sweep itself drops and recomputes them); other errors propagate.
     """
     parts = []
     for path in _vector_files(Path(out_dir)):
         try:
             parts.append(vectors_from_bytes(path.read_bytes()))
-        except (OSError, ValueError):
+        except (FileNotFoundError, DamagedFileError):
             continue
     return merge_vector_parts(parts)
 
@@ -498,22 +523,33 @@ def load_sweep(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _read(path: Path) -> pd.DataFrame | None:
     """A parquet file, or None when it vanished (another session merged it) or is damaged.
 
-    A damaged file is deleted and the sweep's manifest marked unfinished with a notice, so that the
-    next start of the sweep recomputes what it held.
+    A damaged file (one that does not parse as parquet with an ``example_id`` column) is deleted and the
+    sweep's manifest marked unfinished with a notice, so that the next start of the sweep recomputes what
+    it held. Any other failure (``MemoryError``, a disk error, a bug) propagates and deletes nothing.
     """
     try:
-        return pd.read_parquet(path)
+        return _read_parquet(path)
     except FileNotFoundError:
         return None
-    except Exception as exc:
+    except DamagedFileError as exc:
         path.unlink(missing_ok=True)
         manifest = _manifest(path.parent)
         if manifest:
-            note = (f"dropped damaged sweep results {path.name} ({type(exc).__name__}); start the sweep again "
+            note = (f"dropped damaged sweep results {path.name} ({_cause(exc)}); start the sweep again "
                     "to recompute them")
             _write_manifest(path.parent, {**manifest, "complete": False,
                                           "notices": [*manifest.get("notices", []), note]})
         return None
+
+
+def _cause(exc: BaseException) -> str:
+    """The name of what went wrong: the parser's own error under a `DamagedFileError`, else the error's."""
+    return type(exc.__cause__ or exc).__name__
+
+
+def _read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A sweep parquet file; raises `DamagedFileError` when it does not parse or has no ``example_id``."""
+    return parquet_from_bytes(path.read_bytes(), path.name, columns=columns, required=("example_id",))
 
 
 def _consolidate(out: Path, ids: list[str]) -> None:
