@@ -73,14 +73,22 @@ def load_model(model="demo", device: str = "auto"):
         return model
     key = (str(model), device)
     if key not in _ADAPTERS:
+        from transformers.utils import logging as hf_logging
+
         from vlcore.models.registry import load_adapter
 
-        _ADAPTERS[key] = load_adapter(str(model), device=device)
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise in a notebook's output
+        try:
+            _ADAPTERS[key] = load_adapter(str(model), device=device)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
     return _ADAPTERS[key]
 
 
 def _to_image(image):
-    """A PIL image from a file path, a PIL image, or a uint8 / [0, 1] float array ``[H, W]`` or ``[H, W, 3|4]``."""
+    """A PIL image from a file path, a PIL image, or an array ``[H, W]`` or ``[H, W, 3|4]`` (see `run`)."""
     from PIL import Image
 
     from vlcore.data.example import open_image_bytes
@@ -132,7 +140,8 @@ def run(model="demo", image=None, text: str | None = None, example=None, device:
 
     Args:
         model: ``"demo"``, a checkpoint folder, a hub id, or a loaded adapter (see `load_model`).
-        image: a file path, a PIL image, or an array ``[H, W]`` / ``[H, W, 3]`` (uint8, or floats in [0, 1]).
+        image: a file path, a PIL image, or an array ``[H, W]`` / ``[H, W, 3]`` (uint8; floats in [0, 1] are
+            scaled by 255, other numbers must lie in [0, 255]).
         text: the question or caption.
         example: instead of ``image`` and ``text``: an example id such as ``"easy_vqa/test/0"``, or an `Example`.
         device: ``auto``, ``cpu`` or ``cuda``.
