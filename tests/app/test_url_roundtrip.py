@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.app.conftest import PAGES, open_page
+from tests.app.entry_point import through_entry_point  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("through_entry_point")  # pages run as the server runs them
 
 WIDGET_KINDS = ("selectbox", "radio", "slider", "select_slider", "text_input", "multiselect", "checkbox", "toggle",
                 "number_input", "button_group")

@@ -52,6 +52,9 @@ from __future__ import annotations
 import functools
 
 import streamlit as st
+from streamlit import config as st_config
+from streamlit.runtime.pages_manager import PagesManager
+from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
 
 PARAMS = (
     "ds", "loc", "img", "map", "stream", "cfg", "split", "q", "cat", "ans", "obj", "ex", "model", "layer", "head",
@@ -72,8 +75,29 @@ def _check(name: str) -> None:
         raise KeyError(f"unknown URL parameter {name!r}; add it to vlcore.ui.state.PARAMS")
 
 
+def _leave_pages_folder_mode() -> None:
+    """Run every page through the app's entry point (`vlcore.ui.navigation`).
+
+    Streamlit treats an app with a ``pages/`` folder as a folder app, which runs a linked page *without* the entry
+    point, until the process's first `st.navigation` call (streamlit/streamlit#10276). A shared link opened first
+    on a fresh server would run its page without the Home title, the carried view and the one-update URL. This
+    ends that mode the way `st.navigation` does and reruns the page through the entry point, once per process.
+    Not under AppTest: it re-detects the folder before every run, and the rerun would drop a clicked button.
+    """
+    if not PagesManager.uses_pages_directory:
+        return
+    PagesManager.uses_pages_directory = False
+    if not _under_app_test() and get_script_run_ctx(suppress_warning=True) is not None:
+        st.rerun()
+
+
+def _under_app_test() -> bool:
+    return bool(st_config.get_option("global.appTest"))
+
+
 def current_params() -> dict[str, str]:
     """The URL's parameters as this run has set them so far (the URL itself changes at the end of the run)."""
+    _leave_pages_folder_mode()
     view = st.query_params.to_dict()
     for name, value in st.session_state.get(_PENDING, {}).items():
         if value is None:
@@ -93,6 +117,7 @@ def set_params(**values: str | int | None) -> None:
     """Write view state into the URL; None removes a parameter. Applied once at the end of the run."""
     for name in values:
         _check(name)
+    _leave_pages_folder_mode()
     page = st.session_state.get(_PAGE)
     view = current_params()
     changed = {}
