@@ -14,7 +14,7 @@ from vlcore.ui.export import chart_downloads
 from vlcore.projection import ALIGNS, METHOD_NAMES, METHODS, find_token, umap_available
 from vlcore.ui import embeddings as emb
 from vlcore.ui.context import load_example_trace, load_model, pick_sweep
-from vlcore.ui.state import get_choice, get_int, get_param, set_params
+from vlcore.ui.state import current_params, get_choice, get_int, get_param, set_params
 
 HEATMAPS = "pages/4_Attention_Heatmaps.py"
 st.set_page_config(page_title="Embeddings · VLScope", layout="wide")
@@ -117,7 +117,7 @@ if row is not None:
                  column_config={"patch": st.column_config.ImageColumn("patch"),
                                 "similarity": st.column_config.NumberColumn(format="%.3f")})
 if Path(HEATMAPS).exists():
-    link = {k: st.query_params[k] for k in st.query_params} | {"ex": pick_ex, "tok": str(pick_tok),
+    link = current_params() | {"ex": pick_ex, "tok": str(pick_tok),
                                                               "layer": str(max(layer - 1, 0))}
     st.page_link(HEATMAPS, label=f"Open token {pick_tok} of {pick_ex} on the attention heatmaps", icon="🔥",
                  query_params={k: v for k, v in link.items() if k not in ("scope", "proj", "color")})

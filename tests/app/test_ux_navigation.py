@@ -67,6 +67,17 @@ def test_the_example_and_head_survive_the_sidebar_navigation():
     sidebar_to(at, STATS)
     assert (at.slider(key="layer").value, at.selectbox(key="head").value) == (1, 0)
     assert (at.query_params["layer"], at.query_params["head"], at.query_params["ex"]) == ("1", "0", view["ex"])
+    to_heatmaps = links(at)["Open this head's attention heatmaps"]
+    assert {k: to_heatmaps.get(k) for k in (*view, "layer", "head")} == {**view, "layer": "1", "head": "0"}
+
+
+def test_the_embeddings_link_to_the_heatmaps_keeps_the_carried_dataset():
+    view = {"ds": "easy_vqa", "split": "train", "ex": "easy_vqa/train/3"}
+    at = open_page(RUNNER, view)
+    sidebar_to(at, EMBEDDINGS)  # the first run after the sidebar link: the URL is written at its end
+    assert not at.exception and not at.error
+    to_heatmaps = next(q for label, q in links(at).items() if "attention heatmaps" in label)
+    assert {k: to_heatmaps.get(k) for k in view} == view
 
 
 def test_a_link_names_the_view_over_the_remembered_one():
