@@ -271,3 +271,46 @@ def test_unreachable_database_is_a_clear_error():
     with pytest.raises(AnnotationError, match="could not open the annotations database") as info:
         store.list()
     assert "secret" not in str(info.value).replace("secrets.toml", "")  # the password is hidden
+
+
+def test_the_mean_over_heads_is_stored_as_mean_not_as_no_head(store):
+    _add(store, head="mean", text="mean view")
+    _add(store, head=None, layer=None, text="no heads in this view")
+    _add(store, head=2, text="head 2")
+    table = store.list().set_index("text")
+    assert bool(table.at["mean view", "head_mean"]) and pd.isna(table.at["mean view", "head"])
+    assert not table.at["no heads in this view", "head_mean"] and not table.at["head 2", "head_mean"]
+    assert store.list(head="mean")["text"].tolist() == ["mean view"]
+    from vlcore.annotations import head_labels
+
+    assert head_labels(store.list()).tolist() == ["2", "", "mean"]
+    back = pd.read_csv(io.BytesIO(store.export_csv()))
+    assert back["head_mean"].tolist() == [False, False, True]
+
+
+def test_migration_from_version_2_keeps_rows_and_adds_head_mean(make_engine):
+    """A version-2 database (no head_mean column) with rows in it is migrated on open; old rows say unknown."""
+    engine = make_engine()
+    old = sa.MetaData()
+    sa.Table(
+        "annotations", old,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("annotator", sa.String(100), nullable=False), sa.Column("page", sa.String(100), nullable=False),
+        sa.Column("example_id", sa.String(500)), sa.Column("model", sa.String(300)), sa.Column("layer", sa.Integer),
+        sa.Column("head", sa.Integer), sa.Column("token", sa.Integer), sa.Column("view", sa.Text, nullable=False),
+        sa.Column("label", sa.String(200), nullable=False), sa.Column("text", sa.Text, nullable=False),
+    )
+    version = sa.Table("schema_version", old, sa.Column("version", sa.Integer, nullable=False))
+    with engine.begin() as conn:
+        old.create_all(conn)
+        conn.execute(sa.insert(version).values(version=2))
+        conn.execute(sa.insert(old.tables["annotations"]).values(
+            created_at=pd.Timestamp("2026-01-02", tz="UTC").to_pydatetime(), annotator="old", page="heatmaps",
+            view="head=mean", label="plausible", text="v2", layer=3))
+    store = AnnotationStore(engine)
+    assert store.schema_version() == SCHEMA_VERSION == 3
+    row = store.list().iloc[0]
+    assert row["text"] == "v2" and pd.isna(row["head_mean"])
+    _add(store, head="mean", text="v3")
+    assert store.list(head="mean")["text"].tolist() == ["v3"]
