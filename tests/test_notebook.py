@@ -17,7 +17,6 @@ import vlcore.notebook as vn
 from tests.app.conftest import open_page
 from tests.conftest import ROOT
 from vlcore.errors import InputError
-from vlcore.head_table import aggregate_heads
 from vlcore.stats import compute_trace_summaries
 
 EX = "easy_vqa/test/3"
@@ -160,9 +159,9 @@ def test_bad_inputs_are_one_line_errors(trace, tmp_path):
 
 
 @pytest.mark.parametrize("params, kwargs", [
-    ({"layer": "2", "head": "1", "tok": "4", "method": "raw"}, dict(query=4, layer=2, head=1, method="attention")),
-    ({"patch": "3.5", "dir": "to", "method": "rollout"}, dict(query=(3, 5), direction="to", method="rollout")),
-    ({"method": "relevancy"}, dict(method="relevancy")),
+    ({"layer": "2", "head": "1", "tok": "4", "method": "raw"}, {"query": 4, "layer": 2, "head": 1, "method": "attention"}),
+    ({"patch": "3.5", "dir": "to", "method": "rollout"}, {"query": (3, 5), "direction": "to", "method": "rollout"}),
+    ({"method": "relevancy"}, {"method": "relevancy"}),
 ])
 def test_heatmap_draws_what_the_heatmaps_page_draws(trace, params, kwargs):
     at = open_page("pages/4_Attention_Heatmaps.py", {"ex": EX, **params})
@@ -228,7 +227,7 @@ def vega_lite_specs(output: dict) -> list[dict]:
     data = output.get("data", {})
     specs = [v if isinstance(v, dict) else json.loads(v) for k, v in data.items() if "vnd.vegalite" in k]
     html = data.get("text/html", "")
-    found = re.search(r"\}\)\((\{.*\}), (\{[^{}]*\})\);\s*</script>", html, re.S)
+    found = re.search(r"\}\)\((\{.*\}), (\{[^{}]*\})\);\s*</script>", html, re.DOTALL)
     if found and "vegaEmbed" in html:
         specs.append(json.loads(found.group(1)))
     return [s for s in specs if "vega-lite" in s.get("$schema", "")]

@@ -10,7 +10,7 @@
 
 Each chart is an Altair chart (it renders in Jupyter, VS Code and Colab; ``chart.save("map.png")`` writes a
 file) built by the same `vlcore` functions and chart builders as the app's pages, with the pages' defaults:
-a chart here draws the data its page draws for the same trace and settings. Importing this module lifts
+a chart here draws the data its page draws for the same trace and settings. The chart functions lift
 Altair's 5,000-row limit (`altair.data_transformers.disable_max_rows`), as a full attention matrix or a
 sweep's scatter has more rows; the app draws them too.
 
@@ -29,7 +29,6 @@ Public API (``source`` is a `Trace`, a list of traces, pooled, or a sweep folder
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +39,15 @@ import pandas as pd
 from vlcore.errors import InputError
 from vlcore.trace import Trace
 
-alt.data_transformers.disable_max_rows()
-
 METHODS = {"attention": "raw attention", "rollout": "attention rollout", "relevancy": "gradient relevancy"}
 _ALIASES = {"raw": "attention"}  # the app's name for raw attention (URL ``method=raw``)
 _ADAPTERS: dict[tuple[str, str], object] = {}
 _INPUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # trace → (adapter, example) it came from
+
+
+def _no_row_limit() -> None:
+    """Lift Altair's 5,000-row limit for the charts this module returns (it stays lifted in the session)."""
+    alt.data_transformers.disable_max_rows()
 
 
 class _NoStore:
@@ -256,6 +258,7 @@ def head_summary(source, metric: str | None = None, norm: str = "raw", include_s
     from vlcore.charts_stats import build_head_heatmap_chart
     from vlcore.head_table import aggregate_heads
 
+    _no_row_limit()
     if isinstance(source, (str, Path)):
         heads, ids, label = _sweep_heads(Path(source), slice)
     else:
@@ -382,6 +385,7 @@ def heatmap(trace: Trace, query=0, layer: int = -1, head: int | None = None, met
     from vlcore import charts_heatmaps as ch
     from vlcore import heatmap_maps as hm
 
+    _no_row_limit()
     if not hm.has_image_tokens(trace):
         raise InputError(f"trace {trace.example_id} has no image tokens: there is no image to draw a map on")
     method = _method(method)
@@ -406,6 +410,7 @@ def matrix(trace: Trace, block: str | None = None, layer: int = -1, head: int | 
     """
     from vlcore import charts_heatmaps as ch
 
+    _no_row_limit()
     layer, head = _layer_head(trace, layer, head)
     att = trace.head_attention(layer, head)
     head_label = f"layer {layer}, " + ("mean over heads" if head is None else f"head {head}")
@@ -447,9 +452,10 @@ def projection(source, layer: int = -1, method: str = "pca", color: str = "modal
         perplexity: t-SNE perplexity.
     """
     from vlcore.charts_embeddings import COLOR_BY, build_projection_chart, thumbnail_uris
-    from vlcore.projection import ALIGNS, METHOD_NAMES, METHODS as PROJECTIONS, compute_layer_projections, \
-        coordinates_frame
+    from vlcore.projection import ALIGNS, METHOD_NAMES, compute_layer_projections, coordinates_frame
+    from vlcore.projection import METHODS as PROJECTIONS
 
+    _no_row_limit()
     for name, value, allowed in (("method", method, PROJECTIONS), ("align", align, ALIGNS), ("color", color, COLOR_BY)):
         if value not in allowed:
             raise InputError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

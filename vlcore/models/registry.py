@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from vlcore.app_files import DEMO_MODEL_DIR  # in the checkout, or in the installed vlscope_app
 from vlcore.errors import ModelLoadError, UnsupportedModelError
 from vlcore.models.base import ModelAdapter
 from vlcore.models.hub import describe_load_error, first_line, hub_unreachable, is_network_error, offline_variable
 
-from vlcore.app_files import APP_ROOT as ROOT, DEMO_MODEL_DIR  # the checkout, or the installed vlscope_app
 DEMO_MODEL = "demo"
 
 # Offered in the UI; any other ViLT id or directory also works.
