@@ -11,7 +11,7 @@ from vlcore.errors import VLScopeError
 from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.ui.context import load_example_trace, load_model, pick_layer_head
 from vlcore.ui.heatmaps import (explanation_captions, explanation_maps, method_map, pick_answer, pick_display,
-                                pick_query, pick_view, scale_domain, show_explanations, show_export, show_layer_strip,
+                                pick_query, pick_view, scale_caption, scale_domain, show_explanations, show_export, show_layer_strip,
                                 show_matrices, show_parts, show_query_views, show_step_through, step_maps)
 
 st.set_page_config(page_title="Attention heatmaps · VLScope", layout="wide")
@@ -102,9 +102,7 @@ else:
 
     builders["explanations side by side"] = explanations_chart
     show_export(builders, trace, att, head_label)
-st.caption(f"Colour scale: {hm.SCALE_TITLES[display.scale]}"
-           + ("" if domain is None else f", {domain[0]:.3g} to {domain[1]:.3g}")
-           + ". The heat's opacity grows with the weight: zero is transparent.")
+st.caption(scale_caption(display.scale, domain))
 
 share_view(PAGE)
 annotate_panel(PAGE, example_id=trace.example_id, model=trace.model_id, layer=layer, head=head,

@@ -92,22 +92,26 @@ def _overlay_layout(trace: Trace, data: Mapping, opacity: float, smooth: bool, t
     image = alt.Chart(data["image"]).mark_image(
         width=width, height=height, align="left", baseline="top"
     ).encode(x=alt.X("x:Q", scale=xs, axis=_AXIS_OFF), y=alt.Y("y:Q", scale=ys, axis=_AXIS_OFF), url=alt.Url("url:N"))
+    # the opacity reads a copy of the weight: on the same field, Streamlit's Vega-Lite merges the two legends and
+    # the opacity's legend=None then hides the colour legend too
     heat = dict(color=alt.Color("value:Q", scale=alt.Scale(scheme=SCHEME, domain=[lo, hi], clamp=True), title="weight"),
-                opacity=alt.Opacity("value:Q", scale=alt.Scale(domain=[alpha_lo, hi], range=[0, opacity], clamp=True),
-                                    legend=None))
+                opacity=alt.Opacity("alpha_weight:Q", legend=None,
+                                    scale=alt.Scale(domain=[alpha_lo, hi], range=[0, opacity], clamp=True)))
     tooltip = [alt.Tooltip("row:Q"), alt.Tooltip("col:Q"), alt.Tooltip("token:Q"), alt.Tooltip("value:Q", format=".4f")]
     layers = [image]
     if smooth:
-        layers.append(alt.Chart(data["smooth"]).mark_rect().encode(**pos, **heat))
+        layers.append(alt.Chart(data["smooth"]).transform_calculate(alpha_weight="datum.value").mark_rect().encode(
+            **pos, **heat))
         hit = alt.Chart(data["patches"]).mark_rect(opacity=0.001).encode(**pos, tooltip=tooltip)
     else:
-        hit = alt.Chart(data["patches"]).mark_rect().encode(**pos, **heat, tooltip=tooltip)
+        hit = alt.Chart(data["patches"]).transform_calculate(alpha_weight="datum.value").mark_rect().encode(
+            **pos, **heat, tooltip=tooltip)
     if select_name:
         hit = hit.add_params(alt.selection_point(name=select_name, fields=["row", "col"], on="click", clear="dblclick"))
     layers.append(hit)
     if "selected" in data:
         layers.append(alt.Chart(data["selected"]).mark_rect(fill=None, stroke="#00e5ff", strokeWidth=2).encode(**pos))
-    title = alt.TitleParams(text=title, subtitle=subtitle)
+    title = alt.TitleParams(text=title, subtitle=subtitle, subtitleFontSize=12)
     return alt.layer(*layers).properties(width=width, height=height, title=title, autosize=_PAD)
 
 

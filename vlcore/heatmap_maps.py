@@ -79,7 +79,7 @@ def compute_layer_maps(trace: Trace, head: int | None, query: Sequence[int], dir
 # ---------------------------------------------------------------------------------------
 
 SCALES = ("map", "shared", "absolute")
-SCALE_TITLES = {"map": "per map (min–max)", "shared": "shared by the maps shown", "absolute": "absolute 0–1"}
+SCALE_TITLES = {"map": "per map (min–max)", "shared": "shared", "absolute": "absolute 0–1"}
 
 
 def patch_values(trace: Trace, values: np.ndarray) -> np.ndarray:

@@ -176,16 +176,16 @@ class Display:
 
 def pick_display() -> Display:
     """Direction, method, colour scale, opacity and smoothing (``dir``, ``method``, ``scale`` in the URL)."""
-    c1, c2, c3 = st.columns([2, 3, 3])
+    c1, c2 = st.columns([1, 2])
     direction = c1.segmented_control("Attention", hm.DIRECTIONS, key="hm_dir",
                                      format_func=lambda d: f"{d} the query") or "from"
     method = c2.segmented_control("Map", METHODS, key="hm_method", format_func=METHOD_TITLES.get) or "raw"
+    c3, c4, c5 = st.columns([3, 2, 1])
     scale = c3.segmented_control(
         "Colour scale", hm.SCALES, key="hm_scale", format_func=hm.SCALE_TITLES.get,
         help="per map: each map from its own min to its max (a map of near-zero weights looks as strong as any); "
              "shared: one scale from 0 to the largest weight of every map on the page; absolute: 0 to 1, "
              "the share of a row") or "map"
-    c4, c5 = st.columns([3, 1])
     opacity = c4.slider("Heat opacity", 0.0, 1.0, 0.8, 0.05, key="hm_opacity",
                         help="the heat's opacity at the top of the colour scale; it falls to 0 (transparent) at "
                              "weight 0, so the image shows through low weights")
@@ -391,6 +391,14 @@ def scale_domain(trace: Trace, maps: list[np.ndarray], scale: str) -> tuple[floa
     """
     rows = [row for m in maps for row in np.asarray(m).reshape(-1, trace.n_tokens)]
     return hm.compute_domain([hm.patch_values(trace, row) for row in rows], scale)
+
+
+def scale_caption(scale: str, domain: tuple[float, float] | None) -> str:
+    """What the colours mean under a scale, with its range."""
+    what = {"map": "each map from its own min to its max (compare shapes, not strengths)",
+            "shared": "one scale for every map on this page", "absolute": "weights as shares of a row"}[scale]
+    span = "" if domain is None else f", {domain[0]:.3g} to {domain[1]:.3g}"
+    return f"Colour scale: {what}{span}. The heat's opacity grows with the weight: zero is transparent."
 
 
 def step_maps(trace: Trace, layer: int, head: int | None, direction: str) -> np.ndarray:
