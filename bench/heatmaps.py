@@ -11,8 +11,9 @@ loaded back as the page does. Measures per change, interleaved in one run:
   full 234x234 matrix, 54,756 cells), all heads (12 small multiples), step-through and explanations
   (raw, rollout and relevancy side by side; the relevancy's gradient pass is cached after the first run);
 - **charts**: the page's chart path without Streamlit: the trace (kept in memory), the query map, the
-  overlay, text chips, special bars and the full matrix as `ChartParts` (layouts built once), turned
-  into the spec JSON and Arrow tables Streamlit sends;
+  overlay (with the image's share under its title), text chips, special bars, the strip of every layer's
+  map and the full matrix as `ChartParts` (layouts built once), turned into the spec JSON and Arrow tables
+  Streamlit sends;
 - **Altair objects**: the same charts the previous way: the trace read from the store, every chart built
   as Altair objects (`build_*_chart`) and converted as ``st.altair_chart`` does;
 - **naive**: the Altair objects on a trace recomputed by the model for every change (no store).
@@ -41,13 +42,18 @@ SECTIONS = ("matrices", "heads", "step", "explain")
 def page_parts(trace, layer: int, head: int | None, tok: int) -> list:
     """The charts the page shows for the query and the (default) full-matrix section, as `ChartParts`."""
     from vlcore import charts_heatmaps as ch
+    from vlcore import charts_multiples as cm
     from vlcore import heatmap_maps as hm
 
     att = trace.head_attention(layer, head)
     values = hm.compute_query_map(att, [tok], "from")
-    return [ch.overlay_parts(trace, values, title="raw attention", width=340),
+    layers = hm.compute_layer_maps(trace, head, [tok], "from")
+    return [ch.overlay_parts(trace, values, title="raw attention", width=340,
+                             subtitle=hm.image_share_caption(trace, values)),
             ch.token_chips_parts(trace, values, [tok], title="Text tokens", width=380),
-            ch.special_weights_parts(trace, values), ch.matrix_parts(trace, att, title="matrix", size=440)]
+            ch.special_weights_parts(trace, values, shares=True),
+            cm.layer_strip_parts(trace, layers, selected=layer, title="Every layer"),
+            ch.matrix_parts(trace, att, title="matrix", size=440)]
 
 
 def send_parts(parts: list) -> None:
@@ -67,13 +73,18 @@ def send_parts(parts: list) -> None:
 def page_charts(trace, layer: int, head: int | None, tok: int) -> list:
     """The same charts as Altair objects (the builders the tests validate and the export uses)."""
     from vlcore import charts_heatmaps as ch
+    from vlcore import charts_multiples as cm
     from vlcore import heatmap_maps as hm
 
     att = trace.head_attention(layer, head)
     values = hm.compute_query_map(att, [tok], "from")
-    return [ch.build_attention_overlay_chart(trace, values, title="raw attention", width=340),
+    layers = hm.compute_layer_maps(trace, head, [tok], "from")
+    return [ch.build_attention_overlay_chart(trace, values, title="raw attention", width=340,
+                                             subtitle=hm.image_share_caption(trace, values)),
             ch.build_token_chips_chart(trace, values, [tok], title="Text tokens", width=380),
-            ch.build_special_weights_chart(trace, values), ch.build_matrix_chart(trace, att, title="matrix", size=440)]
+            ch.build_special_weights_chart(trace, values, shares=True),
+            cm.build_layer_strip_chart(trace, layers, selected=layer, title="Every layer"),
+            ch.build_matrix_chart(trace, att, title="matrix", size=440)]
 
 
 def to_streamlit(charts: list) -> None:
