@@ -49,8 +49,8 @@ def on_ray(n: int, batch_size: int, workers: int, gpus: float, out: Path) -> tup
 
 def same_predictions(a: Path, b: Path) -> bool:
     pa, pb = load_sweep(a)[0], load_sweep(b)[0]
-    return (pa["example_id"].tolist() == pb["example_id"].tolist() and pa["prediction"].tolist() == pb["prediction"].tolist()
-            and np.allclose(pa["probability"], pb["probability"], rtol=1e-3, atol=1e-5))
+    same = ["example_id", "prediction"]
+    return pa[same].equals(pb[same]) and np.allclose(pa["probability"], pb["probability"], rtol=1e-3, atol=1e-5)
 
 
 def row(label: str, t_local: float, t_ray: float, n: int, target: str) -> str:

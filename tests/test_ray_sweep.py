@@ -38,6 +38,19 @@ class RecordIds:
             fh.write("".join(f"{i}\n" for i in ids))
 
 
+class Refuse:
+    """Batch hook: raises a user-facing error on the batch holding ``example_id`` (a bad image would, too)."""
+
+    def __init__(self, example_id: str) -> None:
+        self.example_id = example_id
+
+    def __call__(self, ids: list[str]) -> None:
+        if self.example_id in ids:
+            from vlcore.errors import InputError
+
+            raise InputError(f"planted: example {self.example_id} cannot be read")
+
+
 class DieOnce:
     """Batch hook: the worker process exits (as if killed) on the batch holding ``example_id``, the first time."""
 
@@ -142,12 +155,12 @@ def test_a_rerun_computes_only_the_missing_examples(local_ray, reference, tmp_pa
               should_stop=lambda: next(stops) >= 2)
     assert len(load_sweep(out)[0]) == 8 and not manifest(out)["complete"]
     report = run_ray_sweep("demo", ray_input("easy_vqa", "test", N), out, dataset=DATASET, batch_size=BATCH,
-                           workers=2, batch_hook=RecordIds(seen))
+                           workers=1, batch_hook=RecordIds(seen))
     assert (report.skipped, report.new, report.complete) == (8, 8, True)
     assert sorted(seen.read_text().split()) == sorted(f"easy_vqa/test/{i}" for i in range(8, N))
     assert_same_sweep(out, reference)
     again = run_ray_sweep("demo", ray_input("easy_vqa", "test", N), out, dataset=DATASET, batch_size=BATCH,
-                          workers=2, batch_hook=RecordIds(seen))
+                          workers=1, batch_hook=RecordIds(seen))
     assert (again.skipped, again.new, again.complete) == (N, 0, True)
     assert len(seen.read_text().split()) == 8  # nothing ran again
 
@@ -158,12 +171,24 @@ def test_a_killed_worker_is_retried_and_the_url_target_is_complete_without_dupli
 
     remote, died = tmp_path / "bucket" / "sweep", tmp_path / "died"
     report = run_ray_sweep("demo", ray_input("easy_vqa", "test", N), remote.as_uri(), dataset=DATASET,
-                           batch_size=BATCH, workers=2, batch_hook=DieOnce("easy_vqa/test/9", died))
+                           batch_size=BATCH, workers=1, batch_hook=DieOnce("easy_vqa/test/9", died))
     assert died.exists()  # the worker holding examples 8..11 was killed once
     assert report.complete and report.new == N and report.retries >= 1 and report.restarts >= 1
     assert f"{report.retries} retries, {report.restarts} worker restarts" in report.summary()
     assert_same_sweep(remote, reference)
     assert not list(remote.glob("part-*")) and not list(remote.glob(".*.tmp"))
+
+
+def test_an_error_on_a_worker_reaches_the_driver_as_itself_and_the_finished_batches_stay(local_ray, tmp_path):
+    from vlcore.errors import InputError
+    from vlcore.ray_examples import ray_input
+    from vlcore.ray_sweep import run_ray_sweep
+
+    with pytest.raises(InputError, match="^planted: example easy_vqa/test/1 cannot be read$"):
+        run_ray_sweep("demo", ray_input("easy_vqa", "test", 8), tmp_path / "sweep", dataset=DATASET,
+                      batch_size=BATCH, workers=1, batch_hook=Refuse("easy_vqa/test/1"))
+    assert not manifest(tmp_path / "sweep")["complete"]
+    assert "easy_vqa/test/1" not in set(load_sweep(tmp_path / "sweep")[0]["example_id"])
 
 
 def test_a_parquet_vqa_set_sweeps_on_ray_as_in_process(local_ray, tmp_path):

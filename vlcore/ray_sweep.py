@@ -89,7 +89,10 @@ class AttemptLog:
 class SweepWorker:
     """`map_batches` callable class: loads the adapter once, then summarises and writes each batch it gets.
 
-    Returns, per batch, the ``example_id`` of every example it wrote (the driver counts progress from them).
+    Returns, per batch, the ``example_id`` of every example it wrote (the driver counts progress from them) and an
+    empty ``error``. A `VLScopeError` (a model the worker cannot load, an unreadable image, out of memory at batch
+    size 1) comes back as data instead, one row whose ``error`` is ``"<class>: <message>"``: Ray's wrappers keep
+    only the text of an exception raised in a worker, and the driver should stop with the message alone.
     """
 
     def __init__(self, model: str, device: str, target: SweepTarget, mapper: RowMapper, top_k: int,
@@ -100,22 +103,31 @@ class SweepWorker:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        self.adapter = load_adapter(model, device=device)
         self.target, self.mapper, self.top_k, self.vector_patches = target, mapper, top_k, vector_patches
-        self.log, self.batch_hook = log, batch_hook
+        self.log, self.batch_hook, self.adapter, self.error = log, batch_hook, None, None
+        try:
+            self.adapter = load_adapter(model, device=device)
+        except VLScopeError as exc:  # reported with the first batch
+            self.error = exc
         self._tell("worker_started")
 
     def __call__(self, batch) -> dict:
-        examples = self.mapper.examples(batch)
-        ids = [e.example_id for e in examples]
-        attempt = self._tell("batch_started", part_name(ids))
-        if attempt is not None and attempt > MAX_ATTEMPTS:
-            raise InputError(f"the batch of {ids[0]} .. {ids[-1]} failed {MAX_ATTEMPTS} times (its worker died or "
-                             "could not write); the finished batches are kept: check the workers' logs, then resume")
-        if self.batch_hook is not None:
-            self.batch_hook(ids)
-        self._run(examples)
-        return {"example_id": np.array(ids, dtype=object)}
+        try:
+            if self.error is not None:
+                raise self.error
+            examples = self.mapper.examples(batch)
+            ids = [e.example_id for e in examples]
+            attempt = self._tell("batch_started", part_name(ids))
+            if attempt is not None and attempt > MAX_ATTEMPTS:
+                raise InputError(f"the batch of {ids[0]} .. {ids[-1]} failed {MAX_ATTEMPTS} times (its worker died "
+                                 "or could not write); finished batches are kept: check the workers' logs, then resume")
+            if self.batch_hook is not None:
+                self.batch_hook(ids)
+            self._run(examples)
+        except VLScopeError as exc:
+            return {"example_id": np.array([""], dtype=object),
+                    "error": np.array([f"{type(exc).__name__}: {exc}"], dtype=object)}
+        return {"example_id": np.array(ids, dtype=object), "error": np.array([""] * len(ids), dtype=object)}
 
     def _tell(self, method: str, *args):
         if self.log is None:
@@ -301,28 +313,30 @@ def _execute(model, source, target, todo, n_done, *, workers, gpus, batch_size, 
     start, finished = time.perf_counter(), 0
     try:
         for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+            _raise_worker_error(batch.column("error").to_pylist())
             finished += batch.num_rows
             if progress is not None:
                 rate = finished / max(time.perf_counter() - start, 1e-9)
                 eta = (len(todo) - finished) / rate
                 progress(SweepProgress(n_done + finished, n_done + len(todo), n_done, rate, eta))
         return ray.get(log.counts.remote())
-    except Exception as exc:
-        cause = _vlscope_cause(exc)
-        if cause is not None:
-            raise cause from exc
-        raise
     finally:
         ray.kill(log)
         ctx.enable_progress_bars, ctx.actor_task_retry_on_errors = saved
 
 
-def _vlscope_cause(exc: BaseException) -> VLScopeError | None:
-    """The `VLScopeError` a worker raised, found inside Ray's wrappers (or None)."""
-    seen = 0
-    while exc is not None and seen < 12:
-        if isinstance(exc, VLScopeError):
-            return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__
-        seen += 1
-    return None
+def _raise_worker_error(errors: list[str]) -> None:
+    """Raise the first `VLScopeError` a worker returned (``"<class>: <message>"``), as its own class.
+
+    >>> _raise_worker_error(["", ""])
+    >>> _raise_worker_error(["", "InputError: no image"])
+    Traceback (most recent call last):
+    vlcore.errors.InputError: no image
+    """
+    import vlcore.errors
+
+    for error in errors:
+        if error:
+            name, message = error.split(": ", 1)
+            cls = getattr(vlcore.errors, name, VLScopeError)
+            raise cls(message) if isinstance(cls, type) and issubclass(cls, VLScopeError) else VLScopeError(message)
