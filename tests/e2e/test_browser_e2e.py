@@ -1,8 +1,10 @@
 """The app in a real browser: `streamlit run` driven by Playwright in headless Debian Chromium.
 
-One flow, a screenshot per step: home page -> dataset browser -> open an example -> "Interpret this example"
-(the Run Model page runs the bundled demo model) -> attention heatmaps of that example -> click an image patch
-on the Altair overlay (the heat layer changes) -> open the "Share this view" link in a new page (the same view).
+One flow, a screenshot per step: home page (first in the navigation: "Home") -> dataset browser -> open an
+example -> "Interpret this example" (the Run Model page runs the bundled demo model) -> the sidebar's link to the
+heatmaps (the same example) -> attention heatmaps of that example -> click an image patch on the Altair overlay
+(the heat layer changes, one browser history entry) -> open the "Share this view" link in a new page (the same
+view).
 AppTest never renders Vega nor clicks a chart; this does. Skips with the reason when Chromium or Playwright is
 missing (see conftest.py). ``VLSCOPE_E2E_ARTIFACTS`` keeps the screenshots; ``VLSCOPE_E2E_SCREENSHOT=path``
 also saves the heatmaps page there (the README's picture, docs/img/heatmaps.png).
@@ -23,6 +25,7 @@ WAIT_MS = 60_000  # per wait: a loaded 2-core machine, torch imported inside the
 CHART = '[data-testid="stVegaLiteChart"]'
 RENDERED_CHART = f"{CHART} canvas, {CHART} svg"
 OVERLAY = ".st-key-hm_click"  # the clickable overlay chart of the heatmaps page (key ``hm_click``)
+NAV = '[data-testid="stSidebarNav"]'  # the sidebar's page links
 README_WIDTH = 1400  # the README picture is resized to at most this width
 
 pytestmark = pytest.mark.e2e
@@ -118,6 +121,7 @@ def test_browse_run_click_patch_and_share(browser, app_url, artifacts_dir):
         wait_for_render(page)
         assert page.get_by_role("heading", name="VLScope").first.is_visible()
         assert page.locator(CHART).count() >= 2  # prediction bars and the overlay
+        assert page.locator(f"{NAV} a").first.inner_text().strip() == "Home"  # not the file name, "streamlit app"
         shot(page, "home")
 
         # 2. Dataset browser: the bundled easy-VQA test split; open the first example.
@@ -139,9 +143,21 @@ def test_browse_run_click_patch_and_share(browser, app_url, artifacts_dir):
         assert page.get_by_text("Prediction:").count() >= 1
         shot(page, "run-model")
 
-        # 4. Attention heatmaps of the same example (the default query is [CLS], no patch).
+        # 3b. The sidebar's link to the heatmaps opens the same example (Streamlit's navigation drops the query
+        # string; the app carries the view across pages).
+        page.locator(f"{NAV} a", has_text="Attention Heatmaps").click()
+        page.wait_for_url("**/Attention_Heatmaps?**", timeout=WAIT_MS)
+        wait_for_render(page, selector=f"{OVERLAY} canvas, {OVERLAY} svg")
+        assert query(page.url)["ex"] == example_id
+        assert page.locator("code", has_text=example_id).count()
+        shot(page, "heatmaps-from-sidebar")
+
+        # 4. Attention heatmaps of the same example (the default query is [CLS], no patch). The page writes its
+        # view into the URL in one update: the link's entry plus one (was one per parameter, 7 in all).
+        entries = page.evaluate("history.length")
         page.goto(f"{app_url}/Attention_Heatmaps?ex={example_id}", wait_until="domcontentloaded")
         wait_for_render(page, selector=f"{OVERLAY} canvas, {OVERLAY} svg")
+        assert page.evaluate("history.length") - entries <= 2
         assert "patch" not in query(page.url)
         assert patch_chips(page) == []
         before = overlay_chart_png(page)
@@ -149,9 +165,11 @@ def test_browse_run_click_patch_and_share(browser, app_url, artifacts_dir):
 
         # 5. Click a patch of the image (right of centre, below the title) on the overlay: it becomes the query.
         box = page.locator(OVERLAY).locator(RENDERED_CHART).first.bounding_box()
+        entries = page.evaluate("history.length")
         page.mouse.click(box["x"] + box["width"] * 0.62, box["y"] + box["height"] * 0.55)
         page.wait_for_url("**patch=**", timeout=WAIT_MS)
         wait_for_render(page, selector=f"{OVERLAY} canvas, {OVERLAY} svg")
+        assert page.evaluate("history.length") - entries == 1  # one rerun, one history entry (tok and patch at once)
         params = query(page.url)
         assert "patch" in params and "tok" not in params, page.url
         assert patch_chips(page) == [params["patch"]]
@@ -179,6 +197,7 @@ def test_browse_run_click_patch_and_share(browser, app_url, artifacts_dir):
         assert patch_chips(shared) == patch_chips(page)
         assert changed_fraction(after, overlay_chart_png(shared)) < 0.01, "the shared link shows another map"
         shot(shared, "shared-view")
+
     except Exception:
         for i, p in enumerate(context.pages):  # what the browser showed when it failed
             p.screenshot(path=str(artifacts_dir / f"failure-{i}.png"), full_page=True)
