@@ -160,7 +160,7 @@ def test_annotate_panel_refuses_a_save_without_a_name_and_keeps_the_note():
     at.text_area(key="annotate_text").set_value("the head looks at the background")
     at.button(key="FormSubmitter:annotate-Save annotation").click().run()
     assert not at.exception
-    assert [e.value for e in at.error if "annotator name" in e.value][0].startswith("Type an annotator name")
+    assert next(e.value for e in at.error if "annotator name" in e.value).startswith("Type an annotator name")
     assert at.text_area(key="annotate_text").value == "the head looks at the background"  # the note is kept
     assert AnnotationStore(default_url()).count() == 0
     at.text_input(key="annotator_name_input").set_value("dana")

@@ -15,8 +15,9 @@ def test_page_renders_without_exception(page):
     assert not at.exception, at.exception
 
 
+@pytest.mark.usefixtures("through_entry_point")
 @pytest.mark.parametrize("page", [None, *PAGES])
-def test_page_renders_through_the_entry_point(page, through_entry_point):
+def test_page_renders_through_the_entry_point(page):
     at = open_page(page)
     assert not at.exception, at.exception
     assert at.title, "the page rendered nothing"

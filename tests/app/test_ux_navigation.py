@@ -9,8 +9,9 @@ from urllib.parse import parse_qsl
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.app.conftest import HOME, heatmap_specs, open_page
+from tests.app.conftest import HOME, PAGES, heatmap_specs, open_page
 from tests.app.entry_point import through_entry_point  # noqa: F401 (a fixture)
+from vlcore.ui.annotate import page_url_path
 
 pytestmark = pytest.mark.usefixtures("through_entry_point")
 
@@ -47,7 +48,10 @@ def test_the_first_page_of_the_navigation_is_home(monkeypatch):
     assert not at.exception and at.title[0].value == "VLScope"
     pages = registered[-1]
     assert pages[0].title == "Home" and pages[0].url_path == ""  # the default page, at the app's root
-    assert [(p.title, p.url_path) for p in pages[1:]] == [
+    # every page file, in its number order, with the title and URL path the pages/ folder gave it
+    expected = [(page_url_path(p).replace("_", " "), page_url_path(p)) for p in PAGES]
+    assert [(p.title, p.url_path) for p in pages[1:]] == expected
+    assert expected[:6] == [
         ("Dataset Browser", "Dataset_Browser"), ("Run Model", "Run_Model"), ("Head Statistics", "Head_Statistics"),
         ("Attention Heatmaps", "Attention_Heatmaps"), ("Embeddings", "Embeddings"), ("Annotations", "Annotations")]
 
@@ -165,7 +169,7 @@ def test_hub_checkpoint_preselects_the_vqa_checkpoint():
 def test_a_stopped_sweep_keeps_the_result_and_says_how_to_resume(monkeypatch):
     from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
 
-    import vlcore.sweep as sweep
+    from vlcore import sweep
 
     real = sweep.run_sweep
 
@@ -237,8 +241,8 @@ def test_a_fresh_server_runs_a_linked_page_through_the_entry_point(monkeypatch, 
     import streamlit as st
     from streamlit.runtime.pages_manager import PagesManager
 
-    import vlcore.ui.state as state
     from tests.app.entry_point import FOLDER_MODE_INIT
+    from vlcore.ui import state
 
     monkeypatch.setattr(state, "_under_app_test", lambda: False)  # as on a server
     monkeypatch.setattr(PagesManager, "__init__", FOLDER_MODE_INIT)  # the fixture's patch undone: a fresh server

@@ -143,9 +143,9 @@ def annotate_panel(page: str, example_id: str | None = None, model: str | None =
             st.selectbox("Label", store.labels, key="annotate_label")
             st.text_area("Note", key=NOTE_KEY, max_chars=10_000,
                          placeholder="e.g. the answer is wrong because the head looks at the background")
-            st.form_submit_button("Save annotation", on_click=_save, args=(store, dict(
-                page=page, example_id=example_id, model=model, layer=layer, head=stored_head, token=token,
-                view=current_view())))
+            view = {"page": page, "example_id": example_id, "model": model, "layer": layer, "head": stored_head,
+                    "token": token, "view": current_view()}
+            st.form_submit_button("Save annotation", on_click=_save, args=(store, view))
         kind, message = st.session_state.pop(SAVE_RESULT_KEY, (None, None))
         if kind == "success":
             st.success(message)
@@ -160,8 +160,8 @@ def _save(store: AnnotationStore, view: dict) -> None:
     state = st.session_state
     name = state.get(NAME_KEY) or (state.get(NAME_INPUT_KEY) or "").strip()
     if not name:
-        state[SAVE_RESULT_KEY] = ("error", "Type an annotator name in “Your name” above, then save again: "
-                                           "your note is kept.")
+        message = "Type an annotator name in “Your name” above, then save again: your note is kept."
+        state[SAVE_RESULT_KEY] = ("error", message)
         return
     label = state.get("annotate_label")
     try:
