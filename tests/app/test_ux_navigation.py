@@ -84,6 +84,22 @@ def test_the_embeddings_link_to_the_heatmaps_keeps_the_carried_dataset():
     assert {k: to_heatmaps.get(k) for k in view} == view
 
 
+def test_a_local_model_folder_survives_the_sidebar_navigation_but_stays_out_of_links():
+    from tests.conftest import DEMO_DIR
+
+    at = open_page(RUNNER, {"ex": "easy_vqa/test/3"})
+    at.radio(key="model_kind").set_value("Local folder").run()
+    at.text_input(key="model_dir").set_value(str(DEMO_DIR)).run()
+    assert not at.exception and not at.error and "model" not in at.query_params
+    sidebar_to(at, HEATMAPS)
+    assert not at.exception and not at.error
+    assert (at.radio(key="model_kind").value, at.text_input(key="model_dir").value) == ("Local folder", str(DEMO_DIR))
+    assert "model" not in at.query_params and at.query_params["ex"] == "easy_vqa/test/3"
+    at.radio(key="model_kind").set_value("Bundled demo").run()
+    sidebar_to(at, STATS)
+    assert at.radio(key="model_kind").value == "Bundled demo" and at.query_params["model"] == "demo"
+
+
 def test_a_link_names_the_view_over_the_remembered_one():
     at = open_page(RUNNER, {"ex": "easy_vqa/test/4"})
     at.query_params.clear()

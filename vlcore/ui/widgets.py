@@ -13,6 +13,7 @@ from vlcore.ui.state import apply_params, get_param, set_params
 
 MODEL_KINDS = ("Bundled demo", "Hub checkpoint", "Local folder")
 DEFAULT_HUB_CHECKPOINT = "dandelin/vilt-b32-finetuned-vqa"  # preselected when "Hub checkpoint" is chosen
+LOCAL_FOLDER_KEY = "_vlscope_model_folder"  # the local checkpoint folder in use (carried across pages, never linked)
 ANALYSIS_PAGES = {  # page script -> link label of open_in_pages
     "pages/4_Attention_Heatmaps.py": "Open in Heatmaps",
     "pages/3_Head_Statistics.py": "Open in Head statistics",
@@ -21,14 +22,19 @@ ANALYSIS_PAGES = {  # page script -> link label of open_in_pages
 
 
 def model_picker() -> str:
-    """Sidebar controls for the model; returns "demo", a hub id, or a folder path."""
+    """Sidebar controls for the model; returns "demo", a hub id, or a folder path.
+
+    A hub id or the demo is the URL's ``model`` (carried across pages with the URL); a local folder never goes into
+    a link, so it is carried in the session instead, and a page whose URL names no model opens it again.
+    """
     from vlcore.data.hub import HUB_ID
 
-    current = get_param("model", "demo") or "demo"
-    if current != "demo" and not HUB_ID.match(current):  # links name hub ids only, never local folders
+    folder = st.session_state.get(LOCAL_FOLDER_KEY)
+    current = get_param("model") or ("" if folder else "demo")
+    if current and current != "demo" and not HUB_ID.match(current):  # links name hub ids only, never folders
         st.sidebar.warning(f"Ignored the link's model {current!r}: links can name hub ids only.")
         current = "demo"
-    kind_index = 0 if current == "demo" else 1
+    kind_index = 2 if not current else 0 if current == "demo" else 1
     kind = st.sidebar.radio("Model", MODEL_KINDS, index=kind_index, key="model_kind")
     if kind == "Bundled demo":
         source = "demo"
@@ -48,9 +54,13 @@ def model_picker() -> str:
             st.sidebar.error(f"{source!r} is not a hub id (owner/name); use 'Local folder' for a checkpoint on disk.")
             source = ""
     else:
-        source = st.sidebar.text_input("Checkpoint folder", key="model_dir").strip()
-    if kind != "Local folder" and source:
-        set_params(model=source)  # folders never go into share links
+        source = st.sidebar.text_input("Checkpoint folder", value=folder or "", key="model_dir").strip()
+    if kind == "Local folder":
+        st.session_state[LOCAL_FOLDER_KEY] = source or None
+        set_params(model=None)  # folders never go into share links (nor a model the page does not show)
+    elif source:
+        st.session_state.pop(LOCAL_FOLDER_KEY, None)
+        set_params(model=source)
     return source
 
 
