@@ -8,11 +8,25 @@ import pandas as pd
 import pytest
 
 from tests.conftest import TINY_WORDS, make_tiny_adapter
-from vlcore.probe_labels import (compute_box_mask, compute_cover_grid, compute_mask_shape, easy_vqa_image_labels,
-                                 parse_easy_vqa_facts)
-from vlcore.probing import (ProbingError, _ridge_fold_accuracy, attention_inputs, compute_attention_probe,
-                            compute_control_labels, compute_layer_probes, rank_heads, representation_inputs,
-                            split_by_example, word_patch_share)
+from vlcore.probe_labels import (
+    compute_box_mask,
+    compute_cover_grid,
+    compute_mask_shape,
+    easy_vqa_image_labels,
+    parse_easy_vqa_facts,
+)
+from vlcore.probing import (
+    ProbingError,
+    _ridge_fold_accuracy,
+    attention_inputs,
+    compute_attention_probe,
+    compute_control_labels,
+    compute_layer_probes,
+    rank_heads,
+    representation_inputs,
+    split_by_example,
+    word_patch_share,
+)
 from vlcore.projection import TokenSet, _tokens_frame
 
 COLOURS = {"black": (0, 0, 0), "gray": (128, 128, 128), "red": (255, 0, 0), "green": (0, 255, 0),
@@ -43,7 +57,7 @@ def test_a_label_planted_in_layer_3_peaks_at_layer_3_and_the_control_stays_at_ch
     assert (result["control"] < 0.45).all() and (result["control"] > 0.2).all()
     assert result.loc[3, "selectivity"] > 0.5
     assert result["majority"].between(0.28, 0.42).all()
-    assert (result["n_examples"] == 300).all() and (result["n_classes"] == 3).all()
+    assert (result["n_units"] == 300).all() and (result["n_classes"] == 3).all()
 
 
 def test_one_hold_out_split_finds_the_same_layer():
@@ -95,6 +109,8 @@ def test_the_control_moves_whole_examples_and_keeps_each_positions_labels():
         assert sorted(control[keys == key]) == sorted(labels[keys == key])
     per_example = pd.DataFrame({"g": groups, "l": labels, "c": control}).groupby("g").agg("".join)
     assert set(per_example["c"]) <= set(per_example["l"])  # each example's labels, in order, come from one example
+    short = compute_control_labels(labels[:-1], groups[:-1], keys[:-1], seed=4)  # the last example lacks (1,1)
+    assert len(short) == len(labels) - 1 and set(short[keys[:-1] == "1,1"]) <= set(labels[keys == "1,1"])
     example_labels = compute_control_labels(np.arange(30).astype(str), np.arange(30), seed=5)
     assert sorted(example_labels) == sorted(np.arange(30).astype(str))
     assert not (example_labels == np.arange(30).astype(str)).any()  # no example keeps its own label
@@ -122,7 +138,7 @@ def test_an_attention_probe_recovers_the_planted_grounding_head():
     s = probe.summary.iloc[0]
     assert s["accuracy"] > 0.97 and s["auc"] > 0.99
     assert s["control"] <= s["majority"] + 0.03 and 0.4 < s["control_auc"] < 0.6
-    assert s["selectivity"] > 0.2 and s["n_pairs"] == len(inside) and s["n_examples"] == 150
+    assert s["selectivity"] > 0.2 and s["n_pairs"] == len(inside) and s["n_units"] == 150
     table, agreement = rank_heads(probe.weights, {"share": word_patch_share(feats, groups)})
     assert tuple(table.loc[0, ["layer", "head"]]) == (2, 1)
     assert table.loc[0, "share_rank"] == 1  # the planted head also has the largest share
@@ -214,7 +230,8 @@ def test_token_kinds_pick_their_tokens_and_words_are_pooled_per_example():
     ts = toy_token_set()
     labels = pd.DataFrame({"shape": ["circle", "triangle"]}, index=pd.Index(["a", "b"], name="example_id"))
     v, y, g, keys = representation_inputs(ts, "cls", "shape", labels)
-    assert v.shape == (2, 2, 2) and y.tolist() == ["circle", "triangle"] and g.tolist() == ["a", "b"] and keys is None
+    assert v.shape == (2, 2, 2) and y.tolist() == ["circle", "triangle"] and keys is None
+    assert g.tolist() == ["example:a", "example:b"]  # no image ids: the example is the unit
     v, y, g, _ = representation_inputs(ts, "text_mean", "shape", labels)
     np.testing.assert_allclose(v[1, 0], ts.vectors[1, [1, 2]].mean(0))  # the mean of a's two words
     v, y, g, _ = representation_inputs(ts, "image_cls", "shape", labels)
@@ -306,9 +323,11 @@ def test_probes_run_on_the_demo_probe_sweep(demo_probe_sweep):
     assert set(labels.columns) >= {"answer", "category", "shape", "color"}
     v, y, g, keys = representation_inputs(ts, "patch", "in_region", labels, patch_cover_table(probe))
     assert set(y) == {"inside", "outside"} and v.shape[1] == len(y) == len(keys)
+    assert all(u.startswith("image:easy_vqa/test/") for u in g)  # questions about one image stay on one side
+    assert len(set(g)) == len(set(labels["image"])) < len(labels)
     result = compute_layer_probes(v, y, g, keys, folds=3)
     assert len(result) == 5 and result["accuracy"].between(0, 1).all()
-    feats, inside, groups, pair_keys, words = attention_inputs(probe, "all", min_cover=0.25)
+    feats, inside, _, _, words = attention_inputs(probe, "all", min_cover=0.25)
     assert feats.shape[1:] == (4, 4) and inside.any() and not inside.all()
     share = word_patch_share(feats, words)
     assert share.shape == (4, 4) and ((share > 0) & (share <= 1.0001)).all()

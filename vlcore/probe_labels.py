@@ -145,7 +145,8 @@ def example_regions(example, image_seen: np.ndarray, tokens: Sequence[str], text
                     tolerance: int = 24) -> tuple[dict[str, str | None], np.ndarray | None, list[GroundingWord]]:
     """What the probes need of one example: its labels, its region mask and its grounding words.
 
-    easy-VQA: labels ``shape`` and ``color`` of the image (from its questions' answers), the region is the
+    Labels include ``image``, the image's id, where examples share images (folds keep an image's questions on one
+    side). easy-VQA: labels ``shape`` and ``color`` of the image (from its questions' answers), the region is the
     shape mask, and the words naming the image's shape or colour ground in it. VCR: the region is the union
     of the boxes of the objects the question names, each named object's word pieces ground in its own box
     (boxes are scaled from the original image to the image the model saw). Other sources: no region.
@@ -166,13 +167,14 @@ def example_regions(example, image_seen: np.ndarray, tokens: Sequence[str], text
     if example.source == "easy_vqa":
         meta = example.meta or {}
         facts = easy_vqa_image_labels(meta["split"]).get(int(meta["image_id"]), {}) if "image_id" in meta else {}
-        labels = {"shape": facts.get("shape"), "color": facts.get("color")}
+        labels = {"shape": facts.get("shape"), "color": facts.get("color"),
+                  "image": f"easy_vqa/{meta.get('split')}/{meta.get('image_id')}" if "image_id" in meta else None}
         mask = compute_shape_mask(image_seen, tolerance=tolerance)
         named = [GroundingWord(w, tuple(p), role, mask) for w, p in words
                  for role in ("shape", "color") if labels[role] is not None and w == labels[role]]
         return labels, mask, named
     if example.source == "vcr" and example.regions:
-        return {}, *_vcr_regions(example, image_seen.shape[:2], words)
+        return {"image": (example.meta or {}).get("img_fn")}, *_vcr_regions(example, image_seen.shape[:2], words)
     return {}, None, []
 
 

@@ -27,7 +27,7 @@ from vlcore.probe_labels import compute_cover_grid, example_regions
 from vlcore.probing import ProbingError
 
 PROBE_FILE = "probe.safetensors"
-PROBE_VERSION = "1"  # part of a probe sweep's key: a change of the payload makes a new sweep
+PROBE_VERSION = "2"  # part of a probe sweep's key: a change of the payload makes a new sweep
 ARRAYS = ("patch_example", "patch_rc", "patch_cover", "word_example", "pair_word", "pair_rc", "pair_cover",
           "pair_attention")
 

@@ -15,7 +15,9 @@ standardised features gives held-out accuracy and one weight per head: the groun
 (`compute_attention_probe`). `rank_heads` sets the weight ranking beside the heads' txt→img share.
 
 **Baselines** (Hewitt & Liang 2019). Folds are split by example (``GroupKFold``, or one
-``GroupShuffleSplit`` hold-out for ``folds=1``): no example has tokens on both sides. The control task
+``GroupShuffleSplit`` hold-out for ``folds=1``): no example has tokens on both sides; where examples share an
+image (easy-VQA asks about 10 questions per image, VCR several per still) the unit is the image, so a probe
+of an image's shape never meets a test image it was trained on (`split_units`). The control task
 shuffles labels grouped by example: each example takes the labels of another example (at the same patch
 position for patch targets), so the label distribution, and its dependence on position, is kept while
 the link to the example's content is cut (`compute_control_labels`). Selectivity = accuracy − control
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
 
 from vlcore.errors import VLScopeError
 
@@ -108,7 +111,7 @@ def compute_control_labels(labels: np.ndarray, groups: np.ndarray, keys: np.ndar
     cycle[order] = np.roll(order, -1)  # example order[i] takes the labels of example order[i + 1]
     donor = cycle[codes]
     index = pd.MultiIndex.from_arrays([donor, key_codes])
-    rows = first.reindex(index).to_numpy()
+    rows = np.array(first.reindex(index).to_numpy(dtype=np.float64))  # a writable copy (NaN: key missing)
     missing = np.isnan(rows)
     if missing.any():  # a key the donor example lacks: a random row with that key
         by_key = table.groupby("key")["row"].apply(np.asarray)
@@ -135,22 +138,26 @@ def _ridge_fold_accuracy(x: np.ndarray, targets: list[np.ndarray], fold: np.ndar
     x = x - x.mean(0, keepdims=True)  # global centring keeps the float32 Gram well conditioned
     onehots = [np.eye(int(t.max()) + 1, dtype=np.float32)[t] for t in targets]
     y = np.concatenate(onehots, axis=1)
-    blocks = np.unique(fold)
+    # the blocks whose sums are needed: every fold block, or for a hold-out only the training block
+    blocks = [0] if list(tested) == [1] and fold.max() == 1 else list(np.unique(fold))
     gram = {b: (x[fold == b].T @ x[fold == b]).astype(np.float64) for b in blocks}
     xy = {b: (x[fold == b].T @ y[fold == b]).astype(np.float64) for b in blocks}
     sx = {b: x[fold == b].sum(0, dtype=np.float64) for b in blocks}
     sy = {b: y[fold == b].sum(0, dtype=np.float64) for b in blocks}
     n = {b: int((fold == b).sum()) for b in blocks}
     g_all, xy_all, sx_all, sy_all = sum(gram.values()), sum(xy.values()), sum(sx.values()), sum(sy.values())
+    if blocks == [0]:  # hold-out: the training block's sums are the totals; the tested block adds nothing
+        gram[1], xy[1], sx[1], sy[1], n[1] = 0.0, 0.0, 0.0, 0.0, 0
+    n_all = sum(n.values())
     out = np.zeros((len(targets), len(tested)))
     d = x.shape[1]
     for j, f in enumerate(tested):
-        nt = len(x) - n[f]
+        nt = n_all - n[f]
         mx, my = (sx_all - sx[f]) / nt, (sy_all - sy[f]) / nt
         g = g_all - gram[f] - nt * np.outer(mx, mx)
         c = xy_all - xy[f] - nt * np.outer(mx, my)
         lam = alpha * max(np.trace(g), 1e-12) / d
-        w = np.linalg.solve(g + lam * np.eye(d), c)
+        w = scipy.linalg.solve(g + lam * np.eye(d), c, assume_a="pos", check_finite=False)
         scores = (x[fold == f] - mx.astype(np.float32)) @ w.astype(np.float32) + my.astype(np.float32)
         start = 0
         for k, (t, oh) in enumerate(zip(targets, onehots)):
@@ -177,7 +184,7 @@ def compute_layer_probes(vectors: np.ndarray, labels: np.ndarray, groups: np.nda
 
     Returns:
         One row per layer: ``layer, accuracy, accuracy_std, control, majority, selectivity, n_train, n_test,
-        n_examples, n_classes`` (accuracies are means over the tested folds).
+        n_units, n_classes`` (accuracies are means over the tested folds; ``n_units``: the distinct ``groups``).
 
     Raises:
         ProbingError: shapes disagree, fewer than two classes, or too few examples for the folds.
@@ -203,7 +210,7 @@ def compute_layer_probes(vectors: np.ndarray, labels: np.ndarray, groups: np.nda
             "majority": majority, "selectivity": acc[0].mean() - acc[1].mean(),
             "n_train": int(np.mean([(fold != f).sum() for f in tested])),
             "n_test": int(np.mean([(fold == f).sum() for f in tested])),
-            "n_examples": int(pd.Series(groups).nunique()), "n_classes": len(classes),
+            "n_units": int(pd.Series(groups).nunique()), "n_classes": len(classes),
         })
     return pd.DataFrame(rows)
 
@@ -217,7 +224,7 @@ class AttentionProbe:
 
     Attributes:
         summary: one row: ``accuracy, balanced_accuracy, auc, control, control_auc, majority, selectivity,
-            n_pairs, n_examples, positive_rate``.
+            n_pairs, n_units, positive_rate`` (``n_units``: the distinct ``groups``).
         weights: float64 ``[L, H]``: the logistic regression's weight of each head's attention (standardised
             features, fitted on every pair): positive = more attention to the region.
     """
@@ -287,7 +294,7 @@ def compute_attention_probe(features: np.ndarray, labels: np.ndarray, groups: np
     weights = fit(np.ones(len(y), bool), y).coef_.reshape(n_layers, n_heads).astype(np.float64)
     summary = {k: float(np.nanmean(v)) if len(v) else np.nan for k, v in scores.items()}
     summary["selectivity"] = summary["accuracy"] - summary["control"]
-    summary.update(n_pairs=len(y), n_examples=int(pd.Series(groups).nunique()), positive_rate=float(y.mean()))
+    summary.update(n_pairs=len(y), n_units=int(pd.Series(groups).nunique()), positive_rate=float(y.mean()))
     return AttentionProbe(pd.DataFrame([summary]), weights)
 
 
@@ -329,6 +336,21 @@ def rank_heads(weights: np.ndarray, shares: dict[str, np.ndarray] | None = None)
 # -- inputs from a sweep --------------------------------------------------------------------------------
 
 
+def split_units(example_ids: np.ndarray, images: pd.Series | None) -> np.ndarray:
+    """The unit that folds and the control keep whole: each example's image where it is known (``images``:
+    image id by example id), else the example.
+
+    >>> split_units(np.array(["q1", "q2", "q3"]), pd.Series({"q1": "img7", "q2": "img7"})).tolist()
+    ['image:img7', 'image:img7', 'example:q3']
+    """
+    ids = np.asarray(example_ids, dtype=object)
+    if images is None:
+        return np.array([f"example:{e}" for e in ids], dtype=object)
+    found = images[~images.index.duplicated()].reindex(ids).to_numpy(dtype=object)
+    return np.array([f"image:{i}" if i is not None and i == i else f"example:{e}" for e, i in zip(ids, found)],
+                    dtype=object)
+
+
 def _kind_rows(tokens: pd.DataFrame, kind: str) -> np.ndarray:
     """Rows of a `TokenSet`'s token table that are of one `TOKEN_KINDS` kind (``text_mean``: the words)."""
     if kind not in TOKEN_KINDS:
@@ -356,7 +378,7 @@ def representation_inputs(token_set, kind: str, target: str, labels: pd.DataFram
 
     Returns:
         ``(vectors [L + 1, T, D], labels [T], groups [T], keys [T] or None)``; tokens without a label are
-        left out.
+        left out; ``groups`` are `split_units` (the image where ``labels`` has an ``image`` column).
 
     Raises:
         ProbingError: an unknown kind or target, ``in_region`` on other tokens than patches, or no token with
@@ -381,6 +403,9 @@ def representation_inputs(token_set, kind: str, target: str, labels: pd.DataFram
         keys = (tokens["row"].astype(str) + "," + tokens["col"].astype(str)).to_numpy()
     elif target in labels.columns:
         y = labels[target].reindex(ids).to_numpy(dtype=object)
+    elif target in ("shape", "color"):
+        raise ProbingError(f"this sweep has no image {target} labels: they come with probe data; make a probe sweep "
+                           "of easy-VQA examples (run_sweep(..., probe=True), or on the Probing page)")
     else:
         raise ProbingError(f"target {target!r} is not known for this sweep; it has {', '.join(map(str, labels.columns))}"
                            f"{' and ' + PATCH_TARGET if cover is not None and len(cover) else ''}")
@@ -391,14 +416,15 @@ def representation_inputs(token_set, kind: str, target: str, labels: pd.DataFram
                               else "pick another target"))
     rows, y, ids = rows[has], y[has], ids[has]
     keys = keys[has] if keys is not None else None
+    images = labels["image"] if "image" in labels.columns else None
     if kind != "text_mean":
-        return token_set.vectors[:, rows], y, ids, keys
+        return token_set.vectors[:, rows], y, split_units(ids, images), keys
     order = np.argsort(ids, kind="stable")  # pool each example's words: one row per example
     rows, y, ids = rows[order], y[order], ids[order]
     starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
     sums = np.add.reduceat(np.asarray(token_set.vectors[:, rows], dtype=np.float32), starts, axis=1)
     counts = np.diff(np.r_[starts, len(ids)]).astype(np.float32)
-    return sums / counts[None, :, None], y[starts], ids[starts], None
+    return sums / counts[None, :, None], y[starts], split_units(ids[starts], images), None
 
 
 def attention_inputs(probe: dict, role: str = "all", min_cover: float = DEFAULT_COVER) -> tuple:
@@ -410,7 +436,7 @@ def attention_inputs(probe: dict, role: str = "all", min_cover: float = DEFAULT_
         min_cover: the share of a patch inside the word's region that makes the pair positive.
 
     Returns:
-        ``(features [Q, L, H] float32, labels bool [Q], groups [Q], keys [Q], words [Q])``.
+        ``(features [Q, L, H] float32, labels bool [Q], groups [Q] (`split_units`), keys [Q], words [Q])``.
 
     Raises:
         ProbingError: an unknown role, or no word of that role in the sweep.
@@ -426,10 +452,12 @@ def attention_inputs(probe: dict, role: str = "all", min_cover: float = DEFAULT_
                            f"(word roles present: {', '.join(have)}); pick another role or a larger sweep")
     word = probe["pair_word"][keep]
     ids = np.asarray(probe["example_ids"], dtype=object)[probe["word_example"][word]]
+    image = probe["labels"].get("image")
+    groups = split_units(ids, pd.Series(image, index=probe["example_ids"]) if image is not None else None)
     rc = probe["pair_rc"][keep]
     keys = np.char.add(np.char.add(rc[:, 0].astype(str), ","), rc[:, 1].astype(str))
     labels = probe["pair_cover"][keep].astype(np.float32) >= min_cover
-    return probe["pair_attention"][keep].astype(np.float32), labels, ids, keys, word
+    return probe["pair_attention"][keep].astype(np.float32), labels, groups, keys, word
 
 
 def word_patch_share(features: np.ndarray, words: np.ndarray) -> np.ndarray:

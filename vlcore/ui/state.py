@@ -36,6 +36,10 @@
 | `who`   | annotations page: annotator filter        | `ana`                       |
 | `label` | annotations page: label filter            | `plausible`                 |
 | `page`  | annotations page: page filter (page name) | `Attention_Heatmaps`        |
+| `probe` | probing page: `representation` or `attention` | `attention`             |
+| `tkind` | probing token kind: `cls`, `text_mean`, `words`, `image_cls`, `patch` | `cls`   |
+| `target`| probing target (`answer`, `category`, `shape`, `color`, `in_region`) or words (`shape`, `object`, `all`...) | `shape` |
+| `cover` | probing: share of a patch's pixels inside the region that counts as inside | `0.5` |
 
 Writes are batched: `set_params` records them and the app's entry point (`vlcore.ui.navigation`) applies them
 in **one** URL update at the end of the run (`apply_params`), so one rerun adds at most one browser history
@@ -61,6 +65,7 @@ PARAMS = (
     "pg", "sweep", "scope", "metric", "norm", "slice", "cmp", "tok", "patch", "dir", "method", "answer", "proj", "color",
     "who", "label", "page", "view",
     "scale",  # heatmaps colour scale (issue 14)
+    "probe", "tkind", "target", "cover",  # probing page (issue 18): probe type, token kind, target, region share
 )
 CARRIED = ("ex", "model", "layer", "head", "ds", "loc", "img", "map", "stream", "cfg", "split")
 
