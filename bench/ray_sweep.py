@@ -1,6 +1,6 @@
 """Benchmark: the same easy-VQA sweep in this process and on a local Ray, side by side in one run.
 
-    python bench/ray_sweep.py [--examples 400] [--workers 2] [--batch-size 8]
+    python bench/ray_sweep.py [--examples 400] [--workers 2] [--batch-size 8] [--rounds 1]
 
 The bundled demo model sweeps the first ``--examples`` easy-VQA test questions twice into fresh folders: in this
 process (`vlcore.sweep.run_sweep`, torch's default threads) and with `vlcore.ray_sweep.run_ray_sweep` on a local
@@ -54,7 +54,8 @@ def same_predictions(a: Path, b: Path) -> bool:
 
 
 def row(label: str, t_local: float, t_ray: float, n: int, target: str) -> str:
-    return f"| {label:<34} | {n / t_local:>13.1f} | {n / t_ray:>11.1f} | {t_ray / t_local:>9.2f}x | {target:>6} |"
+    return (f"| {label:<34} | {n / t_local:>15.1f} | {n / t_ray:>8.1f} | {t_local:>9.1f} | {t_ray:>6.1f} | "
+            f"{t_ray / t_local:>8.2f}x | {target:>6} |")
 
 
 def main() -> int:
@@ -62,6 +63,7 @@ def main() -> int:
     parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1, help="in-process and Ray runs, in turn, each on new folders")
     args = parser.parse_args()
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-ray-"))
@@ -69,11 +71,13 @@ def main() -> int:
     ray = connect(None)
     t_start = time.perf_counter() - start
     cpus = int(ray.cluster_resources().get("CPU", 0))
-    t_local = in_process(args.examples, args.batch_size, "cpu", tmp / "local-cpu")
-    t_ray, report = on_ray(args.examples, args.batch_size, args.workers, 0.0, tmp / "ray-cpu")
-    rows = [row(f"CPU: {torch.get_num_threads()} threads vs {args.workers} workers", t_local, t_ray, args.examples,
-                "<= 1.3")]
-    checks = [same_predictions(tmp / "local-cpu", tmp / "ray-cpu")]
+    rows, checks = [], []
+    for r in range(args.rounds):  # in-process then Ray, again: the spread shows the machine's drift
+        t_local = in_process(args.examples, args.batch_size, "cpu", tmp / f"local-cpu-{r}")
+        t_ray, report = on_ray(args.examples, args.batch_size, args.workers, 0.0, tmp / f"ray-cpu-{r}")
+        rows.append(row(f"CPU: {torch.get_num_threads()} threads vs {args.workers} workers", t_local, t_ray,
+                        args.examples, "<= 1.3"))
+        checks.append(same_predictions(tmp / f"local-cpu-{r}", tmp / f"ray-cpu-{r}"))
     n_gpus = torch.cuda.device_count()
     if n_gpus and ray.cluster_resources().get("GPU", 0) >= n_gpus:
         g_local = in_process(args.examples, args.batch_size, "cuda", tmp / "local-gpu")
@@ -84,8 +88,9 @@ def main() -> int:
           f"{os.cpu_count()} CPU cores, Ray sees {cpus}; load average {load_before[0]:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after")
     print(f"local Ray started in {t_start:.1f} s (not in the times below); Ray run: {report.summary()}")
-    print(f"| {'setup':<34} | {'in-process ex/s':>13} | {'Ray ex/s':>11} | {'Ray/in-pr':>10} | {'target':>6} |")
-    print(f"|{'-' * 36}|{'-' * 15}|{'-' * 13}|{'-' * 12}|{'-' * 8}|")
+    print(f"| {'setup':<34} | {'in-process ex/s':>15} | {'Ray ex/s':>8} | {'in-proc s':>9} | {'Ray s':>6} | "
+          f"{'Ray/in-pr':>9} | {'target':>6} |")
+    print(f"|{'-' * 36}|{'-' * 17}|{'-' * 10}|{'-' * 11}|{'-' * 8}|{'-' * 11}|{'-' * 8}|")
     print("\n".join(rows))
     print(f"in-process and Ray folders hold the same predictions: {all(checks)}")
     ray.shutdown()
