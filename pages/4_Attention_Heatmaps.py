@@ -11,8 +11,9 @@ from vlcore.errors import VLScopeError
 from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.ui.context import load_example_trace, load_model, pick_layer_head
 from vlcore.ui.heatmaps import (explanation_captions, explanation_maps, method_map, pick_answer, pick_display,
-                                pick_query, pick_view, scale_caption, scale_domain, show_explanations, show_export, show_layer_strip,
-                                show_matrices, show_parts, show_query_views, show_step_through, step_maps)
+                                pick_query, pick_view, scale_caption, scale_domain, show_explanations, show_export,
+                                show_layer_strip, show_matrices, show_parts, show_query_views, show_step_through,
+                                step_maps)
 
 st.set_page_config(page_title="Attention heatmaps · VLScope", layout="wide")
 st.title("Attention heatmaps")

@@ -416,12 +416,17 @@ def test_layer_strip_has_one_map_per_layer_with_its_peak_and_picks_a_layer_on_cl
         left = layer * (60 + cm.STRIP_GAP)
         assert part["x"].min() == pytest.approx(left) and part["x2"].max() == pytest.approx(left + 60)
     assert [p["name"] for p in spec["params"]] == ["pick_layer"] and spec["params"][0]["select"]["fields"] == ["layer"]
-    labels = chart.layer[2].data
-    assert labels["text"].tolist() == ["layer 0", "layer 1"]
-    assert labels["caption"].tolist() == ["img 10.0%", "img 95.0%"]
-    assert labels["shown"].tolist() == [False, True]
-    box = chart.layer[-1].data  # the shown layer is outlined
-    assert box["x"].item() < 60 + cm.STRIP_GAP + 1 < box["x2"].item()
+    panels = chart.layer[2].data
+    assert panels["text"].tolist() == ["layer 0", "layer 1"]
+    assert panels["caption"].tolist() == ["img 10.0%", "img 95.0%"]
+    assert panels["shown"].tolist() == [False, True] and panels["x"].tolist() == [0, 60 + cm.STRIP_GAP]
+    # rendered: the outline (#00e5ff) is drawn around layer 1's map only
+    from PIL import Image
+
+    png = np.asarray(Image.open(io.BytesIO(cp.export_chart(chart, "png", scale=1))).convert("RGB"), dtype=np.int16)
+    cyan = np.abs(png - np.array([0, 229, 255])).max(-1) < 40
+    cols = np.flatnonzero(cyan.any(0)) - 5  # Vega's padding
+    assert cols.size and cols.min() >= 60 + cm.STRIP_GAP - 4 and cols.max() <= 2 * 60 + cm.STRIP_GAP + 4
     # per map: each map from its min (0) to its max (1); shared: the real weights on one scale
     assert cells.groupby("layer")["level"].max().tolist() == [1.0, 1.0]
     shared = cm.build_layer_strip_chart(t, maps, domain=(0.0, 1.0))
@@ -434,7 +439,7 @@ def test_layer_strip_wraps_many_layers_into_rows():
     t = planted_trace(n_layers=2)
     maps = np.tile(hm.compute_layer_maps(t, 0, [1]), (12, 1))  # 24 layers
     frames = cm.layer_strip_frames(t, maps, panel=cm.strip_panel(24), per_row=10)
-    tops = frames["images"].groupby(frames["images"]["y"]).size().tolist()
+    tops = frames["panels"].groupby(frames["panels"]["y"]).size().tolist()
     assert tops == [10, 10, 4]
     spec = cm.build_layer_strip_chart(t, maps).to_dict()
     assert spec["width"] <= cm.STRIP_WIDTH

@@ -119,12 +119,22 @@ def chart_parts(key: tuple, frames: dict[str, pd.DataFrame], title: str,
                 _TEMPLATES.popitem(last=False)
     text = template.replace(json.dumps(_TITLE), json.dumps(title))
     for name, value in values.items():
-        text = text.replace(json.dumps(_value_holder(name)), json.dumps(value))
+        text = text.replace(json.dumps(_value_holder(name)), _json_value(value))
     return ChartParts(text, frames)
 
 
 def _value_holder(name: str) -> str:
     return f"@@vlscope-value:{name}@@"
+
+
+@functools.lru_cache(maxsize=32)
+def _json_value_cached(value: str) -> str:
+    return json.dumps(value)
+
+
+def _json_value(value: object) -> str:
+    """``json.dumps(value)``; a long string (an image's data URI, the same object on every rerun) is encoded once."""
+    return _json_value_cached(value) if isinstance(value, str) and len(value) > 4096 else json.dumps(value)
 
 
 def layout_key(trace: Trace) -> tuple:

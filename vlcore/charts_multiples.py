@@ -45,7 +45,8 @@ def _all_heads_layout(trace: Trace, data: Mapping, n_heads: int, columns: int, p
     return alt.Chart(data["heads"]).mark_rect().encode(
         x=alt.X("col:O", axis=None), y=alt.Y("row:O", axis=None),
         color=alt.Color("value:Q", scale=scale, title="weight"),
-        tooltip=[alt.Tooltip("head:Q"), alt.Tooltip("row:Q"), alt.Tooltip("col:Q"), alt.Tooltip("value:Q", format=".4f")],
+        tooltip=[alt.Tooltip("head:Q"), alt.Tooltip("row:Q"), alt.Tooltip("col:Q"),
+                 alt.Tooltip("value:Q", format=".4f")],
     ).properties(width=round(cell * cols), height=round(cell * rows)).facet(
         facet=alt.Facet("head:O", title=None, header=alt.Header(labelExpr="'head ' + datum.value")),
         columns=min(columns, n_heads),
@@ -113,8 +114,9 @@ def layer_strip_frames(trace: Trace, layer_maps: np.ndarray, domain: tuple[float
 
     Returns:
         ``cells`` (``layer, row, col, x, x2, y, y2, value``, ``level``: the colour's position in [0, 1] and
-        ``alpha``: the opacity's, 0 at weight 0), ``images`` (``layer, x, y`` of each map's image), ``labels``
-        (``layer, x, y, text, caption, shown``) and, when ``selected`` is a layer, ``selected`` (its map's box).
+        ``alpha``: the opacity's, 0 at weight 0) and ``panels``, one row per map: ``layer``, ``x, y`` (its top
+        left corner), ``cx`` (its centre), ``text, caption`` (its label's two lines) and ``shown`` (the layer
+        ``selected``, outlined).
     """
     n_layers = layer_maps.shape[0]
     per_row = per_row or n_layers
@@ -143,17 +145,10 @@ def layer_strip_frames(trace: Trace, layer_maps: np.ndarray, domain: tuple[float
         "alpha": np.clip((values - alpha_lo) / (hi - alpha_lo), 0, 1).ravel().astype(np.float32),
     })
     captions = (list(captions) + [""] * n_layers)[:n_layers]
-    frames = {
-        "cells": cells,
-        "images": pd.DataFrame({"layer": layers, "x": left.astype(float), "y": top.astype(float)}),
-        "labels": pd.DataFrame({"layer": layers, "x": left + panel / 2, "y": top.astype(float),
-                                "text": [f"layer {i}" for i in layers], "caption": captions,
-                                "shown": layers == (-1 if selected is None else selected)}),
-    }
-    if selected is not None and 0 <= selected < n_layers:
-        frames["selected"] = pd.DataFrame({"x": [left[selected] - 2.0], "x2": [left[selected] + panel + 2.0],
-                                           "y": [top[selected] - 2.0], "y2": [top[selected] + height + 2.0]})
-    return frames
+    panels = pd.DataFrame({"layer": layers, "x": left.astype(float), "y": top.astype(float), "cx": left + panel / 2,
+                           "text": [f"layer {i}" for i in layers], "caption": captions,
+                           "shown": layers == (-1 if selected is None else selected)})
+    return {"cells": cells, "panels": panels}
 
 
 def _strip_size(trace: Trace, n_layers: int, panel: int, per_row: int) -> tuple[int, float, float]:
@@ -170,7 +165,7 @@ def _strip_layout(trace: Trace, data: Mapping, n_layers: int, panel: int, per_ro
     xs = alt.Scale(domain=[0, width], nice=False, zero=False)
     ys = alt.Scale(domain=[0, height], nice=False, zero=False, reverse=True)
     x, y = alt.X("x:Q", scale=xs, axis=None), alt.Y("y:Q", scale=ys, axis=None)
-    images = alt.Chart(data["images"]).mark_image(url=url, width=panel, height=map_h, align="left",
+    images = alt.Chart(data["panels"]).mark_image(url=url, width=panel, height=map_h, align="left",
                                                   baseline="top").encode(x=x, y=y)
     if per_map:
         color = alt.Color("level:Q", scale=alt.Scale(scheme=SCHEME, domain=[0, 1]),
@@ -186,14 +181,17 @@ def _strip_layout(trace: Trace, data: Mapping, n_layers: int, panel: int, per_ro
     if select_name:
         cells = cells.add_params(alt.selection_point(name=select_name, fields=["layer"], on="click", clear=False))
     shown = alt.condition("datum.shown", alt.value("#0086a8"), alt.value("black"))
-    label = alt.Chart(data["labels"]).mark_text(baseline="bottom", fontSize=12, fontWeight="bold", dy=-15).encode(
-        x=x, y=y, text=alt.Text("text:N"), color=shown)
-    caption = alt.Chart(data["labels"]).mark_text(baseline="bottom", fontSize=11, dy=-3).encode(
-        x=x, y=y, text=alt.Text("caption:N"), color=shown)
-    layers = [images, cells, label, caption]
-    if "selected" in data:
-        layers.append(alt.Chart(data["selected"]).mark_rect(fill=None, stroke="#00e5ff", strokeWidth=2.5).encode(
-            x=x, x2=alt.X2("x2"), y=y, y2=alt.Y2("y2")))
+    cx = alt.X("cx:Q", scale=xs, axis=None)
+    label = alt.Chart(data["panels"]).mark_text(baseline="bottom", fontSize=12, fontWeight="bold", dy=-15).encode(
+        x=cx, y=y, text=alt.Text("text:N"), color=shown)
+    caption = alt.Chart(data["panels"]).mark_text(baseline="bottom", fontSize=11, dy=-3).encode(
+        x=cx, y=y, text=alt.Text("caption:N"), color=shown)
+    outline = alt.Chart(data["panels"]).transform_filter("datum.shown").transform_calculate(
+        x1="datum.x - 2", x2=f"datum.x + {panel + 2}", y1="datum.y - 2", y2=f"datum.y + {map_h + 2}",
+    ).mark_rect(fill=None, stroke="#00e5ff", strokeWidth=2.5).encode(
+        x=alt.X("x1:Q", scale=xs, axis=None), x2=alt.X2("x2:Q"), y=alt.Y("y1:Q", scale=ys, axis=None),
+        y2=alt.Y2("y2:Q"))
+    layers = [images, cells, label, caption, outline]
     return alt.layer(*layers).properties(width=width, height=round(height), title=title, autosize=_PAD)
 
 
@@ -280,5 +278,6 @@ def build_perturbation_chart(curves: Mapping[str, object], title: str = "", widt
         color=alt.Color("label:N", title=None, scale=alt.Scale(domain=labels, range=palette[: len(labels)]),
                         legend=alt.Legend(orient="bottom", direction="vertical", labelLimit=0)),
         strokeDash=alt.StrokeDash("order:N", legend=None),
-        tooltip=[alt.Tooltip("order:N"), alt.Tooltip("fraction:Q", format=".0%"), alt.Tooltip("probability:Q", format=".4f")],
+        tooltip=[alt.Tooltip("order:N"), alt.Tooltip("fraction:Q", format=".0%"),
+                 alt.Tooltip("probability:Q", format=".4f")],
     ).properties(width=width, height=height, title=title, autosize=_PAD)
