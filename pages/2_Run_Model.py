@@ -8,7 +8,7 @@ from vlcore.data.example import open_image_bytes
 from vlcore.errors import VLScopeError
 from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.store import put_input
-from vlcore.ui.browser import source_from_url
+from vlcore.ui.browser import example_from_url, source_from_url
 from vlcore.ui.context import load_model
 from vlcore.ui.state import carried_params, get_param, set_params
 from vlcore.ui.widgets import open_in_pages, show_example, store_panel, sweep_panel
@@ -39,14 +39,18 @@ with st.expander("Your own image and text", expanded=get_param("ex") is None):
         except VLScopeError as exc:
             st.error(str(exc))
 
+example_id = get_param("ex")
 try:
     source = source_from_url()
 except VLScopeError as exc:
-    st.error(str(exc))
-    st.stop()
+    if (get_param("ds") or "easy_vqa") == "easy_vqa":
+        st.error(str(exc))
+        st.stop()
+    example_id = example_from_url(store).example_id  # a refused dataset: the bundled example, with a notice why
+    source = source_from_url()
 sweep_box = st.container()  # filled last: stopping a sweep (■ Stop, any click) leaves the example's result below
 
-example = show_example(adapter, store, source, get_param("ex"))
+example = show_example(adapter, store, source, example_id)
 if example is not None:
     open_in_pages(carried_params())
 share_view("pages/2_Run_Model.py")

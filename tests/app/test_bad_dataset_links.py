@@ -36,3 +36,12 @@ def test_unknown_example_in_a_good_dataset_falls_back_with_one_full_stop():
     assert said == ("unknown example 'easy_vqa/test/999999'; open one from the dataset browser or upload an image. "
                     "Showing the bundled easy-VQA example easy_vqa/test/0 instead.")
     assert heatmap_specs(at)
+
+
+def test_refused_dataset_link_on_the_run_model_page_runs_the_bundled_example():
+    at = open_page("pages/2_Run_Model.py", {"ex": "/etc/passwd", "ds": "generic", "loc": "/etc"})
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (said,) = [n for n in notices(at) if "instead" in n]
+    assert said.endswith("Showing the bundled easy-VQA example easy_vqa/test/0 instead.") and ".." not in said
+    assert any("easy_vqa/test/0" in c.value for c in at.caption)  # the example's result is on the page
+    assert not {"ds", "loc"} & set(at.query_params)
