@@ -69,10 +69,15 @@ def local_ray():
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks travel whole to the workers
-    ray.init(address="local", num_cpus=2, include_dashboard=False,  # a new Ray, never one already running here
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), saved) if p)  # the workers import vlcore
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # a new Ray, never one already running here
     yield ray
     ray.shutdown()
+    if saved is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture(scope="module")

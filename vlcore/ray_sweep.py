@@ -197,10 +197,11 @@ class RaySweepReport:
 
 
 def connect(address: str | None = None):
-    """Join the Ray cluster at ``address`` ("auto", ``ray://host:port``), or start a local one; returns ``ray``.
+    """Start a local Ray (``address`` None) or join the cluster at ``address`` ("auto", ``ray://host:port``).
 
-    A local Ray gets this checkout on its workers' ``PYTHONPATH``; a cluster gets the ``vlcore`` package as a
-    ``py_modules`` runtime env (its image needs the other requirements). An initialised Ray is used as it is.
+    The workers of a local Ray inherit this process's environment, with this checkout on ``PYTHONPATH``, so they
+    start without a runtime env. A cluster gets the ``vlcore`` package as a ``py_modules`` runtime env (its image
+    needs the rest of ``requirements.txt``). An initialised Ray is used as it is. Returns ``ray``.
     """
     import os
 
@@ -209,8 +210,8 @@ def connect(address: str | None = None):
         return ray
     package = Path(__file__).resolve().parent
     if address is None:
-        path = os.pathsep.join(p for p in (str(package.parent), os.environ.get("PYTHONPATH", "")) if p)
-        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, include_dashboard=False, log_to_driver=True)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(package.parent), os.environ.get("PYTHONPATH")) if p)
+        ray.init(address="local", include_dashboard=False)
     else:
         ray.init(address=address, runtime_env={"py_modules": [str(package)]})
     return ray
