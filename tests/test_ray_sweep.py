@@ -233,6 +233,35 @@ def test_a_parquet_vqa_set_sweeps_on_ray_as_in_process(local_ray, tmp_path):
     assert load_sweep(tmp_path / "ray")[0]["gold"].map(tuple).tolist() == [(r.answer,) for r in records]
 
 
+def test_workers_map_rows_to_the_examples_the_in_process_loader_makes(tmp_path):
+    """No Ray needed: the Arrow rows a worker gets become the same examples (ids, text, answers, pixels)."""
+    import datasets
+    from PIL import Image
+
+    from vlcore.data.catalog import load_examples
+    from vlcore.ray_examples import ray_input
+
+    def png(value: int) -> dict:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((40, 40, 3), value, np.uint8)).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    text = datasets.Value("string")
+    datasets.Dataset.from_dict(
+        {"caption": ["a red square", "a blue one", "green"], "label": ["red", "blue", "green"],
+         "img": [png(v) for v in (0, 90, 180)]},
+        features=datasets.Features({"caption": text, "label": text, "img": datasets.Image()}),
+    ).save_to_disk(tmp_path / "set")
+    want = load_examples("generic", "train", 2, location=str(tmp_path / "set"), offset=1)
+    source = ray_input("generic", "train", 2, location=str(tmp_path / "set"), offset=1)
+    got = source.mapper.examples(source.table.with_format("arrow")[:])  # what a worker does with its batch
+    assert source.ids == [e.example_id for e in want] == ["generic/train/1", "generic/train/2"]
+    for g, w in zip(got, want):
+        assert (g.example_id, g.question, g.answers, g.category) == (w.example_id, w.question, w.answers, w.category)
+        np.testing.assert_array_equal(np.asarray(g.load_image()), np.asarray(w.load_image()))
+    assert [float(np.asarray(g.load_image()).mean()) for g in got] == [90.0, 180.0]
+
+
 def test_without_ray_the_engine_says_how_to_install_it_in_one_line(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     code = main(["extract", "--limit", "2", "--out", str(tmp_path / "sw"), "--engine", "ray"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vlcore.errors import DatasetError
@@ -131,7 +132,8 @@ def ray_input(
         return RayInput([r.example_id for r in records], RowMapper(dataset, split), offset=offset)
     if not location:
         raise DatasetError(f"dataset {dataset!r} needs a location: {SOURCE_INFO[dataset].location_help}")
-    if (dataset == "vcr" and _is_vcr_original(location)) or (dataset == "webqa" and location.lower().endswith(".json")):
+    webqa_json = dataset == "webqa" and Path(location).suffix.lower() == ".json" and Path(location).is_file()
+    if (dataset == "vcr" and _is_vcr_original(location)) or webqa_json:
         raise DatasetError(f"the Ray engine reads datasets through `datasets` (hub ids, parquet, save_to_disk, "
                            f"JSON lines, image folders); {location} is read in this process: drop --engine ray")
     from vlcore.data.hub import SourceSpec, load_source
