@@ -51,7 +51,7 @@ TARGETS = (*EXAMPLE_TARGETS, PATCH_TARGET)
 WORD_ROLES = ("shape", "color", "object", "all")  # attention-probe words: easy-VQA shape/colour names, VCR objects
 DEFAULT_COVER = 0.5  # a patch is inside the region when at least this share of its pixels is
 DEFAULT_FOLDS = 5
-DEFAULT_ALPHA = 1.0  # ridge penalty relative to the mean feature variance times the training rows
+DEFAULT_ALPHA = 0.01  # ridge penalty relative to the mean eigenvalue of the training Gram matrix
 
 
 class ProbingError(VLScopeError):
@@ -178,7 +178,9 @@ def compute_layer_probes(vectors: np.ndarray, labels: np.ndarray, groups: np.nda
         groups: ``[T]`` example of each row: folds never split an example.
         keys: ``[T]`` position keys for the control task (patch ``row,col``), None for example-level targets.
         folds: ``GroupKFold`` folds (1: one hold-out of a quarter of the examples).
-        alpha: ridge penalty, relative to the mean feature variance times the training rows.
+        alpha: ridge penalty relative to the mean eigenvalue of the centred training Gram matrix (the mean
+            feature variance times the training rows); 0.01 shrinks only directions 100 times weaker than the
+            average. On the demo model's shape probes 0.001–0.01 score within 0.05 of each other, 1.0 lower.
         seed: seed of the split and the control shuffle.
         layers: which layers to probe (default all).
 
