@@ -9,11 +9,11 @@ import streamlit as st
 
 from vlcore.charts_embeddings import COLOR_BY, SELECT_PARAM, build_fusion_chart, build_projection_chart
 from vlcore.errors import VLScopeError
-from vlcore.ui.annotate import annotate_panel, share_view
-from vlcore.ui.export import chart_downloads
 from vlcore.projection import ALIGNS, METHOD_NAMES, METHODS, find_token, umap_available
 from vlcore.ui import embeddings as emb
+from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.ui.context import load_example_trace, load_model, pick_sweep
+from vlcore.ui.export import chart_downloads
 from vlcore.ui.state import current_params, get_choice, get_int, get_param, set_params
 
 HEATMAPS = "pages/4_Attention_Heatmaps.py"
@@ -106,8 +106,9 @@ with right:
         st.warning(str(exc))
         cmp = "none"
     st.vega_lite_chart(spec=emb.fusion_spec(fusion_key, layer, fusion))
-    st.caption("NMI between a 2-cluster k-means of the layer's vectors and the tokens' modality (VALUE). "
-               "1: the clusters are the modalities; 0: fused.")
+    st.caption(emb.fusion_caption(fusion))
+    with st.expander("Fusion degree table"):
+        st.dataframe(emb.fusion_display(fusion), hide_index=True, key="emb_fusion_table")
 
 st.subheader(f"Nearest neighbours of token {pick_tok} of {pick_ex} ({name}, cosine, raw hidden space)")
 row = find_token(tokens, pick_ex, pick_tok)

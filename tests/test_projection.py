@@ -7,9 +7,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlcore.projection import (ProjectionError, TokenSet, align_signs, check_method, compute_fusion,
-                               compute_fusion_nmi, compute_layer_projections, compute_neighbours, compute_projection,
-                               coordinates_frame, find_token, token_kind, umap_available)
+from vlcore.fusion import compute_fusion, compute_fusion_nmi
+from vlcore.projection import (
+    ProjectionError,
+    TokenSet,
+    align_signs,
+    check_method,
+    compute_layer_projections,
+    compute_neighbours,
+    compute_projection,
+    coordinates_frame,
+    find_token,
+    token_kind,
+    umap_available,
+)
 
 
 def synthetic_set(n_examples: int = 3, n_tok: int = 12, d: int = 16, layers: int = 3, seed: int = 0,
@@ -44,7 +55,11 @@ def test_one_fit_pools_examples_same_vector_same_point():
                 assert xy.shape == (ts.n_tokens, 2)
                 np.testing.assert_allclose(xy[5], xy[19], atol=1e-5, err_msg=f"{align} layer {layer}")
     tsne = compute_projection(ts.layer(1), "tsne", perplexity=5)
-    np.testing.assert_allclose(tsne[5], tsne[19], atol=1e-3)
+    # Barnes-Hut t-SNE approximates each point's repulsion through its own tree walk, so two equal inputs
+    # need not land on one point (sklearn 1.9 puts them ~1.7 apart): they must be each other's nearest
+    # neighbour, close on the map's scale.
+    dist = np.linalg.norm(tsne - tsne[5], axis=1)
+    assert np.argsort(dist)[1] == 19 and dist[19] < 0.05 * np.ptp(tsne, axis=0).max()
 
 
 def test_pca_pooled_equals_one_fit_on_concatenation():
@@ -69,20 +84,22 @@ def test_sign_alignment_makes_axes_agree_with_the_previous_layer():
 def test_nmi_is_one_for_separated_modalities_and_near_zero_for_mixed():
     sep = synthetic_set(n_examples=10, separated=True)
     mix = synthetic_set(n_examples=10, separated=False)
-    nmi, nmi_kind = compute_fusion_nmi(sep.layer(1), sep.tokens["modality"], sep.tokens["kind"])
-    assert nmi == pytest.approx(1.0) and nmi_kind == pytest.approx(1.0)
-    nmi_mixed, _ = compute_fusion_nmi(mix.layer(1), mix.tokens["modality"])
-    assert nmi_mixed < 0.05
+    score = compute_fusion_nmi(sep.layer(1), sep.tokens["modality"], sep.tokens["kind"])
+    assert score.nmi_modality == pytest.approx(1.0) and score.nmi_kind == pytest.approx(1.0)
+    assert score.nmi_modality_min == score.nmi_modality_max == score.nmi_modality  # every seed agrees
+    mixed = compute_fusion_nmi(mix.layer(1), mix.tokens["modality"])
+    assert mixed.nmi_modality < 0.05 and np.isnan(mixed.nmi_kind)
     table = compute_fusion(sep)
     assert table["layer"].tolist() == [0, 1, 2, 3] and np.allclose(table["nmi_modality"], 1.0)
+    assert np.allclose(table["nmi_modality_min"], 1.0) and (table["n_seeds"] == 8).all()
 
 
 def test_fusion_finer_label_separates_special_tokens():
     ts = synthetic_set(n_examples=6)
     special = ts.tokens["token"].isin([0]).to_numpy()  # first text token of each example is special
     kind = token_kind(ts.tokens["modality"].to_numpy(), special)
-    nmi_mod, nmi_kind = compute_fusion_nmi(ts.layer(0), ts.tokens["modality"], kind)
-    assert nmi_mod == pytest.approx(1.0) and 0.5 < nmi_kind < 1.0  # two clusters cannot name three labels
+    score = compute_fusion_nmi(ts.layer(0), ts.tokens["modality"], kind)
+    assert score.nmi_modality == pytest.approx(1.0) and 0.5 < score.nmi_kind < 1.0  # two clusters cannot name three
 
 
 def test_neighbours_match_brute_force_cosine():
@@ -137,10 +154,13 @@ def test_revisiting_a_layer_does_not_refit():
 
 
 def test_sweep_vectors_equal_the_trace_and_survive_resume(tiny_adapter, tmp_path):
+    """A stopped and resumed sweep keeps exactly the vectors of an uninterrupted one (same path, same batch of
+    3), and they match single-example traces (batch 1, another path) to float16 precision: kernels whose
+    blocking depends on the batch size (e.g. on AMD EPYC) may change the last bit."""
     from tests.test_extract import examples
     from vlcore.extract import extract_trace
-    from vlcore.sweep import load_sweep, load_sweep_vectors, run_sweep
     from vlcore.projection import token_set_from_sweep
+    from vlcore.sweep import load_sweep, load_sweep_vectors, run_sweep
 
     exs = examples(7)
     seen = []
@@ -154,6 +174,10 @@ def test_sweep_vectors_equal_the_trace_and_survive_resume(tiny_adapter, tmp_path
     assert (out / "vectors.safetensors").exists() and not list(out.glob("part-*"))
     vec = load_sweep_vectors(out)
     assert vec["example_ids"] == [e.example_id for e in exs]
+    run_sweep(tiny_adapter, exs, tmp_path / "whole", batch_size=3, vector_patches=3)
+    whole = load_sweep_vectors(tmp_path / "whole")
+    for name in ("vectors", "token", "modality", "patch_rc", "thumbs"):
+        np.testing.assert_array_equal(vec[name], whole[name], err_msg=name)  # same path, same batches: exact
     ts = token_set_from_sweep(vec, load_sweep(out)[0])
     for i, ex in enumerate(exs):
         trace = extract_trace(tiny_adapter, ex.load_image(), ex.question, ex.example_id)
@@ -162,7 +186,8 @@ def test_sweep_vectors_equal_the_trace_and_survive_resume(tiny_adapter, tmp_path
         n_text = int((trace.modality == 0).sum())
         assert (ts.tokens["kind"].to_numpy()[rows] == "patch").sum() == 3  # K patches, every text token + [IMG]
         assert toks[: n_text + 1].tolist() == list(range(n_text + 1))
-        np.testing.assert_array_equal(ts.vectors[:, rows], trace.hidden[:, toks])
+        np.testing.assert_allclose(ts.vectors[:, rows].astype(np.float32), trace.hidden[:, toks].astype(np.float32),
+                                   rtol=1e-3, atol=1e-5)  # batch 3 against batch 1: float16 tolerance
         assert [trace.tokens[t] for t in toks] == ts.tokens["text"].iloc[rows].tolist()
 
 

@@ -14,20 +14,34 @@ MAX_THUMBS = 3000  # patch thumbnails in tooltips for at most this many patch po
 SHAPES = alt.Scale(domain=["text", "patch", "special"], range=["circle", "square", "triangle-up"])
 
 
-def thumbnail_uris(thumbs: np.ndarray | None, is_patch: np.ndarray, limit: int = MAX_THUMBS) -> list[str]:
+def thumbnail_uris(thumbs: np.ndarray | None, is_patch: np.ndarray, limit: int | None = None) -> list[str]:
     """PNG data URIs of patch thumbnails (``""`` for other tokens, or for all when over ``limit`` patches).
 
     Args:
         thumbs: uint8 ``[T, p, p, 3]`` or None.
         is_patch: bool ``[T]``.
-        limit: most thumbnails to encode; beyond it tooltips show token text only.
+        limit: most thumbnails to encode (default `MAX_THUMBS`); beyond it tooltips show token text only.
     """
+    limit = MAX_THUMBS if limit is None else limit
     out = [""] * len(is_patch)
     if thumbs is None or int(np.sum(is_patch)) > limit:
         return out
     for i in np.flatnonzero(is_patch):
         out[i] = image_data_uri(np.ascontiguousarray(thumbs[i]))
     return out
+
+
+def row_thumbnails(thumbs: np.ndarray | None, is_patch: np.ndarray, rows: np.ndarray) -> list[str | None]:
+    """PNG data URIs of the patch thumbnails of a few ``rows`` (None for a row that is not a patch), with no cap.
+
+    Args:
+        thumbs: uint8 ``[T, p, p, 3]`` or None (then every row gets None).
+        is_patch: bool ``[T]``.
+        rows: indices into the ``T`` tokens.
+    """
+    if thumbs is None:
+        return [None] * len(rows)
+    return [image_data_uri(np.ascontiguousarray(thumbs[r])) if is_patch[r] else None for r in rows]
 
 
 def build_projection_chart(
@@ -87,38 +101,65 @@ def build_projection_chart(
     )
 
 
+def fusion_long(fusion: pd.DataFrame, layer_names: dict | None = None) -> pd.DataFrame:
+    """One row per (series, layer, label) with ``nmi``, its range over seeds (``nmi_min``, ``nmi_max``; the
+    value itself when the table has no range) and a ``seeds`` text such as ``0.669 to 0.669 over 8 seeds``."""
+    data = fusion.copy()
+    if "series" not in data.columns:
+        data["series"] = "current"
+    parts = []
+    for col, label in (("nmi_modality", "vs modality"), ("nmi_kind", "vs text/patch/special")):
+        lo = data[f"{col}_min"] if f"{col}_min" in data.columns else data[col]
+        hi = data[f"{col}_max"] if f"{col}_max" in data.columns else data[col]
+        n_seeds = data["n_seeds"] if "n_seeds" in data.columns else pd.Series(1, index=data.index)
+        parts.append(pd.DataFrame({
+            "layer": data["layer"], "series": data["series"], "label": label, "nmi": data[col],
+            "nmi_min": lo, "nmi_max": hi,
+            "seeds": [f"{a:.3f} to {b:.3f} over {int(n)} seeds" for a, b, n in zip(lo, hi, n_seeds)],
+        }))
+    long = pd.concat(parts, ignore_index=True)
+    long["layer_name"] = long["layer"].map(lambda i: (layer_names or {}).get(i, f"layer {i}"))
+    return long
+
+
+def max_spread(fusion: pd.DataFrame) -> float:
+    """The largest range over seeds of the modality NMI at any layer (0 when the table has no range).
+
+    >>> max_spread(pd.DataFrame({"nmi_modality_min": [0.2, 0.5], "nmi_modality_max": [0.25, 0.5]}))
+    0.05
+    """
+    if "nmi_modality_min" not in fusion.columns or fusion.empty:
+        return 0.0
+    return round(float((fusion["nmi_modality_max"] - fusion["nmi_modality_min"]).max()), 12)
+
+
 def build_fusion_chart(fusion: pd.DataFrame, current_layer: int | None = None, layer_names: dict | None = None,
                        width: int = 420, height: int = 260) -> alt.LayerChart:
-    """NMI against layer: one line per series and label (modality, token kind).
+    """NMI against layer: one line per series and label (modality, token kind), with its range over seeds.
 
     Args:
-        fusion: columns ``layer, nmi_modality, nmi_kind`` and optionally ``series`` (e.g. the model or
-            slice; a second series draws a second set of lines).
+        fusion: columns ``layer, nmi_modality, nmi_kind``, optionally the ranges over seeds
+            (``nmi_modality_min/max``, ``nmi_kind_min/max``, ``n_seeds``; `vlcore.fusion.compute_fusion`) and
+            ``series`` (e.g. the model or slice; a second series draws a second set of lines).
         current_layer: draws a vertical rule at this layer.
         layer_names: labels for layers in tooltips (e.g. ``{0: "embeddings"}``).
         width: chart width in pixels.
         height: chart height in pixels.
+
+    Returns:
+        The lines (tooltips give the value and its range over seeds), a vertical bar over each point's
+        range (visible only where seeds disagree) and the rule.
     """
-    data = fusion.copy()
-    if "series" not in data.columns:
-        data["series"] = "current"
-    long = data.melt(id_vars=["layer", "series"], value_vars=["nmi_modality", "nmi_kind"], var_name="label",
-                     value_name="nmi")
-    long["label"] = long["label"].map({"nmi_modality": "vs modality", "nmi_kind": "vs text/patch/special"})
-    long["layer_name"] = long["layer"].map(lambda i: (layer_names or {}).get(i, f"layer {i}"))
-    lines = (
-        alt.Chart(long)
-        .mark_line(point=True)
-        .encode(
-            x=alt.X("layer:O", title="layer (0 = embeddings)"),
-            y=alt.Y("nmi:Q", title="NMI (k-means k=2)", scale=alt.Scale(domain=[0, 1])),
-            color=alt.Color("series:N", title="series"),
-            strokeDash=alt.StrokeDash("label:N", title="NMI"),
-            tooltip=[alt.Tooltip("series:N"), alt.Tooltip("layer_name:N", title="layer"), alt.Tooltip("label:N"),
-                     alt.Tooltip("nmi:Q", format=".3f")],
-        )
-    )
-    layers = [lines]
+    long = fusion_long(fusion, layer_names)
+    tooltip = [alt.Tooltip("series:N"), alt.Tooltip("layer_name:N", title="layer"), alt.Tooltip("label:N"),
+               alt.Tooltip("nmi:Q", format=".3f"), alt.Tooltip("seeds:N", title="range over seeds")]
+    base = alt.Chart(long).encode(x=alt.X("layer:O", title="layer (0 = embeddings)"),
+                                  color=alt.Color("series:N", title="series"))
+    lines = base.mark_line(point=True).encode(
+        y=alt.Y("nmi:Q", title="NMI (2-means)", scale=alt.Scale(domain=[0, 1])),
+        strokeDash=alt.StrokeDash("label:N", title="NMI"), tooltip=tooltip)
+    ranges = base.mark_rule(strokeWidth=3, opacity=0.5).encode(y="nmi_min:Q", y2="nmi_max:Q", tooltip=tooltip)
+    layers = [lines, ranges]
     if current_layer is not None:
         rule = alt.Chart(pd.DataFrame({"layer": [current_layer]})).mark_rule(color="gray", strokeDash=[2, 2])
         layers.append(rule.encode(x="layer:O"))

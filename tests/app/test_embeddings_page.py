@@ -23,12 +23,29 @@ def scatter(at) -> pd.DataFrame:
     raise AssertionError("no scatter on the page")
 
 
+def table_with(at, column: str) -> pd.DataFrame:
+    """The page's one table that has ``column`` (the neighbours: ``similarity``; the fusion table: ``seeds``)."""
+    tables = [d.value for d in at.dataframe if column in d.value.columns]
+    assert len(tables) == 1, [list(d.value.columns) for d in at.dataframe]
+    return tables[0]
+
+
+def fusion_chart(at) -> tuple[dict, pd.DataFrame]:
+    """The fusion chart's spec and its line data (the dataset with a ``seeds`` column)."""
+    for element in at.get("vega_lite_chart"):
+        spec = json.loads(element.proto.spec)
+        if "Fusion degree" in json.dumps(spec.get("title", "")):
+            frames = [pa.ipc.open_stream(d.data.data).read_pandas() for d in element.proto.datasets]
+            return spec, next(f for f in frames if "seeds" in f.columns)
+    raise AssertionError("no fusion chart on the page")
+
+
 def make_sweep(n: int = 4):
     """A sweep of the demo model over the first n easy-VQA test questions, where the page looks for it."""
     from vlcore.data.easy_vqa import easy_vqa_examples
-    from vlcore.sweep import run_sweep, sweep_key
     from vlcore.models.registry import load_adapter
     from vlcore.store import Store
+    from vlcore.sweep import run_sweep, sweep_key
 
     adapter = load_adapter("demo")
     examples = easy_vqa_examples("test", limit=n)
@@ -48,7 +65,7 @@ def test_one_example_renders_every_token_and_the_slider_changes_the_data():
     assert last["token"].tolist() == list(range(len(last)))  # every token of the trace
     assert last["image"].str.startswith("data:image/png").sum() == (last["kind"] == "patch").sum()
     assert at.query_params["layer"] == "4" and at.query_params["proj"] == "pca"
-    assert len(at.dataframe) == 1 and set(at.dataframe[0].value["modality"]) == {"text", "image"}
+    assert set(table_with(at, "similarity")["modality"]) == {"text", "image"}
     fits = emb.FITS["pca"]
     at.select_slider(key="emb_layer").set_value(1).run()
     first = scatter(at)
@@ -75,7 +92,7 @@ def test_a_point_selection_updates_the_url_and_the_neighbours():
 
 
 def test_a_sweep_pools_examples_and_compares_slices():
-    out, examples = make_sweep(4)
+    _, examples = make_sweep(4)
     at = open_page(PAGE, {"scope": "sweep", "color": "example"})
     assert not at.exception and not at.error, at.error
     data = scatter(at)
@@ -112,3 +129,37 @@ def test_both_charts_download_as_png_and_svg_and_the_coordinates_as_csv():
     fusion = pd.DataFrame({"layer": [0, 1], "nmi_modality": [1.0, 0.5], "nmi_kind": [1.0, 0.6], "n_tokens": 9})
     svg = chart_to_svg(build_fusion_chart(fusion, 1, {0: "embeddings"}))
     assert xml.dom.minidom.parseString(svg).documentElement.tagName == "svg"
+
+
+def test_the_fusion_degree_is_the_best_partition_and_shows_its_spread_over_seeds():
+    """easy_vqa/test/0 at layer 3: KMeans(n_init=4, random_state=0) stopped in a local minimum (NMI 0.0077,
+    'fused'); the lowest-inertia partition gives 0.669. The table, caption and tooltip show the seed spread."""
+    at = open_page(PAGE, {"ex": "easy_vqa/test/0"})
+    assert not at.exception and not at.error
+    table = table_with(at, "seeds").set_index("layer")
+    assert table.loc[3, "NMI vs modality"] > 0.6  # not fused at layer 3
+    assert {"min over seeds", "max over seeds"} <= set(table.columns) and (table["seeds"] == 8).all()
+    assert (table["min over seeds"] <= table["NMI vs modality"]).all()
+    assert (table["NMI vs modality"] <= table["max over seeds"]).all()
+    assert any("8 seeds" in c.value and "same value with every seed" in c.value for c in at.caption)
+    spec, lines = fusion_chart(at)
+    layer3 = lines[(lines["layer"] == 3) & (lines["label"] == "vs modality")].iloc[0]
+    assert layer3["seeds"].endswith("over 8 seeds") and layer3["nmi_min"] > 0.6
+    assert "range over seeds" in json.dumps(spec["layer"][0]["encoding"]["tooltip"])
+
+
+def test_neighbour_thumbnails_survive_a_sweep_over_the_scatter_cap(monkeypatch):
+    """A sweep with more patches than the scatter's thumbnail cap drops the tooltips' thumbnails, never the
+    neighbours' (the cap is lowered to 10 here: the 4-example sweep keeps 64 patches)."""
+    import vlcore.charts_embeddings as charts
+
+    monkeypatch.setattr(charts, "MAX_THUMBS", 10)
+    make_sweep(4)
+    at = open_page(PAGE, {"scope": "sweep"})
+    assert not at.exception and not at.error, at.error
+    points = scatter(at)
+    assert (points["kind"] == "patch").sum() > 10 and (points["image"] == "").all()  # over the cap: no tooltips
+    near = table_with(at, "similarity")
+    image = near[near["modality"] == "image"]
+    assert len(image) == 5 and all(str(u).startswith("data:image/png;base64,") for u in image["patch"])
+    assert near.loc[near["modality"] == "text", "patch"].isna().all()

@@ -5,12 +5,14 @@ back to a layer already seen never refits. `FITS` counts real fits (cache misses
 benchmark. Token sets of sweeps are held with ``st.cache_resource`` (read-only arrays, not copied on
 every rerun); fits, fusion tables and thumbnails with ``st.cache_data``. Every cached function is keyed
 on hashable arguments that determine the result; the underscore argument is the token set named by
-``set_key``.
+``set_key``, and ``set_key`` is the set's content fingerprint (`token_set_fingerprint`, plus the
+modality / slice kept), never an example id, a text or a folder name.
 """
 
 from __future__ import annotations
 
-import hashlib
+import threading
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -18,12 +20,30 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from vlcore.charts_embeddings import (COLOR_BY, build_fusion_chart, build_projection_chart, chart_spec,
-                                      thumbnail_uris)
+from vlcore.charts_embeddings import (
+    COLOR_BY,
+    build_fusion_chart,
+    build_projection_chart,
+    chart_spec,
+    max_spread,
+    row_thumbnails,
+    thumbnail_uris,
+)
+from vlcore.fusion import N_DIRECTIONS, N_STARTS, compute_fusion
+from vlcore.projection import (
+    DEFAULT_PERPLEXITY,
+    TokenSet,
+    align_signs,
+    apply_pca,
+    compute_neighbours,
+    compute_projection,
+    coordinates_frame,
+    fit_joint_pca,
+    token_set_fingerprint,
+    token_set_from_sweep,
+    token_set_from_traces,
+)
 from vlcore.sweep import load_sweep, load_sweep_vectors
-from vlcore.projection import (DEFAULT_PERPLEXITY, TokenSet, align_signs, apply_pca, compute_fusion,
-                               compute_neighbours, compute_projection, coordinates_frame, fit_joint_pca,
-                               token_set_from_sweep, token_set_from_traces)
 from vlcore.trace import Trace
 from vlcore.ui.state import set_params
 
@@ -32,28 +52,44 @@ SLICES = ("all", "correct", "incorrect")
 SHOW = {"all": "all tokens", "text": "text tokens", "image": "image tokens"}
 
 
+_EXAMPLE_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_EXAMPLE_SETS_LOCK = threading.Lock()
+
+
 def example_token_set(trace: Trace) -> tuple[TokenSet, str]:
-    """Every token of one trace, and a key naming its content (model, example, hidden-state digest)."""
-    digest = hashlib.sha256(np.ascontiguousarray(trace.hidden).tobytes()).hexdigest()[:16]
-    return token_set_from_traces([trace]), f"ex|{trace.model_id}|{trace.example_id}|{digest}"
+    """Every token of one trace, and its key: the token set's content fingerprint (vectors, token table with
+    the correctness the trace's gold answer gives, thumbnails). Traces are frozen, so both are built once per
+    trace object and remembered while it lives."""
+    with _EXAMPLE_SETS_LOCK:
+        known = _EXAMPLE_SETS.get(trace)
+    if known is not None:
+        return known
+    tokens = token_set_from_traces([trace])
+    value = (tokens, f"ex|{token_set_fingerprint(tokens)}")
+    with _EXAMPLE_SETS_LOCK:
+        _EXAMPLE_SETS[trace] = value
+    return value
 
 
 def sweep_stamp(path: Path) -> str:
-    """Changes whenever the sweep's files change (an unfinished sweep grows)."""
+    """Changes whenever the sweep's files change (an unfinished sweep grows): decides when to read them again."""
     files = sorted(p for p in path.glob("*") if p.suffix in (".parquet", ".safetensors"))
-    return "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    return "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}:{p.stat().st_ino}" for p in files)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the sweep's token vectors…")
-def _sweep_tokens(path: str, stamp: str) -> TokenSet:
+def _sweep_tokens(path: str, stamp: str) -> tuple[TokenSet, str]:
     preds, _ = load_sweep(path)
-    return token_set_from_sweep(load_sweep_vectors(path), preds)
+    tokens = token_set_from_sweep(load_sweep_vectors(path), preds)
+    return tokens, token_set_fingerprint(tokens)
 
 
 def sweep_token_set(path: Path) -> tuple[TokenSet, str]:
-    """The sampled token vectors of a sweep (raises `ProjectionError` when it kept none) and its key."""
-    stamp = sweep_stamp(path)
-    return _sweep_tokens(str(path), stamp), f"sweep|{path.name}|{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+    """The sampled token vectors of a sweep (raises `ProjectionError` when it kept none) and its key, the
+    content fingerprint of what was read (computed once per read; the files' stamp only decides when to
+    read again)."""
+    tokens, digest = _sweep_tokens(str(path), sweep_stamp(path))
+    return tokens, f"sweep|{digest}"
 
 
 def narrow(tokens: TokenSet, key: str, show: str = "all", slice_: str = "all") -> tuple[TokenSet, str]:
@@ -96,6 +132,27 @@ def _joint_pca(set_key: str, _tokens: TokenSet) -> tuple[np.ndarray, np.ndarray]
 def fusion_table(set_key: str, _tokens: TokenSet) -> pd.DataFrame:
     """`compute_fusion` of a token set, once per key."""
     return compute_fusion(_tokens)
+
+
+def fusion_caption(fusion: pd.DataFrame) -> str:
+    """What the fusion chart shows, and how far its values move between k-means seeds."""
+    seeds = int(fusion["n_seeds"].max()) if "n_seeds" in fusion.columns and len(fusion) else 1
+    spread = max_spread(fusion)
+    stable = ("the same value with every seed" if spread == 0 else
+              f"**values move by up to {spread:.3f} between seeds** (bars on the chart; read them with care)")
+    return (f"NMI between the layer's lowest-inertia 2-means partition and the tokens' modality (VALUE): "
+            f"1, the clusters are the modalities; 0, fused. The partition is the best of {N_DIRECTIONS} principal "
+            f"splits and {N_STARTS} random starts, each refined by Lloyd and Hartigan steps. Searched with "
+            f"{seeds} seeds: {stable}.")
+
+
+def fusion_display(fusion: pd.DataFrame) -> pd.DataFrame:
+    """The fusion table as shown: series, layer, NMI vs modality and its range over seeds, NMI vs token kind."""
+    cols = {"series": "series", "layer": "layer", "nmi_modality": "NMI vs modality",
+            "nmi_modality_min": "min over seeds", "nmi_modality_max": "max over seeds",
+            "nmi_kind": "NMI vs token kind", "n_seeds": "seeds", "n_tokens": "tokens"}
+    table = fusion[[c for c in cols if c in fusion.columns]].rename(columns=cols)
+    return table.round(3)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -148,10 +205,13 @@ def fusion_spec(fusion_key: str, layer: int, _fusion: pd.DataFrame) -> dict:
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def neighbours(set_key: str, layer: int, row: int, k: int, _tokens: TokenSet) -> pd.DataFrame:
-    """`compute_neighbours` with a ``patch`` thumbnail column, once per (set, layer, token, k)."""
+    """`compute_neighbours` with a ``patch`` thumbnail column, once per (set, layer, token, k).
+
+    The thumbnails are encoded for these rows only, so they show however many patches the set has (the
+    scatter's tooltips stop at `vlcore.charts_embeddings.MAX_THUMBS`)."""
     table = compute_neighbours(_tokens, layer, row, k)
-    thumbs = thumbnails(set_key, _tokens)
-    return table.assign(patch=[thumbs[r] or None for r in table["row"]])
+    return table.assign(patch=row_thumbnails(_tokens.thumbs, _tokens.tokens["kind"].to_numpy() == "patch",
+                                             table["row"].to_numpy()))
 
 
 def sync_token_picker(examples: list[str], wanted_ex: str | None, wanted_tok: int | None) -> None:
@@ -180,6 +240,6 @@ def clicked_token(state_key: str, param: str) -> tuple[str, int] | None:
     return (example_id, int(token)) if token.isdigit() else None
 
 
-__all__ = ["DEFAULT_PERPLEXITY", "FITS", "SHOW", "SLICES", "example_token_set", "fit_layer",
-           "fusion_spec", "fusion_table", "narrow", "neighbours", "projection_frame", "projection_with_spinner", "scatter_spec",
+__all__ = ["DEFAULT_PERPLEXITY", "FITS", "SHOW", "SLICES", "example_token_set", "fit_layer", "fusion_caption",
+           "fusion_display", "fusion_spec", "fusion_table", "narrow", "neighbours", "projection_frame", "projection_with_spinner", "scatter_spec",
            "scatter_with_data", "select_token", "sweep_token_set", "sync_token_picker", "thumbnails"]
