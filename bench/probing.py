@@ -6,11 +6,13 @@ Rows (all measured in this one run, side by side):
 
 - One probe per layer, 12 layers, 5,000 examples × 768 dims (fp16, as a sweep stores them; 3 classes, the
   label planted in layer 7): `compute_layer_probes` with 5-fold GroupKFold and with one hold-out split, each
-  with its control task (so 2 probes per layer and fold). Target: ≤ 10 s.
+  with its control task (so 2 probes per layer and fold), with one BLAS thread (the default) and, for the
+  hold-out, with the BLAS library's own thread count. Target: ≤ 10 s.
 - The same hold-out job with scikit-learn's ``RidgeClassifier`` fitted per layer, task and control (the same
   predictions: tests/test_probing.py checks it), and one ``LogisticRegression`` fit (lbfgs) for scale.
 - The attention probe on 100,000 word–patch pairs × 144 heads (12 layers × 12 heads, one head planted):
-  `compute_attention_probe` with 3 folds (3 task fits, 3 control fits and the final fit).
+  `compute_attention_probe` with 3 folds (3 task fits, 3 control fits and the final fit), one BLAS thread
+  against the library's own count.
 
 The machine is shared: the load average before and after is printed with the times.
 """
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -77,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     vectors, labels, groups = layer_data(args.examples, args.width, args.layers)
     results = {}
 
-    def ours(folds):
+    def ours(folds, threads=1):
         def run():
-            results[folds] = compute_layer_probes(vectors, labels, groups, folds=folds)
+            results[folds] = compute_layer_probes(vectors, labels, groups, folds=folds, blas_threads=threads)
         return run
 
     from sklearn.linear_model import LogisticRegression
@@ -88,15 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     x7 = vectors[7 % args.layers].astype(np.float32)
     times = time_interleaved({
         "ours, 5-fold": ours(5), "ours, hold-out": ours(1),
+        "ours, hold-out, BLAS's own threads": ours(1, None),
         "sklearn RidgeClassifier, hold-out": lambda: sklearn_holdout(vectors, labels, groups),
         "sklearn LogisticRegression, 1 fit": lambda: LogisticRegression(max_iter=200).fit(x7[fold == 0], labels[fold == 0]),
     }, rounds=args.repeats, warmup=0)
     n_probes = {"ours, 5-fold": 2 * 5 * args.layers, "ours, hold-out": 2 * args.layers,
+                "ours, hold-out, BLAS's own threads": 2 * args.layers,
                 "sklearn RidgeClassifier, hold-out": 2 * args.layers, "sklearn LogisticRegression, 1 fit": 1}
     print(f"\nRepresentation probes: {args.layers} layers, {args.examples:,} examples x {args.width} dims, 3 classes")
-    print(f"{'method':40s} {'probes':>7s} {'seconds':>8s}")
+    print(f"{'method':42s} {'probes':>7s} {'seconds':>8s}")
     for name, t in times.items():
-        print(f"{name:40s} {n_probes[name]:7d} {t:8.2f}")
+        print(f"{name:42s} {n_probes[name]:7d} {t:8.2f}")
     best = results[5].loc[results[5]["accuracy"].idxmax()]
     print(f"5-fold: best layer {int(best['layer'])} (planted: {7 % args.layers}), accuracy {best['accuracy']:.3f}, "
           f"control {best['control']:.3f}, majority {best['majority']:.3f}")
@@ -104,13 +107,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{times['sklearn RidgeClassifier, hold-out'] / times['ours, hold-out']:.1f}x")
 
     feats, inside, pair_groups, keys = pair_data(args.pairs, 12, 12)
-    start = time.perf_counter()
-    probe = compute_attention_probe(feats, inside, pair_groups, keys, folds=3)
-    elapsed = time.perf_counter() - start
-    s = probe.summary.iloc[0]
-    top = np.unravel_index(np.argmax(probe.weights), probe.weights.shape)
-    print(f"\nAttention probe: {args.pairs:,} pairs x 144 heads, 3 folds + control + final fit: {elapsed:.2f} s "
-          f"(accuracy {s['accuracy']:.3f}, auc {s['auc']:.3f}, control {s['control']:.3f}; top head {top}, planted (6, 3))")
+    fits = {}
+
+    def attention(threads):
+        def run():
+            fits[threads] = compute_attention_probe(feats, inside, pair_groups, keys, folds=3, blas_threads=threads)
+        return run
+
+    times = time_interleaved({"1 BLAS thread": attention(1), "BLAS's own threads": attention(None)},
+                             rounds=args.repeats, warmup=0)
+    s = fits[1].summary.iloc[0]
+    top = tuple(int(i) for i in np.unravel_index(np.argmax(fits[1].weights), fits[1].weights.shape))
+    print(f"\nAttention probe: {args.pairs:,} pairs x 144 heads, 3 folds + control + final fit (7 fits): "
+          + ", ".join(f"{t:.2f} s with {name}" for name, t in times.items())
+          + f" (accuracy {s['accuracy']:.3f}, auc {s['auc']:.3f}, control {s['control']:.3f}; top head {top}, "
+          "planted (6, 3))")
     print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
     return 0
 

@@ -67,6 +67,17 @@ def test_one_hold_out_split_finds_the_same_layer():
     assert (result["n_test"] == 3 * 75).all()  # a quarter of the 300 examples, all their tokens
 
 
+def test_one_blas_thread_gives_the_same_probe_and_restores_the_thread_count():
+    from threadpoolctl import threadpool_info
+
+    vectors, labels, groups = planted_vectors(n_examples=90, seed=6)
+    before = [p["num_threads"] for p in threadpool_info()]
+    one = compute_layer_probes(vectors, labels, groups, folds=3, blas_threads=1)
+    assert [p["num_threads"] for p in threadpool_info()] == before
+    own = compute_layer_probes(vectors, labels, groups, folds=3, blas_threads=None)
+    pd.testing.assert_frame_equal(one, own, atol=1e-6)
+
+
 def test_the_closed_form_probe_predicts_as_sklearns_ridge_classifier():
     from sklearn.linear_model import RidgeClassifier
 

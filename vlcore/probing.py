@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import scipy.linalg
+from threadpoolctl import threadpool_limits
 
 from vlcore.errors import VLScopeError
 
@@ -51,6 +52,9 @@ TARGETS = (*EXAMPLE_TARGETS, PATCH_TARGET)
 WORD_ROLES = ("shape", "color", "object", "all")  # attention-probe words: easy-VQA shape/colour names, VCR objects
 DEFAULT_COVER = 0.5  # a patch is inside the region when at least this share of its pixels is
 DEFAULT_FOLDS = 5
+# BLAS threads per fit. OpenBLAS threads spin while they wait: on a machine whose cores are busy with other work
+# (a shared server, other sessions) two threads ran the 12-layer probe 3-15x slower than one (bench/probing.py).
+BLAS_THREADS = 1
 DEFAULT_ALPHA = 0.01  # ridge penalty relative to the mean eigenvalue of the training Gram matrix
 
 
@@ -169,7 +173,7 @@ def _ridge_fold_accuracy(x: np.ndarray, targets: list[np.ndarray], fold: np.ndar
 
 def compute_layer_probes(vectors: np.ndarray, labels: np.ndarray, groups: np.ndarray, keys: np.ndarray | None = None,
                          folds: int = DEFAULT_FOLDS, alpha: float = DEFAULT_ALPHA, seed: int = 0,
-                         layers: Sequence[int] | None = None) -> pd.DataFrame:
+                         layers: Sequence[int] | None = None, blas_threads: int | None = BLAS_THREADS) -> pd.DataFrame:
     """One linear probe per layer: held-out accuracy beside the control task and the majority class.
 
     Args:
@@ -183,6 +187,7 @@ def compute_layer_probes(vectors: np.ndarray, labels: np.ndarray, groups: np.nda
             average. On the demo model's shape probes 0.001–0.01 score within 0.05 of each other, 1.0 lower.
         seed: seed of the split and the control shuffle.
         layers: which layers to probe (default all).
+        blas_threads: BLAS threads while fitting (`BLAS_THREADS`); None keeps the libraries' own count.
 
     Returns:
         One row per layer: ``layer, accuracy, accuracy_std, control, majority, selectivity, n_train, n_test,
@@ -206,7 +211,8 @@ def compute_layer_probes(vectors: np.ndarray, labels: np.ndarray, groups: np.nda
     majority = np.mean([_majority(codes[fold != f], codes[fold == f]) for f in tested])
     rows = []
     for layer in (range(vectors.shape[0]) if layers is None else layers):
-        acc = _ridge_fold_accuracy(vectors[layer], [codes, control], fold, tested, alpha)
+        with threadpool_limits(limits=blas_threads):
+            acc = _ridge_fold_accuracy(vectors[layer], [codes, control], fold, tested, alpha)
         rows.append({
             "layer": int(layer), "accuracy": acc[0].mean(), "accuracy_std": acc[0].std(), "control": acc[1].mean(),
             "majority": majority, "selectivity": acc[0].mean() - acc[1].mean(),
@@ -237,7 +243,7 @@ class AttentionProbe:
 
 def compute_attention_probe(features: np.ndarray, labels: np.ndarray, groups: np.ndarray,
                             keys: np.ndarray | None = None, folds: int = 3, c: float = 1.0,
-                            seed: int = 0) -> AttentionProbe:
+                            seed: int = 0, blas_threads: int | None = BLAS_THREADS) -> AttentionProbe:
     """Fit the visual-coreference probe: does a word's attention to a patch say the patch is in its region?
 
     Args:
@@ -248,6 +254,7 @@ def compute_attention_probe(features: np.ndarray, labels: np.ndarray, groups: np
         folds: ``GroupKFold`` folds (1: one hold-out).
         c: inverse regularisation strength of the logistic regression.
         seed: seed of the split and the control shuffle.
+        blas_threads: BLAS threads while fitting (`BLAS_THREADS`); None keeps the libraries' own count.
 
     Raises:
         ProbingError: shapes disagree, one class only, or too few examples.
@@ -272,7 +279,8 @@ def compute_attention_probe(features: np.ndarray, labels: np.ndarray, groups: np
     scores = {"accuracy": [], "balanced_accuracy": [], "auc": [], "control": [], "control_auc": [], "majority": []}
 
     def fit(train: np.ndarray, target: np.ndarray):
-        return LogisticRegression(C=c, max_iter=300).fit(x[train], target[train])
+        with threadpool_limits(limits=blas_threads):
+            return LogisticRegression(C=c, max_iter=300).fit(x[train], target[train])
 
     for f in tested:
         train, test = fold != f, fold == f
@@ -349,7 +357,7 @@ def split_units(example_ids: np.ndarray, images: pd.Series | None) -> np.ndarray
     if images is None:
         return np.array([f"example:{e}" for e in ids], dtype=object)
     found = images[~images.index.duplicated()].reindex(ids).to_numpy(dtype=object)
-    return np.array([f"image:{i}" if i is not None and i == i else f"example:{e}" for e, i in zip(ids, found)],
+    return np.array([f"image:{i}" if pd.notna(i) else f"example:{e}" for e, i in zip(ids, found)],
                     dtype=object)
 
 
