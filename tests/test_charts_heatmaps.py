@@ -476,3 +476,27 @@ def test_explanations_side_by_side_export():
     assert len(spec["hconcat"]) == 2 and spec["autosize"]["type"] == "pad"
     assert spec["hconcat"][0]["title"]["subtitle"] == "image: 95.0% of this row"
     assert cp.export_chart(chart, "png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_strip_draws_the_image_under_every_map_from_one_copy_outside_the_spec():
+    import dataclasses
+
+    from PIL import Image
+
+    t = dataclasses.replace(planted_trace(), image=np.tile(np.array([200, 30, 30], np.uint8), (16, 24, 1)))
+    maps = hm.compute_layer_maps(t, 1, [1])
+    parts = cm.layer_strip_parts(t, maps, selected=0, opacity=0.0, panel=60, title="Every layer")
+    spec_text = parts.spec_json
+    assert "base64" not in spec_text and "url" not in parts.spec()["layer"][0]["mark"]  # not inside the spec
+    images = [f for f in parts.datasets.values() if "url" in f]
+    assert len(images) == 1 and len(images[0]) == 1 and images[0]["url"][0].startswith("data:image/png;base64,")
+    # the same frame object on the next run (the page converts it to Arrow once)
+    assert cm.layer_strip_parts(t, maps, selected=1, panel=60).datasets["image"] is parts.datasets["image"]
+    # rendered: the (red) image fills each 60 x 40 map, heat fully transparent
+    chart = cm.build_layer_strip_chart(t, maps, selected=0, opacity=0.0, panel=60, select_name=None)
+    png = np.asarray(Image.open(io.BytesIO(cp.export_chart(chart, "png", scale=1))).convert("RGB"), dtype=np.int16)
+    red = np.abs(png - np.array([200, 30, 30])).max(-1) < 30
+    for layer in range(2):
+        left = 5 + layer * (60 + cm.STRIP_GAP)  # Vega's padding
+        box = red[5 + cm.STRIP_LABEL + 4: 5 + cm.STRIP_LABEL + 36, left + 4: left + 56]
+        assert box.mean() > 0.95, (layer, box.mean())

@@ -167,6 +167,15 @@ def cached_image_uri(image: np.ndarray) -> str:
     return _URI_CACHE[key]
 
 
+@functools.lru_cache(maxsize=8)
+def image_frame(uri: str) -> pd.DataFrame:
+    """A one-row frame for an image layer: ``url`` (``uri``), its top-left corner ``x, y`` (0, 0) and ``img``
+    (0, a key to look it up by). One copy of the image in a chart's data, and the same object for the same
+    URI (the page sends its Arrow bytes without rebuilding them). The frame is shared: never modify it."""
+    zero = np.zeros(1, dtype=np.int8)
+    return pd.DataFrame({"url": [uri], "x": zero, "y": zero, "img": zero})
+
+
 def _jpeg_uri(image: np.ndarray, quality: int = 90) -> str:
     """JPEG data URI for large images (a photo's PNG is several times larger to send on every rerun)."""
     buf = io.BytesIO()

@@ -17,7 +17,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from vlcore.chart_parts import ChartParts, cached_image_uri, chart_parts, fast_build, layout_key
+from vlcore.chart_parts import ChartParts, cached_image_uri, chart_parts, fast_build, image_frame, layout_key
 from vlcore.charts import patch_frame
 from vlcore import heatmap_maps as hm
 from vlcore.heatmap_maps import token_label, upsample_bilinear
@@ -59,7 +59,7 @@ def overlay_frames(trace: Trace, values: np.ndarray, selected: Sequence[tuple[in
     """The overlay's data: ``image`` (its data URI), ``patches`` (`patch_frame`), ``smooth`` (when
     smoothing, `smooth_frame`) and ``selected`` (the outlined query patches, when there are any)."""
     patches = patch_frame(trace, values)
-    frames = {"image": pd.DataFrame({"url": [cached_image_uri(trace.image)], "x": [0], "y": [0]}), "patches": patches}
+    frames = {"image": image_frame(cached_image_uri(trace.image)), "patches": patches}
     if smooth:
         frames["smooth"] = smooth_frame(trace, values)
     if len(selected):

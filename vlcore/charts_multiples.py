@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from vlcore import heatmap_maps as hm
-from vlcore.chart_parts import ChartParts, cached_image_uri, chart_parts, fast_build, layout_key
+from vlcore.chart_parts import ChartParts, cached_image_uri, chart_parts, fast_build, image_frame, layout_key
 from vlcore.charts_heatmaps import SCHEME, build_attention_overlay_chart
 from vlcore.trace import Trace
 
@@ -114,9 +114,11 @@ def layer_strip_frames(trace: Trace, layer_maps: np.ndarray, domain: tuple[float
 
     Returns:
         ``cells`` (``layer, row, col, x, x2, y, y2, value``, ``level``: the colour's position in [0, 1] and
-        ``alpha``: the opacity's, 0 at weight 0) and ``panels``, one row per map: ``layer``, ``x, y`` (its top
-        left corner), ``cx`` (its centre), ``text, caption`` (its label's two lines) and ``shown`` (the layer
-        ``selected``, outlined).
+        ``alpha``: the opacity's, 0 at weight 0; positions as float32, indices as int16), ``panels``, one row
+        per map: ``layer``, ``x, y`` (its top left corner), ``cx`` (its centre), ``text, caption`` (its
+        label's two lines) and ``shown`` (the layer ``selected``, outlined), and ``image``, one row: ``img``
+        (0) and ``url``, the image's data URI, which the image layer looks up by ``img`` (one copy of the
+        image in the data, none in the spec; the same frame object while the image is the same).
     """
     n_layers = layer_maps.shape[0]
     per_row = per_row or n_layers
@@ -134,12 +136,12 @@ def layer_strip_frames(trace: Trace, layer_maps: np.ndarray, domain: tuple[float
     layers = np.arange(n_layers)
     left = (layers % per_row) * (panel + STRIP_GAP)
     top = (layers // per_row) * (STRIP_LABEL + height + STRIP_GAP) + STRIP_LABEL
-    x = left[:, None] + rc[None, :, 1] * cell_w
-    y = top[:, None] + rc[None, :, 0] * cell_h
+    x = (left[:, None] + rc[None, :, 1] * cell_w).astype(np.float32)
+    y = (top[:, None] + rc[None, :, 0] * cell_h).astype(np.float32)
     cells = pd.DataFrame({
-        "layer": np.repeat(layers, len(idx)),
-        "row": np.tile(rc[:, 0].astype(int), n_layers), "col": np.tile(rc[:, 1].astype(int), n_layers),
-        "x": x.ravel(), "x2": (x + cell_w).ravel(), "y": y.ravel(), "y2": (y + cell_h).ravel(),
+        "layer": np.repeat(layers, len(idx)).astype(np.int16),
+        "row": np.tile(rc[:, 0].astype(np.int16), n_layers), "col": np.tile(rc[:, 1].astype(np.int16), n_layers),
+        "x": x.ravel(), "x2": (x + np.float32(cell_w)).ravel(), "y": y.ravel(), "y2": (y + np.float32(cell_h)).ravel(),
         "value": values.ravel().astype(np.float32),
         "level": np.clip((values - lo) / (hi - lo), 0, 1).ravel().astype(np.float32),
         "alpha": np.clip((values - alpha_lo) / (hi - alpha_lo), 0, 1).ravel().astype(np.float32),
@@ -148,7 +150,7 @@ def layer_strip_frames(trace: Trace, layer_maps: np.ndarray, domain: tuple[float
     panels = pd.DataFrame({"layer": layers, "x": left.astype(float), "y": top.astype(float), "cx": left + panel / 2,
                            "text": [f"layer {i}" for i in layers], "caption": captions,
                            "shown": layers == (-1 if selected is None else selected)})
-    return {"cells": cells, "panels": panels}
+    return {"cells": cells, "panels": panels, "image": image_frame(cached_image_uri(trace.image))}
 
 
 def _strip_size(trace: Trace, n_layers: int, panel: int, per_row: int) -> tuple[int, float, float]:
@@ -160,13 +162,15 @@ def _strip_size(trace: Trace, n_layers: int, panel: int, per_row: int) -> tuple[
 
 
 def _strip_layout(trace: Trace, data: Mapping, n_layers: int, panel: int, per_row: int, opacity: float,
-                  per_map: bool, select_name: str | None, title: str, url, lo=None, hi=None) -> alt.LayerChart:
+                  per_map: bool, select_name: str | None, title: str, lo=None, hi=None) -> alt.LayerChart:
     width, height, map_h = _strip_size(trace, n_layers, panel, per_row)
     xs = alt.Scale(domain=[0, width], nice=False, zero=False)
     ys = alt.Scale(domain=[0, height], nice=False, zero=False, reverse=True)
     x, y = alt.X("x:Q", scale=xs, axis=None), alt.Y("y:Q", scale=ys, axis=None)
-    images = alt.Chart(data["panels"]).mark_image(url=url, width=panel, height=map_h, align="left",
-                                                  baseline="top").encode(x=x, y=y)
+    # every map's image is the one row of ``image``, looked up by each panel (no copy of the URI in the spec)
+    images = alt.Chart(data["panels"]).transform_calculate(img="0").transform_lookup(
+        lookup="img", from_=alt.LookupData(data=data["image"], key="img", fields=["url"]),
+    ).mark_image(width=panel, height=map_h, align="left", baseline="top").encode(x=x, y=y, url=alt.Url("url:N"))
     if per_map:
         color = alt.Color("level:Q", scale=alt.Scale(scheme=SCHEME, domain=[0, 1]),
                           title=["each map:", "its min → max"])
@@ -212,7 +216,7 @@ def build_layer_strip_chart(trace: Trace, layer_maps: np.ndarray, domain: tuple[
     per_row = max(1, min(n_layers, (STRIP_WIDTH + STRIP_GAP) // (panel + STRIP_GAP)))
     frames = layer_strip_frames(trace, layer_maps, domain, selected, captions, panel, per_row)
     return _strip_layout(trace, frames, n_layers, panel, per_row, opacity, domain is None, select_name, title,
-                         cached_image_uri(trace.image), **_domain_values(domain))
+                         **_domain_values(domain))
 
 
 def layer_strip_parts(trace: Trace, layer_maps: np.ndarray, domain: tuple[float, float] | None = None,
@@ -227,7 +231,7 @@ def layer_strip_parts(trace: Trace, layer_maps: np.ndarray, domain: tuple[float,
     return chart_parts(key, frames, title,
                        lambda data, t, **v: _strip_layout(trace, data, n_layers, panel, per_row, opacity, per_map,
                                                           select_name, t, **v),
-                       {"url": cached_image_uri(trace.image), **_domain_values(domain)})
+                       _domain_values(domain))
 
 
 @fast_build

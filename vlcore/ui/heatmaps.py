@@ -71,6 +71,31 @@ def arrow_bytes(frame: pd.DataFrame) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+_SHARED_ARROW: dict[int, tuple[pd.DataFrame, str, bytes]] = {}
+_SHARED_ARROW_LOCK = threading.Lock()
+
+
+def _named_arrow(role: str, frame: pd.DataFrame) -> tuple[str, bytes]:
+    """A frame's Arrow bytes and its dataset name (the role and a hash of the bytes).
+
+    A one-row frame that comes back as the same object (`vlcore.chart_parts.image_frame`: an image's data
+    URI, a few hundred kB) is converted and hashed once, not on every rerun.
+    """
+    if len(frame) == 1:
+        with _SHARED_ARROW_LOCK:
+            known = _SHARED_ARROW.get(id(frame))
+        if known is not None and known[0] is frame:
+            return f"{role}-{known[1]}", known[2]
+    data = arrow_bytes(frame)
+    digest = hashlib.blake2b(data, digest_size=12).hexdigest()
+    if len(frame) == 1:
+        with _SHARED_ARROW_LOCK:
+            _SHARED_ARROW[id(frame)] = (frame, digest, data)  # the frame kept alive: its id stays its own
+            while len(_SHARED_ARROW) > 16:
+                del _SHARED_ARROW[next(iter(_SHARED_ARROW))]
+    return f"{role}-{digest}", data
+
+
 def show_parts(parts: cp.ChartParts, **kwargs):
     """Render `ChartParts` (a cached Altair layout and this run's data) as ``st.altair_chart`` would render
     the matching ``build_*_chart``: the same element, spec and Arrow datasets named by a hash of their bytes.
@@ -82,8 +107,7 @@ def show_parts(parts: cp.ChartParts, **kwargs):
     kwargs.setdefault("width", "content")
     datasets, names = {}, {}
     for role, frame in parts.datasets.items():
-        data = arrow_bytes(frame)
-        names[role] = f"{role}-{hashlib.blake2b(data, digest_size=12).hexdigest()}"
+        names[role], data = _named_arrow(role, frame)
         datasets[names[role]] = data
     spec = parts.spec(names)
     spec["datasets"] = datasets
