@@ -62,7 +62,8 @@ else:
     with left:
         chart = build_head_weight_chart(weights, selected=(layer, head) if head is not None else None)
         st.altair_chart(chart, on_select="rerun", selection_mode=HEAD_SELECTION, key=ui.HEAD_CHART_KEY)
-        st.caption("Click a cell to select that head on every page; the link carries it.")
+        st.caption("Rows are attention layers (layer l's output is layer l + 1 of the representation curve). Click a "
+                   "cell to select that head on every page; the link carries it.")
         chart_downloads(chart, f"{name}-heads", "probe_heat_dl")
     with right:
         st.dataframe(summary, hide_index=True)
