@@ -51,3 +51,15 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(argv, message, tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_extract_probe_flag_writes_the_probe_data_the_probing_page_reads(tmp_path):
+    from vlcore.probe_sweep import load_sweep_probe
+
+    out = tmp_path / "probe"
+    assert main(["extract", "--limit", "6", "--batch-size", "3", "--probe", "--out", str(out)]) == 0
+    probe = load_sweep_probe(out)
+    assert probe is not None and sorted(set(probe["example_ids"])) == [f"easy_vqa/test/{i}" for i in range(6)]
+    assert load_sweep_probe(tmp_path) is None  # no probe file, no probe data
+    assert main(["extract", "--limit", "6", "--out", str(tmp_path / "plain")]) == 0
+    assert load_sweep_probe(tmp_path / "plain") is None  # a plain sweep stores none

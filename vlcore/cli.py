@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output folder (resumes if it holds a partial sweep); with --engine ray also a URL: s3://, gs://")
     ext.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ext.add_argument("--batch-size", type=_positive, default=8)
+    ext.add_argument("--probe", action="store_true",
+                     help="also store what the probing page needs (word-patch attention, patch labels)")
     ext.add_argument("--engine", default="local", choices=["local", "ray"],
                      help="local: this process; ray: Ray Data actors on a Ray cluster (pip install 'ray[data]')")
     ext.add_argument("--address", default=None,
@@ -145,6 +147,8 @@ def cmd_extract(args) -> int:
     from vlcore.sweep import load_sweep, run_sweep
 
     if args.engine == "ray":
+        if args.probe:
+            raise InputError("--probe runs in-process only; drop --engine ray for a probe sweep")
         return _extract_on_ray(args)
     ray_only = [f"--{k.replace('_', '-')}" for k in ("address", "workers", "gpus_per_worker")
                 if getattr(args, k) is not None]
@@ -161,7 +165,8 @@ def cmd_extract(args) -> int:
         bar.set_postfix(rate=f"{p.rate:.1f}/s")
         bar.refresh()
 
-    run_sweep(adapter, examples, args.out, dataset=f"{args.dataset}/{args.split}", batch_size=args.batch_size, progress=progress)
+    run_sweep(adapter, examples, args.out, dataset=f"{args.dataset}/{args.split}", batch_size=args.batch_size, progress=progress,
+              probe=args.probe)
     bar.close()
     preds, heads = load_sweep(args.out)
     acc = preds["correct"].dropna().mean() if len(preds) else float("nan")
