@@ -1,6 +1,8 @@
 """Benchmark: server time of the attention-heatmaps page when the head, layer or query token changes.
 
     python bench/heatmaps.py [--repeats 7]
+    python bench/heatmaps.py --compare REV [REV ...] [--repeats 9] [--sections matrices,heads]
+
 
 A ViLT-B/32-sized model (12 layers, 12 heads, random weights, real processor settings) on a 384x640
 image and a 24-token question: 24 + 1 + 209 = 234 tokens (11x19 patches), the trace stored and
@@ -17,6 +19,12 @@ loaded back as the page does. Measures per change, interleaved in one run:
 - **Altair objects**: the same charts the previous way: the trace read from the store, every chart built
   as Altair objects (`build_*_chart`) and converted as ``st.altair_chart`` does;
 - **naive**: the Altair objects on a trace recomputed by the model for every change (no store).
+
+``--compare`` measures page reruns only, of several versions side by side in one run: the working tree and
+each REV (a commit, extracted with ``git archive`` into a temporary folder), each in its own worker process
+(the same bench model, image and question), one rerun of each version in turn (the order rotating), so
+a load that changes during the run weighs on every version alike. It prints each version's median and its
+ratio to the first REV's.
 """
 
 from __future__ import annotations
@@ -101,10 +109,189 @@ def to_streamlit(charts: list) -> None:
         json.dumps(spec)
 
 
+def worker(root: Path) -> int:
+    """Serve page reruns of the app under ``root`` over stdin/stdout: ``view SECTION`` (switch, warm up),
+    ``run CHANGE`` (one timed rerun, answers its milliseconds), ``quit``."""
+    sys.path.insert(0, str(root))  # this version's vlcore, pages and bench.common
+    os.chdir(root)
+    os.environ["VLSCOPE_CACHE"] = tempfile.mkdtemp(prefix="vlscope-bench-heatmaps-")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from streamlit.testing.v1 import AppTest
+
+    import vlcore.ui.context as context
+    from bench.common import QUESTION, vilt_b32
+    from vlcore.data.sources import resolve_example
+    from vlcore.extract import trace_for_example
+    from vlcore.store import Store, put_input
+
+    adapter = vilt_b32("cpu")
+    if not adapter.config.label2id:
+        adapter.config.label2id = {label: int(i) for i, label in adapter.config.id2label.items()}
+    context.get_adapter = lambda source, *a, **k: adapter
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (384, 640, 3), dtype=np.uint8))
+    store = Store()
+    example_id = put_input(store, image, QUESTION)
+    trace, _ = trace_for_example(adapter, resolve_example(example_id, store, None), store)
+    at = AppTest.from_file(str(root / "streamlit_app.py"), default_timeout=600)
+    at.query_params["ex"] = example_id
+    at.switch_page(PAGE)
+    at.run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    n_text = len(at.pills(key="hm_tok").options)
+    state = {"head": 0, "layer": trace.n_layers - 1, "tok": 0}
+
+    def change(kind: str) -> None:
+        if kind == "head":
+            state["head"] = (state["head"] + 1) % trace.n_heads
+            at.selectbox(key="head").set_value(state["head"])
+        elif kind == "layer":
+            state["layer"] = (state["layer"] + 1) % trace.n_layers
+            at.slider(key="layer").set_value(state["layer"])
+        else:
+            state["tok"] = (state["tok"] + 1) % n_text
+            at.pills(key="hm_tok").set_value(state["tok"])
+
+    print("ready", flush=True)
+    for line in sys.stdin:
+        command, _, arg = line.strip().partition(" ")
+        if command == "quit":
+            break
+        if command == "view":
+            at.segmented_control(key="hm_view").set_value(arg).run()
+            for kind in ("head", "layer", "query token"):
+                change(kind)
+                at.run()
+            assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+            print("ok", flush=True)
+        elif command == "run":
+            change(arg)
+            start = time.perf_counter()
+            at.run()
+            elapsed = time.perf_counter() - start
+            assert not at.exception, at.exception
+            print(f"{elapsed * 1e3:.3f}", flush=True)
+    return 0
+
+
+def compare(revs: list[str], repeats: int, sections: list[str]) -> int:
+    """Page reruns of the working tree and of each REV, interleaved in one run (see the module docstring)."""
+    import subprocess
+
+    trees: dict[str, Path] = {}
+    for rev in revs:
+        folder = Path(tempfile.mkdtemp(prefix=f"vlscope-bench-{rev[:12]}-"))
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+        trees[rev[:12]] = folder
+    trees["working tree"] = ROOT
+    workers = {}
+    for name, root in trees.items():
+        workers[name] = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(root)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
+    try:
+        for name, proc in workers.items():
+            line = proc.stdout.readline().strip()
+            assert line == "ready", f"{name}: worker did not start ({line!r})"
+
+        def ask(name: str, command: str) -> str:
+            workers[name].stdin.write(command + "\n")
+            workers[name].stdin.flush()
+            return workers[name].stdout.readline().strip()
+
+        names = list(workers)
+        rows = []
+        for view in sections:
+            for name in names:
+                assert ask(name, f"view {view}") == "ok", name
+            for kind in ("head", "layer", "query token"):
+                times: dict[str, list[float]] = {name: [] for name in names}
+                for i in range(repeats):
+                    for name in names[i % len(names):] + names[: i % len(names)]:  # rotate who goes first
+                        times[name].append(float(ask(name, f"run {kind}")))
+                rows.append((view, kind, {name: statistics.median(t) for name, t in times.items()}))
+    finally:
+        for proc in workers.values():
+            if proc.poll() is None:
+                proc.stdin.write("quit\n")
+                proc.stdin.flush()
+                proc.wait(timeout=60)
+    base = names[0]
+    print(f"\npage rerun medians (ms), {repeats} interleaved reruns per version and change; load before the run: "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"{'section':<9} {'change':<12} " + " ".join(f"{n:>14}" for n in names) + f"  {'/'.join(names[1:])} vs {base}")
+    for view, kind, t in rows:
+        ratios = " ".join(f"{t[n] / t[base]:.2f}" for n in names[1:])
+        print(f"{view:<9} {kind:<12} " + " ".join(f"{t[n]:>11.0f} ms" for n in names) + f"  {ratios}")
+    return 0
+
+
+def strip_cost(rev: str, repeats: int) -> int:
+    """Server time of the layer strip alone (frames, Arrow bytes, spec, the JSON Streamlit sends and its hash),
+    REV's `vlcore/charts_multiples.py` (loaded beside today's) against the working tree's, in turn."""
+    import hashlib
+    import importlib.util
+    import json
+    import subprocess
+
+    from bench.common import QUESTION, time_interleaved, vilt_b32
+    from vlcore import charts_multiples as cm
+    from vlcore import heatmap_maps as hm
+    from vlcore.data.sources import resolve_example
+    from vlcore.extract import trace_for_example
+    from vlcore.store import Store, put_input
+    from vlcore.ui.heatmaps import _named_arrow, layer_strip_captions
+
+    os.environ["VLSCOPE_CACHE"] = tempfile.mkdtemp(prefix="vlscope-bench-heatmaps-")
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:vlcore/charts_multiples.py"], check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "charts_multiples_old.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("charts_multiples_old", path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    adapter = vilt_b32("cpu")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (384, 640, 3), dtype=np.uint8))
+    store = Store()
+    trace, _ = trace_for_example(adapter, resolve_example(put_input(store, image, QUESTION), store, None), store)
+    state = {"tok": 0}
+
+    def sent(module) -> None:
+        state["tok"] = (state["tok"] + 1) % 20
+        maps = hm.compute_layer_maps(trace, 0, [state["tok"]], "from")
+        parts = module.layer_strip_parts(trace, maps, selected=3, title="Every layer",
+                                         captions=layer_strip_captions(trace, maps, "from"))
+        names, sizes = {}, 0
+        for role, frame in parts.datasets.items():
+            names[role], data = _named_arrow(role, frame)
+            sizes += len(data)
+        text = json.dumps(parts.spec(names))
+        hashlib.md5(text.encode()).hexdigest()  # Streamlit hashes the spec (element id, message cache)
+        state[module.__name__] = (len(text), sizes)
+
+    times = time_interleaved({rev: lambda: sent(old), "working tree": lambda: sent(cm)}, repeats, warmup=3)
+    print(f"layer strip alone, median of {repeats} interleaved runs (12 maps x 209 patches, 384x640 image):")
+    for name, module in ((rev, old), ("working tree", cm)):
+        spec_chars, arrow = state[module.__name__]
+        print(f"  {name:<14} {times[name] * 1e3:6.2f} ms   spec JSON {spec_chars / 1e3:6.1f} kB   "
+              f"Arrow {arrow / 1e3:6.1f} kB")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--compare", nargs="+", metavar="REV", help="versions to time beside the working tree")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="sections for --compare (comma-separated)")
+    parser.add_argument("--strip-vs", metavar="REV", help="time the layer strip alone against REV's")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.strip_vs:
+        return strip_cost(args.strip_vs, args.repeats)
+    if args.worker:
+        return worker(args.worker.resolve())
+    if args.compare:
+        return compare(args.compare, args.repeats, [s for s in args.sections.split(",") if s])
     os.environ["VLSCOPE_CACHE"] = tempfile.mkdtemp(prefix="vlscope-bench-heatmaps-")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
