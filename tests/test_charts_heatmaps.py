@@ -411,13 +411,8 @@ def test_layer_strip_has_one_map_per_layer_with_its_peak_and_picks_a_layer_on_cl
     assert len(cells) == 2 * 6 and sorted(cells["layer"].unique()) == [0, 1]
     peaks = cells.loc[cells.groupby("layer")["value"].idxmax(), ["row", "col"]].values.tolist()
     assert peaks == [[1, 0], [0, 2]]
-    # layer 1's map lies right of layer 0's, each map inside its own 60-px panel
-    for layer, part in cells.groupby("layer"):
-        left = layer * (60 + cm.STRIP_GAP)
-        assert part["x"].min() == pytest.approx(left) and part["x2"].max() == pytest.approx(left + 60)
     assert [p["name"] for p in spec["params"]] == ["pick_layer"] and spec["params"][0]["select"]["fields"] == ["layer"]
     panels = chart.layer[2].data
-    assert panels["text"].tolist() == ["layer 0", "layer 1"]
     assert panels["caption"].tolist() == ["img 10.0%", "img 95.0%"]
     assert panels["shown"].tolist() == [False, True] and panels["x"].tolist() == [0, 60 + cm.STRIP_GAP]
     # rendered: the outline (#00e5ff) is drawn around layer 1's map only
@@ -427,6 +422,16 @@ def test_layer_strip_has_one_map_per_layer_with_its_peak_and_picks_a_layer_on_cl
     cyan = np.abs(png - np.array([0, 229, 255])).max(-1) < 40
     cols = np.flatnonzero(cyan.any(0)) - 5  # Vega's padding
     assert cols.size and cols.min() >= 60 + cm.STRIP_GAP - 4 and cols.max() <= 2 * 60 + cm.STRIP_GAP + 4
+    # each layer's peak is drawn at its cell, in its own 60 x 40 map (20-px cells; layer 1 right of layer 0),
+    # under the label "layer N"
+    grey = np.abs(png - 90).max(-1) < 12  # the image (grey 90) where the heat is transparent
+    for layer, (row, col) in enumerate(peaks):
+        left, top = 5 + layer * (60 + cm.STRIP_GAP), 5 + cm.STRIP_LABEL
+        assert not grey[top + row * 20 + 10, left + col * 20 + 10], (layer, row, col)  # the peak: coloured
+        others = [(r, c) for r in range(2) for c in range(3) if (r, c) != (row, col)]
+        assert all(grey[top + r * 20 + 10, left + c * 20 + 10] for r, c in others), layer
+    texts = [el.text for el in ET.fromstring(cp.export_chart(chart, "svg")).iter() if el.tag.endswith("text")]
+    assert "layer 0" in texts and "layer 1" in texts and "img 95.0%" in texts
     # per map: each map from its min (0) to its max (1); shared: the real weights on one scale
     assert cells.groupby("layer")["level"].max().tolist() == [1.0, 1.0]
     shared = cm.build_layer_strip_chart(t, maps, domain=(0.0, 1.0))

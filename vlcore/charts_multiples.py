@@ -113,19 +113,19 @@ def layer_strip_frames(trace: Trace, layer_maps: np.ndarray, domain: tuple[float
         per_row: maps per row (default: every layer on one row).
 
     Returns:
-        ``cells`` (``layer, row, col, x, x2, y, y2, value``, ``level``: the colour's position in [0, 1] and
-        ``alpha``: the opacity's, 0 at weight 0; positions as float32, indices as int16), ``panels``, one row
-        per map: ``layer``, ``x, y`` (its top left corner), ``cx`` (its centre), ``text, caption`` (its
-        label's two lines) and ``shown`` (the layer ``selected``, outlined), and ``image``, one row: ``img``
-        (0) and ``url``, the image's data URI, which the image layer looks up by ``img`` (one copy of the
-        image in the data, none in the spec; the same frame object while the image is the same).
+        ``cells`` (``layer, row, col`` as int16, ``value``, ``level``: the colour's position in [0, 1] and
+        ``alpha``: the opacity's, 0 at weight 0, as float32; the layout places each cell from its layer, row
+        and col: `strip_cell_boxes`), ``panels``, one row per map: ``layer``, ``x, y`` (its top left corner),
+        ``cx`` (its centre), ``caption`` (its label's second line; the first is "layer N") and ``shown`` (the
+        layer ``selected``, outlined), and ``image``, one row: ``img`` (0) and ``url``, the image's data URI,
+        which the image layer looks up by ``img`` (one copy of the image in the data, none in the spec; the
+        same frame object while the image is the same).
     """
     n_layers = layer_maps.shape[0]
     per_row = per_row or n_layers
     h, w = trace.image.shape[:2]
     height = panel * h / max(w, 1)
     idx, rc = trace.patch_positions()
-    cell_w, cell_h = panel / trace.grid[1], height / trace.grid[0]
     values = np.asarray(layer_maps, dtype=np.float64)[:, idx]  # [L, P]
     if domain is None:
         lo_hi = np.array([hm.map_domain(v) for v in values]).reshape(n_layers, 2)
@@ -136,21 +136,32 @@ def layer_strip_frames(trace: Trace, layer_maps: np.ndarray, domain: tuple[float
     layers = np.arange(n_layers)
     left = (layers % per_row) * (panel + STRIP_GAP)
     top = (layers // per_row) * (STRIP_LABEL + height + STRIP_GAP) + STRIP_LABEL
-    x = (left[:, None] + rc[None, :, 1] * cell_w).astype(np.float32)
-    y = (top[:, None] + rc[None, :, 0] * cell_h).astype(np.float32)
     cells = pd.DataFrame({
         "layer": np.repeat(layers, len(idx)).astype(np.int16),
         "row": np.tile(rc[:, 0].astype(np.int16), n_layers), "col": np.tile(rc[:, 1].astype(np.int16), n_layers),
-        "x": x.ravel(), "x2": (x + np.float32(cell_w)).ravel(), "y": y.ravel(), "y2": (y + np.float32(cell_h)).ravel(),
         "value": values.ravel().astype(np.float32),
         "level": np.clip((values - lo) / (hi - lo), 0, 1).ravel().astype(np.float32),
         "alpha": np.clip((values - alpha_lo) / (hi - alpha_lo), 0, 1).ravel().astype(np.float32),
     })
     captions = (list(captions) + [""] * n_layers)[:n_layers]
     panels = pd.DataFrame({"layer": layers, "x": left.astype(float), "y": top.astype(float), "cx": left + panel / 2,
-                           "text": [f"layer {i}" for i in layers], "caption": captions,
+                           "caption": captions,
                            "shown": layers == (-1 if selected is None else selected)})
     return {"cells": cells, "panels": panels, "image": image_frame(cached_image_uri(trace.image))}
+
+
+def strip_cell_boxes(trace: Trace, panel: int, per_row: int) -> dict[str, str]:
+    """Vega expressions placing a strip cell (``datum.layer, datum.row, datum.col``) in pixels: ``x, x2, y, y2``.
+
+    Map ``layer`` sits in row ``layer // per_row`` and column ``layer % per_row`` of maps ``panel`` pixels wide
+    (`STRIP_GAP` apart, `STRIP_LABEL` of label above each), its cells ``panel / cols`` wide.
+    """
+    h, w = trace.image.shape[:2]
+    map_h = panel * h / max(w, 1)
+    cell_w, cell_h = panel / trace.grid[1], map_h / trace.grid[0]
+    x = f"(datum.layer % {per_row}) * {panel + STRIP_GAP} + datum.col * {cell_w!r}"
+    y = f"floor(datum.layer / {per_row}) * {STRIP_LABEL + map_h + STRIP_GAP!r} + {STRIP_LABEL} + datum.row * {cell_h!r}"
+    return {"x": x, "x2": f"{x} + {cell_w!r}", "y": y, "y2": f"{y} + {cell_h!r}"}
 
 
 def _strip_size(trace: Trace, n_layers: int, panel: int, per_row: int) -> tuple[int, float, float]:
@@ -176,7 +187,7 @@ def _strip_layout(trace: Trace, data: Mapping, n_layers: int, panel: int, per_ro
                           title=["each map:", "its min → max"])
     else:
         color = alt.Color("value:Q", scale=alt.Scale(scheme=SCHEME, domain=[lo, hi], clamp=True), title="weight")
-    cells = alt.Chart(data["cells"]).mark_rect().encode(
+    cells = alt.Chart(data["cells"]).transform_calculate(**strip_cell_boxes(trace, panel, per_row)).mark_rect().encode(
         x=x, x2=alt.X2("x2"), y=y, y2=alt.Y2("y2"), color=color,
         opacity=alt.Opacity("alpha:Q", scale=alt.Scale(domain=[0, 1], range=[0, opacity]), legend=None),
         tooltip=[alt.Tooltip("layer:Q"), alt.Tooltip("row:Q"), alt.Tooltip("col:Q"),
@@ -186,8 +197,8 @@ def _strip_layout(trace: Trace, data: Mapping, n_layers: int, panel: int, per_ro
         cells = cells.add_params(alt.selection_point(name=select_name, fields=["layer"], on="click", clear=False))
     shown = alt.condition("datum.shown", alt.value("#0086a8"), alt.value("black"))
     cx = alt.X("cx:Q", scale=xs, axis=None)
-    label = alt.Chart(data["panels"]).mark_text(baseline="bottom", fontSize=12, fontWeight="bold", dy=-15).encode(
-        x=cx, y=y, text=alt.Text("text:N"), color=shown)
+    label = alt.Chart(data["panels"]).transform_calculate(text="'layer ' + datum.layer").mark_text(
+        baseline="bottom", fontSize=12, fontWeight="bold", dy=-15).encode(x=cx, y=y, text=alt.Text("text:N"), color=shown)
     caption = alt.Chart(data["panels"]).mark_text(baseline="bottom", fontSize=11, dy=-3).encode(
         x=cx, y=y, text=alt.Text("caption:N"), color=shown)
     outline = alt.Chart(data["panels"]).transform_filter("datum.shown").transform_calculate(
