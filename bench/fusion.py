@@ -10,8 +10,9 @@ On the bundled demo model (easy-VQA test questions, every layer incl. the embedd
   1e-5 (relative); "NMI off" counts those whose NMI differs from the reference partition's by > 0.05;
 - the old setting is ``KMeans(n_clusters=2, n_init=4, random_state=0)`` (before issue 14), the new one
   `vlcore.fusion.compute_fusion_nmi` (8 seeds, whose NMI spread is also reported);
-- times are medians, old and new interleaved in this one run: one example's layer (~75 tokens) and the
-  tokens of all examples pooled (as a sweep's fusion table clusters them).
+- times are medians, old and new interleaved in this one run: one example's layer (~75 tokens), the
+  tokens of all examples pooled (as a sweep's fusion table clusters them), and a synthetic 20,000 x 768
+  set (the most a fusion table clusters per layer, at ViLT-B's width).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def demo_layers(n_examples: int) -> list[tuple[str, int, np.ndarray, np.ndarray]
 def old_kmeans(x: np.ndarray) -> np.ndarray:
     from sklearn.cluster import KMeans
 
+    x = np.asarray(x, dtype=np.float32)  # as the old compute_fusion_nmi did
     return KMeans(n_clusters=2, n_init=4, random_state=0).fit_predict(x).astype(bool)
 
 
@@ -91,10 +93,15 @@ def timing_rows(cases: list, repeats: int) -> list[tuple]:
     pooled_layer = max(c[1] for c in cases)
     pooled = [c for c in cases if c[1] == pooled_layer]
     x_all, mod_all = np.concatenate([c[2] for c in pooled]), np.concatenate([c[3] for c in pooled])
+    rng = np.random.default_rng(0)  # the size of a ViLT-B sweep's fusion sample: 20,000 tokens x 768
+    big_mod = (np.arange(20_000) % 3 == 0).astype(int)
+    big = (rng.normal(size=(20_000, 768)) + np.where(big_mod[:, None], 1.0, -1.0) * rng.normal(size=768)
+           + np.repeat(rng.normal(size=(8, 768)) * 2, 2_500, axis=0)).astype(np.float16)
     rows = []
     for name, x, mod in ((f"one example, layer 3 ({len(one[2])} x {one[2].shape[1]})", one[2], one[3]),
                          (f"{len(pooled)} examples pooled, layer {pooled_layer} ({len(x_all):,} x {x_all.shape[1]})",
-                          x_all, mod_all)):
+                          x_all, mod_all),
+                         ("synthetic 20,000 x 768 float16 (a ViLT-B sweep's sample)", big, big_mod)):
         t = time_interleaved({"old": lambda x=x: old_kmeans(x), "new": lambda x=x, mod=mod: compute_fusion_nmi(x, mod),
                               "new1": lambda x=x, mod=mod: compute_fusion_nmi(x, mod, n_seeds=1)}, repeats)
         rows += [(f"time per layer, {name}: old n_init=4", f"{t['old'] * 1000:.1f} ms", "1.00x", ""),

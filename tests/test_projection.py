@@ -111,10 +111,15 @@ def test_neighbours_match_brute_force_cosine():
         sims = unit @ unit[query]
         for mod, name in ((0, "text"), (1, "image")):
             pool = np.flatnonzero((ts.tokens["modality"].to_numpy() == mod) & (np.arange(len(x)) != query))
-            best = pool[np.argsort(-sims[pool])[:4]]
+            order = pool[np.argsort(-sims[pool])]
+            best = order[:4]
             part = got[got["modality"] == name]
-            assert part["row"].tolist() == best.tolist()
+            # float32 (sklearn) against float64 here: the ranks agree where the similarities are apart
             np.testing.assert_allclose(part["similarity"], sims[best], atol=1e-4)
+            gaps = -np.diff(sims[order[:5]]) > 1e-4  # gap after each of the first 4
+            assert gaps[3] and set(part["row"]) == set(best)
+            apart = gaps & np.r_[True, gaps[:3]]
+            assert (part["row"].to_numpy()[apart] == best[apart]).all() and apart.sum() >= 2
             assert set(part["example_id"]) <= set(ts.tokens["example_id"])  # across examples
 
 

@@ -3,9 +3,9 @@
 Why not a few k-means restarts: on token vectors 2-means has competing local minima, and a k-means++
 start often lands in the wrong one. On the bundled demo model, for ``easy_vqa/test/0`` at layer 3,
 ``KMeans(n_clusters=2, n_init=4, random_state=0)`` stops at inertia 1894 (NMI 0.0077, "fused") while
-the lowest-inertia partition has 1821 (NMI 0.669, "not fused"); over 40 examples x 5 layers that
-setting missed the lowest inertia in 70 of 200 cases, and single k-means++ starts reached it in as few as
-0 of 2,000 tries (`bench/fusion.py`).
+the lowest-inertia partition has 1821 (NMI 0.669, "not fused"). Over the first 40 test questions x 5
+layers that setting missed the lowest inertia in 73 of 200 cases (the NMI off by more than 0.05 in 63),
+and in the hardest case none of 200 single k-means++ starts reached it (`bench/fusion.py`).
 
 So the partition here is the lowest-inertia one over two kinds of starts, each refined by Lloyd's
 algorithm and then Hartigan's single-token moves (all starts in one batch; starts that reach the same
@@ -20,13 +20,15 @@ every example and layer checked. Stability is reported, not assumed: the whole s
 `N_SEEDS` seeds (the principal splits are shared, the random starts differ) and the spread of the
 NMI over them is returned beside the value.
 
-Above `SUBSAMPLE` tokens a seed's random starts converge on a fixed subsample of that many tokens, and
-the means of its best subsample partition start one run on all tokens, beside the principal splits of all
-tokens.
+Above `SUBSAMPLE` tokens the principal axes are found on a fixed subsample of that many tokens (the
+splits along them are scored on all tokens), a seed's random starts converge on the subsample, and the
+means of its best subsample partition start one run on all tokens. The search runs BLAS on one thread
+(see `_blas_threads`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -58,7 +60,7 @@ class TwoMeans:
     seeds: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FusionScore:
     """The fusion degree of one layer.
 
@@ -100,29 +102,36 @@ def two_means_inertia(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """
     x = np.asarray(x)
     x = x.astype(np.float32 if x.dtype == np.float32 else np.float64)
-    x = x - x.mean(0)
-    lab = np.atleast_2d(labels).astype(x.dtype)
+    xc = x - x.mean(0)
+    return _inertia(xc, labels, float(np.einsum("ij,ij->", xc, xc, dtype=np.float64)))
+
+
+def _inertia(xc: np.ndarray, labels: np.ndarray, total_ss: float) -> np.ndarray:
+    """`two_means_inertia` of centred ``xc`` whose sum of squares is ``total_ss``."""
+    lab = np.atleast_2d(labels).astype(xc.dtype)
     n1 = lab.sum(1, dtype=np.float64)
-    n0 = len(x) - n1
-    s1 = (lab @ x).astype(np.float64)  # the sums of the two clusters are s1 and -s1 (x is centred)
+    n0 = len(xc) - n1
+    s1 = (lab @ xc).astype(np.float64)  # the sums of the two clusters are s1 and -s1 (xc is centred)
     with np.errstate(divide="ignore", invalid="ignore"):
-        between = np.where((n1 > 0) & (n0 > 0), (s1**2).sum(1) * len(x) / (n1 * n0), 0.0)
-    return float((x.astype(np.float64) ** 2).sum()) - between
+        between = np.where((n1 > 0) & (n0 > 0), (s1**2).sum(1) * len(xc) / (n1 * n0), 0.0)
+    return total_ss - between
 
 
-def principal_split_starts(xc: np.ndarray, n_dirs: int = N_DIRECTIONS, seed: int = 0) -> np.ndarray:
+def principal_split_starts(xc: np.ndarray, n_dirs: int = N_DIRECTIONS, seed: int = 0,
+                           axes_from: np.ndarray | None = None) -> np.ndarray:
     """Centroid pairs of the best threshold split along each of the top principal axes.
 
     For an axis, tokens are sorted by their projection and every cut ``m`` (the first ``m`` against the
     rest) is scored by the 2-means inertia within the span of the axes: with centred coordinates and
     ``c_m`` the sum of the first ``m``, inertia is ``sum |x|^2 - |c_m|^2 T / (m (T - m))``; the lowest
-    wins. (Scoring in the full space found the same best partitions on the demo model at 75x the cost
-    for 20,000 x 768 vectors.)
+    wins. (Scoring in the full space found the same partitions on all 200 demo example-layers checked, at
+    ``D / n_dirs`` times the cost: 77x for ViLT-B.)
 
     Args:
         xc: centred ``[T, D]`` vectors (T >= 2).
         n_dirs: how many axes.
         seed: random state of the randomised SVD used above 100,000 values.
+        axes_from: rows of ``xc`` to find the axes on (a sample of a large set; default all).
 
     Returns:
         ``[n_dirs', 2, D]`` centroid pairs, ``n_dirs' <= n_dirs``.
@@ -131,12 +140,13 @@ def principal_split_starts(xc: np.ndarray, n_dirs: int = N_DIRECTIONS, seed: int
     k = min(n_dirs, n - 1, xc.shape[1])
     if k < 1:
         return np.zeros((0, 2, xc.shape[1]), dtype=xc.dtype)
-    if xc.size <= 100_000:
-        axes = np.linalg.svd(xc.astype(np.float64), full_matrices=False)[2][:k]
+    basis = xc if axes_from is None else axes_from
+    if basis.size <= 100_000:
+        axes = np.linalg.svd(basis.astype(np.float64), full_matrices=False)[2][:k]
     else:
         from sklearn.utils.extmath import randomized_svd
 
-        axes = randomized_svd(xc, k, n_iter=4, random_state=seed)[2]
+        axes = randomized_svd(basis, k, n_iter=4, random_state=seed)[2]
     coords = (xc @ axes.T.astype(xc.dtype)).astype(np.float64)  # [T, k]
     m = np.arange(1, n)
     sides = np.zeros((len(axes), n), dtype=bool)
@@ -163,7 +173,7 @@ def random_starts(xc: np.ndarray, n_starts: int, seed: int) -> np.ndarray:
     n = len(xc)
     n_pp = (n_starts + 1) // 2
     first = rng.integers(n, size=n_starts)
-    sq = (xc.astype(np.float64) ** 2).sum(1)
+    sq = np.einsum("ij,ij->i", xc, xc, dtype=np.float64)
     d2 = np.maximum(sq[None] - 2 * (xc[first[:n_pp]] @ xc.T) + sq[first[:n_pp], None], 0.0)
     d2[d2.sum(1) == 0] = 1.0  # all tokens equal: any second centre
     cum = np.cumsum(d2, axis=1)
@@ -191,7 +201,7 @@ def refine_two_means(xc: np.ndarray, starts: np.ndarray, max_iter: int = MAX_ITE
         ``(partitions bool [U, T], owner int [R])``: start ``r`` ended in ``partitions[owner[r]]``.
     """
     n = len(xc)
-    sq = (xc.astype(np.float64) ** 2).sum(1).astype(xc.dtype)
+    sq = np.einsum("ij,ij->i", xc, xc, dtype=np.float64)
     tol = float(sq.mean()) * (1e-4 if xc.dtype == np.float32 else 1e-10)  # smaller gains are rounding noise
     c0, c1 = starts[:, 0], starts[:, 1]
     first = (xc @ (c1 - c0).T > ((c1**2).sum(1) - (c0**2).sum(1)) / 2).T
@@ -219,8 +229,9 @@ def _step(xc: np.ndarray, sq: np.ndarray, total: np.ndarray, labels: np.ndarray,
     n0 = len(xc) - n1
     s1 = labels.astype(xc.dtype) @ xc
     c1, c0 = s1 / n1, (total - s1) / n0
-    d1 = (sq[None] - 2 * (c1 @ xc.T) + (c1**2).sum(1)[:, None]).astype(np.float64)  # [r, T]
-    d0 = (sq[None] - 2 * (c0 @ xc.T) + (c0**2).sum(1)[:, None]).astype(np.float64)
+    dots = (np.concatenate([c0, c1]) @ xc.T).astype(np.float64)  # [2r, T]
+    d0 = sq[None] - 2 * dots[: len(c0)] + (c0**2).sum(1, dtype=np.float64)[:, None]  # [r, T]
+    d1 = sq[None] - 2 * dots[len(c0) :] + (c1**2).sum(1, dtype=np.float64)[:, None]
     new = d1 < d0
     changed = (new != labels).any(1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -267,21 +278,42 @@ def compute_two_means(x: np.ndarray, seeds: Sequence[int] = (0,), n_starts: int 
     x = np.asarray(x)
     if len(x) < 2:
         raise ProjectionError(f"the fusion degree needs at least 2 tokens; got {len(x)}")
+    with _blas_threads(1):
+        return _search(x, tuple(int(s) for s in seeds), n_starts, n_dirs, subsample)
+
+
+@functools.lru_cache(maxsize=1)
+def _threadpools():
+    from threadpoolctl import ThreadpoolController  # a scikit-learn dependency
+
+    return ThreadpoolController()
+
+
+def _blas_threads(n: int):
+    """Limit BLAS to ``n`` threads in a ``with`` block, as scikit-learn's KMeans does around its own loop.
+    The search's matrix products are thin (a few dozen centroids), and BLAS threads cost more than they
+    save on them, most on a busy machine: at load 6 on 2 cores, one example's layer took 34 ms on one thread
+    and 356 ms on two; 20,000 x 768 vectors 0.5-0.8 s against 2.4 s."""
+    return _threadpools().limit(limits=n, user_api="blas")
+
+
+def _search(x: np.ndarray, seeds: tuple[int, ...], n_starts: int, n_dirs: int, subsample: int) -> TwoMeans:
+    """`compute_two_means` without the checks."""
     xc = np.asarray(x, dtype=np.float64 if x.size <= 4_000_000 else np.float32)
     xc = xc - xc.mean(0)
-    seeds = tuple(int(s) for s in seeds)
-    fixed = principal_split_starts(xc, n_dirs)
     if len(xc) <= subsample:
+        fixed = principal_split_starts(xc, n_dirs)
         own = np.concatenate([random_starts(xc, n_starts, s) for s in seeds])
         per_seed = n_starts
-    else:  # each seed's best partition of a fixed subsample starts one run on all tokens
+    else:  # axes from a fixed subsample; each seed's best partition of it starts one run on all tokens
         sub = xc[np.sort(np.random.default_rng(0).choice(len(xc), subsample, replace=False))]
+        fixed = principal_split_starts(xc, n_dirs, axes_from=sub)
         parts, owner = refine_two_means(sub, np.concatenate([random_starts(sub, n_starts, s) for s in seeds]))
         inertia = two_means_inertia(sub, parts)[owner].reshape(len(seeds), n_starts)
         own = _centroids(sub, parts[owner.reshape(len(seeds), n_starts)[np.arange(len(seeds)), inertia.argmin(1)]])
         per_seed = 1
     parts, owner = refine_two_means(xc, np.concatenate([fixed, own]))
-    inertia = two_means_inertia(xc, parts)[owner]
+    inertia = _inertia(xc, parts, float(np.einsum("ij,ij->", xc, xc, dtype=np.float64)))[owner]
     best = []
     for i in range(len(seeds)):
         cands = np.r_[np.arange(len(fixed)), len(fixed) + i * per_seed + np.arange(per_seed)]
