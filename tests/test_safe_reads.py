@@ -136,7 +136,7 @@ def corrupt_a_page(data: bytes) -> bytes:
 
 
 def test_parquet_with_a_corrupt_page_is_dropped_then_recomputed(tiny_adapter, finished_sweep):  # noqa: F811
-    exs, out, (preds, heads) = finished_sweep
+    exs, out, (_, heads) = finished_sweep
     path = out / "head_stats.parquet"
     path.write_bytes(corrupt_a_page(path.read_bytes()))
     with pytest.raises(DamagedFileError):

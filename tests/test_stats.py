@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from vlcore.stats import (BUILTIN_METRICS, compute_trace_summaries, metric_names, register_metric,
-                          unregister_metric)
+from vlcore.stats import BUILTIN_METRICS, compute_trace_summaries, metric_names, register_metric, unregister_metric
 from vlcore.trace import Trace
 
 
@@ -199,7 +198,7 @@ def test_device_path_of_a_sweep_batch_equals_the_trace_path_with_custom_metrics(
 
 def test_spatial_distance_leaves_out_rows_without_patch_mass_and_is_nan_only_when_none_is_left():
     n_text, grid = 2, (2, 2)  # tokens: [CLS] t0 t1 [SEP] [IMG] p00 p01 p10 p11
-    n, p00, p01, p10, p11 = n_text + 3 + 4, 5, 6, 7, 8
+    n, p00, p01, p11 = n_text + 3 + 4, 5, 6, 8  # p10 (7) is left attending to [CLS]
     att = np.zeros((1, 2, n, n))
     att[0, :, :, 0] = 1.0  # head 1: every query (patches included) looks at [CLS] only: no patch mass anywhere
     head = att[0, 0]  # head 0: the text queries and [CLS] keep zero patch mass, the patches differ

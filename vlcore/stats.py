@@ -97,6 +97,11 @@ def metric_names() -> list[str]:
     return list(METRICS) + list(_CUSTOM)
 
 
+def custom_metric_names() -> list[str]:
+    """The registered custom metrics (they need each example's full attentions)."""
+    return list(_CUSTOM)
+
+
 def metric_description(name: str) -> str:
     return METRICS.get(name) or (_CUSTOM[name].description if name in _CUSTOM else name)
 
@@ -142,16 +147,6 @@ def _nan_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return num / den.where(den > 0, torch.full_like(den, float("nan")))
 
 
-def _masked_mean(per_row: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean of ``per_row`` ``[B, H, N]`` over the rows in ``rows`` (bool ``[B, N]`` or ``[B, H, N]``); NaN when none.
-
-    Rows outside the set are selected out, never multiplied by 0: a NaN there (``0 / 0``) cannot leak in.
-    """
-    rows = rows if rows.dim() == 3 else rows[:, None]
-    total = torch.where(rows, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device)).sum(-1)
-    return _nan_div(total, rows.sum(-1).to(per_row.dtype).expand_as(total))
-
-
 def compute_block_means(
     attention: torch.Tensor, masks: dict[str, torch.Tensor], row_mass: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
@@ -167,71 +162,215 @@ def compute_block_means(
         ``{"txt2txt": [B, H], ...}`` float32 for `BLOCK_METRICS` plus ``cross_modal`` and ``intra_modal``;
         NaN where a block is empty.
     """
-    keys = torch.stack([masks["txt"], masks["img"]], dim=-1).to(attention.dtype)  # [B, N, 2]
     if row_mass is None:
+        keys = torch.stack([masks["txt"], masks["img"]], dim=-1).to(attention.dtype)  # [B, N, 2]
         row_mass = torch.matmul(attention, keys[:, None]).float()  # [B, H, N, 2]: each row's mass per key set
-    sums, cells = {}, {}
-    for qi, src in enumerate(("txt", "img")):
-        q = masks[src].float()
-        for ki, dst in enumerate(("txt", "img")):
-            sums[src, dst] = torch.where(masks[src][:, None], row_mass[..., ki], 0.0).sum(-1)
-            cells[src, dst] = (q.sum(1) * keys[..., ki].float().sum(1))[:, None]
-    out = {f"{s}2{d}": _nan_div(sums[s, d], cells[s, d]) for s, d in sums}
-    cross, intra = (("txt", "img"), ("img", "txt")), (("txt", "txt"), ("img", "img"))
-    for name, pairs in (("cross_modal", cross), ("intra_modal", intra)):
-        out[name] = _nan_div(sum(sums[p] for p in pairs), sum(cells[p] for p in pairs))
-    return out
+    sums = [_row_sums(row_mass[..., :2], masks[src][:, None, :, None], dim=2) for src in ("txt", "img")]
+    n = [masks[src].sum(1, keepdim=True).float() for src in ("txt", "img")]
+    return _block_means(sums[0][..., 0], sums[0][..., 1], sums[1][..., 0], sums[1][..., 1], n[0], n[1])
 
 
-def _grid_distances(patch_rc: torch.Tensor, patch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean and Chebyshev distances ``[B, N, N]`` between patch cells; 0 where either is no patch."""
-    rc = patch_rc.float()
-    diff = rc[:, :, None, :] - rc[:, None, :, :]
-    pair = (patch[:, :, None] & patch[:, None, :]).float()
-    euclid = diff.pow(2).sum(-1).sqrt() * pair
-    cheb = diff.abs().amax(-1) * pair
-    return euclid, cheb
+def _row_sums(per_row: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of ``per_row`` over its query axis ``dim`` for the rows in ``rows`` (bool, broadcast to ``per_row``).
+
+    Rows outside the set are selected out, never multiplied by 0: a NaN there (``0 / 0``) cannot leak in.
+    """
+    return torch.where(rows, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device)).sum(dim)
 
 
-def _layer_metrics(att: torch.Tensor, m: dict[str, torch.Tensor], euclid, far) -> dict[str, torch.Tensor]:
-    """Every built-in metric ``[B, H]`` for one layer's attention ``[B, H, N, N]``."""
-    fl = {k: v.float() for k, v in m.items()}
-    queries = fl["txt"] + fl["img"]  # the non-special (or all, with include_special) valid queries
+def _block_means(tt, ti, it, ii, n_txt, n_img) -> dict[str, torch.Tensor]:
+    """Block means from the block sums (``tt`` = text queries' mass on text keys, ...) and the set sizes."""
+    return {
+        "txt2txt": _nan_div(tt, n_txt * n_txt), "txt2img": _nan_div(ti, n_txt * n_img),
+        "img2txt": _nan_div(it, n_img * n_txt), "img2img": _nan_div(ii, n_img * n_img),
+        "cross_modal": _nan_div(ti + it, 2 * n_txt * n_img), "intra_modal": _nan_div(tt + ii, n_txt * n_txt + n_img * n_img),
+    }
 
-    def mean_over(q: torch.Tensor, per_row: torch.Tensor) -> torch.Tensor:  # per_row [B, H, N]
-        return _masked_mean(per_row, q > 0)
 
-    # each row's mass on every key set, in one matmul: [B, H, N, 8]
-    sets = ("txt", "img", "cls", "sep", "imgcls", "patch", "txt_all", "img_all")
-    mass = torch.matmul(att, torch.stack([fl[k] for k in sets], -1)[:, None].to(att.dtype)).float()
-    out = compute_block_means(att, m, row_mass=mass)
-    out["cls_to_txt"], out["cls_to_img"] = mass[:, :, 0, 6], mass[:, :, 0, 7]  # the text [CLS] row
-    for src in ("txt", "img"):
-        for ki, dst in enumerate(("txt", "img")):
-            out[f"{src}q_to_{dst}"] = mean_over(fl[src], mass[..., ki])
-    plogp = torch.where(att > 0, att * att.clamp_min(1e-45).log(), torch.zeros_like(att)).sum(-1)  # [B, H, N]
-    n_keys = fl["valid"].sum(1)[:, None, None]
-    out["entropy"] = mean_over(queries, _nan_div(-plogp, n_keys.log()))
-    out["max_weight"] = mean_over(queries, att.amax(-1))
+KEY_SETS = ("txt", "img", "cls", "sep", "imgcls", "patch", "txt_all", "img_all")  # a row's mass on each: one matmul
+
+
+@dataclass(frozen=True)
+class _BatchSets:
+    """What every layer of a batch shares, computed once per batch (`_batch_sets`)."""
+
+    keys: torch.Tensor  # [B, 8, N] float32 0/1: the key sets of KEY_SETS
+    txt: torch.Tensor  # [B, 1, 1, N] bool: text queries
+    img: torch.Tensor  # [B, 1, 1, N] bool: image queries
+    n_txt: torch.Tensor  # [B, 1] float32
+    n_img: torch.Tensor  # [B, 1] float32
+    log_n_keys: torch.Tensor  # [B, 1] float32: log of the number of valid keys (entropy normaliser)
+    span: tuple[int, int] | None  # the columns holding every patch of the batch; None without patches
+    patch_q: torch.Tensor | None  # [B, 1, P] bool: the spatial metrics' queries (patch ∩ img) inside span
+    distance: torch.Tensor | None  # [B, 1, P, P] float32: grid distance between patches (0 for non-patches)
+    far: torch.Tensor | None  # [B, 1, P, P] float32: 1 where query and key are more than one grid cell apart
+    far_cells: torch.Tensor | None  # [B, 1] float32: number of far (query, key) pairs
+
+
+def _batch_sets(masks: dict[str, torch.Tensor], patch_rc: torch.Tensor | None) -> _BatchSets:
+    """Token sets, counts and the patch block's grid weights of a batch (see `_BatchSets`)."""
+    keys = torch.stack([masks[k] for k in KEY_SETS], 1).float()
+    n_keys = masks["valid"].sum(1, keepdim=True).float()
+    counts = [masks[k].sum(1, keepdim=True).float() for k in ("txt", "img")]
+    span = patch_q = distance = far = far_cells = None
+    cols = torch.nonzero(masks["patch"].any(0)).flatten().tolist() if patch_rc is not None else []
+    if cols:
+        lo, hi = cols[0], cols[-1] + 1
+        patch, pq = masks["patch"][:, lo:hi], (masks["patch"] & masks["img"])[:, lo:hi]
+        rc = patch_rc[:, lo:hi].float()
+        diff = rc[:, :, None, :] - rc[:, None, :, :]
+        distance = (diff.pow(2).sum(-1).sqrt() * (patch[:, :, None] & patch[:, None, :]))[:, None]
+        far = (diff.abs().amax(-1) > 1) & pq[:, :, None] & pq[:, None, :]  # not self, not the 8 neighbours
+        span, patch_q, far, far_cells = (lo, hi), pq[:, None], far.float()[:, None], far.sum((1, 2)).float()[:, None]
+    return _BatchSets(keys, masks["txt"][:, None, None], masks["img"][:, None, None], counts[0], counts[1],
+                      n_keys.log(), span, patch_q, distance, far, far_cells)
+
+
+_ENTROPY_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _row_entropy(att16: torch.Tensor, att: torch.Tensor, lookup: bool) -> torch.Tensor:
+    """``-Σ_k p log p`` of every row ``[B, H, N]`` (terms with ``p <= 0`` count 0) of float16-rounded attention.
+
+    With ``lookup`` (on a CPU, where ``log`` over ``[B, H, N, N]`` cost more than the rest of the statistics
+    together) the term is looked up: a float16 takes one of 65,536 bit patterns, so a table of ``-p log p``
+    per pattern, one ``index_select`` and a row sum give the same numbers (to float32 rounding of the sums).
+    Otherwise (a GPU) it is computed directly.
+
+    Args:
+        att16: float16 ``[B, H, N, N]`` attention, contiguous.
+        att: the same as float32.
+        lookup: use the table.
+    """
+    if not lookup:
+        return torch.special.entr(att.clamp_min(0)).sum(-1)
+    table = _ENTROPY_TABLES.get(att.device)
+    if table is None:
+        p = torch.arange(65536, dtype=torch.int32).to(torch.uint16).view(torch.float16).float()
+        table = _ENTROPY_TABLES.setdefault(att.device, torch.where(p > 0, torch.special.entr(p), 0.0))
+    index = att16.view(torch.uint16).to(torch.int32).reshape(-1)
+    return table.index_select(0, index).view(att16.shape).sum(-1)
+
+
+def _row_max(att16: torch.Tensor, att: torch.Tensor, bits: bool) -> torch.Tensor:
+    """The largest weight of every row ``[B, H, N]``; with ``bits`` (on a CPU) read from the float16 bits (half
+    the bytes): for values >= 0 the order of float16 bit patterns read as int16 is the order of the values."""
+    if not bits:
+        return att.amax(-1)
+    return att16.view(torch.int16).amax(-1).view(torch.float16).float()
+
+
+CPU_CHUNK_BYTES = 16 * 2**20  # attention read back from memory: reduced about this many bytes at a time on a CPU
+
+
+def _row_values(att: torch.Tensor, sets: _BatchSets, chunk_bytes: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The per-row numbers every metric is built from, for one layer's attention ``[B, H, N, N]``.
+
+    A few passes over the attention: float16 rounding and its float32 copy, one matmul for every row's
+    mass on every key set, the entropy and the row maximum, the patch block's weighted row sums. With
+    ``chunk_bytes`` (on a CPU only) the batch goes a few examples at a time, so that after the first read
+    of an attention that has left the cache the copies and lookups stay in it; fewer, larger operations
+    are better when the attention is fresh (reduced inside the forward pass).
+
+    Returns:
+        ``per_row`` float32 ``[B, 10, H, N]``: the row's mass on each of `KEY_SETS`, its entropy
+        ``-Σ p log p`` and its largest weight; ``patch_rows`` float32 ``[B, H, P, 2]`` for the patch block's
+        rows: the grid-distance-weighted mass on patches and the mass on far patches (None without patches).
+    """
+    step = max(1, chunk_bytes // (att[0].numel() * 4)) if chunk_bytes and att.device.type == "cpu" else len(att)
+    if step >= len(att):
+        return _row_values_chunk(att, sets, slice(None))
+    parts = [_row_values_chunk(att[i : i + step], sets, slice(i, i + step)) for i in range(0, len(att), step)]
+    patch_rows = torch.cat([p for _, p in parts]) if parts[0][1] is not None else None
+    return torch.cat([r for r, _ in parts]), patch_rows
+
+
+def _row_values_chunk(att: torch.Tensor, sets: _BatchSets, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # the precision a stored trace keeps (both paths agree exactly), in a contiguous copy
+    att16 = att.to(torch.float16, memory_format=torch.contiguous_format)
+    att = att16.float()
+    b, h, n, _ = att.shape
+    # every row's mass on every key set in one matmul, laid out [b, 8, H, N] (4x faster on a CPU than [.., N, 8])
+    mass = torch.bmm(sets.keys[rows], att.view(b, h * n, n).transpose(1, 2)).view(b, len(KEY_SETS), h, n)
+    cpu = att.device.type == "cpu"
+    per_row = torch.cat([mass, _row_entropy(att16, att, lookup=cpu)[:, None], _row_max(att16, att, bits=cpu)[:, None]], 1)
+    if sets.span is None:
+        return per_row, None
+    block = att[:, :, sets.span[0] : sets.span[1], sets.span[0] : sets.span[1]]
+    return per_row, torch.stack([(block * sets.distance[rows]).sum(-1), (block * sets.far[rows]).sum(-1)], -1)
+
+
+def _layer_values(att: torch.Tensor, sets: _BatchSets, chunk_bytes: int | None = None) -> torch.Tensor:
+    """Every built-in metric for one layer's attention ``[B, H, N, N]``: float32 ``[B, H, M]`` (`BUILTIN_METRICS`)."""
+    per_row, patch_rows = _row_values(att, sets, chunk_bytes)
+    s_txt, s_img = _row_sums(per_row, sets.txt, -1), _row_sums(per_row, sets.img, -1)  # [B, 10, H]: query-set sums
+    s_q, n_q = s_txt + s_img, sets.n_txt + sets.n_img  # Q = txt ∪ img (disjoint)
+    out = _block_means(s_txt[:, 0], s_txt[:, 1], s_img[:, 0], s_img[:, 1], sets.n_txt, sets.n_img)
+    out["cls_to_txt"], out["cls_to_img"] = per_row[:, 6, :, 0], per_row[:, 7, :, 0]  # the text [CLS] row
+    for src, sums, count in (("txt", s_txt, sets.n_txt), ("img", s_img, sets.n_img)):
+        out[f"{src}q_to_txt"], out[f"{src}q_to_img"] = _nan_div(sums[:, 0], count), _nan_div(sums[:, 1], count)
     for ki, name in ((2, "to_cls"), (3, "to_sep"), (4, "to_imgcls")):
-        out[name] = _masked_mean(mass[..., ki], queries > 0)
-    if euclid is not None:
-        patch_q = fl["patch"] * fl["img"]
-        out["img2img_nonlocal"] = _nan_div((att * far[:, None]).sum((-1, -2)), far.sum((-1, -2))[:, None])
-        weighted = (att * euclid[:, None]).sum(-1)  # [B, H, N]
-        defined = (patch_q > 0)[:, None] & (mass[..., 5] > 0)  # a patch query with no patch mass has no distance
-        out["spatial_distance"] = _masked_mean(_nan_div(weighted, mass[..., 5]), defined)
-    else:
-        nan = torch.full_like(out["txt2txt"], float("nan"))
-        out["img2img_nonlocal"], out["spatial_distance"] = nan, nan.clone()
-    return out
+        out[name] = _nan_div(s_q[:, ki], n_q)
+    out["entropy"] = _nan_div(s_q[:, 8], n_q * sets.log_n_keys)
+    out["max_weight"] = _nan_div(s_q[:, 9], n_q)
+    out["img2img_nonlocal"], out["spatial_distance"] = _spatial(patch_rows, per_row[:, 5], sets)
+    return torch.stack([out[name] for name in BUILTIN_METRICS], dim=-1)
+
+
+def _spatial(patch_rows: torch.Tensor | None, patch_mass: torch.Tensor, sets: _BatchSets) -> tuple[torch.Tensor, torch.Tensor]:
+    """``img2img_nonlocal`` and ``spatial_distance`` ``[B, H]`` from the patch block (NaN without patches).
+
+    Args:
+        patch_rows: ``[B, H, P, 2]`` from `_row_values`, or None.
+        patch_mass: ``[B, H, N]`` each row's mass on patch keys.
+    """
+    if sets.span is None or patch_rows is None:
+        nan = torch.full(patch_mass.shape[:2], float("nan"), device=patch_mass.device)
+        return nan, nan.clone()
+    zero = torch.zeros((), device=patch_mass.device)
+    nonlocal_ = _nan_div(torch.where(sets.patch_q, patch_rows[..., 1], zero).sum(-1), sets.far_cells)
+    mass = patch_mass[:, :, sets.span[0] : sets.span[1]]
+    defined = sets.patch_q & (mass > 0)  # a patch query with no mass on patches has no distance: left out
+    distance = torch.where(defined, patch_rows[..., 0] / torch.where(defined, mass, 1.0), zero)
+    return nonlocal_, _nan_div(distance.sum(-1), defined.sum(-1).float())
+
+
+class SummaryReducer:
+    """Reduces a batch's attention one layer at a time to every built-in per-head metric (`BUILTIN_METRICS`).
+
+    The token sets, counts and grid weights are built once; `add` takes the layers in order, e.g. from a
+    forward hook during the model's pass, so that no layer's attention has to outlive its reduction.
+
+    Args:
+        modality, special, valid: ``[B, N]`` tensors on the attention's device (see `token_masks`).
+        patch_rc: ``[B, N, 2]`` grid positions (row -1 for non-patches); the spatial metrics are NaN without it.
+        include_special: count special tokens in the text and image sets.
+        chunk_bytes: on a CPU, reduce about this many bytes of examples at a time (for attention read back
+            from memory); None reduces each layer whole (for attention fresh from the forward pass).
+    """
+
+    def __init__(self, modality, special, valid, patch_rc=None, include_special: bool = False,
+                 chunk_bytes: int | None = CPU_CHUNK_BYTES):
+        self.sets = _batch_sets(token_masks(modality, special, valid, patch_rc, include_special), patch_rc)
+        self.chunk_bytes = chunk_bytes
+        self.layers: list[torch.Tensor] = []
+
+    def add(self, attention: torch.Tensor) -> None:
+        """Reduce the next layer's attention ``[B, H, N, N]`` (any float dtype)."""
+        with torch.inference_mode():
+            self.layers.append(_layer_values(attention.detach(), self.sets, self.chunk_bytes))
+
+    def values(self) -> torch.Tensor:
+        """float32 ``[B, L, H, M]`` (`BUILTIN_METRICS` order) of the layers added so far, on their device."""
+        with torch.inference_mode():
+            return torch.stack(self.layers, dim=1)
 
 
 def compute_layer_summaries(
     attentions: tuple[torch.Tensor, ...] | list[torch.Tensor], modality, special, valid, patch_rc=None,
     include_special: bool = False,
 ) -> tuple[list[str], torch.Tensor]:
-    """Every built-in per-head metric for a batch, on the attentions' device.
+    """Every built-in per-head metric for a batch, on the attentions' device (a `SummaryReducer` over the layers).
 
     Args:
         attentions: one ``[B, H, N, N]`` tensor per layer.
@@ -242,18 +381,10 @@ def compute_layer_summaries(
     Returns:
         ``(metric_names, values)`` with values float32 ``[B, L, H, M]``, still on the device.
     """
-    masks = token_masks(modality, special, valid, patch_rc, include_special)
-    euclid = far = None
-    if patch_rc is not None:
-        euclid, cheb = _grid_distances(patch_rc, masks["patch"])
-        pair = (masks["patch"] & masks["img"])
-        far = ((cheb > 1) & pair[:, :, None] & pair[:, None, :]).float()  # not self, not the 8 neighbours
-    per_layer = []
+    reducer = SummaryReducer(modality, special, valid, patch_rc, include_special)
     for att in attentions:
-        att = att.half().float()  # the precision a stored trace keeps: both paths agree exactly
-        metrics = _layer_metrics(att, masks, euclid, far)
-        per_layer.append(torch.stack([metrics[name] for name in BUILTIN_METRICS], dim=-1))
-    return list(BUILTIN_METRICS), torch.stack(per_layer, dim=1)
+        reducer.add(att)
+    return list(BUILTIN_METRICS), reducer.values()
 
 
 def summaries_to_frame(example_ids: list[str], names: list[str], values: np.ndarray) -> pd.DataFrame:

@@ -22,7 +22,14 @@ from vlcore.data.example import Example
 from vlcore.errors import DeviceMemoryError, InputError, StoreError
 from vlcore.extract import EXTRACT_VERSION, _free_device_memory, is_out_of_memory, memory_message, model_image_input
 from vlcore.models.base import EncodedBatch, ModelAdapter
-from vlcore.stats import SUMMARY_COLUMNS, compute_custom_batch, compute_layer_summaries, summaries_to_frame
+from vlcore.stats import (
+    BUILTIN_METRICS,
+    SUMMARY_COLUMNS,
+    SummaryReducer,
+    compute_custom_batch,
+    custom_metric_names,
+    summaries_to_frame,
+)
 from vlcore.store import DamagedFileError, atomic_write_bytes, fingerprint, parquet_from_bytes, safetensors_from_bytes
 
 VECTOR_PATCHES = 16  # patches per example whose hidden vectors a sweep keeps (plus every text token)
@@ -112,16 +119,14 @@ def summarize_batch(
     ``probe``, also the probe payload (`vlcore.probe_sweep.compute_probe_batch`).
     """
     dev = adapter.device
+    reducer = SummaryReducer(
+        torch.from_numpy(batch.modality.astype(np.int64)).to(dev), torch.from_numpy(batch.special).to(dev),
+        torch.from_numpy(batch.valid).to(dev), patch_rc=torch.from_numpy(batch.patch_rc.astype(np.int64)).to(dev),
+    )
     with torch.no_grad():
-        out = adapter.forward(batch, attentions=True, hidden=vector_patches is not None)
-        names, values = compute_layer_summaries(
-            adapter.pass_outputs(out, 0)[0],  # NLVR2: the first image's pass
-            torch.from_numpy(batch.modality.astype(np.int64)).to(dev),
-            torch.from_numpy(batch.special).to(dev),
-            torch.from_numpy(batch.valid).to(dev),
-            patch_rc=torch.from_numpy(batch.patch_rc.astype(np.int64)).to(dev),
-        )
-        values = values.cpu().numpy()
+        keep = probe or bool(custom_metric_names())  # these read each example's full attentions
+        out = _forward_reduced(adapter, batch, reducer, hidden=vector_patches is not None, keep_attentions=keep)
+        names, values = list(BUILTIN_METRICS), reducer.values().cpu().numpy()
         custom = compute_custom_batch(adapter.pass_outputs(out, 0)[0], batch, [e.example_id for e in examples],
                                       adapter.model_id)
         if custom is not None:
@@ -159,6 +164,43 @@ def summarize_batch(
         vectors["example_ids"] = ids
     return BatchSummary(pd.DataFrame(rows, columns=PREDICTION_COLUMNS), summaries_to_frame(ids, names, values), vectors,
                         probe_part)
+
+
+def _forward_reduced(
+    adapter: ModelAdapter, batch: EncodedBatch, reducer: SummaryReducer, hidden: bool, keep_attentions: bool,
+):
+    """Forward a batch and feed each layer's attention (the first image pass) to ``reducer``.
+
+    When the model runs one encoder pass and nothing else needs the full attentions (``keep_attentions``
+    False), each layer's attention is reduced inside the pass by a forward hook on its attention module
+    (`ModelAdapter.hooked`: it sees only this call's pass) and dropped from the outputs at once: the ``L``
+    attention tensors are never all held, and each is reduced while it is still in the cache. Otherwise the
+    layers are reduced after the pass.
+
+    Returns:
+        The model output; with the hook its ``attentions`` are empty placeholders.
+    """
+    try:
+        modules = adapter.self_attention_modules() if adapter.n_passes == 1 and not keep_attentions else None
+    except NotImplementedError:
+        modules = None
+    if not modules:
+        out = adapter.forward(batch, attentions=True, hidden=hidden)
+        for attention in adapter.pass_outputs(out, 0)[0]:  # NLVR2: the first image's pass
+            reducer.add(attention)
+        return out
+
+    def reduce_and_drop(module, args, output):
+        reducer.add(output[1])
+        return (output[0], output[1].new_empty(0), *output[2:])
+
+    reducer.chunk_bytes = None  # fresh attention: whole-layer operations
+    with adapter.hooked([(module, reduce_and_drop) for module in modules]):
+        out = adapter.forward(batch, attentions=True, hidden=hidden)
+    if len(reducer.layers) != len(modules):
+        raise RuntimeError(f"{adapter.model_id}: {len(reducer.layers)} attention layers reached the statistics "
+                           f"hook, expected {len(modules)}")
+    return out
 
 
 @dataclass
@@ -297,8 +339,8 @@ def _drop_stale(out: Path) -> list[str]:
     for file in out.iterdir():
         if file.is_file() and file.name != ".lock":
             file.unlink(missing_ok=True)
-    return [f"dropped the sweep stored in {out.name[:12]} (manifest schema {schema}, this VLScope writes "
-            f"{EXTRACT_VERSION}); it is computed again"]
+    return [(f"dropped the sweep stored in {out.name[:12]} (manifest schema {schema}, this VLScope writes "
+             f"{EXTRACT_VERSION}); it is computed again")]
 
 
 def _claim(
