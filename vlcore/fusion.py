@@ -29,6 +29,7 @@ means of its best subsample partition start one run on all tokens. The search ru
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -278,8 +279,11 @@ def compute_two_means(x: np.ndarray, seeds: Sequence[int] = (0,), n_starts: int 
     x = np.asarray(x)
     if len(x) < 2:
         raise ProjectionError(f"the fusion degree needs at least 2 tokens; got {len(x)}")
-    with _blas_threads(1):
+    with _SEARCH_LOCK, _blas_threads(1):  # one search at a time: limits set and restored in order
         return _search(x, tuple(int(s) for s in seeds), n_starts, n_dirs, subsample)
+
+
+_SEARCH_LOCK = threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)
