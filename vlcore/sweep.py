@@ -194,7 +194,6 @@ def _forward_reduced(
         reducer.add(output[1])
         return (output[0], output[1].new_empty(0), *output[2:])
 
-    reducer.chunk_bytes = None  # fresh attention: whole-layer operations
     with adapter.hooked([(module, reduce_and_drop) for module in modules]):
         out = adapter.forward(batch, attentions=True, hidden=hidden)
     if len(reducer.layers) != len(modules):
