@@ -102,7 +102,7 @@ def main() -> int:
         ("full trace capture + store, batch 1", f"{t_capture * 1e3:.0f} ms", f"{t_capture / t_plain1:.2f}x time", "<= 1.5x"),
         ("naive: all to host fp32 + save, batch 1", f"{t_naive1 * 1e3:.0f} ms", f"{t_naive1 / t_plain1:.2f}x time", "contrast"),
         (f"plain forward, batch {batch_size}", f"{batch_size / t_plainb:.1f} ex/s", "1.00x", ""),
-        (f"summary sweep, batch {batch_size}", f"{batch_size / t_sweep:.1f} ex/s", f"{t_plainb / t_sweep:.2f}x throughput", ">= 0.8x"),
+        (f"summary sweep, batch {batch_size}", f"{batch_size / t_sweep:.1f} ex/s", f"{t_plainb / t_sweep:.2f}x throughput", ">= 0.9x"),
         (f"naive sweep (all to host), batch {batch_size}", f"{batch_size / t_naiveb:.1f} ex/s", f"{t_plainb / t_naiveb:.2f}x throughput", "contrast"),
         ("trace on disk vs raw fp32", f"{on_disk / 2**20:.1f} MiB", f"{on_disk / raw_fp32:.2f}x bytes", "<= 0.55x"),
         ("load one trace", f"{t_load * 1e3:.1f} ms", "", "<= 50 ms"),
