@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from vlcore.charts_stats import HEAD_SELECTION
 from vlcore.probing import (
     DEFAULT_COVER,
     DEFAULT_FOLDS,
@@ -144,24 +143,10 @@ def attention_results(path: str, stamp: float, role: str, cover: float, folds: i
 
 
 def apply_head_click(n_layers: int, n_heads: int) -> None:
-    """A click on the weight heatmap selects that head app-wide (URL and sidebar), as on the statistics page.
+    """A click on the weight heatmap selects that head app-wide (URL and sidebar), as on the statistics page."""
+    from vlcore.ui.stats import apply_head_click as select_clicked_head
 
-    Runs before the sidebar's layer/head widgets are created, so their state can still be set.
-    """
-    state = st.session_state.get(HEAD_CHART_KEY)
-    try:
-        points = state["selection"][HEAD_SELECTION] if state else []
-    except (KeyError, TypeError):
-        points = []
-    if not points:
-        return
-    layer, head = points[0].get("layer"), points[0].get("head")
-    if layer is None or head is None or st.session_state.get("_probe_click_seen") == (layer, head):
-        return
-    st.session_state["_probe_click_seen"] = (layer, head)
-    layer, head = min(max(int(layer), 0), n_layers - 1), min(max(int(head), 0), n_heads - 1)
-    st.session_state["layer"], st.session_state["head"] = layer, head
-    set_params(layer=layer, head=head)
+    select_clicked_head(n_layers, n_heads, chart_key=HEAD_CHART_KEY)
 
 
 def explain(lines: dict[str, str]) -> None:

@@ -109,13 +109,15 @@ def sweep_importance_panel(adapter, sweep_path: Path, source, ids: list[str], do
     st.rerun()
 
 
-def apply_head_click(n_layers: int, n_heads: int) -> None:
-    """A click on the heatmap (the chart's selection state) selects that head app-wide: URL and sidebar.
+def apply_head_click(n_layers: int, n_heads: int, chart_key: str = CHART_KEY) -> None:
+    """A click on a layer × head heatmap (the chart's selection state) selects that head app-wide: URL and sidebar.
 
     Runs before the sidebar's layer/head widgets are created, so their state can still be set.
+
+    Args:
+        chart_key: the heatmap element's key (the statistics page's, or another page's head heatmap).
     """
-    state = st.session_state.get(CHART_KEY)
-    points = []
+    state = st.session_state.get(chart_key)
     try:
         points = state["selection"][HEAD_SELECTION] if state else []
     except (KeyError, TypeError):
@@ -123,9 +125,10 @@ def apply_head_click(n_layers: int, n_heads: int) -> None:
     if not points:
         return
     layer, head = points[0].get("layer"), points[0].get("head")
-    if layer is None or head is None or st.session_state.get("_head_click_seen") == (layer, head):
+    seen = f"_head_click_seen_{chart_key}"
+    if layer is None or head is None or st.session_state.get(seen) == (layer, head):
         return
-    st.session_state["_head_click_seen"] = (layer, head)
+    st.session_state[seen] = (layer, head)
     layer, head = min(max(int(layer), 0), n_layers - 1), min(max(int(head), 0), n_heads - 1)
     st.session_state["layer"], st.session_state["head"] = layer, head
     set_params(layer=layer, head=head)
