@@ -195,15 +195,14 @@ class _BatchSets:
     """What every layer of a batch shares, computed once per batch (`_batch_sets`)."""
 
     keys: torch.Tensor  # [B, 8, N] float32 0/1: the key sets of KEY_SETS
-    txt: torch.Tensor  # [B, 1, 1, N] bool: text queries
-    img: torch.Tensor  # [B, 1, 1, N] bool: image queries
+    queries: torch.Tensor  # [B, 2, 1, 1, N] bool: the text and the image queries
     n_txt: torch.Tensor  # [B, 1] float32
     n_img: torch.Tensor  # [B, 1] float32
     log_n_keys: torch.Tensor  # [B, 1] float32: log of the number of valid keys (entropy normaliser)
     span: tuple[int, int] | None  # the columns holding every patch of the batch; None without patches
     patch_q: torch.Tensor | None  # [B, 1, P] bool: the spatial metrics' queries (patch ∩ img) inside span
-    distance: torch.Tensor | None  # [B, 1, P, P] float32: grid distance between patches (0 for non-patches)
-    far: torch.Tensor | None  # [B, 1, P, P] float32: 1 where query and key are more than one grid cell apart
+    grid: torch.Tensor | None  # [B, 2, 1, P, P] float32: grid distance between patches (0 for non-patches) and
+    #                            1 where query and key are more than one grid cell apart
     far_cells: torch.Tensor | None  # [B, 1] float32: number of far (query, key) pairs
 
 
@@ -212,18 +211,19 @@ def _batch_sets(masks: dict[str, torch.Tensor], patch_rc: torch.Tensor | None) -
     keys = torch.stack([masks[k] for k in KEY_SETS], 1).float()
     n_keys = masks["valid"].sum(1, keepdim=True).float()
     counts = [masks[k].sum(1, keepdim=True).float() for k in ("txt", "img")]
-    span = patch_q = distance = far = far_cells = None
+    span = patch_q = grid = far_cells = None
     cols = torch.nonzero(masks["patch"].any(0)).flatten().tolist() if patch_rc is not None else []
     if cols:
         lo, hi = cols[0], cols[-1] + 1
         patch, pq = masks["patch"][:, lo:hi], (masks["patch"] & masks["img"])[:, lo:hi]
         rc = patch_rc[:, lo:hi].float()
         diff = rc[:, :, None, :] - rc[:, None, :, :]
-        distance = (diff.pow(2).sum(-1).sqrt() * (patch[:, :, None] & patch[:, None, :]))[:, None]
+        distance = diff.pow(2).sum(-1).sqrt() * (patch[:, :, None] & patch[:, None, :])
         far = (diff.abs().amax(-1) > 1) & pq[:, :, None] & pq[:, None, :]  # not self, not the 8 neighbours
-        span, patch_q, far, far_cells = (lo, hi), pq[:, None], far.float()[:, None], far.sum((1, 2)).float()[:, None]
-    return _BatchSets(keys, masks["txt"][:, None, None], masks["img"][:, None, None], counts[0], counts[1],
-                      n_keys.log(), span, patch_q, distance, far, far_cells)
+        span, patch_q, far_cells = (lo, hi), pq[:, None], far.sum((1, 2)).float()[:, None]
+        grid = torch.stack([distance, far.float()], 1)[:, :, None]
+    queries = torch.stack([masks["txt"], masks["img"]], 1)[:, :, None, None]
+    return _BatchSets(keys, queries, counts[0], counts[1], n_keys.log(), span, patch_q, grid, far_cells)
 
 
 _ENTROPY_TABLES: dict[torch.device, torch.Tensor] = {}
@@ -234,8 +234,8 @@ def _row_entropy(att16: torch.Tensor, att: torch.Tensor, lookup: bool) -> torch.
 
     With ``lookup`` (on a CPU, where ``log`` over ``[B, H, N, N]`` cost more than the rest of the statistics
     together) the term is looked up: a float16 takes one of 65,536 bit patterns, so a table of ``-p log p``
-    per pattern, one ``index_select`` and a row sum give the same numbers (to float32 rounding of the sums).
-    Otherwise (a GPU) it is computed directly.
+    per pattern and one ``embedding_bag`` (the lookup and the row sum in one pass) give the same numbers (to
+    float32 rounding of the sums). Otherwise (a GPU) it is computed directly.
 
     Args:
         att16: float16 ``[B, H, N, N]`` attention, contiguous.
@@ -247,9 +247,9 @@ def _row_entropy(att16: torch.Tensor, att: torch.Tensor, lookup: bool) -> torch.
     table = _ENTROPY_TABLES.get(att.device)
     if table is None:
         p = torch.arange(65536, dtype=torch.int32).to(torch.uint16).view(torch.float16).float()
-        table = _ENTROPY_TABLES.setdefault(att.device, torch.where(p > 0, torch.special.entr(p), 0.0))
-    index = att16.view(torch.uint16).to(torch.int32).reshape(-1)
-    return table.index_select(0, index).view(att16.shape).sum(-1)
+        table = _ENTROPY_TABLES.setdefault(att.device, torch.where(p > 0, torch.special.entr(p), 0.0)[:, None])
+    index = att16.view(torch.uint16).to(torch.int32).reshape(-1, att16.shape[-1])
+    return torch.nn.functional.embedding_bag(index, table, mode="sum").view(att16.shape[:-1])
 
 
 def _row_max(att16: torch.Tensor, att: torch.Tensor, bits: bool) -> torch.Tensor:
@@ -260,31 +260,44 @@ def _row_max(att16: torch.Tensor, att: torch.Tensor, bits: bool) -> torch.Tensor
     return att16.view(torch.int16).amax(-1).view(torch.float16).float()
 
 
-CPU_CHUNK_BYTES = 4 * 2**20  # on a CPU a layer's attention is reduced about this many bytes (whole examples) at a time
+CPU_CHUNK_BYTES = 12 * 2**20  # on a CPU a layer's attention is reduced about this many bytes (whole examples) at a time
 
 
-def _row_values(att: torch.Tensor, sets: _BatchSets, chunk_bytes: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The per-row numbers every metric is built from, for one layer's attention ``[B, H, N, N]``.
+@dataclass
+class _Rows:
+    """The per-row numbers every metric of one layer is built from (see `_row_values`)."""
 
-    A few passes over the attention: float16 rounding and its float32 copy, one matmul for every row's
-    mass on every key set, the entropy and the row maximum, the patch block's weighted row sums. With
-    ``chunk_bytes`` (on a CPU only) the batch goes a few examples at a time, so that after the first read
-    of the attention its copies and lookups stay in the cache (about 1.5x faster on ViLT-B/32).
+    mass: torch.Tensor  # [B, 8, H, N] each row's mass on each of KEY_SETS
+    entropy: torch.Tensor  # [B, H, N] -Σ p log p
+    top: torch.Tensor  # [B, H, N] the largest weight
+    patch_rows: torch.Tensor | None  # [B, 2, H, P] per patch row: grid-distance-weighted mass on patches, and the
+    #                                  mass on patches more than one grid cell away
 
-    Returns:
-        ``per_row`` float32 ``[B, 10, H, N]``: the row's mass on each of `KEY_SETS`, its entropy
-        ``-Σ p log p`` and its largest weight; ``patch_rows`` float32 ``[B, H, P, 2]`` for the patch block's
-        rows: the grid-distance-weighted mass on patches and the mass on far patches (None without patches).
+
+def _row_values(att: torch.Tensor, sets: _BatchSets, chunk_bytes: int | None) -> _Rows:
+    """The per-row numbers of one layer's attention ``[B, H, N, N]``, in a few passes over it: its float16
+    rounding and float32 copy, one matmul for every row's mass on every key set, the entropy, the row
+    maximum, and two weighted row sums over the patch block.
+
+    With ``chunk_bytes`` (on a CPU) the batch goes a few examples at a time, so that after the first read of
+    the attention its copies and lookups stay in the cache. Not one example at a time: every operation is a
+    parallel region whose threads wait for each other at its end (for milliseconds when other processes
+    share the cores), so a few large chunks beat many small ones. On ViLT-B/32 (234 tokens, batch 8,
+    2 threads) chunks of 2-4 examples ran the sweep at 0.93-0.95x the plain forward pass, one example at
+    a time 0.90x, whole layers 0.82x.
     """
-    step = max(1, chunk_bytes // (att[0].numel() * 4)) if chunk_bytes and att.device.type == "cpu" else len(att)
+    step = len(att)
+    if chunk_bytes and att.device.type == "cpu":
+        step = max(1, chunk_bytes // (att[0].numel() * 4))
     if step >= len(att):
         return _row_values_chunk(att, sets, slice(None))
     parts = [_row_values_chunk(att[i : i + step], sets, slice(i, i + step)) for i in range(0, len(att), step)]
-    patch_rows = torch.cat([p for _, p in parts]) if parts[0][1] is not None else None
-    return torch.cat([r for r, _ in parts]), patch_rows
+    cat = {name: torch.cat([getattr(p, name) for p in parts]) if getattr(parts[0], name) is not None else None
+           for name in ("mass", "entropy", "top", "patch_rows")}
+    return _Rows(**cat)
 
 
-def _row_values_chunk(att: torch.Tensor, sets: _BatchSets, rows: slice) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _row_values_chunk(att: torch.Tensor, sets: _BatchSets, rows: slice) -> _Rows:
     # the precision a stored trace keeps (both paths agree exactly), in a contiguous copy
     att16 = att.to(torch.float16, memory_format=torch.contiguous_format)
     att = att16.float()
@@ -292,45 +305,43 @@ def _row_values_chunk(att: torch.Tensor, sets: _BatchSets, rows: slice) -> tuple
     # every row's mass on every key set in one matmul, laid out [b, 8, H, N] (4x faster on a CPU than [.., N, 8])
     mass = torch.bmm(sets.keys[rows], att.view(b, h * n, n).transpose(1, 2)).view(b, len(KEY_SETS), h, n)
     cpu = att.device.type == "cpu"
-    per_row = torch.cat([mass, _row_entropy(att16, att, lookup=cpu)[:, None], _row_max(att16, att, bits=cpu)[:, None]], 1)
+    entropy, top = _row_entropy(att16, att, lookup=cpu), _row_max(att16, att, bits=cpu)
     if sets.span is None:
-        return per_row, None
-    block = att[:, :, sets.span[0] : sets.span[1], sets.span[0] : sets.span[1]]
-    return per_row, torch.stack([(block * sets.distance[rows]).sum(-1), (block * sets.far[rows]).sum(-1)], -1)
+        return _Rows(mass, entropy, top, None)
+    block = att[:, None, :, sets.span[0] : sets.span[1], sets.span[0] : sets.span[1]]
+    return _Rows(mass, entropy, top, (block * sets.grid[rows]).sum(-1))  # both weightings in one multiply
 
 
 def _layer_values(att: torch.Tensor, sets: _BatchSets, chunk_bytes: int | None = None) -> torch.Tensor:
     """Every built-in metric for one layer's attention ``[B, H, N, N]``: float32 ``[B, H, M]`` (`BUILTIN_METRICS`)."""
-    per_row, patch_rows = _row_values(att, sets, chunk_bytes)
-    s_txt, s_img = _row_sums(per_row, sets.txt, -1), _row_sums(per_row, sets.img, -1)  # [B, 10, H]: query-set sums
-    s_q, n_q = s_txt + s_img, sets.n_txt + sets.n_img  # Q = txt ∪ img (disjoint)
-    out = _block_means(s_txt[:, 0], s_txt[:, 1], s_img[:, 0], s_img[:, 1], sets.n_txt, sets.n_img)
-    out["cls_to_txt"], out["cls_to_img"] = per_row[:, 6, :, 0], per_row[:, 7, :, 0]  # the text [CLS] row
-    for src, sums, count in (("txt", s_txt, sets.n_txt), ("img", s_img, sets.n_img)):
-        out[f"{src}q_to_txt"], out[f"{src}q_to_img"] = _nan_div(sums[:, 0], count), _nan_div(sums[:, 1], count)
+    rows = _row_values(att, sets, chunk_bytes)
+    per_row = torch.cat([rows.mass, rows.entropy[:, None], rows.top[:, None]], 1)  # [B, 10, H, N]
+    # sums over the text and the image queries, rows outside each set selected out: [B, 2 (query set), 10, H]
+    sums = torch.where(sets.queries, per_row[:, None], torch.zeros((), device=att.device)).sum(-1)
+    mass, entropy, top = sums[:, :, :8], sums[:, :, 8], sums[:, :, 9]
+    n_q = sets.n_txt + sets.n_img  # Q = txt ∪ img (disjoint)
+    out = _block_means(mass[:, 0, 0], mass[:, 0, 1], mass[:, 1, 0], mass[:, 1, 1], sets.n_txt, sets.n_img)
+    out["cls_to_txt"], out["cls_to_img"] = rows.mass[:, 6, :, 0], rows.mass[:, 7, :, 0]  # the text [CLS] row
+    for qi, (src, count) in enumerate((("txt", sets.n_txt), ("img", sets.n_img))):
+        out[f"{src}q_to_txt"], out[f"{src}q_to_img"] = _nan_div(mass[:, qi, 0], count), _nan_div(mass[:, qi, 1], count)
     for ki, name in ((2, "to_cls"), (3, "to_sep"), (4, "to_imgcls")):
-        out[name] = _nan_div(s_q[:, ki], n_q)
-    out["entropy"] = _nan_div(s_q[:, 8], n_q * sets.log_n_keys)
-    out["max_weight"] = _nan_div(s_q[:, 9], n_q)
-    out["img2img_nonlocal"], out["spatial_distance"] = _spatial(patch_rows, per_row[:, 5], sets)
+        out[name] = _nan_div(mass[:, :, ki].sum(1), n_q)
+    out["entropy"] = _nan_div(entropy.sum(1), n_q * sets.log_n_keys)
+    out["max_weight"] = _nan_div(top.sum(1), n_q)
+    out["img2img_nonlocal"], out["spatial_distance"] = _spatial(rows, sets)
     return torch.stack([out[name] for name in BUILTIN_METRICS], dim=-1)
 
 
-def _spatial(patch_rows: torch.Tensor | None, patch_mass: torch.Tensor, sets: _BatchSets) -> tuple[torch.Tensor, torch.Tensor]:
-    """``img2img_nonlocal`` and ``spatial_distance`` ``[B, H]`` from the patch block (NaN without patches).
-
-    Args:
-        patch_rows: ``[B, H, P, 2]`` from `_row_values`, or None.
-        patch_mass: ``[B, H, N]`` each row's mass on patch keys.
-    """
-    if sets.span is None or patch_rows is None:
-        nan = torch.full(patch_mass.shape[:2], float("nan"), device=patch_mass.device)
+def _spatial(rows: _Rows, sets: _BatchSets) -> tuple[torch.Tensor, torch.Tensor]:
+    """``img2img_nonlocal`` and ``spatial_distance`` ``[B, H]`` from the patch rows (NaN without patches)."""
+    if sets.span is None or rows.patch_rows is None:
+        nan = torch.full(rows.top.shape[:2], float("nan"), device=rows.top.device)
         return nan, nan.clone()
-    zero = torch.zeros((), device=patch_mass.device)
-    nonlocal_ = _nan_div(torch.where(sets.patch_q, patch_rows[..., 1], zero).sum(-1), sets.far_cells)
-    mass = patch_mass[:, :, sets.span[0] : sets.span[1]]
+    zero = torch.zeros((), device=rows.top.device)
+    nonlocal_ = _nan_div(torch.where(sets.patch_q, rows.patch_rows[:, 1], zero).sum(-1), sets.far_cells)
+    mass = rows.mass[:, 5, :, sets.span[0] : sets.span[1]]  # each patch row's mass on patches
     defined = sets.patch_q & (mass > 0)  # a patch query with no mass on patches has no distance: left out
-    distance = torch.where(defined, patch_rows[..., 0] / torch.where(defined, mass, 1.0), zero)
+    distance = torch.where(defined, rows.patch_rows[:, 0] / torch.where(defined, mass, 1.0), zero)
     return nonlocal_, _nan_div(distance.sum(-1), defined.sum(-1).float())
 
 
@@ -344,7 +355,8 @@ class SummaryReducer:
         modality, special, valid: ``[B, N]`` tensors on the attention's device (see `token_masks`).
         patch_rc: ``[B, N, 2]`` grid positions (row -1 for non-patches); the spatial metrics are NaN without it.
         include_special: count special tokens in the text and image sets.
-        chunk_bytes: on a CPU, reduce about this many bytes of examples at a time; None reduces each layer whole.
+        chunk_bytes: on a CPU, reduce about this many bytes of examples at a time (see `_row_values`); None
+            reduces each layer whole.
     """
 
     def __init__(self, modality, special, valid, patch_rc=None, include_special: bool = False,
