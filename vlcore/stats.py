@@ -1,10 +1,12 @@
 """Per-head attention statistics as tidy DataFrames (``example_id, layer, head, metric, value``).
 
-One implementation, written in torch over a batch, serves both paths: a sweep calls it on the
-model's device inside the batch loop (only ``[B, L, H, M]`` numbers leave the device), and a stored
-`Trace` is fed through it on the CPU. Both paths round the attention to float16 first (a stored
-trace keeps float16), so they agree to float32 precision. Rows of an attention matrix are queries,
-columns keys. Every formula is in ``docs/statistics.md``.
+One implementation, written in torch over a batch (`SummaryReducer`, one layer at a time), serves
+both paths: a sweep feeds it each layer's attention on the model's device during the forward pass
+(only ``[B, L, H, M]`` numbers leave the device; `vlcore.sweep.summarize_batch`), and a stored `Trace`
+is fed through it on the CPU (`compute_trace_summaries`). Both paths round the attention to float16
+first (a stored trace keeps float16), so they agree to float32 precision. Rows of an attention matrix
+are queries, columns keys. Every formula, and the rule for rows where a value is undefined, is in
+``docs/statistics.md``.
 
 Token sets (per example; padding is never counted):
 
@@ -298,6 +300,7 @@ def _row_values(att: torch.Tensor, sets: _BatchSets, chunk_bytes: int | None) ->
 
 
 def _row_values_chunk(att: torch.Tensor, sets: _BatchSets, rows: slice) -> _Rows:
+    """`_row_values` of the examples ``rows`` of the batch (``att`` holds just those)."""
     # the precision a stored trace keeps (both paths agree exactly), in a contiguous copy
     att16 = att.to(torch.float16, memory_format=torch.contiguous_format)
     att = att16.float()
