@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from vlcore.charts import build_patch_overlay_chart, build_prediction_chart
+from vlcore.charts.base import build_patch_overlay_chart, build_prediction_chart
 from vlcore.data.easy_vqa import easy_vqa_examples
 from vlcore.errors import VLScopeError
-from vlcore.extract import trace_for_example
-from vlcore.relevance import compute_raw_attention
+from vlcore.run.extract import trace_for_example
+from vlcore.attribution.relevance import compute_raw_attention
 from vlcore.ui.loaders import get_adapter, get_store
 from vlcore.ui.navigation import run_app
 from vlcore.ui.widgets import open_in_pages

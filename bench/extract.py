@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench.common import QUESTION, time_interleaved, timeit, vilt_b32  # noqa: E402
 from vlcore.data.example import Example  # noqa: E402
-from vlcore.extract import extract_trace  # noqa: E402
-from vlcore.sweep import summarize_batch  # noqa: E402
-from vlcore.store import Store  # noqa: E402
+from vlcore.run.extract import extract_trace  # noqa: E402
+from vlcore.run.sweep import summarize_batch  # noqa: E402
+from vlcore.storage.store import Store  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -9,7 +9,7 @@ On the bundled demo model (easy-VQA test questions, every layer incl. the embedd
 - "missed" counts (example, layer) cases whose partition's inertia exceeds the reference by more than
   1e-5 (relative); "NMI off" counts those whose NMI differs from the reference partition's by > 0.05;
 - the old setting is ``KMeans(n_clusters=2, n_init=4, random_state=0)`` (before issue 14), the new one
-  `vlcore.fusion.compute_fusion_nmi` (8 seeds, whose NMI spread is also reported);
+  `vlcore.analysis.fusion.compute_fusion_nmi` (8 seeds, whose NMI spread is also reported);
 - times are medians, old and new interleaved in this one run: one example's layer (~75 tokens), the
   tokens of all examples pooled (as a sweep's fusion table clusters them), and a synthetic 20,000 x 768
   set (the most a fusion table clusters per layer, at ViLT-B's width).
@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench.common import time_interleaved
-from vlcore.fusion import compute_fusion_nmi, two_means_inertia
+from vlcore.analysis.fusion import compute_fusion_nmi, two_means_inertia
 
 
 def demo_layers(n_examples: int) -> list[tuple[str, int, np.ndarray, np.ndarray]]:
     """(example id, layer, float32 vectors [T, D], modality [T]) of the demo model's first test questions."""
     from vlcore.data.easy_vqa import easy_vqa_examples
-    from vlcore.extract import extract_trace
+    from vlcore.run.extract import extract_trace
     from vlcore.models.registry import load_adapter
 
     adapter = load_adapter("demo")

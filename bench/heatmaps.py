@@ -49,9 +49,9 @@ SECTIONS = ("matrices", "heads", "step", "explain")
 
 def page_parts(trace, layer: int, head: int | None, tok: int) -> list:
     """The charts the page shows for the query and the (default) full-matrix section, as `ChartParts`."""
-    from vlcore import charts_heatmaps as ch
-    from vlcore import charts_multiples as cm
-    from vlcore import heatmap_maps as hm
+    from vlcore.charts import heatmaps as ch
+    from vlcore.charts import multiples as cm
+    from vlcore.analysis import query_maps as hm
 
     att = trace.head_attention(layer, head)
     values = hm.compute_query_map(att, [tok], "from")
@@ -80,9 +80,9 @@ def send_parts(parts: list) -> None:
 
 def page_charts(trace, layer: int, head: int | None, tok: int) -> list:
     """The same charts as Altair objects (the builders the tests validate and the export uses)."""
-    from vlcore import charts_heatmaps as ch
-    from vlcore import charts_multiples as cm
-    from vlcore import heatmap_maps as hm
+    from vlcore.charts import heatmaps as ch
+    from vlcore.charts import multiples as cm
+    from vlcore.analysis import query_maps as hm
 
     att = trace.head_attention(layer, head)
     values = hm.compute_query_map(att, [tok], "from")
@@ -101,7 +101,7 @@ def to_streamlit(charts: list) -> None:
 
     from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec
 
-    from vlcore.chart_parts import unvalidated
+    from vlcore.charts.parts import unvalidated
 
     for chart in charts:
         spec = _convert_altair_to_vega_lite_spec(unvalidated(chart))  # data frames become Arrow bytes here
@@ -122,8 +122,9 @@ def worker(root: Path) -> int:
     import vlcore.ui.context as context
     from bench.common import QUESTION, vilt_b32
     from vlcore.data.sources import resolve_example
-    from vlcore.extract import trace_for_example
-    from vlcore.store import Store, put_input
+    from vlcore.run.extract import trace_for_example
+    from vlcore.storage.store import Store
+    from vlcore.storage.uploads import put_input
 
     adapter = vilt_b32("cpu")
     if not adapter.config.label2id:
@@ -228,22 +229,23 @@ def compare(revs: list[str], repeats: int, sections: list[str]) -> int:
 
 def strip_cost(rev: str, repeats: int) -> int:
     """Server time of the layer strip alone (frames, Arrow bytes, spec, the JSON Streamlit sends and its hash),
-    REV's `vlcore/charts_multiples.py` (loaded beside today's) against the working tree's, in turn."""
+    REV's `vlcore/charts/multiples.py` (loaded beside today's) against the working tree's, in turn."""
     import hashlib
     import importlib.util
     import json
     import subprocess
 
     from bench.common import QUESTION, time_interleaved, vilt_b32
-    from vlcore import charts_multiples as cm
-    from vlcore import heatmap_maps as hm
+    from vlcore.charts import multiples as cm
+    from vlcore.analysis import query_maps as hm
     from vlcore.data.sources import resolve_example
-    from vlcore.extract import trace_for_example
-    from vlcore.store import Store, put_input
+    from vlcore.run.extract import trace_for_example
+    from vlcore.storage.store import Store
+    from vlcore.storage.uploads import put_input
     from vlcore.ui.heatmaps import _named_arrow, layer_strip_captions
 
     os.environ["VLSCOPE_CACHE"] = tempfile.mkdtemp(prefix="vlscope-bench-heatmaps-")
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:vlcore/charts_multiples.py"], check=True,
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:vlcore/charts/multiples.py"], check=True,
                             capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "charts_multiples_old.py"
     path.write_text(source)
@@ -300,8 +302,9 @@ def main() -> int:
     import vlcore.ui.context as context
     from bench.common import QUESTION, vilt_b32
     from vlcore.data.sources import resolve_example
-    from vlcore.extract import extract_trace, trace_for_example
-    from vlcore.store import Store, put_input
+    from vlcore.run.extract import extract_trace, trace_for_example
+    from vlcore.storage.store import Store
+    from vlcore.storage.uploads import put_input
     from vlcore.ui.context import RememberingStore, TraceMemory
 
     adapter = vilt_b32("cpu")

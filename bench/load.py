@@ -12,7 +12,7 @@ and warm up on a private example first, then start together at a barrier.
 Counted per round:
 
 - failures: a page that raised, showed ``st.error``, or did not render its heatmap;
-- computations: every call of `vlcore.extract.extract_trace` writes a marker file under the cache
+- computations: every call of `vlcore.run.extract.extract_trace` writes a marker file under the cache
   folder; duplicates = computations - distinct examples (the store's file lock should make it 0);
 - page time: wall time of one AppTest run of the page, p50 and p95 over all pages of the round.
 
@@ -49,7 +49,7 @@ def session_examples(index: int, n_shared: int, n_own: int) -> list[str]:
 
 def _count_computations(markers: Path, extra_s: float = 0.0) -> None:
     """Wrap `extract_trace` so that every computation leaves one marker file (and lasts ``extra_s`` longer)."""
-    import vlcore.extract as extract
+    import vlcore.run.extract as extract
 
     real = extract.extract_trace
 
@@ -90,9 +90,9 @@ def session(index: int, cache: str, examples: list[str], barrier, results, no_lo
     if no_lock:
         import contextlib
 
-        import vlcore.store
+        import vlcore.storage.store
 
-        vlcore.store.FileLock = lambda path: contextlib.nullcontext()
+        vlcore.storage.store.FileLock = lambda path: contextlib.nullcontext()
     out = {"index": index, "times": [], "failures": []}
     try:
         warm = _open(f"easy_vqa/test/{5000 + index}")  # model load and imports, outside the timing

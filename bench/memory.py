@@ -28,7 +28,7 @@ CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, {root!r})
 from streamlit.testing.v1 import AppTest
-from vlcore.sweep import load_sweep
+from vlcore.run.sweep import load_sweep
 
 def rss():
     fields = dict(l.split(':', 1) for l in open('/proc/self/status') if l.startswith(('VmRSS', 'VmHWM')))
@@ -51,7 +51,7 @@ cached_before = any('Loaded from the store' in c.value for c in at.caption)
 at2, second = visit()
 cached_after = any('Loaded from the store' in c.value for c in at2.caption)
 preds, heads = load_sweep({sweep!r})
-from vlcore.annotations import AnnotationStore, default_url
+from vlcore.storage.annotations import AnnotationStore, default_url
 AnnotationStore(default_url()).add(annotator='bench', page='pages/2_Run_Model.py', label='plausible',
                                    example_id='easy_vqa/test/0', model='vilt-b32', view='ex=easy_vqa/test/0')
 at3 = AppTest.from_file({home!r}, default_timeout=600)
@@ -88,8 +88,8 @@ def write_sweep(folder: Path, n: int) -> None:
     import numpy as np
     import pandas as pd
 
-    from vlcore.sweep import PREDICTION_COLUMNS, _write_parquet
-    from vlcore.stats import BLOCK_METRICS, summaries_to_frame
+    from vlcore.run.sweep import PREDICTION_COLUMNS, _write_parquet
+    from vlcore.analysis.stats import BLOCK_METRICS, summaries_to_frame
 
     ids = [f"easy_vqa/test/{i}" for i in range(n)]
     rng = np.random.default_rng(0)

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.common import time_interleaved  # noqa: E402
-from vlcore.probing import compute_attention_probe, compute_layer_probes, split_by_example  # noqa: E402
+from vlcore.analysis.probing import compute_attention_probe, compute_layer_probes, split_by_example  # noqa: E402
 
 
 def layer_data(n: int, d: int, layers: int, seed: int = 0):

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from bench.common import time_interleaved  # noqa: E402
-from vlcore.projection import apply_pca, compute_projection, pca_components  # noqa: E402
+from vlcore.analysis.projection import apply_pca, compute_projection, pca_components  # noqa: E402
 
 
 def pca_rows(repeats: int) -> list[tuple]:
@@ -80,9 +80,9 @@ def page_rows(n_examples: int, repeats: int) -> list[tuple]:
     from streamlit.testing.v1 import AppTest
 
     from vlcore.data.easy_vqa import easy_vqa_examples
-    from vlcore.sweep import run_sweep, sweep_key
+    from vlcore.run.sweep import run_sweep, sweep_key
     from vlcore.models.registry import load_adapter
-    from vlcore.store import Store
+    from vlcore.storage.store import Store
     from vlcore.ui import embeddings as emb
 
     adapter = load_adapter("demo")
@@ -126,7 +126,7 @@ def sweep_rows(repeats: int) -> list[tuple]:
     from PIL import Image
 
     from bench.common import QUESTION, vilt_b32
-    from vlcore.sweep import VECTOR_PATCHES, summarize_batch
+    from vlcore.run.sweep import VECTOR_PATCHES, summarize_batch
 
     adapter = vilt_b32("cpu")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (384, 640, 3), dtype=np.uint8))

@@ -3,7 +3,7 @@
     python bench/ray_sweep.py [--examples 400] [--workers 2] [--batch-size 8] [--rounds 1]
 
 The bundled demo model sweeps the first ``--examples`` easy-VQA test questions twice into fresh folders: in this
-process (`vlcore.sweep.run_sweep`, torch's default threads) and with `vlcore.ray_sweep.run_ray_sweep` on a local
+process (`vlcore.run.sweep.run_sweep`, torch's default threads) and with `vlcore.run.ray_sweep.run_ray_sweep` on a local
 Ray with ``--workers`` one-CPU workers. Each time covers what a user waits for once the cluster is up: loading the
 model (the driver's copy and every worker's), the sweep, writing and merging the folder. Starting the local Ray is
 shown on its own line (a cluster is started once and then runs many sweeps). With CUDA, a GPU row compares one
@@ -26,9 +26,9 @@ import torch  # noqa: E402
 
 from vlcore.data.easy_vqa import easy_vqa_examples  # noqa: E402
 from vlcore.models.registry import load_adapter  # noqa: E402
-from vlcore.ray_examples import ray_input  # noqa: E402
-from vlcore.ray_sweep import connect, run_ray_sweep  # noqa: E402
-from vlcore.sweep import load_sweep, run_sweep  # noqa: E402
+from vlcore.run.ray_examples import ray_input  # noqa: E402
+from vlcore.run.ray_sweep import connect, run_ray_sweep  # noqa: E402
+from vlcore.run.sweep import load_sweep, run_sweep  # noqa: E402
 
 DATASET = "easy_vqa/test"
 

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from vlcore.stats import BUILTIN_METRICS, compute_layer_summaries  # noqa: E402
+from vlcore.analysis.stats import BUILTIN_METRICS, compute_layer_summaries  # noqa: E402
 
 L, H, TEXT, GRID = 12, 12, 40, (12, 18)
 N = TEXT + 1 + GRID[0] * GRID[1]

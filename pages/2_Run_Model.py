@@ -7,7 +7,7 @@ import streamlit as st
 from vlcore.data.example import open_image_bytes
 from vlcore.errors import VLScopeError
 from vlcore.ui.annotate import annotate_panel, share_view
-from vlcore.store import put_input
+from vlcore.storage.uploads import put_input
 from vlcore.ui.browser import example_from_url, source_from_url
 from vlcore.ui.context import load_model
 from vlcore.ui.state import carried_params, get_param, set_params

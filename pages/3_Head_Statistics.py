@@ -5,12 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from vlcore.ablation import METRIC as IMPORTANCE
-from vlcore.charts_stats import HEAD_SELECTION, build_head_heatmap_chart, build_importance_bar_chart
+from vlcore.attribution.ablation import METRIC as IMPORTANCE
+from vlcore.charts.stats import HEAD_SELECTION, build_head_heatmap_chart, build_importance_bar_chart
 from vlcore.errors import VLScopeError
-from vlcore.extract import model_image_input
-from vlcore.head_table import aggregate_heads, compare_slices, slice_examples, slice_options
-from vlcore.stats import metric_description, metric_names
+from vlcore.run.extract import model_image_input
+from vlcore.analysis.head_table import aggregate_heads, compare_slices, slice_examples, slice_options
+from vlcore.analysis.stats import metric_description, metric_names
 from vlcore.ui.context import load_example_trace, load_model, pick_layer_head, pick_sweep
 from vlcore.ui.export import chart_downloads, table_downloads
 from vlcore.ui.state import carried_params, get_choice, set_params

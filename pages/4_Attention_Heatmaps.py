@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from vlcore import charts_heatmaps as ch
-from vlcore import charts_multiples as cm
-from vlcore import heatmap_maps as hm
+from vlcore.charts import heatmaps as ch
+from vlcore.charts import multiples as cm
+from vlcore.analysis import query_maps as hm
 from vlcore.errors import VLScopeError
 from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.ui.context import load_example_trace, load_model, pick_layer_head

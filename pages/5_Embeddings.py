@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from vlcore.charts_embeddings import COLOR_BY, SELECT_PARAM, build_fusion_chart, build_projection_chart
+from vlcore.charts.embeddings import COLOR_BY, SELECT_PARAM, build_fusion_chart, build_projection_chart
 from vlcore.errors import VLScopeError
-from vlcore.projection import ALIGNS, METHOD_NAMES, METHODS, find_token, umap_available
+from vlcore.analysis.projection import ALIGNS, METHOD_NAMES, METHODS, find_token, umap_available
 from vlcore.ui import embeddings as emb
 from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.ui.context import load_example_trace, load_model, pick_sweep

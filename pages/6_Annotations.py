@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from vlcore.annotations import COLUMNS, frame_to_csv, frame_to_parquet, head_labels
+from vlcore.storage.annotations import COLUMNS, head_labels
+from vlcore.storage.tables import frame_to_csv, frame_to_parquet
 from vlcore.errors import VLScopeError
 from vlcore.ui.annotate import (add_label_control, get_annotations, open_view_link, page_url_path, share_link,
                                 share_view, view_params)

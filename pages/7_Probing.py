@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from vlcore.charts_probing import build_head_weight_chart, build_layer_accuracy_chart
-from vlcore.charts_stats import HEAD_SELECTION
+from vlcore.charts.probing import build_head_weight_chart, build_layer_accuracy_chart
+from vlcore.charts.stats import HEAD_SELECTION
 from vlcore.errors import VLScopeError
 from vlcore.ui import probing as ui
 from vlcore.ui.annotate import share_view

@@ -30,14 +30,14 @@ def main() -> int:
     os.environ.setdefault("VLSCOPE_CACHE", tempfile.mkdtemp(prefix="vlscope-layer-maps-"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from vlcore import heatmap_maps as hm
+    from vlcore.analysis import query_maps as hm
     from vlcore.data.sources import resolve_example
     from vlcore.errors import VLScopeError
-    from vlcore.extract import extract_trace
-    from vlcore.faithfulness import compute_shape_mask
+    from vlcore.run.extract import extract_trace
+    from vlcore.data.easy_vqa import compute_shape_mask
     from vlcore.models.registry import load_adapter
-    from vlcore.probe_labels import compute_cover_grid, compute_mask_shape
-    from vlcore.store import Store
+    from vlcore.analysis.probe_labels import compute_cover_grid, compute_mask_shape
+    from vlcore.storage.store import Store
 
     adapter, store, rows, index = load_adapter("demo", device="cpu"), Store(), [], 0
     while len(rows) < args.examples:

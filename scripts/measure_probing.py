@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vlcore.probing import (
+from vlcore.analysis.probing import (
     attention_inputs,
     compute_attention_probe,
     compute_layer_probes,
@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlcore.data.easy_vqa import easy_vqa_examples
     from vlcore.models.registry import load_adapter
-    from vlcore.probe_sweep import example_label_table, load_sweep_probe, patch_cover_table
-    from vlcore.projection import token_set_from_sweep
-    from vlcore.sweep import load_sweep, load_sweep_vectors, run_sweep
+    from vlcore.run.probe_sweep import example_label_table, load_sweep_probe, patch_cover_table
+    from vlcore.analysis.projection import token_set_from_sweep
+    from vlcore.run.sweep import load_sweep, load_sweep_vectors, run_sweep
 
     adapter = load_adapter("demo")
     examples = easy_vqa_examples("test")[:: args.stride][: args.examples]
@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def specificity(adapter, examples, n: int = 80, heads=((0, 3), (0, 1), (2, 3), (2, 1), (2, 2))) -> None:
     """Share of each head's patch attention inside the shape, by query: the shape word, other words, [CLS]."""
-    from vlcore.extract import extract_trace
-    from vlcore.faithfulness import compute_shape_mask
-    from vlcore.probe_labels import compute_cover_grid, easy_vqa_image_labels, token_words
+    from vlcore.run.extract import extract_trace
+    from vlcore.data.easy_vqa import compute_shape_mask
+    from vlcore.analysis.probe_labels import compute_cover_grid, easy_vqa_image_labels, token_words
 
     facts = easy_vqa_image_labels("test")
     shares: dict[str, list] = {"shape word": [], "other words": [], "[CLS]": []}

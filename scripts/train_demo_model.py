@@ -196,7 +196,7 @@ def tie_patch_filters(model, share: float, scale: float, noise: float, gen: torc
 def measure(out: Path) -> dict:
     """Accuracy of the saved checkpoint through VLScope's own path (`python -m vlcore evaluate`)."""
     from vlcore.data.easy_vqa import easy_vqa_examples
-    from vlcore.evaluate import SUBSET_SIZE, evaluate_accuracy, fixed_subset
+    from vlcore.run.evaluate import SUBSET_SIZE, evaluate_accuracy, fixed_subset
     from vlcore.models.registry import load_adapter
 
     adapter = load_adapter(str(out), device="cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import grey_image, make_tiny_adapter
-from vlcore.ablation import extract_head_importance, extract_sweep_importance, head_mask_hooks
+from vlcore.attribution.ablation import extract_head_importance, extract_sweep_importance, head_mask_hooks
 from vlcore.data.example import Example
 
 CARRIER = (1, 0)  # (layer, head)
@@ -106,7 +106,7 @@ def test_sweep_importance_is_one_tidy_row_per_head_and_example(tiny_adapter):
 def test_sweep_importance_file_round_trips_merges_and_drops_damage(tmp_path):
     import numpy as np
 
-    from vlcore.ablation import IMPORTANCE_FILE, importance_frame, load_sweep_importance, save_sweep_importance
+    from vlcore.attribution.ablation import IMPORTANCE_FILE, importance_frame, load_sweep_importance, save_sweep_importance
 
     assert load_sweep_importance(tmp_path) is None
     save_sweep_importance(tmp_path, importance_frame("a", np.ones((2, 2), np.float32)))

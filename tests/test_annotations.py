@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import sqlalchemy as sa
 
-from vlcore.annotations import (DEFAULT_LABELS, SCHEMA_VERSION, AnnotationStore, default_url, load_label_set,
+from vlcore.storage.annotations import (DEFAULT_LABELS, SCHEMA_VERSION, AnnotationStore, default_url, load_label_set,
                                 parse_labels)
 from vlcore.errors import AnnotationError, VLScopeError
 
@@ -281,7 +281,7 @@ def test_the_mean_over_heads_is_stored_as_mean_not_as_no_head(store):
     assert bool(table.at["mean view", "head_mean"]) and pd.isna(table.at["mean view", "head"])
     assert not table.at["no heads in this view", "head_mean"] and not table.at["head 2", "head_mean"]
     assert store.list(head="mean")["text"].tolist() == ["mean view"]
-    from vlcore.annotations import head_labels
+    from vlcore.storage.annotations import head_labels
 
     assert head_labels(store.list()).tolist() == ["2", "", "mean"]
     back = pd.read_csv(io.BytesIO(store.export_csv()))

@@ -16,9 +16,9 @@ from PIL import Image
 import vlcore.data.example as example_mod
 from vlcore.data.example import (MAX_ASPECT_RATIO, Example, image_notes, open_image, open_image_bytes, to_rgb)
 from vlcore.errors import DeviceMemoryError, InputError
-from vlcore.extract import extract_trace, trace_for_example
-from vlcore.sweep import load_sweep, run_sweep
-from vlcore.store import Store
+from vlcore.run.extract import extract_trace, trace_for_example
+from vlcore.run.sweep import load_sweep, run_sweep
+from vlcore.storage.store import Store
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -175,7 +175,7 @@ def test_processor_alone_fails_on_the_strip_which_is_why_it_is_padded():
 
 
 def test_input_notes_of_an_example_and_an_upload(tmp_path):
-    from vlcore.store import get_input, put_input
+    from vlcore.storage.uploads import get_input, put_input
 
     gif = io.BytesIO()
     frames = [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 0, 255))]

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import vl_convert as vlc
 
-from vlcore.charts import build_prediction_chart
-from vlcore.charts_stats import build_head_heatmap_chart, build_importance_bar_chart
+from vlcore.charts.base import build_prediction_chart
+from vlcore.charts.stats import build_head_heatmap_chart, build_importance_bar_chart
 
 # Streamlit's Vega theme (frontend CustomTheme: axis labelOverlap true, twoSm labels, lg paddings) and the
 # autosize it adds to a chart shown with width="stretch" (streamlit/elements/vega_charts.py).

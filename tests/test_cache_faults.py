@@ -16,13 +16,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import vlcore.extract as extract_mod
+import vlcore.run.extract as extract_mod
 from tests.conftest import ROOT
 from vlcore.data.example import Example
 from vlcore.errors import StoreError
-from vlcore.extract import extract_trace, trace_for_example
-from vlcore.sweep import load_sweep, run_sweep
-from vlcore.store import Store, atomic_write_bytes, trace_to_bytes
+from vlcore.run.extract import extract_trace, trace_for_example
+from vlcore.run.sweep import load_sweep, run_sweep
+from vlcore.storage.store import Store, atomic_write_bytes, trace_to_bytes
 
 
 @pytest.fixture
@@ -225,7 +225,7 @@ def test_two_threads_compute_one_example_once_with_identical_results(tiny_adapte
 SESSION = r"""
 import hashlib, sys, time
 from pathlib import Path
-from vlcore.store import Store, trace_from_bytes, trace_to_bytes
+from vlcore.storage.store import Store, trace_from_bytes, trace_to_bytes
 root, source, marker = sys.argv[1:4]
 def compute():
     with open(marker, "a") as fh:

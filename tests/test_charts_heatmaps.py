@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlcore import charts_heatmaps as ch
-from vlcore import chart_parts as cp
-from vlcore import charts_multiples as cm
-from vlcore import heatmap_maps as hm
-from vlcore.export import chart_spec_json
+from vlcore.charts import heatmaps as ch
+from vlcore.charts import parts as cp
+from vlcore.charts import multiples as cm
+from vlcore.analysis import query_maps as hm
+from vlcore.charts.export import chart_spec_json
 from vlcore.trace import Trace
 
 # [CLS] a b [SEP] | [IMG] p(0,0) p(0,1) p(0,2) p(1,0) p(1,1) p(1,2): a NON-square 2x3 grid

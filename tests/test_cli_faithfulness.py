@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import DEMO_DIR, ROOT
 from vlcore.cli import main
-from vlcore.faithfulness import METHODS
+from vlcore.attribution.faithfulness import METHODS
 
 
 def test_faithfulness_on_the_demo_model_prints_the_table(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import DEMO_DIR
 from vlcore.data.easy_vqa import easy_vqa_examples
-from vlcore.evaluate import SUBSET_SIZE, evaluate_accuracy, fixed_subset
+from vlcore.run.evaluate import SUBSET_SIZE, evaluate_accuracy, fixed_subset
 from vlcore.models.registry import load_adapter
 
 

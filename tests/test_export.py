@@ -9,7 +9,8 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from vlcore.export import chart_to_png, chart_to_svg, frame_to_csv, frame_to_parquet
+from vlcore.charts.export import chart_to_png, chart_to_svg
+from vlcore.storage.tables import frame_to_csv, frame_to_parquet
 
 
 def test_a_chart_with_more_than_5000_rows_renders_to_png_and_svg():

@@ -7,9 +7,9 @@ import pandas as pd
 from PIL import Image
 
 from vlcore.data.example import Example
-from vlcore.extract import extract_trace
-from vlcore.sweep import PREDICTION_COLUMNS, load_sweep, run_sweep, summarize_batch
-from vlcore.stats import BUILTIN_METRICS, SUMMARY_COLUMNS, compute_trace_summaries
+from vlcore.run.extract import extract_trace
+from vlcore.run.sweep import PREDICTION_COLUMNS, load_sweep, run_sweep, summarize_batch
+from vlcore.analysis.stats import BUILTIN_METRICS, SUMMARY_COLUMNS, compute_trace_summaries
 
 
 def examples(n: int, seed: int = 0) -> list[Example]:

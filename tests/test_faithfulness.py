@@ -10,20 +10,21 @@ from tests.conftest import grey_image
 from tests.test_relevance import QUESTION, make_planted_adapter
 from vlcore.data.example import Example
 from vlcore.errors import InputError
-from vlcore.extract import extract_trace
-from vlcore.faithfulness import (
+from vlcore.run.extract import extract_trace
+from vlcore.data.easy_vqa import compute_shape_mask
+from vlcore.attribution.faithfulness import (
     METHODS,
     compute_auc,
     compute_patch_coverage,
     compute_perturbation_curve,
     compute_perturbation_curves,
-    compute_shape_mask,
+
     evaluate_faithfulness,
     pointing_chance,
     pointing_hit,
     top_patch,
 )
-from vlcore.relevance import extract_relevancy
+from vlcore.attribution.relevance import extract_relevancy
 from vlcore.trace import Trace
 
 CELL = (2, 4)

@@ -7,18 +7,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlcore.fusion import (
+from vlcore.analysis.fusion import (
     compute_fusion,
     compute_fusion_nmi,
     compute_two_means,
     principal_split_starts,
     two_means_inertia,
 )
-from vlcore.projection import ProjectionError
+from vlcore.analysis.projection import ProjectionError
 
 
 def inertia_of(x: np.ndarray, labels: np.ndarray) -> float:
-    """Sum of squared distances to the two cluster means, written out (independent of vlcore.fusion)."""
+    """Sum of squared distances to the two cluster means, written out (independent of vlcore.analysis.fusion)."""
     x = np.asarray(x, dtype=np.float64)
     return float(sum(((x[labels == side] - x[labels == side].mean(0)) ** 2).sum() for side in (False, True)
                      if (labels == side).any()))
@@ -73,7 +73,7 @@ def test_random_small_sets_match_exhaustive_search():
 def demo_hidden():
     """Hidden states of the demo model on easy-VQA test 0, 1 and 3 (the cases where n_init=4 missed)."""
     from vlcore.data.easy_vqa import easy_vqa_examples
-    from vlcore.extract import extract_trace
+    from vlcore.run.extract import extract_trace
     from vlcore.models.registry import load_adapter
 
     adapter = load_adapter("demo")

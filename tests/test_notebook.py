@@ -17,7 +17,7 @@ import vlcore.notebook as vn
 from tests.app.conftest import open_page
 from tests.conftest import ROOT
 from vlcore.errors import InputError
-from vlcore.stats import compute_trace_summaries
+from vlcore.analysis.stats import compute_trace_summaries
 
 EX = "easy_vqa/test/3"
 
@@ -124,7 +124,7 @@ def test_a_sweep_gives_the_same_head_summary_as_its_traces_and_pools_its_tokens(
 
 
 def test_bad_inputs_are_one_line_errors(trace, tmp_path):
-    from vlcore.store import trace_from_bytes, trace_to_bytes
+    from vlcore.storage.store import trace_from_bytes, trace_to_bytes
 
     cases = [
         (lambda: vn.run(), "needs image="),
@@ -203,7 +203,7 @@ def test_head_summary_draws_what_the_statistics_page_draws(trace, metric, norm):
 
 
 def test_projection_draws_what_the_embeddings_page_draws(trace):
-    from vlcore.charts_embeddings import SELECT_PARAM
+    from vlcore.charts.embeddings import SELECT_PARAM
 
     at = open_page("pages/5_Embeddings.py", {"ex": EX, "layer": "2"})
     assert not at.exception and not at.error

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 
 from tests.conftest import TINY_WORDS, make_tiny_adapter
-from vlcore.probe_labels import (
+from vlcore.analysis.probe_labels import (
     compute_box_mask,
     compute_cover_grid,
     compute_mask_shape,
     easy_vqa_image_labels,
     parse_easy_vqa_facts,
 )
-from vlcore.probing import (
+from vlcore.analysis.probing import (
     ProbingError,
     _ridge_fold_accuracy,
     attention_inputs,
@@ -27,7 +27,7 @@ from vlcore.probing import (
     split_by_example,
     word_patch_share,
 )
-from vlcore.projection import TokenSet, _tokens_frame
+from vlcore.analysis.projection import TokenSet, _tokens_frame
 
 COLOURS = {"black": (0, 0, 0), "gray": (128, 128, 128), "red": (255, 0, 0), "green": (0, 255, 0),
            "blue": (0, 0, 255), "yellow": (255, 255, 0), "teal": (0, 128, 128), "brown": (165, 42, 42)}
@@ -193,7 +193,7 @@ def test_shape_masks_match_the_shapes_easy_vqa_drew():
     import easy_vqa
     from PIL import Image
 
-    from vlcore.faithfulness import compute_shape_mask
+    from vlcore.data.easy_vqa import compute_shape_mask
 
     paths, labels = easy_vqa.get_test_image_paths(), easy_vqa_image_labels("test")
     shapes, colours = [], []
@@ -265,7 +265,7 @@ def demo_probe_sweep(tmp_path_factory):
     """A probe sweep of the demo model over 24 easy-VQA test questions (batches of 8)."""
     from vlcore.data.easy_vqa import easy_vqa_examples
     from vlcore.models.registry import load_adapter
-    from vlcore.sweep import run_sweep
+    from vlcore.run.sweep import run_sweep
 
     adapter, examples = load_adapter("demo"), easy_vqa_examples("test", limit=24)
     out = run_sweep(adapter, examples, tmp_path_factory.mktemp("probe") / "sweep", dataset="easy_vqa/test",
@@ -274,9 +274,9 @@ def demo_probe_sweep(tmp_path_factory):
 
 
 def test_a_probe_sweep_stores_what_the_traces_say(demo_probe_sweep):
-    from vlcore.extract import extract_trace
-    from vlcore.faithfulness import compute_shape_mask
-    from vlcore.probe_sweep import PROBE_FILE, load_sweep_probe
+    from vlcore.run.extract import extract_trace
+    from vlcore.data.easy_vqa import compute_shape_mask
+    from vlcore.run.probe_sweep import PROBE_FILE, load_sweep_probe
 
     adapter, examples, out = demo_probe_sweep
     assert (out / PROBE_FILE).exists() and not list(out.glob("part-*"))
@@ -303,8 +303,8 @@ def test_a_probe_sweep_stores_what_the_traces_say(demo_probe_sweep):
 
 
 def test_a_probe_sweep_resumes_and_recomputes_a_damaged_probe_part(demo_probe_sweep, tmp_path):
-    from vlcore.probe_sweep import load_sweep_probe
-    from vlcore.sweep import run_sweep, sweep_key
+    from vlcore.run.probe_sweep import load_sweep_probe
+    from vlcore.run.sweep import run_sweep, sweep_key
 
     adapter, examples, full = demo_probe_sweep
     polls = iter(range(100))
@@ -323,9 +323,9 @@ def test_a_probe_sweep_resumes_and_recomputes_a_damaged_probe_part(demo_probe_sw
 
 
 def test_probes_run_on_the_demo_probe_sweep(demo_probe_sweep):
-    from vlcore.probe_sweep import example_label_table, load_sweep_probe, patch_cover_table
-    from vlcore.projection import token_set_from_sweep
-    from vlcore.sweep import load_sweep, load_sweep_vectors
+    from vlcore.run.probe_sweep import example_label_table, load_sweep_probe, patch_cover_table
+    from vlcore.analysis.projection import token_set_from_sweep
+    from vlcore.run.sweep import load_sweep, load_sweep_vectors
 
     _, _, out = demo_probe_sweep
     preds, _ = load_sweep(out)
@@ -365,8 +365,8 @@ def vcr_adapter(tmp_path):
 def test_vcr_object_words_ground_in_their_own_boxes(vcr_adapter, tmp_path):
     from tests.data._records import VCR_BOXES, write_vcr
     from vlcore.data.vcr import load_vcr_examples
-    from vlcore.probe_sweep import load_sweep_probe
-    from vlcore.sweep import run_sweep
+    from vlcore.run.probe_sweep import load_sweep_probe
+    from vlcore.run.sweep import run_sweep
 
     (tmp_path / "vcr").mkdir()
     example = load_vcr_examples(write_vcr(tmp_path / "vcr"))[0]  # "Are Casey and Riley friends?"

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vlcore.fusion import compute_fusion, compute_fusion_nmi
-from vlcore.projection import (
+from vlcore.analysis.fusion import compute_fusion, compute_fusion_nmi
+from vlcore.analysis.projection import (
     ProjectionError,
     TokenSet,
     align_signs,
@@ -163,9 +163,9 @@ def test_sweep_vectors_equal_the_trace_and_survive_resume(tiny_adapter, tmp_path
     3), and they match single-example traces (batch 1, another path) to float16 precision: kernels whose
     blocking depends on the batch size (e.g. on AMD EPYC) may change the last bit."""
     from tests.test_extract import examples
-    from vlcore.extract import extract_trace
-    from vlcore.projection import token_set_from_sweep
-    from vlcore.sweep import load_sweep, load_sweep_vectors, run_sweep
+    from vlcore.run.extract import extract_trace
+    from vlcore.analysis.projection import token_set_from_sweep
+    from vlcore.run.sweep import load_sweep, load_sweep_vectors, run_sweep
 
     exs = examples(7)
     seen = []
@@ -198,7 +198,7 @@ def test_sweep_vectors_equal_the_trace_and_survive_resume(tiny_adapter, tmp_path
 
 def test_damaged_vector_part_is_recomputed(tiny_adapter, tmp_path):
     from tests.test_extract import examples
-    from vlcore.sweep import load_sweep_vectors, run_sweep
+    from vlcore.run.sweep import load_sweep_vectors, run_sweep
 
     exs = examples(6)
     seen = []

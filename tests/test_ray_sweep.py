@@ -1,4 +1,4 @@
-"""Sweeps on Ray Data (`vlcore.ray_sweep`): the in-process sweep's results, resume, retries, a URL target, no ray.
+"""Sweeps on Ray Data (`vlcore.run.ray_sweep`): the in-process sweep's results, resume, retries, a URL target, no ray.
 
 One local Ray (``ray.init(num_cpus=2)``) serves the module; the bundled demo model sweeps 16 easy-VQA questions.
 """
@@ -21,7 +21,7 @@ from tests.conftest import ROOT
 from vlcore.cli import main
 from vlcore.data.easy_vqa import easy_vqa_examples
 from vlcore.models.registry import load_adapter
-from vlcore.sweep import load_sweep, load_sweep_vectors, run_sweep
+from vlcore.run.sweep import load_sweep, load_sweep_vectors, run_sweep
 
 N, BATCH = 16, 4
 DATASET = "easy_vqa/test"
@@ -143,7 +143,7 @@ def test_cli_ray_sweep_equals_the_in_process_sweep(cli_sweep, reference):
 def test_the_statistics_page_reads_a_ray_sweep(cli_sweep):
     from tests.app.conftest import open_page
     from tests.app.test_stats_page import PAGE, head_charts, heat_rows
-    from vlcore.store import Store
+    from vlcore.storage.store import Store
 
     shutil.copytree(cli_sweep[0], Store().sweep_dir("ray" + "0" * 61))
     at = open_page(PAGE, {"scope": "sweep", "metric": "entropy"})
@@ -152,8 +152,8 @@ def test_the_statistics_page_reads_a_ray_sweep(cli_sweep):
 
 
 def test_a_rerun_computes_only_the_missing_examples(local_ray, reference, tmp_path):
-    from vlcore.ray_examples import ray_input
-    from vlcore.ray_sweep import run_ray_sweep
+    from vlcore.run.ray_examples import ray_input
+    from vlcore.run.ray_sweep import run_ray_sweep
 
     out, seen = tmp_path / "sweep", tmp_path / "computed.txt"
     stops = iter(range(100))  # the in-process sweep stops after two batches: 8 of 16 done
@@ -172,8 +172,8 @@ def test_a_rerun_computes_only_the_missing_examples(local_ray, reference, tmp_pa
 
 
 def test_a_killed_worker_is_retried_and_the_url_target_is_complete_without_duplicates(local_ray, reference, tmp_path):
-    from vlcore.ray_examples import ray_input
-    from vlcore.ray_sweep import run_ray_sweep
+    from vlcore.run.ray_examples import ray_input
+    from vlcore.run.ray_sweep import run_ray_sweep
 
     remote, died = tmp_path / "bucket" / "sweep", tmp_path / "died"
     report = run_ray_sweep("demo", ray_input("easy_vqa", "test", N), remote.as_uri(), dataset=DATASET,
@@ -187,8 +187,8 @@ def test_a_killed_worker_is_retried_and_the_url_target_is_complete_without_dupli
 
 def test_an_error_on_a_worker_reaches_the_driver_as_itself_and_the_finished_batches_stay(local_ray, tmp_path):
     from vlcore.errors import InputError
-    from vlcore.ray_examples import ray_input
-    from vlcore.ray_sweep import run_ray_sweep
+    from vlcore.run.ray_examples import ray_input
+    from vlcore.run.ray_sweep import run_ray_sweep
 
     with pytest.raises(InputError, match="^planted: example easy_vqa/test/1 cannot be read$"):
         run_ray_sweep("demo", ray_input("easy_vqa", "test", 8), tmp_path / "sweep", dataset=DATASET,
@@ -203,8 +203,8 @@ def test_a_parquet_vqa_set_sweeps_on_ray_as_in_process(local_ray, tmp_path):
 
     from vlcore.data.catalog import load_examples
     from vlcore.data.easy_vqa import load_easy_vqa
-    from vlcore.ray_examples import ray_input
-    from vlcore.ray_sweep import run_ray_sweep
+    from vlcore.run.ray_examples import ray_input
+    from vlcore.run.ray_sweep import run_ray_sweep
 
     records = load_easy_vqa("test")[:6]
 
@@ -239,7 +239,7 @@ def test_workers_map_rows_to_the_examples_the_in_process_loader_makes(tmp_path):
     from PIL import Image
 
     from vlcore.data.catalog import load_examples
-    from vlcore.ray_examples import ray_input
+    from vlcore.run.ray_examples import ray_input
 
     def png(value: int) -> dict:
         buf = io.BytesIO()

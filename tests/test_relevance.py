@@ -8,8 +8,8 @@ import torch
 
 from tests.conftest import TINY_LABELS, grey_image, make_tiny_adapter
 from vlcore.errors import InputError, NoAttentionError
-from vlcore.extract import extract_trace
-from vlcore.relevance import (
+from vlcore.run.extract import extract_trace
+from vlcore.attribution.relevance import (
     Relevancy,
     compute_raw_map,
     compute_rollout,

@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import vlcore.store as store_mod
+import vlcore.storage.store as store_mod
 from tests.test_cache_faults import finished_sweep, manifest, sweep_examples  # noqa: F401 (fixture)
-from vlcore.ablation import IMPORTANCE_FILE, importance_frame, load_sweep_importance, save_sweep_importance
+from vlcore.attribution.ablation import IMPORTANCE_FILE, importance_frame, load_sweep_importance, save_sweep_importance
 from vlcore.data.example import Example
-from vlcore.extract import trace_for_example
-from vlcore.store import DamagedFileError, Store, parquet_from_bytes
-from vlcore.sweep import VECTORS_FILE, load_sweep, load_sweep_vectors, run_sweep, vectors_from_bytes, vectors_to_bytes
+from vlcore.run.extract import trace_for_example
+from vlcore.storage.store import DamagedFileError, Store
+from vlcore.storage.tables import parquet_from_bytes
+from vlcore.run.sweep import VECTORS_FILE, load_sweep, load_sweep_vectors, run_sweep, vectors_from_bytes, vectors_to_bytes
 
 
 def snapshot(folder: Path) -> dict[str, str]:

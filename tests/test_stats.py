@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from vlcore.stats import BUILTIN_METRICS, compute_trace_summaries, metric_names, register_metric, unregister_metric
+from vlcore.analysis.stats import BUILTIN_METRICS, compute_trace_summaries, metric_names, register_metric, unregister_metric
 from vlcore.trace import Trace
 
 
@@ -177,8 +177,8 @@ def test_custom_metric_shows_up_next_to_the_built_ins():
 
 def test_device_path_of_a_sweep_batch_equals_the_trace_path_with_custom_metrics(tiny_adapter):
     from tests.test_extract import examples
-    from vlcore.extract import extract_trace
-    from vlcore.sweep import summarize_batch
+    from vlcore.run.extract import extract_trace
+    from vlcore.run.sweep import summarize_batch
 
     register_metric("diag", lambda t: np.stack(
         [np.diagonal(a, axis1=-2, axis2=-1).mean(-1) for a in t.attentions.astype(np.float32)]))
@@ -237,8 +237,8 @@ def _spatial_reference(trace: Trace) -> np.ndarray:
 
 
 def test_spatial_distance_of_the_demo_model_has_no_nan_on_the_trace_and_the_sweep_path():
-    from vlcore.extract import extract_trace, model_image_input
-    from vlcore.sweep import summarize_batch
+    from vlcore.run.extract import extract_trace, model_image_input
+    from vlcore.run.sweep import summarize_batch
 
     adapter, exs = _demo_examples(5)
     images = [model_image_input(adapter, e) for e in exs]

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from vlcore.extract import extract_trace, trace_for_example, trace_key
+from vlcore.run.extract import extract_trace, trace_for_example, trace_key
 from vlcore.data.example import Example
-from vlcore.store import Store, trace_from_bytes, trace_to_bytes
+from vlcore.storage.store import Store, trace_from_bytes, trace_to_bytes
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_corrupted_entry_is_dropped_then_recomputed(tmp_path, trace):
 
 
 def test_wrong_schema_version_is_treated_as_damaged(tmp_path, trace, monkeypatch):
-    import vlcore.store as store_mod
+    import vlcore.storage.store as store_mod
 
     store = Store(tmp_path)
     store.put_trace("a" * 64, trace)

@@ -10,10 +10,10 @@ import torch
 from tests.conftest import grey_image, make_tiny_adapter
 from tests.models.test_nlvr2_and_equivalence import NLVR2
 from tests.test_extract import examples
-from vlcore import stats
+from vlcore.analysis import stats
 from vlcore.data.example import Example
-from vlcore.stats import BUILTIN_METRICS, SummaryReducer, compute_layer_summaries
-from vlcore.sweep import _forward_reduced, summarize_batch
+from vlcore.analysis.stats import BUILTIN_METRICS, SummaryReducer, compute_layer_summaries
+from vlcore.run.sweep import _forward_reduced, summarize_batch
 
 
 def layout(adapter, batch):

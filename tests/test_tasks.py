@@ -7,7 +7,7 @@ import pytest
 from tests.conftest import grey_image, make_tiny_adapter
 from vlcore.data.example import Example, Fact
 from vlcore.errors import InputError
-from vlcore.tasks import run_vcr_choices, run_webqa_facts, score_texts
+from vlcore.run.tasks import run_vcr_choices, run_webqa_facts, score_texts
 
 
 def vcr_example() -> Example:

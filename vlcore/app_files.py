@@ -8,6 +8,7 @@ In a checkout they sit at the repository root (``streamlit_app.py``, ``pages/``,
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import vlcore
@@ -34,3 +35,13 @@ def app_root() -> Path:
 
 APP_ROOT = app_root()
 DEMO_MODEL_DIR = APP_ROOT / "sample_data" / "models" / "vilt-tiny-easyvqa"
+
+
+def default_root() -> Path:
+    """``$VLSCOPE_CACHE`` or the platform's user cache dir for "vlscope"."""
+    env = os.environ.get("VLSCOPE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("vlscope"))

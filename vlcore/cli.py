@@ -110,7 +110,7 @@ def _share(text: str) -> float:
 
 def cmd_faithfulness(args) -> int:
     from vlcore.data.easy_vqa import easy_vqa_examples
-    from vlcore.faithfulness import evaluate_faithfulness
+    from vlcore.attribution.faithfulness import evaluate_faithfulness
     from vlcore.models.registry import load_adapter
 
     for path in (args.out, args.details):
@@ -144,7 +144,7 @@ def cmd_extract(args) -> int:
 
     from vlcore.data.catalog import load_examples
     from vlcore.models.registry import load_adapter
-    from vlcore.sweep import load_sweep, run_sweep
+    from vlcore.run.sweep import load_sweep, run_sweep
 
     if args.engine == "ray":
         if args.probe:
@@ -175,9 +175,9 @@ def cmd_extract(args) -> int:
 
 
 def _extract_on_ray(args) -> int:
-    """``extract --engine ray``: the same sweep folder, written by Ray Data workers (`vlcore.ray_sweep`)."""
-    from vlcore.ray_examples import ray_input
-    from vlcore.ray_sweep import import_ray, run_ray_sweep
+    """``extract --engine ray``: the same sweep folder, written by Ray Data workers (`vlcore.run.ray_sweep`)."""
+    from vlcore.run.ray_examples import ray_input
+    from vlcore.run.ray_sweep import import_ray, run_ray_sweep
 
     import_ray()  # without ray: one line saying how to install it, before anything loads
     if args.device == "cuda" and not args.gpus_per_worker:
@@ -200,9 +200,9 @@ def _extract_on_ray(args) -> int:
 
 def cmd_trace(args) -> int:
     from vlcore.data.example import content_hash, open_image_bytes
-    from vlcore.extract import extract_trace
+    from vlcore.run.extract import extract_trace
     from vlcore.models.registry import load_adapter
-    from vlcore.store import atomic_write_bytes, trace_to_bytes
+    from vlcore.storage.store import atomic_write_bytes, trace_to_bytes
 
     if not args.image.is_file():  # a path typed on the command line is the user's own: no data-root check
         raise InputError(f"image file not found: {args.image}")
@@ -217,7 +217,7 @@ def cmd_trace(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from vlcore.data.easy_vqa import easy_vqa_examples
-    from vlcore.evaluate import evaluate_accuracy, fixed_subset
+    from vlcore.run.evaluate import evaluate_accuracy, fixed_subset
     from vlcore.models.registry import load_adapter
 
     examples = easy_vqa_examples(args.split)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"vlcore: error: {exc}\n")
         return 2
     except (RuntimeError, MemoryError) as exc:
-        from vlcore.extract import is_out_of_memory
+        from vlcore.run.extract import is_out_of_memory
 
         if not is_out_of_memory(exc):
             raise

@@ -51,7 +51,7 @@ def _no_row_limit() -> None:
 
 
 class _NoStore:
-    """`vlcore.extract.trace_for_example`'s store when nothing is kept: every call computes the trace."""
+    """`vlcore.run.extract.trace_for_example`'s store when nothing is kept: every call computes the trace."""
 
     notices: tuple = ()
 
@@ -147,7 +147,7 @@ def run(model="demo", image=None, text: str | None = None, example=None, device:
         text: the question or caption.
         example: instead of ``image`` and ``text``: an example id such as ``"easy_vqa/test/0"``, or an `Example`.
         device: ``auto``, ``cpu`` or ``cuda``.
-        store: a `vlcore.store.Store` to read and keep traces in (the app's cache); None computes every time.
+        store: a `vlcore.storage.store.Store` to read and keep traces in (the app's cache); None computes every time.
         top_k: predictions kept.
 
     Returns:
@@ -157,7 +157,7 @@ def run(model="demo", image=None, text: str | None = None, example=None, device:
     Raises:
         VLScopeError: a missing or unreadable image, an empty text, an unknown example or model.
     """
-    from vlcore.extract import trace_for_example
+    from vlcore.run.extract import trace_for_example
 
     ex = _example(image, text, example, store)
     adapter = load_model(model, device)
@@ -168,15 +168,15 @@ def run(model="demo", image=None, text: str | None = None, example=None, device:
 
 def sweep(model="demo", dataset: str = "easy_vqa", split: str = "test", limit: int | None = 64,
           out: str | Path | None = None, batch_size: int = 8, device: str = "auto") -> Path:
-    """Per-head summaries and token vectors of many examples (`vlcore.sweep.run_sweep`); returns the folder.
+    """Per-head summaries and token vectors of many examples (`vlcore.run.sweep.run_sweep`); returns the folder.
 
     Args:
         out: the folder; by default the app's store, where the Run model, Head statistics and Embeddings pages
             find it. A finished sweep in that folder is reused, an unfinished one resumed.
     """
     from vlcore.data.catalog import load_examples
-    from vlcore.store import Store
-    from vlcore.sweep import run_sweep, sweep_key
+    from vlcore.storage.store import Store
+    from vlcore.run.sweep import run_sweep, sweep_key
 
     examples = load_examples(dataset, split, limit)
     adapter = load_model(model, device)
@@ -202,20 +202,20 @@ def _inputs(trace: Trace, what: str):
 
 def _metric_names(heads: pd.DataFrame) -> list[str]:
     """The metrics present, in the statistics page's order (built-ins, custom, head importance last)."""
-    from vlcore.ablation import METRIC as IMPORTANCE
-    from vlcore.stats import metric_names
+    from vlcore.attribution.ablation import METRIC as IMPORTANCE
+    from vlcore.analysis.stats import metric_names
 
     present = set(heads["metric"].astype(str))
     return [m for m in metric_names() if m in present] + ([IMPORTANCE] if IMPORTANCE in present else [])
 
 
 def _trace_heads(trace: Trace, include_special: bool, importance: bool) -> pd.DataFrame:
-    from vlcore.stats import compute_trace_summaries
+    from vlcore.analysis.stats import compute_trace_summaries
 
     heads = compute_trace_summaries(trace, include_special=include_special)
     if importance:
-        from vlcore.ablation import extract_head_importance, importance_frame
-        from vlcore.extract import model_image_input
+        from vlcore.attribution.ablation import extract_head_importance, importance_frame
+        from vlcore.run.extract import model_image_input
 
         adapter, ex = _inputs(trace, "head importance")
         drop, _, _ = extract_head_importance(adapter, model_image_input(adapter, ex), trace.text)
@@ -224,9 +224,9 @@ def _trace_heads(trace: Trace, include_special: bool, importance: bool) -> pd.Da
 
 
 def _sweep_heads(path: Path, slice_: str) -> tuple[pd.DataFrame, list[str], str]:
-    from vlcore.ablation import load_sweep_importance
-    from vlcore.head_table import slice_examples
-    from vlcore.sweep import load_sweep
+    from vlcore.attribution.ablation import load_sweep_importance
+    from vlcore.analysis.head_table import slice_examples
+    from vlcore.run.sweep import load_sweep
 
     preds, heads = load_sweep(path)
     if not len(preds):
@@ -247,16 +247,16 @@ def head_summary(source, metric: str | None = None, norm: str = "raw", include_s
 
     Args:
         source: a trace, a list of traces (mean over them), or a sweep folder.
-        metric: a name of `vlcore.stats.metric_names` (default: the first, as on the page), or
+        metric: a name of `vlcore.analysis.stats.metric_names` (default: the first, as on the page), or
             ``"ablation_drop"``: head importance, computed for traces made by `run`.
         norm: ``raw``, or ``z`` (z-scored across heads per example, then averaged).
         include_special: count [CLS], [SEP] and the image CLS in the modality blocks (traces only).
         slice: for a sweep: ``all``, ``correct``, ``incorrect``, ``cat:<category>``, ``ans:<answer>``...
         selected: a (layer, head) to outline.
     """
-    from vlcore.ablation import METRIC as IMPORTANCE
-    from vlcore.charts_stats import build_head_heatmap_chart
-    from vlcore.head_table import aggregate_heads
+    from vlcore.attribution.ablation import METRIC as IMPORTANCE
+    from vlcore.charts.stats import build_head_heatmap_chart
+    from vlcore.analysis.head_table import aggregate_heads
 
     _no_row_limit()
     if isinstance(source, (str, Path)):
@@ -292,7 +292,7 @@ class Query:
 
 def _query(trace: Trace, query) -> Query:
     """A token index, a token's text, a patch ``(row, col)`` or a list of patches, as a `Query`."""
-    from vlcore import heatmap_maps as hm
+    from vlcore.analysis import query_maps as hm
 
     if isinstance(query, str):
         text = trace.text_index(include_special=True)
@@ -343,7 +343,7 @@ def query_map(trace: Trace, query=0, layer: int = -1, head: int | None = None, m
     gradient relevancy of each token for ``answer`` (default: the prediction) through [CLS], whatever the
     query (a forward and backward pass: the trace must come from `run`).
     """
-    from vlcore import heatmap_maps as hm
+    from vlcore.analysis import query_maps as hm
 
     method = _method(method)
     if direction not in hm.DIRECTIONS:
@@ -353,11 +353,11 @@ def query_map(trace: Trace, query=0, layer: int = -1, head: int | None = None, m
     if method == "attention":
         return hm.compute_query_map(trace.head_attention(layer, head), tokens, direction)
     if method == "rollout":
-        from vlcore.relevance import compute_rollout
+        from vlcore.attribution.relevance import compute_rollout
 
         return hm.compute_query_map(compute_rollout(trace, start_layer), tokens, direction)
-    from vlcore.extract import model_image_input
-    from vlcore.relevance import extract_relevancy
+    from vlcore.run.extract import model_image_input
+    from vlcore.attribution.relevance import extract_relevancy
 
     adapter, ex = _inputs(trace, "relevancy")
     return extract_relevancy(adapter, model_image_input(adapter, ex), ex.question, answer).values
@@ -382,8 +382,8 @@ def heatmap(trace: Trace, query=0, layer: int = -1, head: int | None = None, met
         smooth: bilinear upsampling of the patch grid.
         width: width in pixels.
     """
-    from vlcore import charts_heatmaps as ch
-    from vlcore import heatmap_maps as hm
+    from vlcore.charts import heatmaps as ch
+    from vlcore.analysis import query_maps as hm
 
     _no_row_limit()
     if not hm.has_image_tokens(trace):
@@ -408,7 +408,7 @@ def matrix(trace: Trace, block: str | None = None, layer: int = -1, head: int | 
         head: a head, or None for the mean over heads.
         size: the larger side in pixels.
     """
-    from vlcore import charts_heatmaps as ch
+    from vlcore.charts import heatmaps as ch
 
     _no_row_limit()
     layer, head = _layer_head(trace, layer, head)
@@ -428,10 +428,10 @@ def matrix(trace: Trace, block: str | None = None, layer: int = -1, head: int | 
 
 
 def _token_set(source):
-    from vlcore.projection import token_set_from_sweep, token_set_from_traces
+    from vlcore.analysis.projection import token_set_from_sweep, token_set_from_traces
 
     if isinstance(source, (str, Path)):
-        from vlcore.sweep import load_sweep, load_sweep_vectors
+        from vlcore.run.sweep import load_sweep, load_sweep_vectors
 
         preds, _ = load_sweep(source)
         return token_set_from_sweep(load_sweep_vectors(source), preds)
@@ -451,9 +451,9 @@ def projection(source, layer: int = -1, method: str = "pca", color: str = "modal
             for all layers) or ``none``.
         perplexity: t-SNE perplexity.
     """
-    from vlcore.charts_embeddings import COLOR_BY, build_projection_chart, thumbnail_uris
-    from vlcore.projection import ALIGNS, METHOD_NAMES, compute_layer_projections, coordinates_frame
-    from vlcore.projection import METHODS as PROJECTIONS
+    from vlcore.charts.embeddings import COLOR_BY, build_projection_chart, thumbnail_uris
+    from vlcore.analysis.projection import ALIGNS, METHOD_NAMES, compute_layer_projections, coordinates_frame
+    from vlcore.analysis.projection import METHODS as PROJECTIONS
 
     _no_row_limit()
     for name, value, allowed in (("method", method, PROJECTIONS), ("align", align, ALIGNS), ("color", color, COLOR_BY)):

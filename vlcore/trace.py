@@ -19,6 +19,9 @@ from typing import Literal
 
 import numpy as np
 
+# The layout of a stored Trace and of a sweep's files; a stored item of another version is computed again.
+TRACE_VERSION = 1
+
 TEXT, IMAGE = 0, 1
 BLOCKS = ("txt2txt", "txt2img", "img2txt", "img2img")
 Block = Literal["txt2txt", "txt2img", "img2txt", "img2img"]

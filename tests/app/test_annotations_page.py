@@ -15,7 +15,7 @@ from streamlit.testing.v1 import AppTest
 
 from tests.app.conftest import open_page
 from tests.conftest import ROOT
-from vlcore.annotations import AnnotationStore, default_url
+from vlcore.storage.annotations import AnnotationStore, default_url
 
 PAGE = "pages/6_Annotations.py"
 PANEL_PAGE = str(ROOT / "tests" / "app" / "annotate_page.py")

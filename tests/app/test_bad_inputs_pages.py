@@ -127,7 +127,7 @@ def test_sweep_that_had_to_shrink_its_batch_says_so(monkeypatch):
 
 # -- cache faults on the pages -------------------------------------------------------------------------------
 def trace_files():
-    from vlcore.store import Store
+    from vlcore.storage.store import Store
 
     return list((Store().root / "traces").glob("*/*.safetensors"))
 
@@ -152,7 +152,7 @@ def test_full_disk_shows_the_result_and_says_it_was_not_stored(monkeypatch):
     at = open_page(RUNNER, {"ex": "easy_vqa/test/8"})
     assert not at.exception and not at.error and len(heatmap_specs(at)) == 1
     assert "not stored: the disk is full" in infos(at)
-    from vlcore.store import Store
+    from vlcore.storage.store import Store
 
     assert [p for p in (Store().root / "traces").rglob("*") if p.is_file()] == []  # no trace, no temp file
 

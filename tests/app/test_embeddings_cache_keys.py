@@ -17,7 +17,7 @@ from vlcore.ui import embeddings as emb
 
 def one_trace(adapter, example_id: str = "t/0"):
     from tests.test_extract import examples
-    from vlcore.extract import extract_trace
+    from vlcore.run.extract import extract_trace
 
     ex = examples(1)[0]
     return extract_trace(adapter, ex.load_image(), ex.question, example_id)
@@ -64,7 +64,7 @@ def _change_one_vector(path) -> None:
 
 def test_two_sweep_folders_with_one_name_and_one_stamp_get_their_own_results(tiny_adapter, tmp_path):
     from tests.test_extract import examples
-    from vlcore.sweep import run_sweep
+    from vlcore.run.sweep import run_sweep
 
     first = tmp_path / "a" / "sweep-1"
     run_sweep(tiny_adapter, examples(4), first, batch_size=2, vector_patches=3)

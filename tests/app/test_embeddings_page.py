@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 
 from tests.app.conftest import open_page
-from vlcore.charts_embeddings import SELECT_PARAM
+from vlcore.charts.embeddings import SELECT_PARAM
 
 PAGE = "pages/5_Embeddings.py"
 EX = "easy_vqa/test/3"
@@ -44,8 +44,8 @@ def make_sweep(n: int = 4):
     """A sweep of the demo model over the first n easy-VQA test questions, where the page looks for it."""
     from vlcore.data.easy_vqa import easy_vqa_examples
     from vlcore.models.registry import load_adapter
-    from vlcore.store import Store
-    from vlcore.sweep import run_sweep, sweep_key
+    from vlcore.storage.store import Store
+    from vlcore.run.sweep import run_sweep, sweep_key
 
     adapter = load_adapter("demo")
     examples = easy_vqa_examples("test", limit=n)
@@ -116,8 +116,8 @@ def test_too_few_tokens_for_tsne_is_a_clear_message():
 def test_both_charts_download_as_png_and_svg_and_the_coordinates_as_csv():
     import xml.dom.minidom
 
-    from vlcore.charts_embeddings import build_fusion_chart, build_projection_chart
-    from vlcore.export import chart_to_png, chart_to_svg
+    from vlcore.charts.embeddings import build_fusion_chart, build_projection_chart
+    from vlcore.charts.export import chart_to_png, chart_to_svg
 
     at = open_page(PAGE, {"ex": EX})
     assert not at.exception and not at.error
@@ -151,7 +151,7 @@ def test_the_fusion_degree_is_the_best_partition_and_shows_its_spread_over_seeds
 def test_neighbour_thumbnails_survive_a_sweep_over_the_scatter_cap(monkeypatch):
     """A sweep with more patches than the scatter's thumbnail cap drops the tooltips' thumbnails, never the
     neighbours' (the cap is lowered to 10 here: the 4-example sweep keeps 64 patches)."""
-    import vlcore.charts_embeddings as charts
+    import vlcore.charts.embeddings as charts
 
     monkeypatch.setattr(charts, "MAX_THUMBS", 10)
     make_sweep(4)

@@ -151,10 +151,10 @@ def text_only(trace: Trace) -> Trace:
 
 
 def test_text_only_example_gets_a_clear_message(monkeypatch):
-    import vlcore.extract
+    import vlcore.run.extract
 
-    real = vlcore.extract.trace_for_example
-    monkeypatch.setattr(vlcore.extract, "trace_for_example",
+    real = vlcore.run.extract.trace_for_example
+    monkeypatch.setattr(vlcore.run.extract, "trace_for_example",
                         lambda *a, **k: (lambda tc: (text_only(tc[0]), tc[1]))(real(*a, **k)))
     at = open_page(PAGE, {"ex": EX})
     assert not at.exception and not at.error
@@ -218,7 +218,7 @@ def test_show_parts_sends_what_altair_chart_sends_for_the_builder():
 
 
 def test_overlay_click_selection_and_trace_memory(monkeypatch):
-    import vlcore.store
+    import vlcore.storage.store
     from vlcore.ui.context import trace_memory
 
     at = open_page(PAGE, {"ex": EX})
@@ -234,13 +234,13 @@ def test_overlay_click_selection_and_trace_memory(monkeypatch):
     assert len(memory) >= 1
     (root, key), (trace, _, _) = next(reversed(memory._entries.items()))
     reads = []
-    real_get = vlcore.store.Store.get_trace
-    monkeypatch.setattr(vlcore.store.Store, "get_trace", lambda self, k: reads.append(k) or real_get(self, k))
+    real_get = vlcore.storage.store.Store.get_trace
+    monkeypatch.setattr(vlcore.storage.store.Store, "get_trace", lambda self, k: reads.append(k) or real_get(self, k))
     at.selectbox(key="head").set_value(1).run()
     assert not at.exception and reads == []
-    store = vlcore.store.Store(root)
+    store = vlcore.storage.store.Store(root)
     assert memory.get(store, key) is trace
-    assert memory.get(vlcore.store.Store(root + "-other"), key) is None  # keyed by the store's folder too
+    assert memory.get(vlcore.storage.store.Store(root + "-other"), key) is None  # keyed by the store's folder too
 
     # a damaged file is not served from memory: the store drops it and the trace is recomputed
     path = store.trace_path(key)
@@ -254,7 +254,7 @@ def test_overlay_click_selection_and_trace_memory(monkeypatch):
 
 def test_trace_memory_keeps_the_last_few_traces_while_their_files_exist(tmp_path):
     from tests.test_charts_heatmaps import planted_trace
-    from vlcore.store import Store
+    from vlcore.storage.store import Store
     from vlcore.ui.context import TraceMemory
 
     store, memory = Store(tmp_path), TraceMemory(max_entries=2)
@@ -460,7 +460,7 @@ def test_faithfulness_curves_are_drawn_at_their_own_size_with_ticks_and_legend()
 
 def test_same_example_id_and_text_with_other_content_never_gets_a_stale_rollout():
     from tests.test_charts_heatmaps import patch_index, planted_trace
-    from vlcore.relevance import compute_rollout
+    from vlcore.attribution.relevance import compute_rollout
     from vlcore.ui.heatmaps import Query, method_map, trace_fingerprint
 
     first = planted_trace({(0, 0, 1): patch_index(0, 2), (1, 0, 1): patch_index(0, 2)})
@@ -479,9 +479,9 @@ def test_same_example_id_and_text_from_another_dataset_or_model_never_gets_a_sta
         tiny_tokenizer_dir):
     from tests.conftest import grey_image, make_tiny_adapter
     from vlcore.data.example import Example
-    from vlcore.extract import extract_trace
-    from vlcore.faithfulness import compute_perturbation_curve
-    from vlcore.relevance import extract_relevancy
+    from vlcore.run.extract import extract_trace
+    from vlcore.attribution.faithfulness import compute_perturbation_curve
+    from vlcore.attribution.relevance import extract_relevancy
     from vlcore.ui.heatmaps import Query, cached_curve, method_map, model_fingerprint, trace_fingerprint
 
     model_a = make_tiny_adapter(tiny_tokenizer_dir, seed=0)

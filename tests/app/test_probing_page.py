@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from tests.app.conftest import chart_specs, open_page
-from vlcore.charts_stats import HEAD_SELECTION
+from vlcore.charts.stats import HEAD_SELECTION
 
 PAGE = "pages/7_Probing.py"
 N = 24
@@ -23,7 +23,7 @@ def probe_sweep_folder(tmp_path_factory):
     each test's store (every test has its own store)."""
     from vlcore.data.easy_vqa import easy_vqa_examples
     from vlcore.models.registry import load_adapter
-    from vlcore.sweep import run_sweep, sweep_key
+    from vlcore.run.sweep import run_sweep, sweep_key
 
     adapter, examples = load_adapter("demo"), easy_vqa_examples("test", limit=N)
     key = sweep_key(adapter, "easy_vqa/test", [e.example_id for e in examples], probe=True)
@@ -34,7 +34,7 @@ def probe_sweep_folder(tmp_path_factory):
 
 def install(folder):
     """Copy a sweep folder into this test's store, where the page's sweep picker finds it."""
-    from vlcore.store import Store
+    from vlcore.storage.store import Store
 
     target = Store().sweep_dir(folder.name)
     shutil.copytree(folder, target, dirs_exist_ok=True)
@@ -106,8 +106,8 @@ def test_grounding_heads_and_a_click_selects_the_head(probe_sweep_folder):
 def test_a_sweep_without_probe_data_says_how_to_make_one():
     from vlcore.data.easy_vqa import easy_vqa_examples
     from vlcore.models.registry import load_adapter
-    from vlcore.store import Store
-    from vlcore.sweep import run_sweep, sweep_key
+    from vlcore.storage.store import Store
+    from vlcore.run.sweep import run_sweep, sweep_key
 
     adapter, examples = load_adapter("demo"), easy_vqa_examples("test", limit=6)
     run_sweep(adapter, examples, Store().sweep_dir(sweep_key(adapter, "easy_vqa/test", [e.example_id for e in examples])),

@@ -73,7 +73,7 @@ def test_sweep_from_the_page_matches_the_cli(tmp_path):
     at.button(key="sweep_start").click().run()
     assert not at.exception
     assert any("20/20 examples done" in m.value for m in at.markdown)
-    from vlcore.store import Store
+    from vlcore.storage.store import Store
 
     sweeps = Store().list_sweeps()
     assert len(sweeps) == 1 and sweeps[0]["complete"]

@@ -11,10 +11,11 @@ import pytest
 
 from tests.app.conftest import open_page
 from vlcore.data.easy_vqa import easy_vqa_examples
-from vlcore.export import chart_to_png, chart_to_svg, frame_to_csv, frame_to_parquet
-from vlcore.sweep import run_sweep, sweep_key
+from vlcore.charts.export import chart_to_png, chart_to_svg
+from vlcore.storage.tables import frame_to_csv, frame_to_parquet
+from vlcore.run.sweep import run_sweep, sweep_key
 from vlcore.models.registry import load_adapter
-from vlcore.store import Store
+from vlcore.storage.store import Store
 
 PAGE = "pages/3_Head_Statistics.py"
 
@@ -126,10 +127,10 @@ def test_downloads_parse():
 def test_a_deployments_custom_metric_module_shows_up_on_the_page(tmp_path, monkeypatch):
     import sys
 
-    from vlcore.stats import unregister_metric
+    from vlcore.analysis.stats import unregister_metric
 
     (tmp_path / "vlscope_metrics.py").write_text(
-        "import numpy as np\nfrom vlcore.stats import register_metric\n"
+        "import numpy as np\nfrom vlcore.analysis.stats import register_metric\n"
         "register_metric('diag_mass', lambda t: np.stack([np.diagonal(a, axis1=-2, axis2=-1).mean(-1) "
         "for a in t.attentions.astype(np.float32)]), 'mean self-attention')\n")
     monkeypatch.syspath_prepend(str(tmp_path))

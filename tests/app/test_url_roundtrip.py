@@ -78,7 +78,7 @@ def test_heatmaps_page_roundtrip():
 
 
 def test_annotations_page_roundtrip():
-    from vlcore.annotations import AnnotationStore
+    from vlcore.storage.annotations import AnnotationStore
 
     store = AnnotationStore()
     store.add(annotator="ana", page="pages/4_Attention_Heatmaps.py", label="plausible", text="ok",

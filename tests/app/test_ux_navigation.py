@@ -185,7 +185,7 @@ def test_hub_checkpoint_preselects_the_vqa_checkpoint():
 def test_a_stopped_sweep_keeps_the_result_and_says_how_to_resume(monkeypatch):
     from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
 
-    from vlcore import sweep
+    from vlcore.run import sweep
 
     real = sweep.run_sweep
 

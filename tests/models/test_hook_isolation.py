@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from tests.conftest import grey_image, make_tiny_adapter
-from vlcore.ablation import extract_head_importance, head_mask_hooks
+from vlcore.attribution.ablation import extract_head_importance, head_mask_hooks
 from vlcore.models.hooks import hook_scope_active, scoped_forward_hooks
-from vlcore.relevance import extract_relevancy
+from vlcore.attribution.relevance import extract_relevancy
 
 QUESTION = "what is the color of the shape?"
 OTHER = "is there a red cat in the image?"  # another session's input: a different length

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import grey_image, make_tiny_adapter
 from vlcore.errors import InputError
-from vlcore.extract import extract_trace
+from vlcore.run.extract import extract_trace
 
 NLVR2 = dict(arch="ViltForImagesAndTextClassification", num_images=2, num_labels=2, modality_type_vocab_size=3,
              id2label={0: "False", 1: "True"}, label2id={"False": 0, "True": 1})

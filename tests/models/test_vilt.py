@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.conftest import grey_image, make_tiny_adapter
-from vlcore.charts import build_patch_overlay_chart, patch_frame
+from vlcore.charts.base import build_patch_overlay_chart, patch_frame
 from vlcore.errors import InputError, ModelLoadError, UnsupportedModelError
-from vlcore.extract import extract_trace
+from vlcore.run.extract import extract_trace
 from vlcore.models.registry import load_adapter
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from vlcore.errors import DatasetError
+import numpy as np
+
+from vlcore.errors import DatasetError, InputError
 
 SPLITS = ("train", "test")
 
@@ -100,3 +102,26 @@ def easy_vqa_examples(split: str, limit: int | None = None) -> list:
     """`Example` records of an easy-VQA split, first ``limit`` of them."""
     records = load_easy_vqa(split)
     return [to_example(r) for r in records[:limit]]
+
+
+def compute_shape_mask(image_seen: np.ndarray, background=None, tolerance: int = 24) -> np.ndarray:
+    """Pixels that are not background: bool ``[h, w]``.
+
+    Args:
+        image_seen: uint8 ``[h, w, 3]``, the image as the model saw it (``trace.image``).
+        background: the background RGB; None takes the most frequent colour on the image border.
+        tolerance: a pixel is background when every channel is within this of the background.
+
+    >>> img = np.full((4, 4, 3), 200, np.uint8); img[1:3, 1:3] = (255, 0, 0)
+    >>> int(compute_shape_mask(img).sum())
+    4
+    """
+    img = np.asarray(image_seen)
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise InputError(f"expected an RGB image [h, w, 3]; got an array of shape {img.shape}")
+    if background is None:
+        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).reshape(-1, 3)
+        colours, counts = np.unique(border, axis=0, return_counts=True)
+        background = colours[counts.argmax()]
+    diff = np.abs(img.astype(np.int16) - np.asarray(background, dtype=np.int16)[None, None, :])
+    return diff.max(-1) > tolerance

@@ -12,7 +12,7 @@ from vlcore.errors import InputError
 def data_roots() -> list[Path]:
     """Folders whose files may be read: the bundled ``sample_data``, the easy-VQA package data, the
     store's uploads and inputs, and every folder in ``VLSCOPE_DATA_ROOTS`` (``os.pathsep``-separated)."""
-    from vlcore.store import default_root
+    from vlcore.app_files import default_root
 
     roots = [REPO_ROOT / "sample_data", default_root() / "uploads", default_root() / "inputs"]
     try:

@@ -214,9 +214,7 @@ def resolve_example(example_id: str, store=None, source: ExampleSource | None = 
         if index.isdigit() and int(index) < len(records):
             return to_example(records[int(index)])
     elif kind == "upload" and store is not None:
-        from vlcore.store import get_input
-
-        example = get_input(store, example_id)
+        example = store.get_input(example_id)
         if example is not None:
             return example
     raise DatasetError(f"unknown example {example_id!r}; open one from the dataset browser or upload an image")

@@ -23,7 +23,7 @@ import pandas as pd
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from vlcore.annotations import MEAN, AnnotationStore, default_url, head_labels, load_label_set, parse_labels
+from vlcore.storage.annotations import MEAN, AnnotationStore, default_url, head_labels, load_label_set, parse_labels
 from vlcore.app_files import APP_ROOT as ROOT  # the checkout, or the installed vlscope_app
 from vlcore.errors import AnnotationError, VLScopeError
 from vlcore.ui.state import current_params

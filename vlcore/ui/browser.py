@@ -110,7 +110,8 @@ def save_upload(upload) -> str:
     import hashlib
     from pathlib import Path
 
-    from vlcore.store import atomic_write_bytes, default_root
+    from vlcore.app_files import default_root
+    from vlcore.storage.store import atomic_write_bytes
 
     data = upload.getvalue()
     suffix = Path(upload.name).suffix.lower()

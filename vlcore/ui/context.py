@@ -17,7 +17,7 @@ import streamlit as st
 
 from vlcore.errors import VLScopeError
 from vlcore.models.base import ModelAdapter
-from vlcore.store import Store
+from vlcore.storage.store import Store
 from vlcore.trace import Trace
 from vlcore.ui.loaders import get_adapter, get_store
 from vlcore.ui.state import get_head, get_int, get_param, notice, set_params
@@ -155,7 +155,7 @@ def load_example_trace(adapter: ModelAdapter, store: Store, image_pass: int = 0)
     from the store or is computed now. Errors stop the page with a message. The last few traces stay in
     memory (`trace_memory`), so a rerun on the same example does not read the store again.
     """
-    from vlcore.extract import trace_for_example
+    from vlcore.run.extract import trace_for_example
     from vlcore.ui.browser import example_from_url
 
     try:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from vlcore.charts_embeddings import (
+from vlcore.charts.embeddings import (
     COLOR_BY,
     build_fusion_chart,
     build_projection_chart,
@@ -29,8 +29,8 @@ from vlcore.charts_embeddings import (
     row_thumbnails,
     thumbnail_uris,
 )
-from vlcore.fusion import N_DIRECTIONS, N_STARTS, compute_fusion
-from vlcore.projection import (
+from vlcore.analysis.fusion import N_DIRECTIONS, N_STARTS, compute_fusion
+from vlcore.analysis.projection import (
     DEFAULT_PERPLEXITY,
     TokenSet,
     align_signs,
@@ -43,7 +43,7 @@ from vlcore.projection import (
     token_set_from_sweep,
     token_set_from_traces,
 )
-from vlcore.sweep import load_sweep, load_sweep_vectors
+from vlcore.run.sweep import load_sweep, load_sweep_vectors
 from vlcore.trace import Trace
 from vlcore.ui.state import set_params
 
@@ -208,7 +208,7 @@ def neighbours(set_key: str, layer: int, row: int, k: int, _tokens: TokenSet) ->
     """`compute_neighbours` with a ``patch`` thumbnail column, once per (set, layer, token, k).
 
     The thumbnails are encoded for these rows only, so they show however many patches the set has (the
-    scatter's tooltips stop at `vlcore.charts_embeddings.MAX_THUMBS`)."""
+    scatter's tooltips stop at `vlcore.charts.embeddings.MAX_THUMBS`)."""
     table = compute_neighbours(_tokens, layer, row, k)
     return table.assign(patch=row_thumbnails(_tokens.thumbs, _tokens.tokens["kind"].to_numpy() == "patch",
                                              table["row"].to_numpy()))

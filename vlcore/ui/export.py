@@ -8,7 +8,8 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from vlcore.export import chart_spec_json, chart_to_png, chart_to_svg, frame_to_csv, frame_to_parquet
+from vlcore.charts.export import chart_spec_json, chart_to_png, chart_to_svg
+from vlcore.storage.tables import frame_to_csv, frame_to_parquet
 
 
 def chart_downloads(chart: alt.TopLevelMixin | Callable[[], alt.TopLevelMixin], name: str, key: str) -> None:

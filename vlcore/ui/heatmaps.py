@@ -22,10 +22,10 @@ import pandas as pd
 import pyarrow as pa
 import streamlit as st
 
-from vlcore import charts_heatmaps as ch
-from vlcore import chart_parts as cp
-from vlcore import charts_multiples as cm
-from vlcore import heatmap_maps as hm
+from vlcore.charts import heatmaps as ch
+from vlcore.charts import parts as cp
+from vlcore.charts import multiples as cm
+from vlcore.analysis import query_maps as hm
 from vlcore.errors import VLScopeError
 from vlcore.trace import Trace
 from vlcore.ui.state import get_choice, get_int, get_param, notice, set_params
@@ -78,7 +78,7 @@ _SHARED_ARROW_LOCK = threading.Lock()
 def _named_arrow(role: str, frame: pd.DataFrame) -> tuple[str, bytes]:
     """A frame's Arrow bytes and its dataset name (the role and a hash of the bytes).
 
-    A one-row frame that comes back as the same object (`vlcore.chart_parts.image_frame`: an image's data
+    A one-row frame that comes back as the same object (`vlcore.charts.parts.image_frame`: an image's data
     URI, a few hundred kB) is converted and hashed once, not on every rerun.
     """
     if len(frame) == 1:
@@ -189,7 +189,7 @@ def pick_query(trace: Trace) -> Query:
 
 @dataclass
 class Display:
-    """How the maps are drawn: direction, method, colour scale (`vlcore.heatmap_maps.SCALES`), opacity, smoothing."""
+    """How the maps are drawn: direction, method, colour scale (`vlcore.analysis.query_maps.SCALES`), opacity, smoothing."""
 
     direction: str
     method: str
@@ -293,7 +293,7 @@ def model_fingerprint(adapter) -> str:
 @st.cache_data(max_entries=8, show_spinner=False)
 def cached_rollout(_trace: Trace, trace_key: str, start_layer: int) -> np.ndarray:
     """Attention rollout ``[N, N]`` of the trace (keyed on its `trace_fingerprint` and the start layer)."""
-    from vlcore.relevance import compute_rollout
+    from vlcore.attribution.relevance import compute_rollout
 
     return compute_rollout(_trace, start_layer)
 
@@ -302,8 +302,8 @@ def cached_rollout(_trace: Trace, trace_key: str, start_layer: int) -> np.ndarra
 def cached_relevancy(_adapter, _example, trace_key: str, model_key: str, answer: str | None) -> np.ndarray:
     """Relevancy values ``[N]`` of the example for one answer (keyed on the trace's and the model's fingerprints:
     the example is the one the trace was made from)."""
-    from vlcore.extract import model_image_input
-    from vlcore.relevance import extract_relevancy
+    from vlcore.run.extract import model_image_input
+    from vlcore.attribution.relevance import extract_relevancy
 
     return extract_relevancy(_adapter, model_image_input(_adapter, _example), _example.question, answer).values
 
@@ -311,9 +311,9 @@ def cached_relevancy(_adapter, _example, trace_key: str, model_key: str, answer:
 @st.cache_data(max_entries=64, show_spinner="Removing patches in order and re-running the model…")
 def cached_curve(_adapter, _example, trace_key: str, model_key: str, values: np.ndarray, answer: str | None,
                  order: str):
-    """A perturbation curve (`vlcore.faithfulness.compute_perturbation_curve`) for one map and order."""
-    from vlcore.extract import model_image_input
-    from vlcore.faithfulness import compute_perturbation_curve
+    """A perturbation curve (`vlcore.attribution.faithfulness.compute_perturbation_curve`) for one map and order."""
+    from vlcore.run.extract import model_image_input
+    from vlcore.attribution.faithfulness import compute_perturbation_curve
 
     return compute_perturbation_curve(_adapter, model_image_input(_adapter, _example), _example.question, values,
                                       answer=answer, order=order, seed=0, n_random=3 if order == "random" else 1)
@@ -408,7 +408,7 @@ def show_layer_strip(trace: Trace, layer_maps: np.ndarray, layer: int, head_text
 
 
 def scale_domain(trace: Trace, maps: list[np.ndarray], scale: str) -> tuple[float, float] | None:
-    """The colour domain of every map drawn this run (`vlcore.heatmap_maps.compute_domain` on their patches).
+    """The colour domain of every map drawn this run (`vlcore.analysis.query_maps.compute_domain` on their patches).
 
     Args:
         maps: arrays ``[..., N]``: one map, or a stack (every layer, head or step-through token).

@@ -6,7 +6,7 @@ import streamlit as st
 
 from vlcore.models.base import ModelAdapter
 from vlcore.models.registry import load_adapter
-from vlcore.store import Store
+from vlcore.storage.store import Store
 
 
 @st.cache_resource(show_spinner="Loading model…", max_entries=2)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from vlcore.probing import (
+from vlcore.analysis.probing import (
     DEFAULT_COVER,
     DEFAULT_FOLDS,
     EXAMPLE_TARGETS,
@@ -82,7 +82,7 @@ def _cover_param() -> float:
 
 def sweep_stamp(path: Path) -> float:
     """Newest modification time of a sweep's manifest and probe file: a newer sweep is read again."""
-    from vlcore.probe_sweep import probe_files
+    from vlcore.run.probe_sweep import probe_files
 
     files = [path / "manifest.json", *probe_files(path)]
     return max((p.stat().st_mtime for p in files if p.exists()), default=0.0)
@@ -95,9 +95,9 @@ def sweep_probe_data(path: str, stamp: float):
     A resource, not data: the vectors (hundreds of MB for a large sweep) are shared read-only, not copied on every
     call; the probe fits below copy what they select.
     """
-    from vlcore.probe_sweep import example_label_table, load_sweep_probe, patch_cover_table
-    from vlcore.projection import token_set_from_sweep
-    from vlcore.sweep import load_sweep, load_sweep_vectors
+    from vlcore.run.probe_sweep import example_label_table, load_sweep_probe, patch_cover_table
+    from vlcore.analysis.projection import token_set_from_sweep
+    from vlcore.run.sweep import load_sweep, load_sweep_vectors
 
     preds, heads = load_sweep(path)
     probe = load_sweep_probe(path)
@@ -112,8 +112,8 @@ def sweep_probe_data(path: str, stamp: float):
 
 @st.cache_data(max_entries=32, show_spinner="Fitting one probe per layer…")
 def layer_results(path: str, stamp: float, kind: str, target: str, cover: float, folds: int = DEFAULT_FOLDS) -> pd.DataFrame:
-    """`vlcore.probing.compute_layer_probes` on a sweep's kept vectors (``path``/``stamp`` name the data)."""
-    from vlcore.probing import ProbingError, compute_layer_probes, representation_inputs
+    """`vlcore.analysis.probing.compute_layer_probes` on a sweep's kept vectors (``path``/``stamp`` name the data)."""
+    from vlcore.analysis.probing import ProbingError, compute_layer_probes, representation_inputs
 
     tokens, labels, cover_table, _, _ = sweep_probe_data(path, stamp)
     if tokens is None:
@@ -127,8 +127,8 @@ def layer_results(path: str, stamp: float, kind: str, target: str, cover: float,
 @st.cache_data(max_entries=16, show_spinner="Fitting the attention probe…")
 def attention_results(path: str, stamp: float, role: str, cover: float, folds: int = 3):
     """``(summary, weights [L, H], heads table, agreement)`` of the attention probe on a probe sweep."""
-    from vlcore.probe_sweep import require_probe
-    from vlcore.probing import attention_inputs, compute_attention_probe, rank_heads, word_patch_share
+    from vlcore.run.probe_sweep import require_probe
+    from vlcore.analysis.probing import attention_inputs, compute_attention_probe, rank_heads, word_patch_share
 
     _, _, _, probe, share = sweep_probe_data(path, stamp)
     feats, inside, groups, keys, words = attention_inputs(require_probe(probe), role, cover)
@@ -156,7 +156,7 @@ def explain(lines: dict[str, str]) -> None:
 
 def probe_sweep_panel(adapter, store) -> None:
     """Make a probe sweep of the first N examples of the URL's dataset (easy-VQA test by default)."""
-    from vlcore.sweep import VECTOR_PATCHES, run_sweep, sweep_key
+    from vlcore.run.sweep import VECTOR_PATCHES, run_sweep, sweep_key
     from vlcore.ui.browser import source_from_url
 
     st.caption("A probe sweep stores, besides the usual statistics and token vectors, every patch's share inside "

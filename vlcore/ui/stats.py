@@ -7,18 +7,18 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from vlcore.ablation import (IMPORTANCE_FILE, METRIC as IMPORTANCE, extract_head_importance, extract_sweep_importance,
+from vlcore.attribution.ablation import (IMPORTANCE_FILE, METRIC as IMPORTANCE, extract_head_importance, extract_sweep_importance,
                              importance_frame, load_sweep_importance, save_sweep_importance)
-from vlcore.charts_stats import HEAD_SELECTION
-from vlcore.head_table import head_table, top_heads
-from vlcore.stats import compute_trace_summaries, metric_names
+from vlcore.charts.stats import HEAD_SELECTION
+from vlcore.analysis.head_table import head_table, top_heads
+from vlcore.analysis.stats import compute_trace_summaries, metric_names
 from vlcore.ui.state import set_params
 
 CUSTOM_METRICS_MODULE = "vlscope_metrics"  # an optional module next to streamlit_app.py that registers metrics
 
 
 def load_custom_metrics() -> None:
-    """Import `CUSTOM_METRICS_MODULE` if the deployment has one (it calls `vlcore.stats.register_metric`)."""
+    """Import `CUSTOM_METRICS_MODULE` if the deployment has one (it calls `vlcore.analysis.stats.register_metric`)."""
     import importlib
 
     try:
@@ -49,7 +49,7 @@ def trace_stats(trace_key: str, include_special: bool, metrics: tuple[str, ...],
 def sweep_tables(path: str, updated: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(predictions, head_stats)`` of a sweep folder plus its stored head importance rows; ``updated`` is the
     manifest's and importance file's modification time, so a newer sweep is re-read."""
-    from vlcore.sweep import load_sweep
+    from vlcore.run.sweep import load_sweep
 
     preds, heads = load_sweep(path)
     had_file = (Path(path) / IMPORTANCE_FILE).exists()

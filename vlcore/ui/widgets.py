@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from vlcore.charts import build_patch_overlay_chart, build_prediction_chart
+from vlcore.charts.base import build_patch_overlay_chart, build_prediction_chart
 from vlcore.models.registry import KNOWN_CHECKPOINTS
-from vlcore.relevance import compute_raw_attention
-from vlcore.store import Store
+from vlcore.attribution.relevance import compute_raw_attention
+from vlcore.storage.store import Store
 from vlcore.trace import Trace
 from vlcore.ui.state import apply_params, get_param, set_params
 
@@ -113,7 +113,7 @@ def show_example(adapter, store: Store, source, example_id: str | None):
     """
     from vlcore.data.sources import resolve_example
     from vlcore.errors import VLScopeError
-    from vlcore.extract import trace_for_example
+    from vlcore.run.extract import trace_for_example
 
     if not example_id:
         st.info("Open an example from the dataset browser (\"Interpret this example\"), or upload an image above.")
@@ -169,7 +169,7 @@ def store_panel(store: Store) -> None:
 
 def sweep_panel(adapter, store: Store, source) -> None:
     """Run the model over the first N examples of a source, with progress, stop and resume."""
-    from vlcore.sweep import load_sweep, run_sweep, sweep_key
+    from vlcore.run.sweep import load_sweep, run_sweep, sweep_key
 
     from vlcore.data.browse import filter_index, filtered_label
     from vlcore.ui.state import get_filters
@@ -230,7 +230,7 @@ def show_task_runs(adapter, example) -> None:
     """The task-specific runs: VCR multiple choice with an image-text-matching head, WebQA per image fact."""
     import pandas as pd
 
-    from vlcore.tasks import run_vcr_choices, run_webqa_facts
+    from vlcore.run.tasks import run_vcr_choices, run_webqa_facts
 
     if example.source == "vcr" and adapter.task == "itm":
         for stage, result in zip(("Q→A", "QA→R"), run_vcr_choices(adapter, example)):

@@ -1,6 +1,6 @@
 """Run a model on one example into a full `Trace` (every attention and hidden state, fp16).
 
-A full trace exists only for examples a user opens; datasets go through `vlcore.sweep`, which keeps
+A full trace exists only for examples a user opens; datasets go through `vlcore.run.sweep`, which keeps
 per-example summaries reduced on the device.
 """
 
@@ -14,16 +14,13 @@ import torch
 from vlcore.data.example import Example, content_hash
 from vlcore.errors import DeviceMemoryError, InputError
 from vlcore.models.base import ModelAdapter
-from vlcore.store import Store, fingerprint
-from vlcore.trace import Trace
-
-EXTRACT_VERSION = 1
-
+from vlcore.storage.store import Store, fingerprint
+from vlcore.trace import TRACE_VERSION, Trace
 
 
 def trace_key(adapter: ModelAdapter, example_hash: str, top_k: int = 5) -> str:
     """Store key of a full trace: model, processing, example content and settings."""
-    return fingerprint("trace", EXTRACT_VERSION, adapter.fingerprint(), example_hash, {"top_k": top_k})
+    return fingerprint("trace", TRACE_VERSION, adapter.fingerprint(), example_hash, {"top_k": top_k})
 
 
 def extract_trace(

@@ -36,6 +36,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from vlcore.errors import AnnotationError
+from vlcore.storage.tables import frame_to_csv, frame_to_parquet
 
 SCHEMA_VERSION = 3
 DB_FILENAME = "annotations.sqlite"
@@ -98,7 +99,7 @@ def default_url() -> str:
     env = os.environ.get("VLSCOPE_ANNOTATIONS_URL")
     if env:
         return env
-    from vlcore.store import default_root
+    from vlcore.app_files import default_root
 
     root = default_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -387,15 +388,3 @@ def head_labels(frame: pd.DataFrame) -> pd.Series:
     mean = frame["head_mean"].fillna(False).astype(bool)
     index = frame["head"].astype("string").fillna("")
     return index.where(~mean, MEAN).astype(object)
-
-
-def frame_to_csv(frame: pd.DataFrame) -> bytes:
-    """An annotations table as UTF-8 CSV bytes."""
-    return frame.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%f%z").encode("utf-8")
-
-
-def frame_to_parquet(frame: pd.DataFrame) -> bytes:
-    """An annotations table as parquet bytes."""
-    buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
-    return buf.getvalue()

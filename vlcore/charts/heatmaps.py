@@ -1,10 +1,10 @@
 """Attention-heatmap views: overlays, token chips, special-token bars and matrices.
 
-Pure functions: numpy/pandas in, Altair charts out. The maps they draw come from `vlcore.heatmap_maps`;
-each view has a ``build_*_chart`` (an Altair chart) and a ``*_parts`` twin (`vlcore.chart_parts.ChartParts`,
+Pure functions: numpy/pandas in, Altair charts out. The maps they draw come from `vlcore.analysis.query_maps`;
+each view has a ``build_*_chart`` (an Altair chart) and a ``*_parts`` twin (`vlcore.charts.parts.ChartParts`,
 the same chart from a cached layout) that the heatmaps page (`pages/4_Attention_Heatmaps.py`) renders.
 Small multiples (every head, every layer, explanations side by side) and the faithfulness curves are in
-`vlcore.charts_multiples`.
+`vlcore.charts.multiples`.
 
 Token order is the trace's: ``[text (CLS first, SEP last) | image CLS | patches row-major]``.
 """
@@ -17,10 +17,10 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from vlcore.chart_parts import ChartParts, cached_image_uri, chart_parts, fast_build, image_frame, layout_key
-from vlcore.charts import patch_frame
-from vlcore import heatmap_maps as hm
-from vlcore.heatmap_maps import token_label, upsample_bilinear
+from vlcore.charts.parts import ChartParts, cached_image_uri, chart_parts, fast_build, image_frame, layout_key
+from vlcore.charts.base import patch_frame
+from vlcore.analysis import query_maps as hm
+from vlcore.analysis.query_maps import token_label, upsample_bilinear
 from vlcore.trace import Trace
 
 SCHEME = "inferno"
@@ -140,7 +140,7 @@ def build_attention_overlay_chart(
         width: width in pixels; the height keeps the image's aspect.
         select_name: name of a point selection on the patch rectangles (fields ``row, col``; shift-click
             adds patches), or None for a static chart.
-        domain: the colour scale's ``(lo, hi)`` (`vlcore.heatmap_maps.compute_domain`: shared by several
+        domain: the colour scale's ``(lo, hi)`` (`vlcore.analysis.query_maps.compute_domain`: shared by several
             maps, or 0–1); None stretches this map from its min to its max.
         subtitle: a line under the title (the page puts the image's share of the map there).
     """

@@ -1,7 +1,7 @@
 """Small multiples of attention maps and the faithfulness curves of the heatmaps page.
 
 Every head of a layer, every layer of a head (the layer strip, clickable), explanation maps side by side,
-and answer-probability curves as patches are removed. Pure functions like `vlcore.charts_heatmaps`: a
+and answer-probability curves as patches are removed. Pure functions like `vlcore.charts.heatmaps`: a
 ``build_*_chart`` (an Altair chart) and, for what the page redraws on every rerun, a ``*_parts`` twin.
 """
 
@@ -13,9 +13,9 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from vlcore import heatmap_maps as hm
-from vlcore.chart_parts import ChartParts, cached_image_uri, chart_parts, fast_build, image_frame, layout_key
-from vlcore.charts_heatmaps import SCHEME, build_attention_overlay_chart
+from vlcore.analysis import query_maps as hm
+from vlcore.charts.parts import ChartParts, cached_image_uri, chart_parts, fast_build, image_frame, layout_key
+from vlcore.charts.heatmaps import SCHEME, build_attention_overlay_chart
 from vlcore.trace import Trace
 
 _PAD = alt.AutoSizeParams(type="pad", contains="padding")  # plot size as built; axes, legend and title on top
@@ -105,7 +105,7 @@ def layer_strip_frames(trace: Trace, layer_maps: np.ndarray, domain: tuple[float
 
     Args:
         trace: the grid and the image's aspect.
-        layer_maps: ``[L, N]``, e.g. `vlcore.heatmap_maps.compute_layer_maps`.
+        layer_maps: ``[L, N]``, e.g. `vlcore.analysis.query_maps.compute_layer_maps`.
         domain: the colour domain every map shares; None: each map from its own min to its max.
         selected: the layer outlined (the one the page shows).
         captions: a second label line per layer (e.g. the image's share).
@@ -279,7 +279,7 @@ def build_perturbation_chart(curves: Mapping[str, object], title: str = "", widt
 
     Args:
         curves: order name → an object with ``fractions``, ``probabilities`` and ``auc``
-            (`vlcore.faithfulness.PerturbationCurve`).
+            (`vlcore.attribution.faithfulness.PerturbationCurve`).
     """
     frame = curve_frame(curves)
     frame["label"] = frame["order"] + " (AUC " + frame["auc"].map("{:.3f}".format) + ")"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
-from vlcore.charts import BAR_STEP, bar_list_axis
+from vlcore.charts.base import BAR_STEP, bar_list_axis
 
 HEAD_SELECTION = "head_pick"  # name of the click selection on the layer × head heatmap
 
@@ -21,7 +21,7 @@ def build_head_heatmap_chart(
     """Layer × head heatmap of one metric, plus a separated "Mean" column (mean over heads per layer).
 
     Args:
-        aggregated: `vlcore.head_table.aggregate_heads` output (``layer, head, metric, mean, std, n``) or
+        aggregated: `vlcore.analysis.head_table.aggregate_heads` output (``layer, head, metric, mean, std, n``) or
             `compare_slices` output (its ``mean`` is a difference).
         metric: the metric to draw.
         title: chart title.
@@ -90,7 +90,7 @@ def build_head_heatmap_chart(
 
 def build_importance_bar_chart(drop: pd.DataFrame, k: int = 15) -> alt.Chart:
     """The ``k`` heads whose masking drops the answer's probability most (``layer, head, mean`` rows), largest
-    first, every bar labelled (a step per bar, see `vlcore.charts.build_prediction_chart`)."""
+    first, every bar labelled (a step per bar, see `vlcore.charts.base.build_prediction_chart`)."""
     top = drop.sort_values("mean", ascending=False).head(k).copy()
     top["name"] = "L" + top["layer"].astype(int).astype(str) + " H" + top["head"].astype(int).astype(str)
     return (

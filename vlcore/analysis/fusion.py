@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from vlcore.projection import ProjectionError, TokenSet
+from vlcore.analysis.projection import ProjectionError, TokenSet
 
 N_DIRECTIONS = 10  # principal axes scanned for the best threshold split
 N_STARTS = 16  # random starts per seed (half k-means++, half random pairs)

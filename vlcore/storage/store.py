@@ -29,21 +29,12 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from vlcore.app_files import default_root
 from vlcore.errors import InputError, StoreError
-from vlcore.trace import Trace
+from vlcore.trace import TRACE_VERSION, Trace
 
 SCHEMA_VERSION = 1
 DEFAULT_CAP_BYTES = 2 * 1024**3
-
-
-def default_root() -> Path:
-    """``$VLSCOPE_CACHE`` or the platform's user cache dir for "vlscope"."""
-    env = os.environ.get("VLSCOPE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("vlscope"))
 
 
 def fingerprint(*parts: object) -> str:
@@ -143,28 +134,6 @@ def safetensors_from_bytes(data: bytes, what: str) -> tuple[dict, dict]:
     if not isinstance(meta, dict):
         raise DamagedFileError(f"damaged {what}: the safetensors header has no metadata")
     return arrays, meta
-
-
-def parquet_from_bytes(data: bytes, what: str, columns: list[str] | None = None, required: tuple[str, ...] = ()):
-    """A pandas DataFrame from parquet bytes, parsed in memory (so an ``OSError`` here is the content, not the disk).
-
-    Raises:
-        DamagedFileError: not a parquet file (no magic bytes, a bad footer, corrupt compressed pages), or a
-            column in ``columns`` / ``required`` is missing.
-    """
-    import io
-
-    import pandas as pd
-    import pyarrow as pa
-
-    try:
-        frame = pd.read_parquet(io.BytesIO(data), columns=columns)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DamagedFileError(f"damaged {what}: {type(exc).__name__}: {exc}") from exc
-    missing = [c for c in required if c not in frame.columns]
-    if missing:
-        raise DamagedFileError(f"damaged {what}: no column {missing[0]!r}")
-    return frame
 
 
 def _check(ok: bool, what: str) -> None:
@@ -321,6 +290,12 @@ class Store:
             removed += 1
         return removed
 
+    def get_input(self, input_id: str):
+        """The stored user example behind ``upload/<hash>`` as an `Example`, or None (see `uploads.get_input`)."""
+        from vlcore.storage.uploads import get_input
+
+        return get_input(self, input_id)
+
     # -- sweeps & inputs ----------------------------------------------------------------------
     def sweep_dir(self, key: str) -> Path:
         return self.root / "sweeps" / key
@@ -331,8 +306,6 @@ class Store:
         A damaged manifest, or one written by another extraction version (``schema``), is skipped with a
         notice: its sweep is run again, never read with the wrong layout.
         """
-        from vlcore.extract import EXTRACT_VERSION  # extract imports this module
-
         out = []
         for manifest in (self.root / "sweeps").glob("*/manifest.json"):
             try:
@@ -341,10 +314,10 @@ class Store:
                 self.notices.append(f"skipped the sweep in {manifest.parent.name[:12]}: its manifest is damaged; "
                                     "run the sweep again")
                 continue
-            if not isinstance(data, dict) or data.get("schema") != EXTRACT_VERSION:
+            if not isinstance(data, dict) or data.get("schema") != TRACE_VERSION:
                 got = data.get("schema") if isinstance(data, dict) else None
                 self.notices.append(f"skipped the sweep in {manifest.parent.name[:12]}: written with schema {got}, "
-                                    f"this VLScope reads {EXTRACT_VERSION}; run the sweep again")
+                                    f"this VLScope reads {TRACE_VERSION}; run the sweep again")
                 continue
             data["path"] = str(manifest.parent)
             out.append(data)
@@ -368,55 +341,4 @@ def _stat(path: Path):
     try:
         return path.stat()
     except FileNotFoundError:
-        return None
-
-
-# -- user inputs ------------------------------------------------------------------------------
-def _input_paths(root: Path, input_id: str) -> tuple[Path, Path]:
-    digest = input_id.removeprefix("upload/")
-    if not digest or not all(c in "0123456789abcdef" for c in digest):
-        raise ValueError(f"not an upload id: {input_id!r}")
-    base = root / "inputs" / digest
-    return base.with_suffix(".png"), base.with_suffix(".json")
-
-
-def put_input(store: Store, image, text: str, extra_images: tuple = ()) -> str:
-    """Keep a user's image(s) and text in the store; returns its id ``upload/<16 hex>``.
-
-    The id is a content hash of every image and the text, so the same upload always gets the same
-    id and can be shared. ``extra_images`` holds further images (NLVR2's second image).
-    """
-    import io
-
-    from vlcore.data.example import content_hash
-
-    digest = content_hash(image, text)
-    for extra in extra_images:
-        digest = content_hash(extra, digest)
-    input_id = f"upload/{digest[:16]}"
-    png, meta = _input_paths(store.root, input_id)
-    if not (png.exists() and meta.exists()):
-        from vlcore.data.example import image_notes
-
-        notes = [n for im in (image, *extra_images) for n in image_notes(im)]
-        info = {"text": text, "n_images": 1 + len(extra_images), "image_notes": notes}
-        atomic_write_bytes(meta, json.dumps(info).encode())
-        for i, im in enumerate((image, *extra_images)):
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            atomic_write_bytes(png if i == 0 else png.with_name(f"{png.stem}-{i}.png"), buf.getvalue())
-    return input_id
-
-
-def get_input(store: Store, input_id: str):
-    """The stored user example as an `Example`, or None when the id is unknown or malformed."""
-    from vlcore.data.example import Example, open_image
-
-    try:
-        png, meta = _input_paths(store.root, input_id)
-        info = json.loads(meta.read_text())
-        extras = tuple(open_image(png.with_name(f"{png.stem}-{i}.png")) for i in range(1, info.get("n_images", 1)))
-        return Example(input_id, info["text"], image=open_image(png), source="upload", extra_images=extras,
-                       meta={"image_notes": list(info.get("image_notes", []))})
-    except (ValueError, OSError, KeyError, InputError):
         return None

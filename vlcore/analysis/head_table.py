@@ -1,7 +1,7 @@
 """Per-head tables from tidy statistics: normalisation, sweep slices, aggregation and comparison.
 
-Input frames are tidy (``example_id, layer, head, metric, value``): `vlcore.stats.compute_trace_summaries`
-for one example, a sweep's ``head_stats.parquet``, or `vlcore.ablation.importance_frame` rows.
+Input frames are tidy (``example_id, layer, head, metric, value``): `vlcore.analysis.stats.compute_trace_summaries`
+for one example, a sweep's ``head_stats.parquet``, or `vlcore.attribution.ablation.importance_frame` rows.
 """
 
 from __future__ import annotations

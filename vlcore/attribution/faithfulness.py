@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vlcore.data.easy_vqa import compute_shape_mask
 from vlcore.errors import InputError
 from vlcore.trace import Trace
 
@@ -236,29 +237,6 @@ def _answer_probabilities(adapter, batch, pixel_masks: torch.Tensor, answer: str
 # -- pointing game ----------------------------------------------------------------------------------
 
 
-def compute_shape_mask(image_seen: np.ndarray, background=None, tolerance: int = 24) -> np.ndarray:
-    """Pixels that are not background: bool ``[h, w]``.
-
-    Args:
-        image_seen: uint8 ``[h, w, 3]``, the image as the model saw it (``trace.image``).
-        background: the background RGB; None takes the most frequent colour on the image border.
-        tolerance: a pixel is background when every channel is within this of the background.
-
-    >>> img = np.full((4, 4, 3), 200, np.uint8); img[1:3, 1:3] = (255, 0, 0)
-    >>> int(compute_shape_mask(img).sum())
-    4
-    """
-    img = np.asarray(image_seen)
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise InputError(f"expected an RGB image [h, w, 3]; got an array of shape {img.shape}")
-    if background is None:
-        border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).reshape(-1, 3)
-        colours, counts = np.unique(border, axis=0, return_counts=True)
-        background = colours[counts.argmax()]
-    diff = np.abs(img.astype(np.int16) - np.asarray(background, dtype=np.int16)[None, None, :])
-    return diff.max(-1) > tolerance
-
-
 def compute_patch_coverage(trace: Trace, mask: np.ndarray) -> np.ndarray:
     """Share of each patch's pixels inside the mask: float64 ``[rows, cols]``."""
     p = trace.patch_px
@@ -309,7 +287,7 @@ def pointing_chance(trace: Trace, mask: np.ndarray, min_overlap: float = 0.0) ->
 
 def compute_method_maps(trace: Trace, relevancy_values: np.ndarray, layer: int = -1, start_layer: int = 0) -> dict:
     """The three maps of a trace: raw attention ([CLS] row, mean over heads), rollout, relevancy."""
-    from vlcore.relevance import compute_raw_map, compute_rollout_map
+    from vlcore.attribution.relevance import compute_raw_map, compute_rollout_map
 
     return {
         "raw_attention": compute_raw_map(trace, layer=layer, head=None, query=0),
@@ -327,8 +305,8 @@ def faithfulness_rows(
     Keys: ``example_id, method, answer, correct, pointing_hit, pointing_chance, auc_positive,
     auc_negative, auc_random``.
     """
-    from vlcore.extract import extract_trace
-    from vlcore.relevance import extract_relevancy
+    from vlcore.run.extract import extract_trace
+    from vlcore.attribution.relevance import extract_relevancy
 
     image = example.load_image()
     trace = extract_trace(adapter, image, example.question, example.example_id, example.answers or None)

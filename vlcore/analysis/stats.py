@@ -2,7 +2,7 @@
 
 One implementation, written in torch over a batch (`SummaryReducer`, one layer at a time), serves
 both paths: a sweep feeds it each layer's attention on the model's device during the forward pass
-(only ``[B, L, H, M]`` numbers leave the device; `vlcore.sweep.summarize_batch`), and a stored `Trace`
+(only ``[B, L, H, M]`` numbers leave the device; `vlcore.run.sweep.summarize_batch`), and a stored `Trace`
 is fed through it on the CPU (`compute_trace_summaries`). Both paths round the attention to float16
 first (a stored trace keeps float16), so they agree to float32 precision. Rows of an attention matrix
 are queries, columns keys. Every formula, and the rule for rows where a value is undefined, is in

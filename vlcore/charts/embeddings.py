@@ -6,7 +6,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from vlcore.charts import image_data_uri
+from vlcore.charts.base import image_data_uri
 
 SELECT_PARAM = "token_pick"  # the scatter's point selection; the page reads event.selection[SELECT_PARAM]
 COLOR_BY = {"modality": "modality", "token": "text", "example": "example_id", "correct": "correct"}
@@ -56,7 +56,7 @@ def build_projection_chart(
     """Scatter of 2-D token coordinates.
 
     Args:
-        frame: `vlcore.projection.coordinates_frame` output, optionally with an ``image`` column of
+        frame: `vlcore.analysis.projection.coordinates_frame` output, optionally with an ``image`` column of
             thumbnail data URIs (shown in the tooltip by Vega's tooltip handler).
         color: one of `COLOR_BY` (modality, token, example, correct).
         selected: ``uid`` of the selected token, drawn larger with a black outline.
@@ -139,7 +139,7 @@ def build_fusion_chart(fusion: pd.DataFrame, current_layer: int | None = None, l
 
     Args:
         fusion: columns ``layer, nmi_modality, nmi_kind``, optionally the ranges over seeds
-            (``nmi_modality_min/max``, ``nmi_kind_min/max``, ``n_seeds``; `vlcore.fusion.compute_fusion`) and
+            (``nmi_modality_min/max``, ``nmi_kind_min/max``, ``n_seeds``; `vlcore.analysis.fusion.compute_fusion`) and
             ``series`` (e.g. the model or slice; a second series draws a second set of lines).
         current_layer: draws a vertical rule at this layer.
         layer_names: labels for layers in tooltips (e.g. ``{0: "embeddings"}``).

@@ -102,7 +102,7 @@ def extract_sweep_importance(
         batch_size: masked copies per forward pass.
         progress: called with ``(examples done, total)``.
     """
-    from vlcore.extract import model_image_input
+    from vlcore.run.extract import model_image_input
 
     frames = []
     for i, ex in enumerate(examples):
@@ -124,7 +124,8 @@ def load_sweep_importance(sweep_dir: str | Path) -> pd.DataFrame | None:
     deleted (it can be recomputed) and None returned. Any other failure (``MemoryError``, a disk error, a
     bug) propagates and deletes nothing.
     """
-    from vlcore.store import DamagedFileError, parquet_from_bytes
+    from vlcore.storage.store import DamagedFileError
+    from vlcore.storage.tables import parquet_from_bytes
 
     path = Path(sweep_dir) / IMPORTANCE_FILE
     try:
@@ -139,8 +140,8 @@ def load_sweep_importance(sweep_dir: str | Path) -> pd.DataFrame | None:
 def save_sweep_importance(sweep_dir: str | Path, new: pd.DataFrame) -> Path:
     """Add head-importance rows to a sweep folder's file (atomically; a later row for the same example and head
     replaces an earlier one)."""
-    from vlcore.export import frame_to_parquet
-    from vlcore.store import atomic_write_bytes
+    from vlcore.storage.tables import frame_to_parquet
+    from vlcore.storage.store import atomic_write_bytes
 
     old = load_sweep_importance(sweep_dir)
     merged = new if old is None else pd.concat([old, new], ignore_index=True)

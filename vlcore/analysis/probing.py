@@ -23,7 +23,7 @@ position for patch targets), so the label distribution, and its dependence on po
 the link to the example's content is cut (`compute_control_labels`). Selectivity = accuracy − control
 accuracy. The majority rate is the test share of the training set's most frequent label.
 
-Labels (easy-VQA shape masks, VCR boxes, grounding words) are made by `vlcore.probe_labels`.
+Labels (easy-VQA shape masks, VCR boxes, grounding words) are made by `vlcore.analysis.probe_labels`.
 """
 
 from __future__ import annotations
@@ -379,11 +379,11 @@ def representation_inputs(token_set, kind: str, target: str, labels: pd.DataFram
     """Vectors and labels of one token kind for `compute_layer_probes`.
 
     Args:
-        token_set: a `vlcore.projection.TokenSet` (a sweep's kept vectors).
+        token_set: a `vlcore.analysis.projection.TokenSet` (a sweep's kept vectors).
         kind: one of `TOKEN_KINDS` (``text_mean`` pools each example's words by their mean).
         target: an example-level column of ``labels`` or ``in_region`` (patches only).
-        labels: example-level targets indexed by example id (`vlcore.probe_sweep.example_label_table`).
-        cover: ``example_id, row, col, cover`` per patch (`vlcore.probe_sweep.patch_cover_table`).
+        labels: example-level targets indexed by example id (`vlcore.run.probe_sweep.example_label_table`).
+        cover: ``example_id, row, col, cover`` per patch (`vlcore.run.probe_sweep.patch_cover_table`).
         min_cover: the share of a patch inside the region that makes it ``inside``.
 
     Returns:
@@ -441,7 +441,7 @@ def attention_inputs(probe: dict, role: str = "all", min_cover: float = DEFAULT_
     """Word–patch pairs of a probe payload for `compute_attention_probe`.
 
     Args:
-        probe: `vlcore.probe_sweep.load_sweep_probe` output.
+        probe: `vlcore.run.probe_sweep.load_sweep_probe` output.
         role: which grounding words: ``shape``, ``color`` (easy-VQA), ``object`` (VCR) or ``all``.
         min_cover: the share of a patch inside the word's region that makes the pair positive.
 

@@ -3,7 +3,7 @@
 easy-VQA draws one shape of one of 8 colours on a light background whose colour is random per image (each
 channel in 230–255, not white), at 2× scale, resized to 64 px with bilinear filtering (the generator,
 ``gen_data/images.py`` of vzhou842/easy-VQA). The shape mask is every pixel that differs from the border's
-most frequent colour by more than a tolerance (`vlcore.faithfulness.compute_shape_mask`); a patch's
+most frequent colour by more than a tolerance (`vlcore.data.easy_vqa.compute_shape_mask`); a patch's
 coverage is the share of its pixels in the mask. The image's shape and colour come from the answers to its
 questions (`easy_vqa_image_labels`): 944 of the 1,000 test images reveal their shape, 920 their colour.
 
@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from vlcore.probing import ProbingError
+from vlcore.analysis.probing import ProbingError
 
 SHAPES = ("circle", "rectangle", "triangle")
 COLORS = ("black", "gray", "red", "green", "blue", "yellow", "teal", "brown")
@@ -161,7 +161,7 @@ def example_regions(example, image_seen: np.ndarray, tokens: Sequence[str], text
     Returns:
         ``(labels, region mask or None, grounding words)``.
     """
-    from vlcore.faithfulness import compute_shape_mask
+    from vlcore.data.easy_vqa import compute_shape_mask
 
     words = token_words(tokens, text_positions)
     if example.source == "easy_vqa":

@@ -2,7 +2,7 @@
 
 | Task | How it runs |
 |---|---|
-| VQA | top-k answers with probabilities against the gold answer(s) (`vlcore.extract`) |
+| VQA | top-k answers with probabilities against the gold answer(s) (`vlcore.run.extract`) |
 | VCR + image-text matching | score question + each answer (Q→A), then question + picked answer + each rationale (QA→R) |
 | VCR + VQA head | the question alone, top answers |
 | WebQA | the question with each image fact; per-image answers against the gold ``A`` |

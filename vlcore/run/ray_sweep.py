@@ -2,13 +2,13 @@
 
     python -m vlcore extract --model demo --dataset easy_vqa --limit 400 --out runs/sweep --engine ray --workers 2
 
-The examples become a Ray dataset (`vlcore.ray_examples`). `Dataset.map_batches` runs `SweepWorker`, a callable
-class that loads the adapter once per worker and reduces each batch with `vlcore.sweep.summarize_batch`, the
+The examples become a Ray dataset (`vlcore.run.ray_examples`). `Dataset.map_batches` runs `SweepWorker`, a callable
+class that loads the adapter once per worker and reduces each batch with `vlcore.run.sweep.summarize_batch`, the
 function the in-process sweep runs: there is one implementation of the statistics.
 
-The output is `vlcore.sweep`'s folder format (manifest, parts, merged files; the manifest key is the in-process
+The output is `vlcore.run.sweep`'s folder format (manifest, parts, merged files; the manifest key is the in-process
 sweep's key of the same examples, so either engine resumes the other's folder) at a local path or a URL
-(`vlcore.sweep_target`). A part is named by a hash of its example ids and written whole, so a batch Ray retries
+(`vlcore.run.sweep_target`). A part is named by a hash of its example ids and written whole, so a batch Ray retries
 after a worker died rewrites the same files; merging keeps each example once. ``ray`` is optional: without it
 `import_ray` raises a one-line `RayUnavailableError`.
 """
@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from vlcore.errors import InputError, VLScopeError
-from vlcore.ray_examples import RayInput, RowMapper
+from vlcore.run.ray_examples import RayInput, RowMapper
 
-# The sweep folder has one owner, vlcore.sweep: the Ray driver opens, checks and merges it with its functions.
-from vlcore.sweep import (VECTOR_PATCHES, SweepProgress, _claim, _consolidate, _drop_stale, _manifest,  # isort: skip
+# The sweep folder has one owner, vlcore.run.sweep: the Ray driver opens, checks and merges it with its functions.
+from vlcore.run.sweep import (VECTOR_PATCHES, SweepProgress, _claim, _consolidate, _drop_stale, _manifest,  # isort: skip
                           _write_manifest, completed_ids, summarize_batch, sweep_key, vectors_to_bytes)
-from vlcore.sweep_target import SweepTarget, open_target
+from vlcore.run.sweep_target import SweepTarget, open_target
 
 RAY_PIN = "ray[data]==2.60.0"
 MAX_ATTEMPTS = 4  # tries of one batch (its worker died, an I/O error); then the sweep stops, resumable
@@ -139,7 +139,7 @@ class SweepWorker:
     def _run(self, examples: list) -> None:
         """Summarise and write ``examples``; on out-of-memory, each half on its own (as the in-process sweep)."""
         from vlcore.errors import DeviceMemoryError
-        from vlcore.extract import _free_device_memory, is_out_of_memory, memory_message, model_image_input
+        from vlcore.run.extract import _free_device_memory, is_out_of_memory, memory_message, model_image_input
 
         try:
             batch = self.adapter.encode([model_image_input(self.adapter, e) for e in examples],
@@ -242,7 +242,7 @@ def run_ray_sweep(
         workers: model-holding actors.
         gpus_per_worker: GPUs each actor reserves (fractions share a GPU); 0 runs on CPU.
         batch_size: examples per forward pass.
-        top_k / vector_patches: as `vlcore.sweep.run_sweep`.
+        top_k / vector_patches: as `vlcore.run.sweep.run_sweep`.
         address: the Ray cluster (see `connect`).
         progress: called after each batch on the driver.
         batch_hook: called on the worker with a batch's ids before it runs (fault injection, instrumentation).

@@ -6,7 +6,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from vlcore.charts_stats import build_head_heatmap_chart
+from vlcore.charts.stats import build_head_heatmap_chart
 
 SERIES = {"accuracy": "probe accuracy", "control": "control task", "majority": "majority class"}
 WEIGHT_METRIC = "probe weight"
@@ -16,7 +16,7 @@ def build_layer_accuracy_chart(results: pd.DataFrame, title: str = "") -> alt.La
     """Held-out accuracy per layer with the control-task and majority-class baselines.
 
     Args:
-        results: `vlcore.probing.compute_layer_probes` output.
+        results: `vlcore.analysis.probing.compute_layer_probes` output.
         title: chart title.
 
     Returns:
@@ -52,6 +52,6 @@ def head_weight_frame(weights: np.ndarray) -> pd.DataFrame:
 
 def build_head_weight_chart(weights: np.ndarray, title: str = "", selected: tuple[int, int] | None = None):
     """Layer × head heatmap of the attention probe's weights (diverging around 0; a click selects a head,
-    `vlcore.charts_stats.HEAD_SELECTION`)."""
+    `vlcore.charts.stats.HEAD_SELECTION`)."""
     return build_head_heatmap_chart(head_weight_frame(weights), WEIGHT_METRIC, title=title or "Grounding heads",
                                     diverging=True, selected=selected)

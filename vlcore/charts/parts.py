@@ -25,8 +25,8 @@ import pandas as pd
 from altair.utils import schemapi
 from PIL import Image
 
-from vlcore.charts import image_data_uri
-from vlcore.export import chart_to_png, chart_to_svg
+from vlcore.charts.base import image_data_uri
+from vlcore.charts.export import chart_to_png, chart_to_svg
 from vlcore.trace import Trace
 
 
@@ -184,7 +184,7 @@ def _jpeg_uri(image: np.ndarray, quality: int = 90) -> str:
 
 
 def export_chart(chart: alt.TopLevelMixin, fmt: str, scale: float = 2.0) -> bytes:
-    """A chart as a PNG or SVG file (`vlcore.export`, rendered by vl-convert, no row limit).
+    """A chart as a PNG or SVG file (`vlcore.charts.export`, rendered by vl-convert, no row limit).
 
     Raises:
         ValueError: ``fmt`` is not ``"png"`` or ``"svg"``.

@@ -1,7 +1,7 @@
 """Where a sweep folder lives: a local folder, or a URL (``s3://``, ``gs://``, ``file://``, any fsspec protocol).
 
 Workers on other machines cannot write to the driver's disk, so a Ray sweep's workers write their parts
-straight to the target. The driver reads and checks the folder (`vlcore.sweep`'s own functions: manifest,
+straight to the target. The driver reads and checks the folder (`vlcore.run.sweep`'s own functions: manifest,
 finished ids, merging) on a local copy of it, a *staging* folder, and pushes what changed back. For a local
 path the staging folder is the output folder itself and nothing is copied.
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from vlcore.errors import InputError
-from vlcore.store import atomic_write_bytes
+from vlcore.storage.store import atomic_write_bytes
 
 # Written last when a sweep is merged (predictions mark completion), and the manifest after it.
 _LAST = ("predictions.parquet", "manifest.json")
@@ -85,7 +85,7 @@ class SweepTarget:
 
     @contextmanager
     def staged(self) -> Iterator[Path]:
-        """The local folder to read and check the sweep in, locked as `vlcore.sweep.run_sweep` locks it.
+        """The local folder to read and check the sweep in, locked as `vlcore.run.sweep.run_sweep` locks it.
 
         For a URL, a temporary copy of the remote folder (removed afterwards); `push` makes the remote match it.
         """

@@ -1,8 +1,6 @@
-"""Exports: charts to PNG/SVG through vl-convert, tables to CSV/Parquet. Pure functions returning bytes."""
+"""Chart exports: PNG/SVG through vl-convert and the Vega-Lite JSON. Pure functions returning bytes (tables: `vlcore.storage.tables`)."""
 
 from __future__ import annotations
-
-import io
 
 import altair as alt
 import pandas as pd
@@ -29,15 +27,3 @@ def chart_to_svg(chart: alt.TopLevelMixin | str) -> str:
 
     spec = chart if isinstance(chart, str) else chart_spec_json(chart)
     return vl_convert.vegalite_to_svg(spec)
-
-
-def frame_to_csv(frame: pd.DataFrame) -> bytes:
-    """UTF-8 CSV bytes without the index."""
-    return frame.to_csv(index=False).encode()
-
-
-def frame_to_parquet(frame: pd.DataFrame) -> bytes:
-    """Parquet bytes (pyarrow) without the index."""
-    buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
-    return buf.getvalue()

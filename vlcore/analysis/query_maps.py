@@ -3,7 +3,7 @@
 Token order is the trace's: ``[text (CLS first, SEP last) | image CLS | patches row-major]``.
 A *query* is one token or several (patches selected together); its map is the mean of their rows
 (attention **from** the query) or of their columns (attention **to** the query). The chart builders
-in `vlcore.charts_heatmaps` and `vlcore.charts_multiples` draw these maps, on a colour scale chosen here
+in `vlcore.charts.heatmaps` and `vlcore.charts.multiples` draw these maps, on a colour scale chosen here
 (`SCALES`: per map, shared by the maps shown, or absolute 0–1), with the image's share of each map
 (`compute_image_share`, `image_share_caption`).
 """

@@ -1,13 +1,13 @@
 """What a probe sweep stores beside the usual parts: region labels per patch and word→patch attention.
 
-`vlcore.sweep.run_sweep(..., probe=True)` calls `compute_probe_batch` in each batch pass, on the model's
+`vlcore.run.sweep.run_sweep(..., probe=True)` calls `compute_probe_batch` in each batch pass, on the model's
 device, and writes its result as ``part-*.probe.safetensors`` (merged into ``probe.safetensors`` when the
 sweep is complete), resumable and checked like the other parts. Per example it keeps:
 
-- labels: the easy-VQA image's ``shape`` and ``color`` (from its questions' answers; see `vlcore.probe_labels`);
+- labels: the easy-VQA image's ``shape`` and ``color`` (from its questions' answers; see `vlcore.analysis.probe_labels`);
 - every patch's coverage by the example's region (the easy-VQA shape mask; the union of the boxes of the
   objects a VCR question names): ``patch_example, patch_rc, patch_cover``;
-- per grounding word (a word naming a region, `vlcore.probe_labels.example_regions`): its text, role and token
+- per grounding word (a word naming a region, `vlcore.analysis.probe_labels.example_regions`): its text, role and token
   positions, and for each patch its attention in every layer and head, averaged over the word's pieces,
   with the patch's coverage by the word's own region: ``pair_word, pair_rc, pair_cover, pair_attention
   [Q, L, H]`` (float16). Only these ``Q × L × H`` numbers leave the device.
@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vlcore.probe_labels import compute_cover_grid, example_regions
-from vlcore.probing import ProbingError
+from vlcore.analysis.probe_labels import compute_cover_grid, example_regions
+from vlcore.analysis.probing import ProbingError
 
 PROBE_FILE = "probe.safetensors"
 PROBE_VERSION = "2"  # part of a probe sweep's key: a change of the payload makes a new sweep
@@ -217,7 +217,7 @@ def load_sweep_probe(out_dir: str | Path) -> dict | None:
 
 def consolidate_probe(out: Path, ids: Sequence[str]) -> None:
     """Merge a finished sweep's probe parts into `PROBE_FILE` (the parts are deleted by the caller)."""
-    from vlcore.store import atomic_write_bytes
+    from vlcore.storage.store import atomic_write_bytes
 
     merged = load_sweep_probe(out)
     if merged is not None:

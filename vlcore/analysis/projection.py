@@ -8,11 +8,11 @@ different examples share one space. Neighbours are searched in the raw hidden sp
 Token sets:
 
 - one example: every token of its `Trace` (``hidden [L + 1, N, D]``);
-- a sweep: the bounded sample the sweep kept (`vlcore.sweep.load_sweep_vectors`): every text token,
+- a sweep: the bounded sample the sweep kept (`vlcore.run.sweep.load_sweep_vectors`): every text token,
   the image CLS and at most ``K`` patches per example (``K = 16`` by default), every layer, fp16.
 
 The fusion degree (VALUE's NMI between a 2-means partition and the tokens' modality) is computed in
-`vlcore.fusion` on these token sets.
+`vlcore.analysis.fusion` on these token sets.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _trace_thumbs(trace: Trace) -> np.ndarray:
 
 
 def token_set_from_sweep(vectors: dict, predictions: pd.DataFrame | None = None) -> TokenSet:
-    """A `TokenSet` from `vlcore.sweep.load_sweep_vectors`' dict, with correctness from the predictions.
+    """A `TokenSet` from `vlcore.run.sweep.load_sweep_vectors`' dict, with correctness from the predictions.
 
     Raises:
         ProjectionError: the sweep kept no vectors (``vectors`` is None).
@@ -340,7 +340,7 @@ def compute_layer_projections(token_set: TokenSet, method: str = "pca", align: s
 
 
 # ---------------------------------------------------------------------------------------
-# Neighbours (the fusion degree is in vlcore.fusion)
+# Neighbours (the fusion degree is in vlcore.analysis.fusion)
 # ---------------------------------------------------------------------------------------
 
 

@@ -20,9 +20,9 @@ from filelock import FileLock
 
 from vlcore.data.example import Example
 from vlcore.errors import DeviceMemoryError, InputError, StoreError
-from vlcore.extract import EXTRACT_VERSION, _free_device_memory, is_out_of_memory, memory_message, model_image_input
+from vlcore.run.extract import _free_device_memory, is_out_of_memory, memory_message, model_image_input
 from vlcore.models.base import EncodedBatch, ModelAdapter
-from vlcore.stats import (
+from vlcore.analysis.stats import (
     BUILTIN_METRICS,
     SUMMARY_COLUMNS,
     SummaryReducer,
@@ -30,7 +30,9 @@ from vlcore.stats import (
     custom_metric_names,
     summaries_to_frame,
 )
-from vlcore.store import DamagedFileError, atomic_write_bytes, fingerprint, parquet_from_bytes, safetensors_from_bytes
+from vlcore.trace import TRACE_VERSION
+from vlcore.storage.store import DamagedFileError, atomic_write_bytes, fingerprint, safetensors_from_bytes
+from vlcore.storage.tables import parquet_from_bytes
 
 VECTOR_PATCHES = 16  # patches per example whose hidden vectors a sweep keeps (plus every text token)
 VECTORS_FILE = "vectors.safetensors"
@@ -47,7 +49,7 @@ class BatchSummary:
     predictions: pd.DataFrame
     heads: pd.DataFrame
     vectors: dict | None = None  # `gather_token_vectors` output, when the sweep keeps vectors
-    probe: dict | None = None  # `vlcore.probe_sweep.compute_probe_batch` output, in a probe sweep
+    probe: dict | None = None  # `vlcore.run.probe_sweep.compute_probe_batch` output, in a probe sweep
 
 
 def sample_token_positions(batch: EncodedBatch, max_patches: int) -> list[np.ndarray]:
@@ -116,7 +118,7 @@ def summarize_batch(
 
     Only the per-head summaries ``[B, L, H, M]``, the top-k predictions and, when ``vector_patches``
     is not None, the sampled token vectors (`gather_token_vectors`) are copied to the host; with
-    ``probe``, also the probe payload (`vlcore.probe_sweep.compute_probe_batch`).
+    ``probe``, also the probe payload (`vlcore.run.probe_sweep.compute_probe_batch`).
     """
     dev = adapter.device
     reducer = SummaryReducer(
@@ -136,7 +138,7 @@ def summarize_batch(
             vectors = gather_token_vectors(adapter.pass_outputs(out, 0)[1], batch, vector_patches)
         probe_part = None
         if probe:  # probing data (issue 18): word→patch attention and region labels, reduced here
-            from vlcore.probe_sweep import compute_probe_batch
+            from vlcore.run.probe_sweep import compute_probe_batch
 
             probe_part = compute_probe_batch(adapter.pass_outputs(out, 0)[0], batch, examples,
                                              [e.example_id for e in examples])
@@ -219,11 +221,11 @@ def sweep_key(
 ) -> str:
     """Store key of a sweep: model, processing, dataset name, the exact example list and settings."""
     settings = {"top_k": top_k, "vector_patches": vector_patches}
-    if probe:  # a probe sweep is another sweep (vlcore.probe_sweep); plain sweeps keep their keys
-        from vlcore.probe_sweep import PROBE_VERSION
+    if probe:  # a probe sweep is another sweep (vlcore.run.probe_sweep); plain sweeps keep their keys
+        from vlcore.run.probe_sweep import PROBE_VERSION
 
         settings["probe"] = PROBE_VERSION
-    return fingerprint("sweep", EXTRACT_VERSION, adapter.fingerprint(), dataset, list(example_ids), settings)
+    return fingerprint("sweep", TRACE_VERSION, adapter.fingerprint(), dataset, list(example_ids), settings)
 
 
 def run_sweep(
@@ -262,7 +264,7 @@ def run_sweep(
         should_stop: polled before each batch; True cancels (the work done so far is kept).
         vector_patches: patches per example whose vectors are kept (``K``); None keeps no vectors.
         probe: also store what probes need (``part-*.probe.safetensors``, merged into
-            ``probe.safetensors``; see `vlcore.probe_sweep`). A probe sweep has its own key.
+            ``probe.safetensors``; see `vlcore.run.probe_sweep`). A probe sweep has its own key.
 
     Raises:
         StoreError: ``out_dir`` holds a sweep of a different model, settings or example list.
@@ -304,7 +306,7 @@ def run_sweep(
             if summary.vectors is not None:
                 atomic_write_bytes(out / f"{part}.vectors.safetensors", vectors_to_bytes(summary.vectors))
             if summary.probe is not None:
-                from vlcore.probe_sweep import probe_to_bytes
+                from vlcore.run.probe_sweep import probe_to_bytes
 
                 atomic_write_bytes(out / f"{part}.probe.safetensors", probe_to_bytes(summary.probe))
             _write_parquet(out / f"{part}.predictions.parquet", summary.predictions)
@@ -333,13 +335,13 @@ def _drop_stale(out: Path) -> list[str]:
         return []
     except ValueError:  # not JSON (or not UTF-8): the manifest is damaged
         schema = "damaged"
-    if schema == EXTRACT_VERSION:
+    if schema == TRACE_VERSION:
         return []
     for file in out.iterdir():
         if file.is_file() and file.name != ".lock":
             file.unlink(missing_ok=True)
     return [(f"dropped the sweep stored in {out.name[:12]} (manifest schema {schema}, this VLScope writes "
-             f"{EXTRACT_VERSION}); it is computed again")]
+             f"{TRACE_VERSION}); it is computed again")]
 
 
 def _claim(
@@ -362,7 +364,7 @@ def _claim(
             return
     _write_manifest(out, {
         "key": key, "model_id": adapter.model_id, "dataset": dataset, "n_examples": n, "top_k": top_k,
-        "batch_size": batch_size, "created": time.time(), "complete": False, "schema": EXTRACT_VERSION,
+        "batch_size": batch_size, "created": time.time(), "complete": False, "schema": TRACE_VERSION,
         "vector_patches": vector_patches, **({"probe": True} if probe else {}),
     })
 
@@ -378,7 +380,7 @@ def completed_ids(out: Path, notices: list[str] | None = None) -> set[str]:
     with_vectors = _manifest(out).get("vector_patches") is not None
     with_probe = bool(_manifest(out).get("probe"))
     if with_probe:
-        from vlcore.probe_sweep import probe_part_ok, probe_part_path
+        from vlcore.run.probe_sweep import probe_part_ok, probe_part_path
     merged = out / "predictions.parquet"
     files = ([merged] if merged.exists() else []) + sorted(out.glob("part-*.predictions.parquet"))
     for path in files:
@@ -607,7 +609,7 @@ def _consolidate(out: Path, ids: list[str]) -> None:
     if vectors is not None:
         atomic_write_bytes(out / VECTORS_FILE, vectors_to_bytes(merge_vector_parts([vectors], ids)))
     if _manifest(out).get("probe"):
-        from vlcore.probe_sweep import consolidate_probe
+        from vlcore.run.probe_sweep import consolidate_probe
 
         consolidate_probe(out, ids)
     _write_parquet(out / "predictions.parquet", preds)  # written last: it marks completion
