@@ -52,7 +52,8 @@ def test_truncated_trace_is_dropped_and_recomputed_bit_identically(tiny_adapter,
     assert trace_to_bytes(again) == trace_to_bytes(first)
 
 
-def test_trace_header_of_another_schema_version_is_dropped(tiny_adapter, example):
+@pytest.mark.parametrize("schema", [0, 1])  # 1: round one's flat single-stream traces, never misread as blocks
+def test_trace_header_of_another_schema_version_is_dropped(tiny_adapter, example, schema):
     store = Store()
     first, _ = trace_for_example(tiny_adapter, example, store)
     path = only_trace_file(store)
@@ -60,13 +61,15 @@ def test_trace_header_of_another_schema_version_is_dropped(tiny_adapter, example
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
     meta = json.loads(header["__metadata__"]["vlscope"])
-    meta["schema"] = 0
+    meta["schema"] = schema
     header["__metadata__"]["vlscope"] = json.dumps(meta)
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     path.write_bytes(len(blob).to_bytes(8, "little") + blob + data[8 + n :])
     again, cached = trace_for_example(tiny_adapter, example, store)
-    assert not cached and "schema 0 != 1" in store.notices[0]
+    from vlcore.trace import TRACE_VERSION
+
+    assert not cached and f"schema {schema} != {TRACE_VERSION}" in store.notices[0]
     assert np.array_equal(again.attentions, first.attentions)
 
 

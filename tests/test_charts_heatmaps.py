@@ -38,7 +38,7 @@ def planted_trace(plants: dict[tuple[int, int, int], int] | None = None, n_layer
         att[layer, head, query, key] = 0.9
     rc = np.full((N, 2), -1, dtype=np.int16)
     rc[5:] = [(r, c) for r in range(2) for c in range(3)]
-    return Trace("hand/0", "hand-model", TOKENS, np.array([0] * 4 + [1] * 7, np.int8),
+    return Trace.from_arrays("hand/0", "hand-model", TOKENS, np.array([0] * 4 + [1] * 7, np.int8),
                  np.array([1, 0, 0, 1, 1] + [0] * 6, bool), rc, (2, 3), np.full((16, 24, 3), 90, np.uint8), 8,
                  att.astype(np.float16), None, prediction=(("red", 0.9),), text="a b")
 
@@ -158,7 +158,7 @@ def test_parse_patches_drops_bad_syntax_and_moves_cells_into_the_grid():
 def test_text_only_trace_has_no_image_tokens():
     t = planted_trace()
     assert hm.has_image_tokens(t)
-    text = Trace("t", "m", TOKENS[:4], np.zeros(4, np.int8), np.array([1, 0, 0, 1], bool),
+    text = Trace.from_arrays("t", "m", TOKENS[:4], np.zeros(4, np.int8), np.array([1, 0, 0, 1], bool),
                  np.full((4, 2), -1, np.int16), (0, 0), np.zeros((0, 0, 3), np.uint8), 8,
                  np.full((1, 1, 4, 4), 0.25, np.float16), None)
     assert not hm.has_image_tokens(text)
@@ -269,7 +269,7 @@ def test_chart_parts_reuse_the_layout_and_swap_title_and_data():
     ch.overlay_parts(t, first.datasets["patches"]["value"].reindex(range(N), fill_value=0).to_numpy(), opacity=0.2)
     ch.overlay_parts(t, np.zeros(N), selected=[(0, 1)])
     wide = planted_trace()
-    object.__setattr__(wide, "image", np.zeros((16, 40, 3), np.uint8))
+    wide = wide.with_arrays(image=np.zeros((16, 40, 3), np.uint8))
     ch.overlay_parts(wide, np.zeros(N))
     assert len(cp._TEMPLATES) == 4
     names = {"patches": "heat-1", "image": "img-1"}
@@ -300,9 +300,7 @@ def white_trace(plants: dict[tuple[int, int, int], int] | None = None, image_wei
         att[0, 0, 1] = 0.0
         att[0, 0, 1, 5:] = image_weight
         att[0, 0, 1, 0] = 1.0 - 6 * image_weight
-    object.__setattr__(t, "image", np.full((16, 24, 3), 255, np.uint8))
-    object.__setattr__(t, "attentions", att.astype(np.float16))
-    return t
+    return t.with_arrays(attentions=att.astype(np.float16), image=np.full((16, 24, 3), 255, np.uint8))
 
 
 def overlay_pixels(t: Trace, values: np.ndarray, width: int = 240, **kwargs) -> np.ndarray:
@@ -488,7 +486,7 @@ def test_layer_strip_draws_the_image_under_every_map_from_one_copy_outside_the_s
 
     from PIL import Image
 
-    t = dataclasses.replace(planted_trace(), image=np.tile(np.array([200, 30, 30], np.uint8), (16, 24, 1)))
+    t = planted_trace().with_arrays(image=np.tile(np.array([200, 30, 30], np.uint8), (16, 24, 1)))
     maps = hm.compute_layer_maps(t, 1, [1])
     parts = cm.layer_strip_parts(t, maps, selected=0, opacity=0.0, panel=60, title="Every layer")
     spec_text = parts.spec_json

@@ -134,7 +134,7 @@ def grid_trace(image: np.ndarray, patch: int = 8) -> Trace:
     modality = np.array([0, 0, 0] + [1] * (n - 3), np.int8)
     special = np.zeros(n, bool)
     special[[0, 2, 3]] = True
-    return Trace("ex", "m", tokens, modality, special, rc, (rows, cols), image, patch, None, None)
+    return Trace.from_arrays("ex", "m", tokens, modality, special, rc, (rows, cols), image, patch, None, None)
 
 
 def planted_map(trace: Trace, cell: tuple[int, int]) -> np.ndarray:

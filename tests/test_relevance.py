@@ -98,7 +98,7 @@ def random_trace(n_layers: int = 3, n_heads: int = 2, seed: int = 0, identity: b
     else:
         att = np.random.default_rng(seed).random((n_layers, n_heads, n, n))
         att /= att.sum(-1, keepdims=True)
-    return Trace("ex", "m", tokens, modality, special, rc, (2, 3), np.zeros((16, 24, 3), np.uint8), 8,
+    return Trace.from_arrays("ex", "m", tokens, modality, special, rc, (2, 3), np.zeros((16, 24, 3), np.uint8), 8,
                  att.astype(np.float16), None)
 
 
@@ -154,7 +154,7 @@ def test_raw_map_is_the_query_row_of_one_head_or_the_mean():
     for bad in ({"head": 2}, {"layer": 3}, {"query": 10}):
         with pytest.raises(InputError):
             compute_raw_map(t, **bad)
-    no_att = Trace("ex", "m", t.tokens, t.modality, t.special, t.patch_rc, t.grid, t.image, 8, None, None)
+    no_att = Trace.from_arrays("ex", "m", t.tokens, t.modality, t.special, t.patch_rc, t.grid, t.image, 8, None, None)
     with pytest.raises(NoAttentionError):
         compute_rollout(no_att)
 

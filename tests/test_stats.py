@@ -24,7 +24,7 @@ def make_trace(att: np.ndarray, n_text: int, grid: tuple[int, int], example_id: 
     rc[n_text + 3:] = [(r, c) for r in range(grid[0]) for c in range(grid[1])]
     assert att.shape[-1] == n
     image = np.zeros((grid[0] * 4, grid[1] * 4, 3), np.uint8)
-    return Trace(example_id, "m", tokens, modality, special, rc, grid, image, 4, att.astype(np.float16), None)
+    return Trace.from_arrays(example_id, "m", tokens, modality, special, rc, grid, image, 4, att.astype(np.float16), None)
 
 
 def random_attention(n_layers, n_heads, n, seed=0, sharp=1.0):

@@ -68,7 +68,7 @@ def test_nlvr2_sweep_summarises_the_first_image_pass(tiny_tokenizer_dir):
     heads = summarize_batch(nlvr2, batch, exs).heads
     with torch.no_grad():
         out = nlvr2.forward(batch, attentions=True, hidden=False)
-    masks, rc = layout(nlvr2, nlvr2.pass_layout(batch, 0))
+    masks, rc = layout(nlvr2, nlvr2.pass_batch(batch, 0))
     _, ref = compute_layer_summaries(nlvr2.pass_outputs(out, 0)[0], *masks, patch_rc=rc)
     assert list(heads["metric"].cat.categories) == list(BUILTIN_METRICS)  # rows in [B, L, H, M] order
     np.testing.assert_array_equal(heads["value"].to_numpy(), ref.numpy().reshape(-1))

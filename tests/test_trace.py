@@ -19,7 +19,7 @@ def hand_trace(n_layers: int = 1, n_heads: int = 2) -> Trace:
     rng = np.random.default_rng(0)
     att = rng.random((n_layers, n_heads, n, n)).astype(np.float32)
     att /= att.sum(-1, keepdims=True)
-    return Trace("ex", "m", tokens, modality, special, rc, (2, 3), np.zeros((16, 24, 3), np.uint8), 8,
+    return Trace.from_arrays("ex", "m", tokens, modality, special, rc, (2, 3), np.zeros((16, 24, 3), np.uint8), 8,
                  att.astype(np.float16), None)
 
 

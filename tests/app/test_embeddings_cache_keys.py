@@ -37,7 +37,7 @@ def test_same_id_with_another_gold_answer_gets_its_own_correctness(tiny_adapter)
 
 def test_same_id_with_another_image_gets_its_own_thumbnails(tiny_adapter):
     trace = one_trace(tiny_adapter)
-    other = dataclasses.replace(trace, image=np.ascontiguousarray(255 - trace.image))
+    other = trace.with_arrays(image=np.ascontiguousarray(255 - trace.image))
     (set_a, key_a), (set_b, key_b) = emb.example_token_set(trace), emb.example_token_set(other)
     assert key_a != key_b
     thumbs_a, thumbs_b = emb.thumbnails(key_a, set_a), emb.thumbnails(key_b, set_b)

@@ -145,7 +145,7 @@ def text_only(trace: Trace) -> Trace:
     keep = np.flatnonzero(trace.modality == 0)
     att = trace.attentions[:, :, keep][:, :, :, keep].astype(np.float32)
     att /= att.sum(-1, keepdims=True)
-    return Trace(trace.example_id, trace.model_id, tuple(trace.tokens[i] for i in keep), trace.modality[keep],
+    return Trace.from_arrays(trace.example_id, trace.model_id, tuple(trace.tokens[i] for i in keep), trace.modality[keep],
                  trace.special[keep], trace.patch_rc[keep], (0, 0), np.zeros((0, 0, 3), np.uint8), trace.patch_px,
                  att.astype(np.float16), None, trace.prediction, trace.gold, text=trace.text)
 

@@ -215,4 +215,4 @@ def test_answers_are_found_from_id2label_even_without_label2id(tiny_tokenizer_di
     adapter.model.config.label2id = {}  # some configs carry id2label only
     logits = torch.arange(len(TINY_LABELS), dtype=torch.float32)[None]
     assert adapter.label2id == {a: i for i, a in enumerate(TINY_LABELS)}
-    assert float(adapter.target_logit(logits, "circle")) == TINY_LABELS.index("circle")
+    assert float(adapter.target_score(logits, "circle")[0][0]) == TINY_LABELS.index("circle")

@@ -25,7 +25,7 @@ def has_image_tokens(trace: Trace) -> bool:
     """Whether the trace has image patches to draw a heatmap on (False for a text-only trace).
 
     >>> from vlcore.trace import Trace
-    >>> t = Trace("e", "m", ("[CLS]", "a", "[SEP]"), np.zeros(3, np.int8), np.array([1, 0, 1], bool),
+    >>> t = Trace.from_arrays("e", "m", ("[CLS]", "a", "[SEP]"), np.zeros(3, np.int8), np.array([1, 0, 1], bool),
     ...           np.full((3, 2), -1, np.int16), (0, 0), np.zeros((0, 0, 3), np.uint8), 8, None, None)
     >>> has_image_tokens(t)
     False

@@ -455,8 +455,7 @@ def compute_custom_batch(attentions, batch, example_ids: list[str], model_id: st
 
     Args:
         attentions: one ``[B, H, N, N]`` tensor per layer (any device).
-        batch: the `EncodedBatch` with the layout (``tokens``, ``modality``, ``special``, ``patch_rc``,
-            ``valid``, ``grids``, ``images``).
+        batch: the `EncodedBatch` whose main stream's layouts the attentions follow.
         example_ids: ids, one per batch row.
         model_id: recorded in the light traces.
     """
@@ -466,8 +465,5 @@ def compute_custom_batch(attentions, batch, example_ids: list[str], model_id: st
     traces = []
     for b, eid in enumerate(example_ids):
         keep = np.flatnonzero(batch.valid[b])
-        traces.append(Trace(
-            eid, model_id, tuple(batch.tokens[b][i] for i in keep), batch.modality[b][keep], batch.special[b][keep],
-            batch.patch_rc[b][keep], batch.grids[b], batch.images[b], 0, att[b][:, :, keep][:, :, :, keep], None,
-        ))
+        traces.append(Trace.single(eid, model_id, batch.layouts[b].trimmed(), att[b][:, :, keep][:, :, :, keep], None))
     return compute_custom_metrics(traces)

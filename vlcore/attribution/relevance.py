@@ -211,22 +211,24 @@ def extract_relevancy(
         InputError: an unknown answer, or a model head with no answer logit.
     """
     batch = adapter.encode([image], [text])
-    layout = adapter.pass_layout(batch, image_pass)
-    keep = np.flatnonzero(layout.valid[0])
-    attentions, gradients, logits, label = adapter.attention_gradients(batch, answer, image_pass=image_pass)
-    rel = relevancy_matrix(attentions, gradients)[np.ix_(keep, keep)]
-    values = rel[0].astype(np.float32)
-    values[0] = 0.0
-    idx = adapter.label2id.get(label) if adapter.task in ("vqa", "nlvr2") else 0
+    padded = adapter.pass_batch(batch, image_pass).layouts[0]
+    keep = np.flatnonzero(padded.valid)
+    layout = padded.trimmed()
+    block = adapter.default_block
+    grads = adapter.attention_gradients(batch, answer, blocks=(block,), image_pass=image_pass)
+    rel = relevancy_matrix(grads.attentions[block], grads.gradients[block])[np.ix_(keep, keep)]
+    query = adapter.default_query(block, layout)
+    values = rel[query].astype(np.float32)
+    values[query] = 0.0
     return Relevancy(
         values=values,
-        answer=label,
-        logit=float(logits[0, idx]),
-        tokens=tuple(layout.tokens[0][i] for i in keep),
-        modality=layout.modality[0][keep],
-        special=layout.special[0][keep],
-        patch_rc=layout.patch_rc[0][keep],
-        grid=layout.grids[0],
+        answer=grads.label,
+        logit=grads.score,
+        tokens=layout.tokens,
+        modality=layout.modality,
+        special=layout.special,
+        patch_rc=layout.patch_rc,
+        grid=layout.images[0].grid,
         R=rel.astype(np.float32) if keep_matrix else None,
     )
 

@@ -8,7 +8,10 @@ retries. Load errors name their cause (`vlcore.models.hub.describe_load_error`).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from importlib import import_module
 from pathlib import Path
+from typing import Any
 
 from vlcore.app_files import DEMO_MODEL_DIR  # in the checkout, or in the installed vlscope_app
 from vlcore.errors import ModelLoadError, UnsupportedModelError
@@ -16,15 +19,53 @@ from vlcore.models.base import ModelAdapter
 from vlcore.models.hub import describe_load_error, first_line, hub_unreachable, is_network_error, offline_variable
 
 DEMO_MODEL = "demo"
+DEFAULT_HUB_CHECKPOINT = "dandelin/vilt-b32-finetuned-vqa"  # preselected when a user picks a hub checkpoint
 
-# Offered in the UI; any other ViLT id or directory also works.
-KNOWN_CHECKPOINTS = {
-    "dandelin/vilt-b32-finetuned-vqa": "VQA (3,129 answers)",
-    "dandelin/vilt-b32-mlm": "masked LM (pre-trained)",
-    "dandelin/vilt-b32-finetuned-coco": "image-text matching (COCO)",
-    "dandelin/vilt-b32-finetuned-flickr30k": "image-text matching (Flickr30k)",
-    "dandelin/vilt-b32-finetuned-nlvr2": "NLVR2: is the sentence true of two images?",
-}
+# The family modules under vlcore.models; each defines FAMILY (a `Family`) and ``load(LoadContext)``.
+FAMILY_MODULES = ("vilt",)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family module declares about itself.
+
+    Attributes:
+        name: short name, e.g. ``"blip"``.
+        title: for display, e.g. ``"BLIP"``.
+        model_types: the ``config.json`` ``model_type`` values it loads.
+        architectures: supported ``architectures`` class names -> task.
+        checkpoints: hub ids offered in the UI -> a few words on each.
+    """
+
+    name: str
+    title: str
+    model_types: tuple[str, ...]
+    architectures: dict[str, str]
+    checkpoints: dict[str, str]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.architectures.values()))
+
+
+def families() -> list[Family]:
+    """Every supported family, in display order."""
+    return [import_module(f"vlcore.models.{name}").FAMILY for name in FAMILY_MODULES]
+
+
+def family_of(model_type: str) -> Family | None:
+    """The family that loads ``model_type``, or None."""
+    return next((f for f in families() if model_type in f.model_types), None)
+
+
+def known_checkpoints() -> dict[str, tuple[Family, str]]:
+    """Hub id -> (family, description), every family's offered checkpoints in display order."""
+    return {hub_id: (fam, text) for fam in families() for hub_id, text in fam.checkpoints.items()}
+
+
+def supported_text() -> str:
+    """One line naming the supported families and their architectures."""
+    return "; ".join(f"{f.title} ({', '.join(f.architectures)})" for f in families())
 
 
 def is_offline() -> bool:
@@ -38,7 +79,8 @@ def weights_hash(directory: Path) -> str:
     digest = hashlib.sha256()
     files = sorted(p for p in directory.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name in (
         "config.json", "preprocessor_config.json", "processor_config.json", "tokenizer.json",
-        "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")))
+        "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model", "special_tokens_map.json",
+        "chat_template.jinja", "chat_template.json", "generation_config.json")))
     for path in files:
         digest.update(path.name.encode())
         with path.open("rb") as fh:
@@ -90,48 +132,72 @@ def load_adapter(source: str = DEMO_MODEL, revision: str | None = None, device: 
     except Exception as exc:  # transformers raises OSError/ValueError/HTTP errors: name the cause
         raise describe_load_error(source, local, exc, revision, unreachable) from exc
     archs = list(getattr(config, "architectures", None) or [])
-    if config.model_type == "vilt":
-        return _load_vilt(path, local, config, archs, kwargs, source, revision, device, dtype, unreachable)
-    raise UnsupportedModelError(
-        f"{source!r} is a {config.model_type!r} model ({', '.join(archs) or 'no architecture'}); VLScope supports "
-        "ViLT checkpoints (ViltForQuestionAnswering, ViltForImageAndTextRetrieval, ViltForMaskedLM, ViltModel, "
-        "ViltForImagesAndTextClassification). "
-        "Try dandelin/vilt-b32-finetuned-vqa or the bundled demo."
-    )
-
-
-def _load_vilt(path, local, config, archs, kwargs, source, revision, device, dtype, unreachable) -> ModelAdapter:
-    import transformers
-    from transformers import AutoTokenizer, ViltImageProcessorPil
-
-    from vlcore.models.vilt import ARCHITECTURES, ViltAdapter
-
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    family = family_of(config.model_type)
+    if family is None:
+        raise UnsupportedModelError(
+            f"{source!r} is a {config.model_type!r} model ({', '.join(archs) or 'no architecture'}); VLScope supports "
+            f"{supported_text()}. Try one of the offered checkpoints or the bundled demo."
+        )
+    arch = next((a for a in archs if a in family.architectures), None)
     if arch is None:
         raise UnsupportedModelError(
-            f"{source!r} is ViLT but its head {archs or '(none)'} is not supported; supported heads: "
-            f"{', '.join(ARCHITECTURES)}."
+            f"{source!r} is {family.title} but its head {archs or '(none)'} is not supported; supported heads: "
+            f"{', '.join(family.architectures)}."
         )
-    try:
-        model = getattr(transformers, arch).from_pretrained(path, attn_implementation="eager", **kwargs)
-    except Exception as exc:
-        raise describe_load_error(source, local, exc, revision, unreachable) from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        image_processor = ViltImageProcessorPil.from_pretrained(path, **kwargs)
-    except Exception as exc:
-        if is_network_error(exc):
-            raise describe_load_error(source, local, exc, revision, unreachable) from exc
-        raise ModelLoadError(
-            f"{source!r} has weights but its processor (tokenizer or preprocessor_config.json) could not be "
-            f"loaded ({first_line(exc)}). Save the processor beside the weights "
-            "(ViltProcessor.save_pretrained) or use a checkpoint that ships one."
-        ) from exc
-    if local:
-        model_id = f"{Path(path).name}@sha256:{weights_hash(Path(path))}"
-    else:
-        model_id = f"{source}@{_hub_commit(path, revision) or revision or 'main'}"
-    return ViltAdapter(model, tokenizer, image_processor, model_id=model_id, device=device, dtype=dtype)
+    ctx = LoadContext(path, local, config, arch, kwargs, source, revision, device, dtype, unreachable)
+    return import_module(f"vlcore.models.{family.name}").load(ctx)
+
+
+@dataclass
+class LoadContext:
+    """Everything a family's ``load`` needs, and the shared ways to load weights and processors with errors
+    that name their cause."""
+
+    path: str
+    local: bool
+    config: Any
+    architecture: str
+    kwargs: dict
+    source: str
+    revision: str | None
+    device: str
+    dtype: Any
+    unreachable: str | None
+
+    def from_pretrained(self, loader, **extra):
+        """``loader.from_pretrained(path, ...)`` for the weights (eager attention); load errors named.
+
+        Raises:
+            ModelLoadError: the weights cannot be loaded (the message names the cause).
+        """
+        try:
+            return loader.from_pretrained(self.path, **{**self.kwargs, **extra})
+        except Exception as exc:
+            raise describe_load_error(self.source, self.local, exc, self.revision, self.unreachable) from exc
+
+    def processor(self, loader, **extra):
+        """``loader.from_pretrained(path, ...)`` for a tokenizer or processor; a missing processor named as such.
+
+        Raises:
+            ModelLoadError: the processor files are missing or damaged, or the hub cannot be reached.
+        """
+        try:
+            return loader.from_pretrained(self.path, **{**self.kwargs, **extra})
+        except Exception as exc:
+            if is_network_error(exc):
+                raise describe_load_error(self.source, self.local, exc, self.revision, self.unreachable) from exc
+            raise ModelLoadError(
+                f"{self.source!r} has weights but its processor (tokenizer or preprocessor_config.json) could not "
+                f"be loaded ({first_line(exc)}). Save the processor beside the weights (processor.save_pretrained) "
+                "or use a checkpoint that ships one."
+            ) from exc
+
+    @property
+    def model_id(self) -> str:
+        """Name plus weights hash (local folder) or hub commit."""
+        if self.local:
+            return f"{Path(self.path).name}@sha256:{weights_hash(Path(self.path))}"
+        return f"{self.source}@{_hub_commit(self.path, self.revision) or self.revision or 'main'}"
 
 
 def _hub_commit(repo_id: str, revision: str | None) -> str | None:

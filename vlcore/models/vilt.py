@@ -14,14 +14,17 @@ ViLT's quirks live here and nowhere else:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
 from vlcore.errors import InputError, NoAttentionError
-from vlcore.models.base import EncodedBatch, ModelAdapter
-from vlcore.trace import IMAGE, IMAGE_CLS_TOKEN, TEXT, patch_token
+from vlcore.models.base import BlockSpec, Capture, Captured, EncodedBatch, Gradients, ModelAdapter
+from vlcore.models.registry import Family, LoadContext
+from vlcore.trace import IMAGE, IMAGE_CLS_TOKEN, ROLE_SPECIAL, TEXT, ImageGrid, TokenLayout, patch_token
 
 ARCHITECTURES = {
     "ViltForQuestionAnswering": "vqa",
@@ -31,9 +34,35 @@ ARCHITECTURES = {
     "ViltForImagesAndTextClassification": "nlvr2",
 }
 
+FAMILY = Family(
+    name="vilt",
+    title="ViLT",
+    model_types=("vilt",),
+    architectures=ARCHITECTURES,
+    checkpoints={
+        "dandelin/vilt-b32-finetuned-vqa": "VQA (3,129 answers)",
+        "dandelin/vilt-b32-mlm": "masked LM (pre-trained)",
+        "dandelin/vilt-b32-finetuned-coco": "image-text matching (COCO)",
+        "dandelin/vilt-b32-finetuned-flickr30k": "image-text matching (Flickr30k)",
+        "dandelin/vilt-b32-finetuned-nlvr2": "NLVR2: is the sentence true of two images?",
+    },
+)
+
+
+def load(ctx: LoadContext) -> ViltAdapter:
+    """Load a ViLT checkpoint (eager attention) with its tokenizer and image processor."""
+    import transformers
+    from transformers import AutoTokenizer, ViltImageProcessorPil
+
+    model = ctx.from_pretrained(getattr(transformers, ctx.architecture), attn_implementation="eager")
+    tokenizer = ctx.processor(AutoTokenizer)
+    image_processor = ctx.processor(ViltImageProcessorPil)
+    return ViltAdapter(model, tokenizer, image_processor, model_id=ctx.model_id, device=ctx.device, dtype=ctx.dtype)
+
 
 class ViltAdapter(ModelAdapter):
-    """A ViLT model with its tokenizer and image processor.
+    """A ViLT model with its tokenizer and image processor: one joint stream ``main`` (text, image CLS, patches)
+    and one block ``self``.
 
     Args:
         model: a ``Vilt*`` model (any of ``ARCHITECTURES``).
@@ -43,6 +72,9 @@ class ViltAdapter(ModelAdapter):
         device: "cpu", "cuda", or "auto".
         dtype: torch dtype for the weights; float32 unless asked.
     """
+
+    family = "vilt"
+    tasks = FAMILY.tasks
 
     def __init__(self, model, tokenizer, image_processor, model_id: str, device: str = "auto", dtype=None):
         arch = type(model).__name__
@@ -67,6 +99,10 @@ class ViltAdapter(ModelAdapter):
     @property
     def config(self):
         return self.model.config
+
+    def block_specs(self) -> dict[str, BlockSpec]:
+        return {"self": BlockSpec("main", "main", self.n_layers, self.n_heads, False,
+                                  "joint self-attention (text and image)")}
 
     @property
     def n_layers(self) -> int:
@@ -117,6 +153,7 @@ class ViltAdapter(ModelAdapter):
         return {
             "model_id": self.model_id,
             "architecture": self.architecture,
+            "family": self.family,
             "task": self.task,
             "parameters": n_params,
             "layers": self.n_layers,
@@ -161,7 +198,9 @@ class ViltAdapter(ModelAdapter):
 
     def pass_outputs(self, out, image_pass: int = 0) -> tuple:
         if self.task != "nlvr2":
-            return super().pass_outputs(out, image_pass)
+            if image_pass != 0:
+                raise ValueError(f"{self.model_id} runs one image pass per example; got pass {image_pass}")
+            return out.attentions, getattr(out, "hidden_states", None)
         hidden = out.hidden_states[image_pass] if out.hidden_states is not None else None
         return out.attentions[image_pass], hidden
 
@@ -184,6 +223,12 @@ class ViltAdapter(ModelAdapter):
             image_embeds, image_mask, rc = self.embed_images(pix["pixel_values"].to(dev), pix["pixel_mask"].to(dev))
         layout = self._layout(enc, image_mask.cpu().numpy().astype(bool), rc.cpu().numpy())
         images_seen = self._images_seen(pix["pixel_values"], layout["grids"])
+        layouts = [
+            TokenLayout.from_modality(layout["tokens"][b], layout["modality"][b], layout["special"][b],
+                                      layout["patch_rc"][b], (ImageGrid.regular(images_seen[b], layout["grids"][b],
+                                                                                self.patch_px),), layout["valid"][b])
+            for b in range(len(texts))
+        ]
         return EncodedBatch(
             inputs={
                 "input_ids": input_ids,
@@ -191,10 +236,10 @@ class ViltAdapter(ModelAdapter):
                 "image_embeds": image_embeds,
                 "pixel_mask": image_mask,
             },
-            images=images_seen,
+            streams={"main": layouts},
+            main="main",
             truncated=[len(f) > self.max_text_len for f in full],
             n_text_full=[len(f) for f in full],
-            **layout,
         )
 
     def embed_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor):
@@ -294,7 +339,79 @@ class ViltAdapter(ModelAdapter):
             )
         return out
 
-    def attention_gradients(self, batch: EncodedBatch, label: str | None = None, image_pass: int = 0) -> tuple:
+    def capture(self, batch: EncodedBatch, capture: Capture = Capture()) -> Captured:
+        """One pass keeping the ``self`` block and the ``main`` stream's hidden states (see `ModelAdapter.capture`)."""
+        want = capture.blocks is None or "self" in capture.blocks
+        out = self.forward(batch, attentions=want, hidden=capture.hidden)
+        att_layers, hid_layers = self.pass_outputs(out, capture.image_pass)
+        attentions = {}
+        if want:
+            att = torch.stack(tuple(att_layers))  # [L, B, H, N, N]
+            if capture.layers is not None:
+                att = att[list(capture.layers)]
+            if capture.heads is not None:
+                att = att[:, :, list(capture.heads)]
+            attentions["self"] = att
+        hidden = {"main": torch.stack(tuple(hid_layers))} if capture.hidden and hid_layers is not None else {}
+        return Captured(out, attentions, hidden)
+
+    def target_score(self, output: Any, target: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """VQA/NLVR2: the answer's logit and its probability (`score`); ITM: the match logit and its sigmoid."""
+        logits = output.logits if hasattr(output, "logits") else output
+        if self.task == "itm":
+            return logits[:, 0], torch.sigmoid(logits.float()[:, 0]), "match"
+        if self.task not in ("vqa", "nlvr2"):
+            raise InputError(f"this needs a VQA, NLVR2 or image-text-matching head; {self.model_id} is {self.task}")
+        if target is not None and target not in self.label2id:
+            raise InputError(f"{target!r} is not one of {self.model_id}'s answers; pick one it knows")
+        index = int(logits[0].argmax()) if target is None else self.label2id[target]
+        probs = self.score(logits) if self.task == "vqa" else logits.float().softmax(-1)
+        return logits[:, index], probs[:, index], str(self.config.id2label[index])
+
+    def targets(self) -> list[str]:
+        return list(self.label2id) if self.task in ("vqa", "nlvr2") else []
+
+    def default_query(self, block: str, layout: TokenLayout) -> int | None:
+        """[CLS], the first special token: ViLT's pooler and every head read its row."""
+        return layout.first(ROLE_SPECIAL)
+
+    @contextmanager
+    def head_mask(self, block: str, keep: torch.Tensor):
+        """Multiply each head's context in ``ViltSelfAttention`` by ``keep [B, L, H]``."""
+        modules = self.self_attention_modules()
+        if block != "self" or keep.shape[1:] != (len(modules), self.n_heads):
+            raise ValueError(f"ViLT masks heads of block 'self' with keep [B, {len(modules)}, {self.n_heads}]; "
+                             f"got {block!r} {tuple(keep.shape)}")
+
+        def make_hook(layer: int):
+            def hook(module, args, output):
+                context = output[0]  # [B, N, H * d]
+                scale = keep[:, layer].to(context.dtype).repeat_interleave(context.shape[-1] // self.n_heads, dim=1)
+                return (context * scale[:, None, :],) + tuple(output[1:])
+            return hook
+
+        with self.hooked([(module, make_hook(layer)) for layer, module in enumerate(modules)]):
+            yield
+
+    def mask_image_tokens(self, batch: EncodedBatch, drops: Sequence[np.ndarray]) -> EncodedBatch:
+        """Variants with patches removed through ``pixel_mask`` (ViLT's image attention mask): no token attends
+        to a removed patch."""
+        if len(batch) != 1 or self.n_passes != 1:
+            raise InputError(f"image-token removal runs on one example of a one-image model; got {len(batch)} "
+                             f"example(s) for {self.model_id} ({self.n_passes} image passes)")
+        n_text = int(batch.inputs["input_ids"].shape[1])  # pixel_mask covers [image CLS | patches]
+        base = batch.inputs["pixel_mask"][0]
+        masks = []
+        for drop in drops:
+            m = base.clone()
+            m[torch.as_tensor(np.asarray(drop, dtype=np.int64) - n_text, device=m.device)] = 0
+            masks.append(m)
+        inputs = {**batch.repeated_inputs(len(masks), exclude=("pixel_mask",)), "pixel_mask": torch.stack(masks)}
+        return EncodedBatch(inputs, {k: v * len(masks) for k, v in batch.streams.items()}, batch.main,
+                            batch.truncated * len(masks), batch.n_text_full * len(masks))
+
+    def attention_gradients(self, batch: EncodedBatch, target: str | None = None,
+                            blocks: Sequence[str] | None = None, image_pass: int = 0) -> Gradients:
         """Attention probabilities and the gradient of one answer's logit with respect to them.
 
         Forward hooks on each ``ViltSelfAttention`` collect the probabilities the module returns;
@@ -307,14 +424,14 @@ class ViltAdapter(ModelAdapter):
 
         Args:
             batch: from `encode`, exactly one example.
-            label: the answer to explain (a VQA/NLVR2 label); None explains the top one. An
+            target: the answer to explain (a VQA/NLVR2 label); None explains the top one. An
                 image-text-matching head always explains its match score.
+            blocks: ignored beyond ``self``, ViLT's only block.
             image_pass: which image pass to return for NLVR2 (one encoder pass per image).
 
         Returns:
-            ``(attentions, gradients, logits, label)``: lists of ``n_layers`` float32 tensors
-            ``[H, N, N]`` (rows queries), the detached logits ``[1, n_labels]``, and the label explained
-            (``"match"`` for ITM).
+            `Gradients` of block ``self``: ``n_layers`` float32 ``[H, N, N]`` per list (rows queries), the
+            detached output, the label explained (``"match"`` for ITM) and its logit.
 
         Raises:
             InputError: more than one example, an unknown label, or a head with no answer logit.
@@ -331,18 +448,12 @@ class ViltAdapter(ModelAdapter):
         with self.hooked([(m, keep_probs) for m in self.self_attention_modules()]), torch.enable_grad():
             embeds = batch.inputs["image_embeds"].detach().clone().requires_grad_(True)
             out = self.forward(batch, attentions=True, hidden=False, image_embeds=embeds)
-            target = self.target_logit(out.logits, label)
+            score, _, chosen = self.target_score(out, target)
             layers = captured[image_pass * self.n_layers : (image_pass + 1) * self.n_layers]
-            grads = torch.autograd.grad(target, layers, allow_unused=True)
-        chosen = self._label_of(out.logits, label)
+            grads = torch.autograd.grad(score[0], layers, allow_unused=True)
         attentions = [a[0].detach().float() for a in layers]
         gradients = [torch.zeros_like(a) if g is None else g[0].detach().float() for a, g in zip(attentions, grads)]
-        return attentions, gradients, out.logits.detach(), chosen
-
-    def _label_of(self, logits: torch.Tensor, label: str | None) -> str:
-        if self.task == "itm":
-            return "match"
-        return label if label is not None else str(self.config.id2label[int(logits[0].argmax())])
+        return Gradients({"self": attentions}, {"self": gradients}, out.logits.detach(), chosen, float(score[0].detach()))
 
     def predict(self, logits: torch.Tensor | None, top_k: int = 5, batch: EncodedBatch | None = None) -> list[list[tuple[str, float]]]:
         """Top-k (label, probability) per example.
@@ -352,6 +463,8 @@ class ViltAdapter(ModelAdapter):
         image-text-matching head gives one ``("match", sigmoid(logit))``. A masked-LM head
         gives the top tokens at the first ``[MASK]`` of the text, if there is one.
         """
+        if logits is not None and not isinstance(logits, torch.Tensor):  # a model output: its logits, if any
+            logits = getattr(logits, "logits", None)
         if logits is None:  # a bare ViltModel has no head
             return [[] for _ in range(len(batch) if batch is not None else 1)]
         logits = logits.detach().float()
@@ -420,17 +533,6 @@ class ViltAdapter(ModelAdapter):
             self.__dict__["_label2id"] = cached
         return cached
 
-    def target_logit(self, logits: torch.Tensor, label: str | None) -> torch.Tensor:
-        """The scalar logit to explain: a VQA label (None: the top one), or the ITM score."""
-        if self.task in ("vqa", "nlvr2"):
-            if label is not None and label not in self.label2id:
-                raise InputError(f"{label!r} is not one of {self.model_id}'s answers; pick one it knows")
-            idx = int(logits[0].argmax()) if label is None else self.label2id[label]
-            return logits[0, idx]
-        if self.task == "itm":
-            return logits[0, 0]
-        raise InputError(f"gradient relevancy needs a VQA or image-text-matching head; {self.model_id} is {self.task}")
-
 
 def _pad_image_tokens(batch: EncodedBatch, width: int) -> EncodedBatch:
     """Pad a batch's image part to ``width`` image tokens (zero embeddings, masked, patch_rc -1)."""
@@ -441,10 +543,5 @@ def _pad_image_tokens(batch: EncodedBatch, width: int) -> EncodedBatch:
     emb, mask = batch.inputs["image_embeds"], batch.inputs["pixel_mask"]
     batch.inputs["image_embeds"] = torch.cat([emb, emb.new_zeros(emb.shape[0], extra, emb.shape[2])], dim=1)
     batch.inputs["pixel_mask"] = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
-    b = len(batch.tokens)
-    batch.modality = np.concatenate([batch.modality, np.full((b, extra), IMAGE, np.int8)], 1)
-    batch.special = np.concatenate([batch.special, np.zeros((b, extra), bool)], 1)
-    batch.patch_rc = np.concatenate([batch.patch_rc, np.full((b, extra, 2), -1, np.int16)], 1)
-    batch.valid = np.concatenate([batch.valid, np.zeros((b, extra), bool)], 1)
-    batch.tokens = [t + ("[PAD]",) * extra for t in batch.tokens]
+    batch.streams = {name: [lay.padded(extra, image=0) for lay in layouts] for name, layouts in batch.streams.items()}
     return batch

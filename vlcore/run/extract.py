@@ -13,9 +13,9 @@ import torch
 
 from vlcore.data.example import Example, content_hash
 from vlcore.errors import DeviceMemoryError, InputError
-from vlcore.models.base import ModelAdapter
+from vlcore.models.base import Capture, Captured, EncodedBatch, ModelAdapter
 from vlcore.storage.store import Store, fingerprint
-from vlcore.trace import TRACE_VERSION, Trace
+from vlcore.trace import TRACE_VERSION, AttentionBlock, Trace
 
 
 def trace_key(adapter: ModelAdapter, example_hash: str, top_k: int = 5) -> str:
@@ -47,44 +47,56 @@ def extract_trace(
             prediction always combines both).
 
     Returns:
-        A `Trace` with float16 ``attentions [L, H, N, N]`` and ``hidden [L + 1, N, D]``; padding
-        tokens (an NLVR2 pair of different sizes) are dropped.
+        A `Trace` with every block the adapter exposes (float16 ``[L, H, Q, K]``) and every stream's hidden
+        states (``[L + 1, N, D]``); padding tokens (an NLVR2 pair of different sizes) are dropped.
     """
     batch = adapter.encode([image], [text])
-    layout = adapter.pass_layout(batch, image_pass)
-    keep = np.flatnonzero(layout.valid[0])
     with torch.no_grad():
-        out = adapter.forward(batch, attentions=True, hidden=True)
-        att_layers, hid_layers = adapter.pass_outputs(out, image_pass)
-        attentions = torch.stack(att_layers)[:, 0].half().cpu().numpy()[:, :, keep][:, :, :, keep]
-        hidden = torch.stack(hid_layers)[:, 0].half().cpu().numpy()[:, keep]
-    prediction = adapter.predict(getattr(out, "logits", None), top_k=top_k, batch=batch)[0]
-    return Trace(
-        example_id=example_id,
-        model_id=adapter.model_id,
-        tokens=tuple(layout.tokens[0][i] for i in keep),
-        modality=layout.modality[0][keep],
-        special=layout.special[0][keep],
-        patch_rc=layout.patch_rc[0][keep],
-        grid=layout.grids[0],
-        image=layout.images[0],
-        patch_px=adapter.patch_px,
-        attentions=attentions,
-        hidden=hidden,
-        prediction=tuple(prediction),
-        gold=tuple(gold) if gold else None,
-        text_truncated=batch.truncated[0],
-        text=text,
-        meta={
-            "task": adapter.task,
-            "n_text_tokens_full": batch.n_text_full[0],
-            "max_text_len": adapter.max_text_len,
-            "hidden_note": "hidden[L] is before the final LayerNorm",
-            "image_pass": image_pass,
-            "n_image_passes": adapter.n_passes,
-            **(meta or {}),
-        },
-    )
+        captured = adapter.capture(batch, Capture(image_pass=image_pass))
+    prediction = adapter.predict(captured.output, top_k=top_k, batch=batch)[0]
+    return trace_from_capture(adapter, adapter.pass_batch(batch, image_pass), captured, 0, example_id,
+                              prediction=tuple(prediction), gold=tuple(gold) if gold else None,
+                              text_truncated=batch.truncated[0], text=text,
+                              meta={"task": adapter.task, "family": adapter.family,
+                                    "n_text_tokens_full": batch.n_text_full[0], "max_text_len": adapter.max_text_len,
+                                    "image_pass": image_pass, "n_image_passes": adapter.n_passes, **(meta or {})})
+
+
+def trace_from_capture(adapter: ModelAdapter, batch: EncodedBatch, captured: Captured, row: int, example_id: str,
+                       **fields) -> Trace:
+    """Row ``row`` of a captured pass as a `Trace`: every stream's layout and every block, padding dropped,
+    float16.
+
+    Args:
+        adapter: the adapter that ran the pass (for its block specs).
+        batch: the batch whose ``streams`` describe the captured pass.
+        captured: from `ModelAdapter.capture`.
+        row: the example's row in the batch.
+        example_id: id stored in the trace.
+        **fields: further `Trace` fields (prediction, gold, text, meta, ...).
+    """
+    keep = {name: np.flatnonzero(layouts[row].valid) for name, layouts in batch.streams.items()}
+    streams = {name: layouts[row].trimmed() for name, layouts in batch.streams.items()}
+    specs = adapter.block_specs()
+    blocks = {}
+    for name, att in captured.attentions.items():
+        q, k = keep[specs[name].query], keep[specs[name].key]
+        arr = att[:, row].half().cpu().numpy()[:, :, q][:, :, :, k]
+        visible = _visible_counts(arr) if specs[name].causal else None
+        blocks[name] = AttentionBlock(arr, specs[name].query, specs[name].key, visible)
+    for name, spec in specs.items():  # blocks not captured: no attentions, layouts still known
+        blocks.setdefault(name, AttentionBlock(None, spec.query, spec.key))
+    hiddens = {name: captured.hidden[name][:, row].half().cpu().numpy()[:, keep[name]] if name in captured.hidden
+               else None for name in streams}
+    view = adapter.default_block if adapter.default_block in captured.attentions or not captured.attentions \
+        else next(iter(captured.attentions))
+    return Trace(example_id, adapter.model_id, streams, blocks, hiddens, view, **fields)
+
+
+def _visible_counts(att: np.ndarray) -> np.ndarray:
+    """int32 ``[Q]``: for a causal block, the keys each query sees (its own position + 1)."""
+    n_q, n_k = att.shape[-2:]
+    return np.minimum(np.arange(n_q) + 1 + (n_k - n_q), n_k).astype(np.int32)
 
 
 def model_image_input(adapter: ModelAdapter, example: Example):

@@ -31,9 +31,9 @@ from safetensors.numpy import save as st_save
 
 from vlcore.app_files import default_root
 from vlcore.errors import InputError, StoreError
-from vlcore.trace import TRACE_VERSION, Trace
+from vlcore.trace import TRACE_VERSION, AttentionBlock, ImageGrid, Trace, TokenLayout
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = TRACE_VERSION  # a trace file of another version is dropped and computed again
 DEFAULT_CAP_BYTES = 2 * 1024**3
 
 
@@ -89,19 +89,35 @@ def _write_message(path: Path, n_bytes: int, exc: OSError) -> str:
             "Check the folder's permissions or point VLSCOPE_CACHE at a writable folder.")
 
 
-_ARRAYS = ("modality", "special", "patch_rc", "image", "attentions", "hidden")
-
-
 def trace_to_bytes(trace: Trace) -> bytes:
-    """Serialise a trace as safetensors with its scalar fields as JSON in the header."""
-    arrays = {n: np.ascontiguousarray(getattr(trace, n)) for n in _ARRAYS if getattr(trace, n) is not None}
+    """Serialise a trace as safetensors: arrays named ``stream.<s>.<field>``, ``image.<s>.<i>``,
+    ``boxes.<s>.<i>``, ``block.<b>.attentions`` / ``.n_visible`` and ``hidden.<s>``; tokens, grids and the
+    scalar fields as JSON in the header."""
+    arrays: dict[str, np.ndarray] = {}
+    streams = {}
+    for name, layout in trace.streams.items():
+        for field in ("role", "image_of", "cell"):
+            arrays[f"stream.{name}.{field}"] = np.ascontiguousarray(getattr(layout, field))
+        for i, img in enumerate(layout.images):
+            arrays[f"image.{name}.{i}"] = np.ascontiguousarray(img.image)
+            arrays[f"boxes.{name}.{i}"] = np.ascontiguousarray(img.boxes)
+        streams[name] = {"tokens": list(layout.tokens), "grids": [list(img.grid) for img in layout.images]}
+        if trace.hiddens.get(name) is not None:
+            arrays[f"hidden.{name}"] = np.ascontiguousarray(trace.hiddens[name])
+    blocks = {}
+    for name, block in trace.blocks.items():
+        if block.attentions is not None:
+            arrays[f"block.{name}.attentions"] = np.ascontiguousarray(block.attentions)
+        if block.n_visible is not None:
+            arrays[f"block.{name}.n_visible"] = np.ascontiguousarray(block.n_visible)
+        blocks[name] = {"query": block.query, "key": block.key}
     meta = {
         "schema": SCHEMA_VERSION,
         "example_id": trace.example_id,
         "model_id": trace.model_id,
-        "tokens": list(trace.tokens),
-        "grid": list(trace.grid),
-        "patch_px": trace.patch_px,
+        "streams": streams,
+        "blocks": blocks,
+        "view": trace.view,
         "prediction": [list(p) for p in trace.prediction],
         "gold": list(trace.gold) if trace.gold is not None else None,
         "text_truncated": trace.text_truncated,
@@ -162,39 +178,53 @@ def trace_from_bytes(data: bytes) -> Trace:
 
 def _validate(arrays: dict, meta: dict) -> None:
     """Check the fields and shapes `_build_trace` relies on; raises `DamagedFileError`."""
-    for name in ("modality", "special", "patch_rc", "image"):
-        _check(name in arrays, f"no {name!r} array")
-    for name, kind in (("example_id", str), ("model_id", str), ("tokens", list), ("grid", list),
-                       ("patch_px", int), ("prediction", list), ("text_truncated", bool)):
+    for name, kind in (("example_id", str), ("model_id", str), ("streams", dict), ("blocks", dict), ("view", str),
+                       ("prediction", list), ("text_truncated", bool)):
         _check(isinstance(meta.get(name), kind), f"{name!r} missing or not a {kind.__name__}")
     _check(meta.get("gold") is None or isinstance(meta["gold"], list), "'gold' is not a list")
-    _check(len(meta["grid"]) == 2, "'grid' is not (rows, cols)")
     _check(all(isinstance(p, list) and len(p) == 2 and isinstance(p[1], (int, float)) for p in meta["prediction"]),
            "'prediction' is not a list of (answer, probability) pairs")
-    n = len(meta["tokens"])
-    _check(arrays["modality"].shape == (n,) and arrays["special"].shape == (n,) and arrays["patch_rc"].shape == (n, 2),
-           f"token arrays do not match the {n} tokens")
-    if "attentions" in arrays:  # [L, H, N, N]
-        att = arrays["attentions"]
-        _check(att.ndim == 4 and att.shape[2:] == (n, n), f"'attentions' has shape {att.shape} for {n} tokens")
-    if "hidden" in arrays:  # [L + 1, N, D]
-        hid = arrays["hidden"]
-        _check(hid.ndim == 3 and hid.shape[1] == n, f"'hidden' has shape {hid.shape} for {n} tokens")
+    sizes = {}
+    for name, info in meta["streams"].items():
+        _check(isinstance(info, dict) and isinstance(info.get("tokens"), list) and isinstance(info.get("grids"), list),
+               f"stream {name!r} has no tokens or grids")
+        n = sizes[name] = len(info["tokens"])
+        for field, shape in (("role", (n,)), ("image_of", (n,)), ("cell", (n, 2))):
+            arr = arrays.get(f"stream.{name}.{field}")
+            _check(arr is not None and arr.shape == shape, f"stream {name!r}: {field} does not match its {n} tokens")
+        for i, grid in enumerate(info["grids"]):
+            _check(isinstance(grid, list) and len(grid) == 2, f"stream {name!r}: grid {i} is not (rows, cols)")
+            boxes, img = arrays.get(f"boxes.{name}.{i}"), arrays.get(f"image.{name}.{i}")
+            _check(img is not None and img.ndim == 3 and boxes is not None and boxes.shape == (*grid, 4),
+                   f"stream {name!r}: image {i} or its cell boxes are missing or misshapen")
+        hid = arrays.get(f"hidden.{name}")  # [L + 1, N, D]
+        _check(hid is None or (hid.ndim == 3 and hid.shape[1] == n), f"'hidden.{name}' does not match {n} tokens")
+    _check(meta["view"] in meta["blocks"], f"the view {meta['view']!r} is not a block")
+    for name, info in meta["blocks"].items():
+        _check(isinstance(info, dict) and info.get("query") in sizes and info.get("key") in sizes,
+               f"block {name!r} names a stream that is not stored")
+        att = arrays.get(f"block.{name}.attentions")  # [L, H, Q, K]
+        q, k = sizes[info["query"]], sizes[info["key"]]
+        _check(att is None or (att.ndim == 4 and att.shape[2:] == (q, k)),
+               f"block {name!r} attentions do not match its {q} x {k} tokens")
 
 
 def _build_trace(arrays: dict, meta: dict) -> Trace:
+    streams = {}
+    for name, info in meta["streams"].items():
+        images = tuple(ImageGrid(arrays[f"image.{name}.{i}"], tuple(grid), arrays[f"boxes.{name}.{i}"])
+                       for i, grid in enumerate(info["grids"]))
+        streams[name] = TokenLayout(tuple(info["tokens"]), arrays[f"stream.{name}.role"],
+                                    arrays[f"stream.{name}.image_of"], arrays[f"stream.{name}.cell"], images)
+    blocks = {name: AttentionBlock(arrays.get(f"block.{name}.attentions"), info["query"], info["key"],
+                                   arrays.get(f"block.{name}.n_visible")) for name, info in meta["blocks"].items()}
     return Trace(
         example_id=meta["example_id"],
         model_id=meta["model_id"],
-        tokens=tuple(meta["tokens"]),
-        modality=arrays["modality"],
-        special=arrays["special"],
-        patch_rc=arrays["patch_rc"],
-        grid=tuple(meta["grid"]),
-        image=arrays["image"],
-        patch_px=int(meta["patch_px"]),
-        attentions=arrays.get("attentions"),
-        hidden=arrays.get("hidden"),
+        streams=streams,
+        blocks=blocks,
+        hiddens={name: arrays.get(f"hidden.{name}") for name in streams},
+        view=meta["view"],
         prediction=tuple((str(a), float(b)) for a, b in meta["prediction"]),
         gold=tuple(meta["gold"]) if meta.get("gold") is not None else None,
         text_truncated=bool(meta["text_truncated"]),

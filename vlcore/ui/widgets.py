@@ -5,14 +5,14 @@ from __future__ import annotations
 import streamlit as st
 
 from vlcore.charts.base import build_patch_overlay_chart, build_prediction_chart
-from vlcore.models.registry import KNOWN_CHECKPOINTS
+from vlcore.models.base import TASK_NAMES
+from vlcore.models.registry import DEFAULT_HUB_CHECKPOINT, known_checkpoints
 from vlcore.attribution.relevance import compute_raw_attention
 from vlcore.storage.store import Store
 from vlcore.trace import Trace
 from vlcore.ui.state import apply_params, get_param, set_params
 
 MODEL_KINDS = ("Bundled demo", "Hub checkpoint", "Local folder")
-DEFAULT_HUB_CHECKPOINT = "dandelin/vilt-b32-finetuned-vqa"  # preselected when "Hub checkpoint" is chosen
 LOCAL_FOLDER_KEY = "_vlscope_model_folder"  # the local checkpoint folder in use (carried across pages, never linked)
 ANALYSIS_PAGES = {  # page script -> link label of open_in_pages
     "pages/4_Attention_Heatmaps.py": "Open in Heatmaps",
@@ -39,15 +39,21 @@ def model_picker() -> str:
     if kind == "Bundled demo":
         source = "demo"
     elif kind == "Hub checkpoint":
-        options = list(KNOWN_CHECKPOINTS) + ["other…"]
+        known = known_checkpoints()  # grouped by family, in display order
+        options = list(known) + ["other…"]
         if current in options:
             default = options.index(current)
         elif current == "demo":  # just switched from the demo: a checkpoint, not an empty "other…" box
             default = options.index(DEFAULT_HUB_CHECKPOINT)
         else:
             default = len(options) - 1
-        pick = st.sidebar.selectbox("Checkpoint", options, index=default, key="model_hub",
-                                    format_func=lambda o: f"{o} ({KNOWN_CHECKPOINTS[o]})" if o in KNOWN_CHECKPOINTS else o)
+        pick = st.sidebar.selectbox(
+            "Checkpoint", options, index=default, key="model_hub",
+            format_func=lambda o: f"{known[o][0].title} · {o} ({known[o][1]})" if o in known else o)
+        if pick in known:
+            family = known[pick][0]
+            st.sidebar.caption(f"{family.title} checkpoints can do: "
+                               + "; ".join(TASK_NAMES.get(task, task) for task in family.tasks) + ".")
         other = current if current not in options and current != "demo" else ""
         source = st.sidebar.text_input("Hub id", value=other, key="model_hub_other").strip() if pick == "other…" else pick
         if source and not HUB_ID.match(source):
