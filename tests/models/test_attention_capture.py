@@ -17,6 +17,7 @@ from transformers.modeling_utils import AttentionInterface
 
 from vlcore.errors import VLScopeError
 from vlcore.models import attention_capture as ac
+from vlcore.models import attention_rows
 from vlcore.models.attention_capture import (
     AttentionCall,
     AttentionCaptureError,
@@ -179,7 +180,15 @@ def test_rows_of_queries_that_see_nothing_are_zero_not_uniform(family):
     assert (rows[~blind] - expected[~blind]).abs().max() < TOL
 
 
-def test_summaries_in_row_chunks_equal_the_full_eager_tensor(family):
+@pytest.fixture(params=["fused", "chunked"])
+def route(request, monkeypatch):
+    """Both routes to the statistics: one flash call with log-sum-exp per layer (CPU), or row chunks."""
+    if request.param == "chunked":
+        monkeypatch.setattr(attention_rows, "_can_fuse", lambda call: False)
+    return request.param
+
+
+def test_summaries_in_row_chunks_equal_the_full_eager_tensor(family, route):
     name, model, inputs, eager = family
     query_set = real_rows(inputs).clone()
     query_set[0, -3:] = False  # a query set that is not every row
@@ -243,23 +252,27 @@ def test_long_sequence_summaries_never_hold_n_by_n(monkeypatch):
     key_set = torch.zeros(1, 1100, dtype=torch.bool)
     key_set[0, 100:700] = True
     shapes = []
-    original = ac._masked_scores
+    original = attention_rows._masked_scores
 
     def spy(call, rows, lo, hi):
         shapes.append((len(rows), hi - lo))
         return original(call, rows, lo, hi)
 
-    monkeypatch.setattr(ac, "_masked_scores", spy)
-    cap = extract_attention(model, {"input_ids": ids}, key_set=key_set, chunk_rows=256)
+    monkeypatch.setattr(attention_rows, "_masked_scores", spy)
+    fused = extract_attention(model, {"input_ids": ids}, key_set=key_set).summaries
+    assert shapes == []  # the fused route scores no [rows, keys] block at all
+    monkeypatch.setattr(attention_rows, "_can_fuse", lambda call: False)
+    chunked = extract_attention(model, {"input_ids": ids}, key_set=key_set, chunk_rows=256).summaries
     assert max(r for r, _ in shapes) == 256 and len(shapes) == 5
     assert [k for _, k in shapes] == [256, 512, 768, 1024, 1100]  # the causal triangle only
     _, eager = extract_eager_attention(model, {"input_ids": ids})
     entropy, mass = summaries_from_full(torch.stack(eager, 1), torch.ones(1, 1100, dtype=torch.bool), key_set)
-    np.testing.assert_allclose(cap.summaries.entropy, entropy.numpy(), atol=TOL)
-    np.testing.assert_allclose(cap.summaries.key_mass, mass.numpy(), atol=TOL)
+    for got in (fused, chunked):
+        np.testing.assert_allclose(got.entropy, entropy.numpy(), atol=TOL)
+        np.testing.assert_allclose(got.key_mass, mass.numpy(), atol=TOL)
 
 
-def test_uniform_attention_known_answers():
+def test_uniform_attention_known_answers(route):
     """Zero queries: every row is uniform over the keys it sees, so its normalised entropy is 1 and the share
     of key 0 is 1 / (i + 1) for query i."""
     q, k = torch.zeros(1, 2, 6, 4), torch.randn(1, 1, 6, 4)
@@ -270,7 +283,7 @@ def test_uniform_attention_known_answers():
     sums = HeadSums.zeros(1, 2)
     key_set = torch.tensor([[True, False, False, False, False, False]])
     accumulate_head_sums(call, sums, None, key_set, chunk_rows=4)
-    summary = ac.HeadSummaries.from_sums({0: sums}, True)
+    summary = attention_rows.HeadSummaries.from_sums({0: sums}, True)
     np.testing.assert_allclose(summary.entropy, 1.0, atol=1e-6)  # row 0 (one key) is left out
     np.testing.assert_allclose(summary.key_mass, np.mean([1 / (i + 1) for i in range(6)]), atol=1e-6)
 

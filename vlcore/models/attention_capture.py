@@ -20,10 +20,11 @@ bidirectional prefix, Gemma 3's bidirectional image blocks, all already in it). 
 - the registration is reference-counted under a lock and restored in ``finally``; each wrapper keeps its
   own original, so a pass that looked it up just before the restore still runs.
 
-The rows are rebuilt from the mask the model passed; where sdpa got no mask (``None`` with ``is_causal``)
-the rule is sdpa's own: causal, upper-left aligned, when there is more than one query, none otherwise.
-Grouped-query heads are expanded by head (head ``h`` reads key head ``h // n_rep``). Nothing of size
-``[head, N, N]`` is held: rows are computed for the query rows asked for and statistics in row chunks.
+`vlcore.models.attention_rows` rebuilds the rows from the mask the model passed; where sdpa got no mask
+(``None`` with ``is_causal``) the rule is sdpa's own: causal, upper-left aligned, when there is more than
+one query, none otherwise. Grouped-query heads are expanded by head (head ``h`` reads key head
+``h // n_rep``). Nothing of size ``[head, N, N]`` is held: each layer is reduced while the pass runs, to
+the rows asked for and per-head sums.
 
 A layer asked for that never reaches the wrapper (a model on eager or flash attention, a family with its
 own attention registry) raises `AttentionCaptureError`; empty attentions are never returned.
@@ -31,8 +32,6 @@ own attention registry) raises `AttentionCaptureError`; empty attentions are nev
 
 from __future__ import annotations
 
-import inspect
-import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,230 +43,19 @@ import numpy as np
 import torch
 from transformers.modeling_utils import AttentionInterface
 
-from vlcore.errors import NoAttentionError
+from vlcore.models.attention_rows import (
+    CHUNK_ROWS,
+    AttentionCall,
+    AttentionCaptureError,
+    HeadSummaries,
+    HeadSums,
+    accumulate_head_sums,
+    compute_attention_rows,
+)
 
-CHUNK_ROWS = 256
-
-
-class AttentionCaptureError(NoAttentionError):
-    """The attention of a layer asked for could not be captured; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class AttentionCall:
-    """One layer's attention call as the model ran it.
-
-    Attributes:
-        layer: the decoder layer.
-        query: ``[batch, n_heads, n_queries, head_dim]`` after rotary / M-RoPE (the model's tensor, not a copy).
-        key: ``[batch, n_kv_heads, n_keys, head_dim]`` including the cache's keys; head ``h`` reads key head
-            ``h // (n_heads // n_kv_heads)``; `expanded_key` is the ``[batch, n_heads, n_keys, head_dim]`` view.
-        mask: what the model passed: bool ``[batch or 1, 1, n_queries, n_keys]`` (True: the key is seen) or an
-            additive float mask of that shape; None when sdpa relies on `causal`.
-        causal: with ``mask`` None, query ``i`` sees keys ``j <= i`` (sdpa's ``is_causal``); else all keys.
-        scaling: the factor on ``q . k``.
-        softcap: ``c`` in ``c * tanh(score / c)`` (Gemma 2), None without.
-        query_start: the position of query 0 in the sequence.
-        key_start: the position of key 0 (later than 0 in a sliding layer whose cache dropped old keys).
-    """
-
-    layer: int
-    query: torch.Tensor
-    key: torch.Tensor
-    mask: torch.Tensor | None
-    causal: bool
-    scaling: float
-    softcap: float | None
-    query_start: int
-    key_start: int
-
-    @property
-    def n_queries(self) -> int:
-        return self.query.shape[2]
-
-    @property
-    def n_keys(self) -> int:
-        return self.key.shape[2]
-
-    @property
-    def n_heads(self) -> int:
-        return self.query.shape[1]
-
-    @property
-    def expanded_key(self) -> torch.Tensor:
-        """``[batch, n_heads, n_keys, head_dim]``: the keys per query head (copied when heads are grouped)."""
-        b, kv, k, d = self.key.shape
-        return self.key[:, :, None].expand(b, kv, self.n_heads // kv, k, d).reshape(b, self.n_heads, k, d)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rows and statistics from one call (pure)
-
-
-def compute_visible_keys(call: AttentionCall, rows: torch.Tensor) -> torch.Tensor:
-    """Which keys each of the given query rows sees, by the model's own mask.
-
-    Args:
-        call: a captured call.
-        rows: int ``[r]``, query indices within the call (0 .. n_queries - 1).
-
-    Returns:
-        bool ``[batch or 1, 1 or n_heads, r, n_keys]``.
-    """
-    rows = rows.to(call.query.device)
-    if call.mask is None:
-        keys = torch.arange(call.n_keys, device=rows.device)
-        if not call.causal:
-            return torch.ones(1, 1, len(rows), call.n_keys, dtype=torch.bool, device=rows.device)
-        return (keys[None, :] <= rows[:, None])[None, None]
-    mask = call.mask.index_select(2, rows)
-    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-
-
-def _masked_scores(call: AttentionCall, rows: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 scores of ``rows`` over keys ``lo:hi`` (the finite dtype minimum where a key is not seen) and
-    the visibility ``[batch or 1, 1 or n_heads, r, hi - lo]``."""
-    b, kv, _, d = call.key.shape
-    q = call.query.index_select(2, rows).float()
-    k = call.key[:, :, lo:hi].float()
-    r, n_rep = len(rows), call.n_heads // kv
-    scores = (q.reshape(b, kv, n_rep * r, d) @ k.transpose(-1, -2)).reshape(b, call.n_heads, r, hi - lo)
-    scores = scores * call.scaling
-    if call.softcap is not None:
-        scores = torch.tanh(scores / call.softcap) * call.softcap
-    visible = compute_visible_keys(call, rows)[..., lo:hi]
-    if call.mask is not None and call.mask.dtype != torch.bool:
-        scores = scores + call.mask.index_select(2, rows.to(call.mask.device))[..., lo:hi].float()
-    return scores.masked_fill(~visible, torch.finfo(torch.float32).min), visible
-
-
-def compute_attention_rows(call: AttentionCall, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """The attention weights of some query rows, as eager attention would return them.
-
-    Rows whose query sees no key at all (a left-padding token) are all zeros (eager spreads them evenly).
-
-    Args:
-        call: a captured call.
-        rows: query indices within the call.
-
-    Returns:
-        float32 ``[batch, n_heads, len(rows), n_keys]`` on the model's device; each row sums to 1.
-    """
-    rows = torch.as_tensor(rows, dtype=torch.long, device=call.query.device).reshape(-1)
-    scores, visible = _masked_scores(call, rows, 0, call.n_keys)
-    return torch.softmax(scores, dim=-1) * visible.any(-1, keepdim=True)
-
-
-@dataclass
-class HeadSums:
-    """Running sums of per-head statistics over query rows (one layer); `HeadSummaries` holds the means.
-
-    Attributes:
-        entropy: float64 ``[batch, n_heads]``: sum over rows of the entropy divided by log(visible keys),
-            over rows that see at least two keys.
-        key_mass: float64 ``[batch, n_heads]``: sum over rows of the attention on the key set.
-        n_entropy_rows: ``[batch]`` rows in the entropy sum; n_mass_rows: ``[batch]`` rows that see a key.
-    """
-
-    entropy: torch.Tensor
-    key_mass: torch.Tensor
-    n_entropy_rows: torch.Tensor
-    n_mass_rows: torch.Tensor
-
-    @classmethod
-    def zeros(cls, batch: int, n_heads: int) -> HeadSums:
-        z = torch.zeros(batch, n_heads, dtype=torch.float64)
-        return cls(z, z.clone(), torch.zeros(batch, dtype=torch.float64), torch.zeros(batch, dtype=torch.float64))
-
-
-def _positions_mask(mask: torch.Tensor | None, start: int, length: int, batch: int, device) -> torch.Tensor:
-    """``mask`` (bool ``[batch, n_positions]``, absolute positions; None: every position) cut to
-    positions ``start .. start + length - 1`` -> bool ``[batch, length]``; positions past its end are False."""
-    if mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
-    mask = torch.as_tensor(mask, dtype=torch.bool).to(device)
-    if mask.ndim != 2 or mask.shape[0] != batch:
-        raise AttentionCaptureError(f"A query or key set must be bool [batch={batch}, positions]; "
-                                    f"got shape {tuple(mask.shape)}. Pass one row per example.")
-    out = torch.zeros(batch, length, dtype=torch.bool, device=device)
-    lo, hi = max(start, 0), min(start + length, mask.shape[1])
-    if hi > lo:
-        out[:, lo - start:hi - start] = mask[:, lo:hi]
-    return out
-
-
-def _key_span(call: AttentionCall, visible: torch.Tensor, rows: torch.Tensor) -> tuple[int, int]:
-    if call.mask is None:
-        return 0, (int(rows[-1]) + 1 if call.causal else call.n_keys)
-    cols = visible.flatten(0, 2).any(0).nonzero()
-    return (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
-
-
-def accumulate_head_sums(call: AttentionCall, sums: HeadSums, query_set: torch.Tensor | None = None,
-                         key_set: torch.Tensor | None = None, chunk_rows: int = CHUNK_ROWS) -> None:
-    """Add one call's per-head entropy and key-set share to ``sums``, reduced ``chunk_rows`` rows at a time.
-
-    At most ``[batch, n_heads, chunk_rows, n_keys]`` is held; over each chunk only the keys some row sees
-    are scored (about half the work under a causal mask).
-
-    Args:
-        call: a captured call.
-        sums: from ``HeadSums.zeros(batch, n_heads)``, updated in place.
-        query_set: bool ``[batch, positions]`` over absolute positions: the query rows to average over
-            (None: all). Rows that see no key never count.
-        key_set: bool ``[batch, positions]``: the keys whose share is summed (e.g. image tokens); None: none.
-        chunk_rows: query rows per chunk.
-    """
-    b, device = call.query.shape[0], call.query.device
-    in_set = _positions_mask(query_set, call.query_start, call.n_queries, b, device)
-    keys = _positions_mask(key_set, call.key_start, call.n_keys, b, device) if key_set is not None else None
-    selected = in_set.any(0).nonzero().flatten()
-    for rows in selected.split(chunk_rows):
-        visible = compute_visible_keys(call, rows)
-        lo, hi = _key_span(call, visible, rows)
-        scores, visible = _masked_scores(call, rows, lo, hi)
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        probs = torch.exp(scores - lse)
-        n_visible = visible.sum(-1).expand(b, call.n_heads, len(rows)).double()
-        weight = in_set[:, rows].double()[:, None]  # [batch, 1, r]
-        entropy = (lse.squeeze(-1) - (probs * scores).sum(-1)).double()
-        ratio = torch.where(n_visible > 1, entropy / n_visible.clamp_min(2).log(), 0.0)
-        sums.entropy += (ratio * weight).sum(-1).cpu()
-        sums.n_entropy_rows += (weight[:, 0] * (n_visible[:, 0] > 1)).sum(-1).cpu()
-        sums.n_mass_rows += (weight[:, 0] * (n_visible[:, 0] > 0)).sum(-1).cpu()
-        if keys is not None:
-            mass = (probs @ keys[:, None, lo:hi, None].float()).squeeze(-1).double()
-            sums.key_mass += (mass * weight * (n_visible > 0)).sum(-1).cpu()
-
-
-@dataclass(frozen=True)
-class HeadSummaries:
-    """Per-head statistics over a query set.
-
-    Attributes:
-        entropy: float32 ``[batch, layer, head]``: mean entropy of the rows, each divided by the log of the
-            number of keys its query can see (1 = even over every visible key, 0 = one key); rows that see
-            fewer than two keys are left out. NaN where no row counted.
-        key_mass: float32 ``[batch, layer, head]``: mean share of each row's attention on the key set; NaN
-            where no row counted or no key set was given.
-        n_rows: int64 ``[batch]``: query rows averaged in ``key_mass`` (rows that see at least one key).
-        layers: the layers, in order.
-    """
-
-    entropy: np.ndarray
-    key_mass: np.ndarray
-    n_rows: np.ndarray
-    layers: tuple[int, ...]
-
-    @classmethod
-    def from_sums(cls, sums: dict[int, HeadSums], has_key_set: bool) -> HeadSummaries:
-        layers = tuple(sorted(sums))
-        ent = np.stack([(sums[i].entropy / sums[i].n_entropy_rows[:, None]).numpy() for i in layers], 1)
-        mass = np.stack([(sums[i].key_mass / sums[i].n_mass_rows[:, None]).numpy() for i in layers], 1)
-        if not has_key_set:
-            mass[:] = np.nan
-        return cls(ent.astype(np.float32), mass.astype(np.float32),
-                   sums[layers[0]].n_mass_rows.numpy().astype(np.int64), layers)
+__all__ = ["AttentionCall", "AttentionCapture", "AttentionCaptureError", "GenerationAttention", "HeadSummaries",
+           "capture_attention_calls", "eager_attention", "extract_attention", "extract_eager_attention",
+           "extract_eager_generation_attention", "extract_generation_attention", "find_attention_modules"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
