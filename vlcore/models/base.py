@@ -89,13 +89,25 @@ class Captured:
 
     Attributes:
         output: the model's output, for `ModelAdapter.predict` and `ModelAdapter.target_score`.
-        attentions: block name -> float ``[L', B, H', Q, K]`` (the captured layers and heads).
+        attentions: block name -> the captured layers' probabilities, either a list of per-layer float tensors
+            ``[B, H', Q, K]`` (preferably the very tensors of the forward graph, so a caller can take gradients
+            with respect to them) or one stacked tensor ``[L', B, H', Q, K]``.
         hidden: stream name -> float ``[L + 1, B, N, D]``.
     """
 
     output: Any
-    attentions: dict[str, torch.Tensor] = field(default_factory=dict)
+    attentions: dict[str, Any] = field(default_factory=dict)
     hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def stacked(self, block: str) -> torch.Tensor:
+        """float ``[L', B, H', Q, K]`` of one captured block."""
+        att = self.attentions[block]
+        return att if isinstance(att, torch.Tensor) else torch.stack(tuple(att))
+
+    def layers(self, block: str) -> list[torch.Tensor]:
+        """The per-layer tensors ``[B, H', Q, K]`` of one captured block."""
+        att = self.attentions[block]
+        return list(att.unbind(0)) if isinstance(att, torch.Tensor) else list(att)
 
 
 @dataclass

@@ -346,12 +346,12 @@ class ViltAdapter(ModelAdapter):
         att_layers, hid_layers = self.pass_outputs(out, capture.image_pass)
         attentions = {}
         if want:
-            att = torch.stack(tuple(att_layers))  # [L, B, H, N, N]
+            layers = list(att_layers)  # per layer [B, H, N, N]: the tensors of the forward graph
             if capture.layers is not None:
-                att = att[list(capture.layers)]
+                layers = [layers[i] for i in capture.layers]
             if capture.heads is not None:
-                att = att[:, :, list(capture.heads)]
-            attentions["self"] = att
+                layers = [a[:, list(capture.heads)] for a in layers]
+            attentions["self"] = layers
         hidden = {"main": torch.stack(tuple(hid_layers))} if capture.hidden and hid_layers is not None else {}
         return Captured(out, attentions, hidden)
 

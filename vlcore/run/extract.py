@@ -79,9 +79,9 @@ def trace_from_capture(adapter: ModelAdapter, batch: EncodedBatch, captured: Cap
     streams = {name: layouts[row].trimmed() for name, layouts in batch.streams.items()}
     specs = adapter.block_specs()
     blocks = {}
-    for name, att in captured.attentions.items():
+    for name in captured.attentions:
         q, k = keep[specs[name].query], keep[specs[name].key]
-        arr = att[:, row].half().cpu().numpy()[:, :, q][:, :, :, k]
+        arr = captured.stacked(name)[:, row].half().cpu().numpy()[:, :, q][:, :, :, k]
         visible = _visible_counts(arr) if specs[name].causal else None
         blocks[name] = AttentionBlock(arr, specs[name].query, specs[name].key, visible)
     for name, spec in specs.items():  # blocks not captured: no attentions, layouts still known
