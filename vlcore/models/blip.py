@@ -371,9 +371,9 @@ class BlipAdapter(ModelAdapter):
         return hooks
 
     def capture(self, batch: EncodedBatch, capture: Capture = Capture()) -> Captured:
-        """One pass keeping the asked blocks (``[L', B, H', Q, K]``) and both streams' hidden states
-        (``[L + 1, B, N, D]``; the vision stream's last layer before the tower's final LayerNorm). A VQA pass also
-        generates the answer."""
+        """One pass keeping the asked blocks (per layer ``[B, H', Q, K]``: the tensors of the forward graph) and
+        both streams' hidden states (``[L + 1, B, N, D]``; the vision stream's last layer before the tower's final
+        LayerNorm). A VQA pass also generates the answer (without gradients)."""
         wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
         out, vision, text, masked = self._forward(batch, attentions=bool(wanted), hidden=capture.hidden)
         stacks = {"vision.self": vision.attentions, "text.self": text.attentions,
@@ -385,15 +385,16 @@ class BlipAdapter(ModelAdapter):
             if not stacks[name]:
                 raise NoAttentionError(f"{self.model_id} returned no attention weights for {name!r}. Load it with "
                                        "attn_implementation='eager' (VLScope does this for you).")
-            att = torch.stack(tuple(stacks[name]))
+            layers = list(stacks[name])
             if capture.layers is not None:
-                att = att[list(capture.layers)]
+                layers = [layers[i] for i in capture.layers]
             if capture.heads is not None:
-                att = att[:, :, list(capture.heads)]
-            attentions[name] = att
+                layers = [a[:, list(capture.heads)] for a in layers]
+            attentions[name] = layers
         hidden = {}
         if capture.hidden:
-            hidden = {VISION: torch.stack(tuple(vision.hidden_states)), TEXT_STREAM: torch.stack(tuple(text.hidden_states))}
+            hidden = {VISION: torch.stack(tuple(vision.hidden_states)),
+                      TEXT_STREAM: torch.stack(tuple(text.hidden_states))}
         return Captured(out, attentions, hidden)
 
     # -- VQA decoding -----------------------------------------------------------------------
@@ -458,7 +459,8 @@ class BlipAdapter(ModelAdapter):
         """ITM ``"match"`` (default): the ITM head's log-odds ``l_match - l_no`` and its probability;
         ``"similarity"``: the contrastive cosine (also returned as its "probability": a single pair has none).
         VQA: the summed log-probability of the target answer's tokens and the end token (default: row 0's
-        generated answer), and its probability.
+        generated answer), and its probability; a target equal to an answer generated in ``output`` is scored with
+        that answer's own tokens, any other with the tokenizer's.
 
         Raises:
             InputError: an unknown ITM target, or an empty answer.
@@ -478,7 +480,11 @@ class BlipAdapter(ModelAdapter):
         else:
             if not isinstance(target, str) or not target.strip():
                 raise InputError("the answer to explain is empty: type an answer")
-            ids, label = tuple(self.tokenizer(target.strip(), add_special_tokens=False)["input_ids"]), target.strip()
+            label = target.strip()
+            ids = next((ids for answer, ids in zip(output.answers or (), output.answer_ids or ()) if answer == label),
+                       None)  # a generated answer: its own tokens (decoding and tokenizing need not round-trip)
+            if ids is None:
+                ids = tuple(self.tokenizer(label, add_special_tokens=False)["input_ids"])
         score = self.answer_logprob(output, [ids] * output.text_embeds.shape[0])
         return score, score.detach().exp(), label
 
