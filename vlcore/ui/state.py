@@ -15,6 +15,7 @@
 | `split` | dataset split                             | `test`                      |
 | `ex`    | example id                                | `easy_vqa/test/12`          |
 | `model` | model: `demo` or a hub id                 | `dandelin/vilt-b32-mlm`     |
+| `block` | attention block shown (heatmaps, statistics): a name of the model's `block_specs()` | `text.cross` |
 | `layer` | layer index                               | `11`                        |
 | `head`  | head index, or `mean`                     | `3`                         |
 | `pg`    | dataset browser page number (of 24 thumbnails) | `3`                   |
@@ -66,6 +67,7 @@ PARAMS = (
     "who", "label", "page", "view",
     "scale",  # heatmaps colour scale (issue 14)
     "probe", "tkind", "target", "cover",  # probing page (issue 18): probe type, token kind, target, region share
+    "block",  # attention block of the heatmaps and statistics pages (issue 15, vlcore.ui.blocks)
 )
 CARRIED = ("ex", "model", "layer", "head", "ds", "loc", "img", "map", "stream", "cfg", "split")
 
