@@ -349,11 +349,12 @@ def write_card(out: Path, recipe: dict, history: list, m: dict) -> dict:
         "Per-epoch test accuracy below is the training loop's teacher-forced exact match (the answer token, then "
         "`</s>`, are the greedy choices); on the final model it disagrees with `generate` on "
         f"{m['teacher_forced_disagreements']} of {m['n_test']:,} questions.", "",
-        "| epoch | train loss | test accuracy | color | shape | yes/no | minutes |",
-        "|---|---|---|---|---|---|---|",
+        "| epoch | train loss | test accuracy | color | shape | yes/no | minutes | load average (1 min) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {e['epoch']} | {e['loss']:.4f} | {e['test_acc']:.4f} | {e['by_type'].get('color', 0):.4f} | "
-              f"{e['by_type'].get('shape', 0):.4f} | {e['by_type'].get('yes/no', 0):.4f} | {e['minutes']:.1f} |"
+              f"{e['by_type'].get('shape', 0):.4f} | {e['by_type'].get('yes/no', 0):.4f} | {e['minutes']:.1f} | "
+              f"{e.get('load_average_1min', '')} |"
               for e in history]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     metrics = {**m, "recipe": recipe, "history": history}
@@ -422,7 +423,8 @@ def train(model, train_data: dict, test_data: dict, test_records, args, start: f
         hits = exact_match(model, test_data, args.device)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "test_acc": round(hits.float().mean().item(), 4),
                         "by_type": per_category(test_records, hits.tolist()),
-                        "minutes": round((time.perf_counter() - start) / 60, 1)})
+                        "minutes": round((time.perf_counter() - start) / 60, 1),
+                        "load_average_1min": round(os.getloadavg()[0], 2)})
         print(f"epoch {epoch}: {json.dumps(history[-1])}", flush=True)
         if args.max_steps and step >= args.max_steps:
             break
