@@ -1,6 +1,6 @@
 """Benchmark: what each generated token looked at, without eager mode, at a real prompt length.
 
-    python bench/lvlm.py [--images 4] [--new-tokens 8] [--rounds 2] [--threads 1]
+    python bench/lvlm.py [--images 4] [--new-tokens 8] [--rounds 2] [--repeats 3] [--threads 1]
                          [--hidden 256] [--heads 2] [--layers 4] [--device cpu|cuda]
 
 A LLaVA-like model with random weights and a tiny width: a one-layer CLIP-like tower (336 px, patch 14) and
@@ -15,7 +15,7 @@ tokens plus a 48-token prompt (2,352 tokens for 4 tiles), then greedy generation
 
 Every figure comes from a fresh process, variants interleaved (a, b, c, a, b, c, ...) over ``--rounds``:
 
-- time: a warm-up call, then one timed call; the best round is kept;
+- time: a warm-up call, then ``--repeats`` timed calls; the best over all rounds is kept;
 - CPU memory: in a process whose allocator returns every block over 64 kB to the system on free
   (``MALLOC_MMAP_THRESHOLD_=65536``), so that the resident size follows the live tensors rather than
   glibc's caching: after a warm-up call, the peak resident set size (VmHWM, reset before the call) and its
@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 IMAGE_TOKENS, IMG, PROMPT = 576, 1000, 48
 VARIANTS = ("plain", "eager", "capture")
-SIZES = ("images", "new_tokens", "threads", "hidden", "heads", "layers")
+SIZES = ("images", "new_tokens", "threads", "hidden", "heads", "layers", "repeats")
 
 
 def build(n_images: int, device: str, hidden: int = 256, heads: int = 2, layers: int = 4):
@@ -68,7 +68,8 @@ def build(n_images: int, device: str, hidden: int = 256, heads: int = 2, layers:
 
 def _rss_mb() -> tuple[float, float]:
     """(current, peak) resident set size of this process in MB."""
-    fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "VmHWM")))
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status if line.startswith(("VmRSS", "VmHWM")))
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
@@ -113,7 +114,8 @@ def child_memory(variant: str, args) -> dict:
 
 
 def child_time(variant: str, args, out: Path) -> dict:
-    """Seconds of one call after a warm-up call (CUDA: and its memory); saves the outputs beside ``out``."""
+    """Best seconds of ``--repeats`` calls after a warm-up call (CUDA: and their peak memory); saves the
+    outputs beside ``out``."""
     import numpy as np
     import torch
 
@@ -124,11 +126,14 @@ def child_time(variant: str, args, out: Path) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
-    start = time.perf_counter()
-    sequences, got = run()
-    if cuda:
-        torch.cuda.synchronize()
-    result = {"seconds": time.perf_counter() - start, "tokens": int(inputs["input_ids"].shape[1])}
+    seconds = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        sequences, got = run()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
+    result = {"seconds": min(seconds), "tokens": int(inputs["input_ids"].shape[1])}
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
         result.update(cuda_peak_mb=peak, cuda_rise_mb=peak - before)
@@ -192,7 +197,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4, help="tiles of 576 image tokens")
     parser.add_argument("--new-tokens", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="fresh processes per variant")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per process (the best is kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
     parser.add_argument("--hidden", type=int, default=256, help="decoder width (LLaVA-7B: 4,096)")
     parser.add_argument("--heads", type=int, default=2, help="decoder heads (head size = hidden / heads)")

@@ -34,9 +34,10 @@ from vlcore.models.attention_capture import (
 
 IMG = 120  # the image placeholder token in every tiny vocabulary
 TOL = 1e-4
-SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-             pad_token_id=0, eos_token_id=1, bos_token_id=2)
-VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
+SMALL = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+VISION = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "patch_size": 14}
 
 
 def _ids(n: int, image: slice, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +57,8 @@ def build_llava():
     cfg = LlavaConfig(text_config=LlamaConfig(**SMALL, num_hidden_layers=2, head_dim=8),
                       vision_config=CLIPVisionConfig(**VISION, image_size=28), image_token_id=IMG)
     ids, mask = _ids(12, slice(3, 7), 1)
-    return LlavaForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=mask,
-                                                    pixel_values=torch.randn(2, 3, 28, 28))
+    return LlavaForConditionalGeneration(cfg), {"input_ids": ids, "attention_mask": mask,
+                                                    "pixel_values": torch.randn(2, 3, 28, 28)}
 
 
 def build_qwen2_vl():
@@ -66,15 +67,15 @@ def build_qwen2_vl():
 
     text = dict(SMALL, num_hidden_layers=2, use_sliding_window=True, sliding_window=8, max_window_layers=1,
                 rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0})
-    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
+    vision = {"depth": 1, "embed_dim": 16, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2}
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=IMG, video_token_id=121,
                         vision_start_token_id=122)
     ids, mask = _ids(20, slice(6, 10), 2)
     ids[:, 5] = 122
-    return Qwen2VLForConditionalGeneration(cfg), dict(
-        input_ids=ids, attention_mask=mask, pixel_values=torch.randn(32, 1176),
-        image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]), mm_token_type_ids=(ids == IMG).int())
+    return Qwen2VLForConditionalGeneration(cfg), {
+        "input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(32, 1176),
+        "image_grid_thw": torch.tensor([[1, 4, 4], [1, 4, 4]]), "mm_token_type_ids": (ids == IMG).int()}
 
 
 def build_gemma3():
@@ -87,9 +88,9 @@ def build_gemma3():
                        image_token_id=IMG, boi_token_index=121, eoi_token_index=122)
     ids, mask = _ids(16, slice(5, 9), 3)
     ids[:, 4], ids[:, 9] = 121, 122
-    return Gemma3ForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=mask,
-                                                     pixel_values=torch.randn(2, 3, 56, 56),
-                                                     token_type_ids=(ids == IMG).long())
+    return Gemma3ForConditionalGeneration(cfg), {"input_ids": ids, "attention_mask": mask,
+                                                     "pixel_values": torch.randn(2, 3, 56, 56),
+                                                     "token_type_ids": (ids == IMG).long()}
 
 
 def build_paligemma():
@@ -102,8 +103,9 @@ def build_paligemma():
     ids, mask = _ids(14, slice(2, 6), 4)
     token_type = torch.zeros_like(ids)
     token_type[:, 10:] = 1
-    return PaliGemmaForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=mask, token_type_ids=token_type,
-                                                        pixel_values=torch.randn(2, 3, 28, 28))
+    return PaliGemmaForConditionalGeneration(cfg), {"input_ids": ids, "attention_mask": mask,
+                                                    "token_type_ids": token_type,
+                                                    "pixel_values": torch.randn(2, 3, 28, 28)}
 
 
 def build_idefics3():
@@ -114,8 +116,8 @@ def build_idefics3():
     cfg = Idefics3Config(text_config=text, vision_config=dict(VISION, image_size=56), scale_factor=2,
                          image_token_id=IMG)
     ids, mask = _ids(12, slice(3, 7), 5)
-    return Idefics3ForConditionalGeneration(cfg), dict(input_ids=ids, attention_mask=mask,
-                                                       pixel_values=torch.randn(2, 1, 3, 56, 56))
+    return Idefics3ForConditionalGeneration(cfg), {"input_ids": ids, "attention_mask": mask,
+                                                       "pixel_values": torch.randn(2, 1, 3, 56, 56)}
 
 
 FAMILIES = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "gemma3": build_gemma3,
@@ -189,7 +191,7 @@ def route(request, monkeypatch):
 
 
 def test_summaries_in_row_chunks_equal_the_full_eager_tensor(family, route):
-    name, model, inputs, eager = family
+    _name, model, inputs, eager = family
     query_set = real_rows(inputs).clone()
     query_set[0, -3:] = False  # a query set that is not every row
     key_set = inputs["input_ids"] == IMG
@@ -366,9 +368,8 @@ def test_another_threads_pass_is_neither_seen_nor_changed():
 def test_errors_are_vlscope_errors_never_empty_results():
     model = _tiny_llama()
     inputs = {"input_ids": torch.randint(3, 100, (1, 8))}
-    with pytest.raises(AttentionCaptureError, match=r"Layers \[0, 1\] never called"):
-        with capture_attention_calls(model):
-            pass  # nothing ran: no attention to return
+    with pytest.raises(AttentionCaptureError, match=r"Layers \[0, 1\] never called"), capture_attention_calls(model):
+        pass  # nothing ran: no attention to return
     with pytest.raises(AttentionCaptureError, match="0..1"):
         extract_attention(model, inputs, layers=[2])
     with pytest.raises(AttentionCaptureError, match="at most 4"):

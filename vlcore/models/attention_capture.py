@@ -301,7 +301,8 @@ class GenerationAttention:
     layers: tuple[int, ...]
 
 
-_REFUSED_GENERATE = ("num_beams", "cache_implementation", "past_key_values", "assistant_model", "prompt_lookup_num_tokens")
+_REFUSED_GENERATE = ("num_beams", "cache_implementation", "past_key_values", "assistant_model",
+                     "prompt_lookup_num_tokens")
 
 
 def _prompt_len(inputs: dict[str, Any], generate_kwargs: dict[str, Any]) -> int:
