@@ -34,14 +34,14 @@ def test_streamed_reduction_equals_the_reduction_after_the_pass_and_keeps_no_att
     _, after = compute_layer_summaries(full.attentions, *masks, patch_rc=rc)
     reducer = SummaryReducer(*masks, patch_rc=rc)
     with torch.no_grad():
-        out = _forward_reduced(tiny_adapter, batch, reducer, hidden=False, keep_attentions=False)
+        out = _forward_reduced(tiny_adapter, batch, reducer, hidden=False, keep_attentions=False).output
     assert [a.numel() for a in out.attentions] == [0] * tiny_adapter.n_layers  # nothing held after the pass
     torch.testing.assert_close(out.logits, full.logits, rtol=0, atol=0)
     np.testing.assert_array_equal(reducer.values().numpy(), after.numpy())  # same inputs, same path, same batch
     assert hooks_left(tiny_adapter) == 0
     kept = SummaryReducer(*masks, patch_rc=rc)
     with torch.no_grad():
-        out = _forward_reduced(tiny_adapter, batch, kept, hidden=False, keep_attentions=True)
+        out = _forward_reduced(tiny_adapter, batch, kept, hidden=False, keep_attentions=True).output
     assert all(a.shape == full.attentions[0].shape for a in out.attentions)
     np.testing.assert_array_equal(kept.values().numpy(), after.numpy())
 

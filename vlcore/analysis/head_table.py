@@ -20,7 +20,8 @@ def zscore_across_heads(frame: pd.DataFrame) -> pd.DataFrame:
     For example ``e`` and metric ``m``: ``z = (v - mean) / std`` with mean and (population) std over
     the ``L × H`` values of ``(e, m)``. This keeps layers comparable; VL-InterpreT z-scored each
     column of heads separately, which hides differences between layers. A metric that is constant
-    over heads gets z = 0.
+    over heads gets z = 0; a value that is NaN (a metric that does not apply, `vlcore.analysis.stats.not_applicable`)
+    stays NaN.
 
     >>> f = pd.DataFrame({"example_id": "e", "layer": [0, 0, 1, 1], "head": [0, 1, 0, 1],
     ...                   "metric": "m", "value": [1.0, 2.0, 3.0, 4.0]})
@@ -30,7 +31,8 @@ def zscore_across_heads(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
     groups = out.groupby(["example_id", "metric"], observed=True)["value"]
     mean, std = groups.transform("mean"), groups.transform(lambda v: v.std(ddof=0))
-    out["value"] = ((out["value"] - mean) / std.where(std > 0, np.nan)).fillna(0.0).astype(np.float32)
+    z = (out["value"] - mean) / std.where(std > 0, np.nan)
+    out["value"] = z.where(out["value"].isna() | z.notna(), 0.0).astype(np.float32)
     return out
 
 

@@ -1,19 +1,30 @@
-"""Per-head attention statistics as tidy DataFrames (``example_id, layer, head, metric, value``).
+"""Per-head attention statistics as tidy DataFrames (``example_id, layer, head, metric, value``), per block.
+
+A model exposes named attention blocks (`vlcore.trace`): ViLT one joint ``self``; BLIP ``vision.self``,
+``text.self`` and the cross-attention ``text.cross`` (text queries, image keys); CLIP two towers. Statistics are
+computed on one block at a time: its query tokens are the rows, its key tokens the columns, each side's token
+sets read from that side's `TokenLayout`, never from positions.
 
 One implementation, written in torch over a batch (`SummaryReducer`, one layer at a time), serves
 both paths: a sweep feeds it each layer's attention on the model's device during the forward pass
 (only ``[B, L, H, M]`` numbers leave the device; `vlcore.run.sweep.summarize_batch`), and a stored `Trace`
-is fed through it on the CPU (`compute_trace_summaries`). Both paths round the attention to float16
-first (a stored trace keeps float16), so they agree to float32 precision. Rows of an attention matrix
-are queries, columns keys. Every formula, and the rule for rows where a value is undefined, is in
-``docs/statistics.md``.
+is fed through it on the CPU (`compute_trace_summaries`, the trace's viewed block). Both paths round the
+attention to float16 first (a stored trace keeps float16), so they agree to float32 precision. Every formula,
+and the rule for rows where a value is undefined, is in ``docs/statistics.md``.
 
-Token sets (per example; padding is never counted):
+Token sets (per example, on each side of the block; padding is never counted):
 
-- ``txt`` / ``img``: text tokens / image tokens *without* [CLS], [SEP] and the image CLS, unless
-  ``include_special=True`` (then the specials join their modality).
-- ``patch``: image tokens with a grid position (never the image CLS).
-- ``cls``, ``sep``, ``imgcls``: the text [CLS] (first text token), the text [SEP]s, the image CLS.
+- ``txt`` / ``img``: text tokens / image tokens *without* the special ones (text specials such as [CLS] and
+  [SEP], image summaries such as the image CLS), unless ``include_special=True`` (then they join their modality).
+- ``patch``: image tokens with a grid position (never an image summary).
+- ``cls``: the first special text token ([CLS]), wherever it sits; ``sep``: the other special text tokens;
+  ``imgcls``: the image summary tokens.
+
+Entropy is normalised per query by the log of the keys *that query can see*: every valid key, or under a causal
+mask the keys up to its position (`vlcore.trace.Trace.n_visible`); a query that sees a single key is left out.
+
+A metric that does not apply to a block (a text→image share on a text-only tower, anything cross-modal on CLIP,
+the grid metrics on a cross-attention block) is NaN, never 0, and `not_applicable` names the reason.
 
 Custom metrics: `register_metric` adds a function of a `Trace` returning ``[layer, head]``; it is
 computed wherever the built-ins are (single traces, sweeps, the statistics page).
@@ -21,14 +32,15 @@ computed wherever the built-ins are (single traces, sweeps, the statistics page)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from vlcore.trace import IMAGE, TEXT, Trace
+from vlcore.trace import IMAGE, TEXT, AttentionBlock, TokenLayout, Trace
 
 BLOCK_METRICS = ("txt2txt", "txt2img", "img2txt", "img2img")
 SUMMARY_COLUMNS = ["example_id", "layer", "head", "metric", "value"]
@@ -47,7 +59,7 @@ METRICS: dict[str, str] = {
     "txtq_to_img": "share of a text query's attention on image keys, mean over text queries",
     "imgq_to_txt": "share of an image query's attention on text keys, mean over image queries",
     "imgq_to_img": "share of an image query's attention on image keys, mean over image queries",
-    "entropy": "row entropy / log(number of keys), mean over queries (1 uniform, 0 one-hot)",
+    "entropy": "row entropy / log(keys the query sees), mean over queries (1 uniform, 0 one-hot)",
     "max_weight": "largest weight of a row, mean over queries",
     "to_cls": "attention to the text [CLS], mean over queries",
     "to_sep": "attention to the text [SEP], mean over queries",
@@ -113,6 +125,35 @@ def metric_description(name: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class StreamTokens:
+    """What the token sets of one side of a block (its queries or its keys) are built from, over a batch.
+
+    Attributes:
+        modality: int ``[B, N]``; ``TEXT`` or ``IMAGE``.
+        special: bool ``[B, N]``.
+        valid: bool ``[B, N]``; False for padding.
+        patch_rc: int ``[B, N, 2]`` grid cell of patch tokens, row -1 elsewhere; None: every non-special image
+            token counts as a patch and the spatial metrics are NaN.
+        image_of: int ``[B, N]`` the image a token belongs to (-1 none); None: one image.
+    """
+
+    modality: torch.Tensor
+    special: torch.Tensor
+    valid: torch.Tensor
+    patch_rc: torch.Tensor | None = None
+    image_of: torch.Tensor | None = None
+
+    @classmethod
+    def from_layouts(cls, layouts: Sequence[TokenLayout], device: str | torch.device = "cpu") -> StreamTokens:
+        """The tensors of a batch of layouts of one stream (padded to one length, as `EncodedBatch` holds them)."""
+        def stack(name: str, dtype) -> torch.Tensor:
+            return torch.from_numpy(np.stack([getattr(lay, name) for lay in layouts]).astype(dtype)).to(device)
+
+        return cls(stack("modality", np.int64), stack("special", bool), stack("valid", bool),
+                   stack("patch_rc", np.int64), stack("image_of", np.int64))
+
+
 def token_masks(
     modality: torch.Tensor, special: torch.Tensor, valid: torch.Tensor, patch_rc: torch.Tensor | None = None,
     include_special: bool = False,
@@ -120,24 +161,24 @@ def token_masks(
     """Boolean ``[B, N]`` token sets (see the module docstring).
 
     Args:
-        modality: int ``[B, N]``; 0 text, 1 image.
+        modality: int ``[B, N]``; ``TEXT`` or ``IMAGE``.
         special: bool ``[B, N]``.
         valid: bool ``[B, N]``; False for padding.
         patch_rc: int ``[B, N, 2]``; row -1 for non-patches. Without it, every non-special image token
             counts as a patch.
-        include_special: put [CLS]/[SEP]/image CLS into the text and image sets.
+        include_special: put the special text tokens and image summaries into the text and image sets.
     """
     keep = valid if include_special else valid & ~special
     text, image = modality == TEXT, modality == IMAGE
-    first_text = torch.zeros_like(special)
-    first_text[:, 0] = True  # ViLT puts [CLS] first
+    text_special = valid & special & text
+    first = text_special & (text_special.cumsum(1) == 1)  # the first special text token ([CLS]), wherever it is
     patch = valid & (patch_rc[..., 0] >= 0) if patch_rc is not None else valid & image & ~special
     return {
         "txt": keep & text,
         "img": keep & image,
         "patch": patch,
-        "cls": valid & special & text & first_text,
-        "sep": valid & special & text & ~first_text,
+        "cls": first,
+        "sep": text_special & ~first,
         "imgcls": valid & special & image,
         "txt_all": valid & text,
         "img_all": valid & image,
@@ -152,7 +193,7 @@ def _nan_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 def compute_block_means(
     attention: torch.Tensor, masks: dict[str, torch.Tensor], row_mass: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
-    """Mean attention in each modality block of every head of one layer.
+    """Mean attention in each modality block of every head of one layer of a self-attention block.
 
     Args:
         attention: ``[B, H, N, N]`` attention probabilities (rows are queries).
@@ -169,7 +210,7 @@ def compute_block_means(
         row_mass = torch.matmul(attention, keys[:, None]).float()  # [B, H, N, 2]: each row's mass per key set
     sums = [_row_sums(row_mass[..., :2], masks[src][:, None, :, None], dim=2) for src in ("txt", "img")]
     n = [masks[src].sum(1, keepdim=True).float() for src in ("txt", "img")]
-    return _block_means(sums[0][..., 0], sums[0][..., 1], sums[1][..., 0], sums[1][..., 1], n[0], n[1])
+    return _block_means(sums[0][..., 0], sums[0][..., 1], sums[1][..., 0], sums[1][..., 1], n[0], n[1], n[0], n[1])
 
 
 def _row_sums(per_row: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
@@ -180,52 +221,135 @@ def _row_sums(per_row: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tens
     return torch.where(rows, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device)).sum(dim)
 
 
-def _block_means(tt, ti, it, ii, n_txt, n_img) -> dict[str, torch.Tensor]:
-    """Block means from the block sums (``tt`` = text queries' mass on text keys, ...) and the set sizes."""
+def _block_means(tt, ti, it, ii, n_tq, n_iq, n_tk, n_ik) -> dict[str, torch.Tensor]:
+    """Block means from the block sums (``tt`` = text queries' mass on text keys, ...) and the set sizes (text and
+    image queries, text and image keys; a self-attention block has the same sets on both sides)."""
     return {
-        "txt2txt": _nan_div(tt, n_txt * n_txt), "txt2img": _nan_div(ti, n_txt * n_img),
-        "img2txt": _nan_div(it, n_img * n_txt), "img2img": _nan_div(ii, n_img * n_img),
-        "cross_modal": _nan_div(ti + it, 2 * n_txt * n_img), "intra_modal": _nan_div(tt + ii, n_txt * n_txt + n_img * n_img),
+        "txt2txt": _nan_div(tt, n_tq * n_tk), "txt2img": _nan_div(ti, n_tq * n_ik),
+        "img2txt": _nan_div(it, n_iq * n_tk), "img2img": _nan_div(ii, n_iq * n_ik),
+        "cross_modal": _nan_div(ti + it, n_tq * n_ik + n_iq * n_tk),
+        "intra_modal": _nan_div(tt + ii, n_tq * n_tk + n_iq * n_ik),
     }
 
 
 KEY_SETS = ("txt", "img", "cls", "sep", "imgcls", "patch", "txt_all", "img_all")  # a row's mass on each: one matmul
+
+ONE_MODALITY = "its keys are all of one modality: the share is 0 or 1 by construction"
+
+
+def _rules(q: dict[str, torch.Tensor], k: dict[str, torch.Tensor], counts: dict[str, torch.Tensor],
+           is_self: bool, patch_q: torch.Tensor | None, far_cells: torch.Tensor | None) -> list:
+    """When each built-in metric applies to a block: ``[(metrics, applies [B] bool, reason when not)]``.
+
+    A metric applies to an example when every rule naming it holds; otherwise it is NaN and `not_applicable`
+    gives the first failing rule's reason.
+    """
+    has = {name: counts[name][:, 0] > 0 for name in counts}
+    any_k = {name: k[name].any(1) for name in ("txt_all", "img_all", "cls", "sep", "imgcls")}
+    one = torch.ones_like(has["tq"])
+    has_patch_q = patch_q.flatten(1).any(1) if patch_q is not None else ~one
+    has_far = far_cells[:, 0] > 0 if far_cells is not None else ~one
+    return [
+        (("txt2txt", "txt2img", "txtq_to_txt", "txtq_to_img"), has["tq"], "no text queries in this block"),
+        (("img2txt", "img2img", "imgq_to_txt", "imgq_to_img", "img2img_nonlocal", "spatial_distance"), has["iq"],
+         "no image queries in this block"),
+        (("txt2txt", "img2txt"), has["tk"], "no text keys in this block"),
+        (("txt2img", "img2img"), has["ik"], "no image keys in this block"),
+        (("cross_modal",), (has["tq"] & has["ik"]) | (has["iq"] & has["tk"]),
+         "text and image never meet in this block (no text query reads an image key, no image query a text key)"),
+        (("intra_modal",), (has["tq"] & has["tk"]) | (has["iq"] & has["ik"]),
+         "no text→text or image→image cells in this block"),
+        (("cls_to_txt", "cls_to_img"), q["cls"].any(1), "no text [CLS] query in this block"),
+        (("cls_to_txt", "cls_to_img"), any_k["txt_all"] & any_k["img_all"], ONE_MODALITY),
+        (("txtq_to_txt", "txtq_to_img", "imgq_to_txt", "imgq_to_img"), has["tk"] & has["ik"], ONE_MODALITY),
+        (("entropy", "max_weight", "to_cls", "to_sep", "to_imgcls"), has["q"], "no text or image queries in this block"),
+        (("entropy",), has["entropy_q"], "every query sees a single key: its entropy is 0 by construction"),
+        (("to_cls",), any_k["cls"], "no text [CLS] key in this block"),
+        (("to_sep",), any_k["sep"], "no text [SEP] (or other special text) key in this block"),
+        (("to_imgcls",), any_k["imgcls"], "no image summary key (image CLS) in this block"),
+        (("img2img_nonlocal", "spatial_distance"), one if is_self else ~one,
+         "queries and keys are different streams: no grid distance between them"),
+        (("img2img_nonlocal", "spatial_distance"), has_patch_q, "no image patch queries in this block"),
+        (("img2img_nonlocal",), has_far, "no two patches more than one grid cell apart"),
+    ]
 
 
 @dataclass(frozen=True)
 class _BatchSets:
     """What every layer of a batch shares, computed once per batch (`_batch_sets`)."""
 
-    keys: torch.Tensor  # [B, 8, N] float32 0/1: the key sets of KEY_SETS
-    queries: torch.Tensor  # [B, 2, 1, 1, N] bool: the text and the image queries
-    n_txt: torch.Tensor  # [B, 1] float32
-    n_img: torch.Tensor  # [B, 1] float32
-    log_n_keys: torch.Tensor  # [B, 1] float32: log of the number of valid keys (entropy normaliser)
+    keys: torch.Tensor  # [B, 8, K] float32 0/1: the key sets of KEY_SETS
+    queries: torch.Tensor  # [B, 2, 1, 1, Q] bool: the text and the image queries
+    cls_q: torch.Tensor  # [B, 1, 1, Q] bool: the text [CLS] query
+    counts: dict[str, torch.Tensor]  # [B, 1] float32: tq, iq, tk, ik (text / image queries / keys), q, entropy_q
+    inv_log: torch.Tensor  # [B, 1, Q] float32: 1 / log(keys the query sees); 0 where it sees one key or none
     span: tuple[int, int] | None  # the columns holding every patch of the batch; None without patches
     patch_q: torch.Tensor | None  # [B, 1, P] bool: the spatial metrics' queries (patch ∩ img) inside span
-    grid: torch.Tensor | None  # [B, 2, 1, P, P] float32: grid distance between patches (0 for non-patches) and
-    #                            1 where query and key are more than one grid cell apart
+    grid: torch.Tensor | None  # [B, 2 or 3, 1, P, P] float32: grid distance between patches of one image (0 for
+    #                            non-patches), 1 where query and key are more than one cell apart on one image,
+    #                            and (several images) 1 where the key is a patch of the query's image
     far_cells: torch.Tensor | None  # [B, 1] float32: number of far (query, key) pairs
+    rules: list  # `_rules`
+    applies: torch.Tensor  # [B, M] bool: the built-in metric applies to the example (`BUILTIN_METRICS` order)
 
 
-def _batch_sets(masks: dict[str, torch.Tensor], patch_rc: torch.Tensor | None) -> _BatchSets:
-    """Token sets, counts and the patch block's grid weights of a batch (see `_BatchSets`)."""
-    keys = torch.stack([masks[k] for k in KEY_SETS], 1).float()
-    n_keys = masks["valid"].sum(1, keepdim=True).float()
-    counts = [masks[k].sum(1, keepdim=True).float() for k in ("txt", "img")]
+def _visible_keys(k_valid: torch.Tensor, n_q: int, causal: bool) -> torch.Tensor:
+    """int64 ``[B, Q]``: the valid keys each query sees; under a causal mask, those at or before its position
+    (the queries aligned with the last keys)."""
+    n_k = k_valid.shape[1]
+    if not causal:
+        return k_valid.sum(1, keepdim=True).expand(-1, n_q)
+    last = torch.arange(n_q, device=k_valid.device) + (n_k - n_q)  # the last key each query sees
+    seen = k_valid.long().cumsum(1)[:, last.clamp(0, n_k - 1)]
+    return torch.where(last >= 0, seen, torch.zeros_like(seen))
+
+
+def _batch_sets(q_tokens: StreamTokens, k_tokens: StreamTokens | None, include_special: bool, causal: bool,
+                n_visible: torch.Tensor | None) -> _BatchSets:
+    """Token sets, counts, entropy normalisers, the patch block's grid weights and the applicability of every
+    metric for a batch (see `_BatchSets`); ``k_tokens`` None: a self-attention block."""
+    is_self = k_tokens is None
+    k_tokens = q_tokens if is_self else k_tokens
+    q = token_masks(q_tokens.modality, q_tokens.special, q_tokens.valid, q_tokens.patch_rc, include_special)
+    k = q if is_self else token_masks(k_tokens.modality, k_tokens.special, k_tokens.valid, k_tokens.patch_rc,
+                                      include_special)
+    keys = torch.stack([k[name] for name in KEY_SETS], 1).float()
+    seen = n_visible if n_visible is not None else _visible_keys(k["valid"], q["valid"].shape[1], causal)
+    seen = seen.to(q["valid"].device).float()
+    inv_log = torch.where(seen > 1, 1.0 / seen.clamp_min(2).log(), 0.0)[:, None]
+    queries = torch.stack([q["txt"], q["img"]], 1)
+    counts = {"tq": q["txt"], "iq": q["img"], "tk": k["txt"], "ik": k["img"], "q": q["txt"] | q["img"],
+              "entropy_q": (q["txt"] | q["img"]) & (seen > 1)}
+    counts = {name: m.sum(1, keepdim=True).float() for name, m in counts.items()}
     span = patch_q = grid = far_cells = None
-    cols = torch.nonzero(masks["patch"].any(0)).flatten().tolist() if patch_rc is not None else []
+    patch_rc = q_tokens.patch_rc
+    cols = torch.nonzero(q["patch"].any(0)).flatten().tolist() if is_self and patch_rc is not None else []
     if cols:
-        lo, hi = cols[0], cols[-1] + 1
-        patch, pq = masks["patch"][:, lo:hi], (masks["patch"] & masks["img"])[:, lo:hi]
-        rc = patch_rc[:, lo:hi].float()
-        diff = rc[:, :, None, :] - rc[:, None, :, :]
-        distance = diff.pow(2).sum(-1).sqrt() * (patch[:, :, None] & patch[:, None, :])
-        far = (diff.abs().amax(-1) > 1) & pq[:, :, None] & pq[:, None, :]  # not self, not the 8 neighbours
-        span, patch_q, far_cells = (lo, hi), pq[:, None], far.sum((1, 2)).float()[:, None]
-        grid = torch.stack([distance, far.float()], 1)[:, :, None]
-    queries = torch.stack([masks["txt"], masks["img"]], 1)[:, :, None, None]
-    return _BatchSets(keys, queries, counts[0], counts[1], n_keys.log(), span, patch_q, grid, far_cells)
+        span, patch_q, grid, far_cells = _patch_block(q, patch_rc, q_tokens.image_of, cols[0], cols[-1] + 1)
+    rules = _rules(q, k, counts, is_self, patch_q, far_cells)
+    applies = torch.ones(len(keys), len(BUILTIN_METRICS), dtype=torch.bool, device=keys.device)
+    for metrics, holds, _ in rules:
+        for name in metrics:
+            applies[:, BUILTIN_METRICS.index(name)] &= holds
+    return _BatchSets(keys, queries[:, :, None, None], q["cls"][:, None, None], counts, inv_log, span, patch_q, grid,
+                      far_cells, rules, applies)
+
+
+def _patch_block(q: dict, patch_rc: torch.Tensor, image_of: torch.Tensor | None, lo: int, hi: int):
+    """The spatial metrics' inputs on the columns ``lo:hi`` that hold every patch: ``(span, patch_q, grid,
+    far_cells)`` (see `_BatchSets`). Distances and far pairs count only between patches of one image."""
+    patch, pq = q["patch"][:, lo:hi], (q["patch"] & q["img"])[:, lo:hi]
+    rc = patch_rc[:, lo:hi].float()
+    diff = rc[:, :, None, :] - rc[:, None, :, :]
+    pairs = patch[:, :, None] & patch[:, None, :]
+    several = image_of is not None and bool((image_of[:, lo:hi].where(patch, 0) > 0).any())
+    if several:  # a distance between cells of two images means nothing
+        img = image_of[:, lo:hi]
+        pairs = pairs & (img[:, :, None] == img[:, None, :])
+    distance = diff.pow(2).sum(-1).sqrt() * pairs
+    far = (diff.abs().amax(-1) > 1) & pq[:, :, None] & pq[:, None, :] & pairs  # not self, not the 8 neighbours
+    weights = [distance, far.float()] + ([pairs.float()] if several else [])
+    return (lo, hi), pq[:, None], torch.stack(weights, 1)[:, :, None], far.sum((1, 2)).float()[:, None]
 
 
 _ENTROPY_TABLES: dict[torch.device, torch.Tensor] = {}
@@ -304,35 +428,40 @@ def _row_values_chunk(att: torch.Tensor, sets: _BatchSets, rows: slice) -> _Rows
     # the precision a stored trace keeps (both paths agree exactly), in a contiguous copy
     att16 = att.to(torch.float16, memory_format=torch.contiguous_format)
     att = att16.float()
-    b, h, n, _ = att.shape
-    # every row's mass on every key set in one matmul, laid out [b, 8, H, N] (4x faster on a CPU than [.., N, 8])
-    mass = torch.bmm(sets.keys[rows], att.view(b, h * n, n).transpose(1, 2)).view(b, len(KEY_SETS), h, n)
+    b, h, n_q, n_k = att.shape
+    # every row's mass on every key set in one matmul, laid out [b, 8, H, Q] (4x faster on a CPU than [.., Q, 8])
+    mass = torch.bmm(sets.keys[rows], att.view(b, h * n_q, n_k).transpose(1, 2)).view(b, len(KEY_SETS), h, n_q)
     cpu = att.device.type == "cpu"
     entropy, top = _row_entropy(att16, att, lookup=cpu), _row_max(att16, att, bits=cpu)
     if sets.span is None:
         return _Rows(mass, entropy, top, None)
     block = att[:, None, :, sets.span[0] : sets.span[1], sets.span[0] : sets.span[1]]
-    return _Rows(mass, entropy, top, (block * sets.grid[rows]).sum(-1))  # both weightings in one multiply
+    return _Rows(mass, entropy, top, (block * sets.grid[rows]).sum(-1))  # every weighting in one multiply
 
 
 def _layer_values(att: torch.Tensor, sets: _BatchSets, chunk_bytes: int | None = None) -> torch.Tensor:
-    """Every built-in metric for one layer's attention ``[B, H, N, N]``: float32 ``[B, H, M]`` (`BUILTIN_METRICS`)."""
+    """Every built-in metric for one layer's attention ``[B, H, Q, K]``: float32 ``[B, H, M]`` (`BUILTIN_METRICS`),
+    NaN where a metric does not apply to the block (`not_applicable`)."""
     rows = _row_values(att, sets, chunk_bytes)
-    per_row = torch.cat([rows.mass, rows.entropy[:, None], rows.top[:, None]], 1)  # [B, 10, H, N]
+    entropy_rows = rows.entropy * sets.inv_log  # normalised by the keys each query sees
+    per_row = torch.cat([rows.mass, entropy_rows[:, None], rows.top[:, None]], 1)  # [B, 10, H, Q]
     # sums over the text and the image queries, rows outside each set selected out: [B, 2 (query set), 10, H]
-    sums = torch.where(sets.queries, per_row[:, None], torch.zeros((), device=att.device)).sum(-1)
+    zero = torch.zeros((), device=att.device)
+    sums = torch.where(sets.queries, per_row[:, None], zero).sum(-1)
     mass, entropy, top = sums[:, :, :8], sums[:, :, 8], sums[:, :, 9]
-    n_q = sets.n_txt + sets.n_img  # Q = txt ∪ img (disjoint)
-    out = _block_means(mass[:, 0, 0], mass[:, 0, 1], mass[:, 1, 0], mass[:, 1, 1], sets.n_txt, sets.n_img)
-    out["cls_to_txt"], out["cls_to_img"] = rows.mass[:, 6, :, 0], rows.mass[:, 7, :, 0]  # the text [CLS] row
-    for qi, (src, count) in enumerate((("txt", sets.n_txt), ("img", sets.n_img))):
-        out[f"{src}q_to_txt"], out[f"{src}q_to_img"] = _nan_div(mass[:, qi, 0], count), _nan_div(mass[:, qi, 1], count)
+    c = sets.counts
+    out = _block_means(mass[:, 0, 0], mass[:, 0, 1], mass[:, 1, 0], mass[:, 1, 1], c["tq"], c["iq"], c["tk"], c["ik"])
+    cls_rows = torch.where(sets.cls_q, rows.mass[:, 6:8], zero).sum(-1)  # the text [CLS] query's row: [B, 2, H]
+    out["cls_to_txt"], out["cls_to_img"] = cls_rows[:, 0], cls_rows[:, 1]
+    for qi, (name, count) in enumerate((("txtq", c["tq"]), ("imgq", c["iq"]))):
+        out[f"{name}_to_txt"], out[f"{name}_to_img"] = _nan_div(mass[:, qi, 0], count), _nan_div(mass[:, qi, 1], count)
     for ki, name in ((2, "to_cls"), (3, "to_sep"), (4, "to_imgcls")):
-        out[name] = _nan_div(mass[:, :, ki].sum(1), n_q)
-    out["entropy"] = _nan_div(entropy.sum(1), n_q * sets.log_n_keys)
-    out["max_weight"] = _nan_div(top.sum(1), n_q)
+        out[name] = _nan_div(mass[:, :, ki].sum(1), c["q"])
+    out["entropy"] = _nan_div(entropy.sum(1), c["entropy_q"])
+    out["max_weight"] = _nan_div(top.sum(1), c["q"])
     out["img2img_nonlocal"], out["spatial_distance"] = _spatial(rows, sets)
-    return torch.stack([out[name] for name in BUILTIN_METRICS], dim=-1)
+    values = torch.stack([out[name] for name in BUILTIN_METRICS], dim=-1)
+    return torch.where(sets.applies[:, None], values, torch.full((), float("nan"), device=att.device))
 
 
 def _spatial(rows: _Rows, sets: _BatchSets) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,34 +471,67 @@ def _spatial(rows: _Rows, sets: _BatchSets) -> tuple[torch.Tensor, torch.Tensor]
         return nan, nan.clone()
     zero = torch.zeros((), device=rows.top.device)
     nonlocal_ = _nan_div(torch.where(sets.patch_q, rows.patch_rows[:, 1], zero).sum(-1), sets.far_cells)
-    mass = rows.mass[:, 5, :, sets.span[0] : sets.span[1]]  # each patch row's mass on patches
+    if rows.patch_rows.shape[1] > 2:  # several images: each patch row's mass on patches of its own image
+        mass = rows.patch_rows[:, 2]
+    else:
+        mass = rows.mass[:, 5, :, sets.span[0] : sets.span[1]]  # each patch row's mass on patches
     defined = sets.patch_q & (mass > 0)  # a patch query with no mass on patches has no distance: left out
     distance = torch.where(defined, rows.patch_rows[:, 0] / torch.where(defined, mass, 1.0), zero)
     return nonlocal_, _nan_div(distance.sum(-1), defined.sum(-1).float())
 
 
 class SummaryReducer:
-    """Reduces a batch's attention one layer at a time to every built-in per-head metric (`BUILTIN_METRICS`).
+    """Reduces a batch's attention in one block one layer at a time to every built-in per-head metric
+    (`BUILTIN_METRICS`).
 
-    The token sets, counts and grid weights are built once; `add` takes the layers in order, e.g. from a
-    forward hook during the model's pass, so that no layer's attention has to outlive its reduction.
+    The token sets, counts, entropy normalisers, grid weights and the metrics' applicability are built once;
+    `add` takes the layers in order, e.g. from `ModelAdapter.stream_attentions` during the model's pass, so that
+    no layer's attention has to outlive its reduction.
 
     Args:
-        modality, special, valid: ``[B, N]`` tensors on the attention's device (see `token_masks`).
-        patch_rc: ``[B, N, 2]`` grid positions (row -1 for non-patches); the spatial metrics are NaN without it.
+        modality, special, valid: ``[B, Q]`` tensors of the block's queries, on the attention's device (see
+            `token_masks`).
+        patch_rc: ``[B, Q, 2]`` grid positions (row -1 for non-patches); the spatial metrics are NaN without it.
         include_special: count special tokens in the text and image sets.
         chunk_bytes: on a CPU, reduce about this many bytes of examples at a time (see `_row_values`); None
             reduces each layer whole.
+        keys: the keys' tokens of a cross-attention block; None: a self-attention block (keys = queries).
+        image_of: ``[B, Q]`` image of each query token (-1 none); needed only when a sequence holds several
+            images (distances count within one image).
+        causal: each query sees only the keys up to its position (entropy is normalised by those).
+        n_visible: ``[B, Q]`` the keys each query sees, when known (a stored trace's `AttentionBlock.n_visible`);
+            None derives it from ``causal`` and the keys' padding.
     """
 
     def __init__(self, modality, special, valid, patch_rc=None, include_special: bool = False,
-                 chunk_bytes: int | None = CPU_CHUNK_BYTES):
-        self.sets = _batch_sets(token_masks(modality, special, valid, patch_rc, include_special), patch_rc)
+                 chunk_bytes: int | None = CPU_CHUNK_BYTES, *, keys: StreamTokens | None = None, image_of=None,
+                 causal: bool = False, n_visible: torch.Tensor | None = None):
+        queries = StreamTokens(modality, special, valid, patch_rc, image_of)
+        self.sets = _batch_sets(queries, keys, include_special, causal, n_visible)
         self.chunk_bytes = chunk_bytes
         self.layers: list[torch.Tensor] = []
 
+    @classmethod
+    def from_layouts(cls, queries: Sequence[TokenLayout], keys: Sequence[TokenLayout] | None = None, *,
+                     causal: bool = False, n_visible: torch.Tensor | None = None, include_special: bool = False,
+                     device: str | torch.device = "cpu", chunk_bytes: int | None = CPU_CHUNK_BYTES) -> SummaryReducer:
+        """A reducer for one block of a batch from its layouts (one per example, padded to one length).
+
+        Args:
+            queries: the query stream's layouts.
+            keys: the key stream's layouts for a cross-attention block; None for a self-attention block.
+            causal, n_visible, include_special, chunk_bytes: as in the class.
+            device: the attention's device.
+        """
+        q = StreamTokens.from_layouts(queries, device)
+        k = StreamTokens.from_layouts(keys, device) if keys is not None else None
+        if n_visible is not None:
+            n_visible = torch.as_tensor(n_visible, device=device)
+        return cls(q.modality, q.special, q.valid, q.patch_rc, include_special, chunk_bytes, keys=k,
+                   image_of=q.image_of, causal=causal, n_visible=n_visible)
+
     def add(self, attention: torch.Tensor) -> None:
-        """Reduce the next layer's attention ``[B, H, N, N]`` (any float dtype)."""
+        """Reduce the next layer's attention ``[B, H, Q, K]`` (any float dtype)."""
         with torch.inference_mode():
             self.layers.append(_layer_values(attention.detach(), self.sets, self.chunk_bytes))
 
@@ -378,12 +540,22 @@ class SummaryReducer:
         with torch.inference_mode():
             return torch.stack(self.layers, dim=1)
 
+    def reasons(self, row: int = 0) -> dict[str, str]:
+        """The built-in metrics that do not apply to example ``row``, each with why (the first rule it fails)."""
+        out: dict[str, str] = {}
+        for metrics, holds, reason in self.sets.rules:
+            if not bool(holds[row]):
+                for name in metrics:
+                    out.setdefault(name, reason)
+        return {name: out[name] for name in BUILTIN_METRICS if name in out}
+
 
 def compute_layer_summaries(
     attentions: tuple[torch.Tensor, ...] | list[torch.Tensor], modality, special, valid, patch_rc=None,
     include_special: bool = False,
 ) -> tuple[list[str], torch.Tensor]:
-    """Every built-in per-head metric for a batch, on the attentions' device (a `SummaryReducer` over the layers).
+    """Every built-in per-head metric for a batch of a self-attention block, on the attentions' device (a
+    `SummaryReducer` over the layers).
 
     Args:
         attentions: one ``[B, H, N, N]`` tensor per layer.
@@ -398,6 +570,38 @@ def compute_layer_summaries(
     for att in attentions:
         reducer.add(att)
     return list(BUILTIN_METRICS), reducer.values()
+
+
+def not_applicable(source: Trace | Any, layouts: Mapping[str, TokenLayout] | None = None,
+                   include_special: bool = False) -> dict[str, str]:
+    """The built-in metrics that do not apply to a block, each with the reason (they come out NaN, never 0).
+
+    E.g. ``txt2img`` on a vision-only or text-only self-attention block ("no text queries in this block"), every
+    share of CLIP's towers, the spatial metrics on a cross-attention block. A UI shows ``n/a: <reason>``.
+
+    Args:
+        source: a `Trace` (its viewed block; `Trace.select` picks another), or a block spec (anything with
+            ``query``, ``key`` and ``causal``, e.g. `vlcore.models.base.BlockSpec`) with ``layouts``.
+        layouts: for a spec, one example's layout of each stream, by name (e.g. a trace's ``streams``).
+        include_special: as in `compute_trace_summaries`.
+
+    Returns:
+        ``{metric: reason}`` for the metrics that do not apply, in `BUILTIN_METRICS` order.
+
+    Raises:
+        ValueError: a spec without the layouts of its streams.
+    """
+    if isinstance(source, Trace):
+        block = source.block
+        return SummaryReducer.from_layouts([source.layout], None if block.is_self else [source.key_layout],
+                                           n_visible=torch.from_numpy(source.n_visible())[None],
+                                           include_special=include_special).reasons(0)
+    missing = [s for s in (source.query, source.key) if layouts is None or s not in layouts]
+    if missing:
+        raise ValueError(f"a block spec needs the layouts of its streams; missing {missing}")
+    is_self = source.query == source.key
+    return SummaryReducer.from_layouts([layouts[source.query]], None if is_self else [layouts[source.key]],
+                                       causal=bool(source.causal), include_special=include_special).reasons(0)
 
 
 def summaries_to_frame(example_ids: list[str], names: list[str], values: np.ndarray) -> pd.DataFrame:
@@ -427,26 +631,31 @@ def compute_custom_metrics(traces: list[Trace]) -> tuple[list[str], np.ndarray] 
 
 
 def compute_trace_summaries(trace: Trace, include_special: bool = False) -> pd.DataFrame:
-    """The same per-head summaries as a sweep (plus custom metrics), from one stored trace (tidy frame)."""
+    """The same per-head summaries as a sweep (plus custom metrics), from one stored trace's viewed block (tidy
+    frame; `Trace.select` picks another block). Metrics that do not apply to the block are NaN
+    (`not_applicable` says why).
+
+    Raises:
+        ValueError: the trace holds no attentions for the block.
+    """
     if trace.attentions is None:
-        raise ValueError("this trace has no attentions")
+        raise ValueError(f"this trace has no attentions for block {trace.view!r}")
+    block = trace.block
+    reducer = SummaryReducer.from_layouts([trace.layout], None if block.is_self else [trace.key_layout],
+                                          n_visible=torch.from_numpy(trace.n_visible())[None],
+                                          include_special=include_special)
     att = torch.from_numpy(np.asarray(trace.attentions, dtype=np.float32))
-    names, values = compute_layer_summaries(
-        [att[layer][None] for layer in range(att.shape[0])],
-        torch.from_numpy(trace.modality.astype(np.int64))[None],
-        torch.from_numpy(trace.special.copy())[None],
-        torch.ones((1, trace.n_tokens), dtype=torch.bool),
-        patch_rc=torch.from_numpy(trace.patch_rc.astype(np.int64))[None],
-        include_special=include_special,
-    )
-    values = values.numpy()
+    for layer in range(att.shape[0]):
+        reducer.add(att[layer][None])
+    names, values = list(BUILTIN_METRICS), reducer.values().numpy()
     custom = compute_custom_metrics([trace])
     if custom is not None:
         names, values = names + custom[0], np.concatenate([values, custom[1]], -1)
     return summaries_to_frame([trace.example_id], names, values)
 
 
-def compute_custom_batch(attentions, batch, example_ids: list[str], model_id: str = "") -> tuple[list[str], np.ndarray] | None:
+def compute_custom_batch(attentions, batch, example_ids: list[str], model_id: str = "", spec: Any = None,
+                         block: str = "self") -> tuple[list[str], np.ndarray] | None:
     """Custom metrics for a sweep batch: ``(names, [B, L, H, C])``, or None when none is registered.
 
     Custom metrics are functions of a `Trace`, so this copies each example's attentions to the host
@@ -454,16 +663,27 @@ def compute_custom_batch(attentions, batch, example_ids: list[str], model_id: st
     slower by about the cost of a full-trace copy. The built-ins never pay this.
 
     Args:
-        attentions: one ``[B, H, N, N]`` tensor per layer (any device).
-        batch: the `EncodedBatch` whose main stream's layouts the attentions follow.
+        attentions: one ``[B, H, Q, K]`` tensor per layer (any device).
+        batch: the `EncodedBatch` whose layouts the attentions follow.
         example_ids: ids, one per batch row.
         model_id: recorded in the light traces.
+        spec: the block's spec (``query``, ``key``, ``causal``); None: a self-attention block on ``batch.main``.
+        block: the block's name in the light traces.
     """
     if not _CUSTOM:
         return None
-    att = torch.stack([a.detach().half() for a in attentions], 1).cpu().numpy()  # [B, L, H, N, N]
+    query = spec.query if spec is not None else batch.main
+    key = spec.key if spec is not None else query
+    causal = bool(spec.causal) if spec is not None else False
+    att = torch.stack([a.detach().half() for a in attentions], 1).cpu().numpy()  # [B, L, H, Q, K]
     traces = []
     for b, eid in enumerate(example_ids):
-        keep = np.flatnonzero(batch.valid[b])
-        traces.append(Trace.single(eid, model_id, batch.layouts[b].trimmed(), att[b][:, :, keep][:, :, :, keep], None))
+        q_lay, k_lay = batch.streams[query][b], batch.streams[key][b]
+        rows, cols = np.flatnonzero(q_lay.valid), np.flatnonzero(k_lay.valid)
+        arr = att[b][:, :, rows][:, :, :, cols]
+        visible = np.minimum(np.arange(len(rows)) + 1 + len(cols) - len(rows), len(cols)).astype(np.int32) \
+            if causal else None
+        streams = {query: q_lay.trimmed(), key: k_lay.trimmed()}
+        traces.append(Trace(eid, model_id, streams, {block: AttentionBlock(arr, query, key, visible)},
+                            {name: None for name in streams}, block))
     return compute_custom_metrics(traces)

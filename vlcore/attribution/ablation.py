@@ -1,81 +1,76 @@
-"""Causal head importance: mask one head at a time and measure the drop in the answer's probability.
+"""Causal head importance: mask one head at a time and measure the drop in the target's probability.
 
-Transformers 5.x's ViLT has no ``head_mask`` argument, so masking is a forward hook on each layer's
-self-attention module (the adapter names them: `ModelAdapter.self_attention_modules`) that zeroes
-the head's slice of the attention output, which is exactly what ``head_mask`` did (it multiplied the
-head's attention probabilities by 0, so its context vector is 0). All ``L × H`` masked variants of
-one example run as copies in a few batched forward passes.
+Masking goes through the adapter (`ModelAdapter.head_mask`): each head's output in a block is multiplied by 0
+(ViLT: the head's slice of its self-attention output, what the old ``head_mask`` argument did). The drop is
+read from the adapter's score of the explained target (`ModelAdapter.target_score`). All ``L × H`` masked
+variants of one example run as copies in a few batched passes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from vlcore.models.base import ModelAdapter
+from vlcore.models.base import Capture, EncodedBatch, ModelAdapter
 
 METRIC = "ablation_drop"
 
 
-@contextmanager
-def head_mask_hooks(adapter: ModelAdapter, mask: torch.Tensor):
-    """Within the block, multiply every head's output by ``mask`` ``[B, L, H]`` (1 keeps, 0 removes).
+def head_mask_hooks(adapter: ModelAdapter, mask: torch.Tensor, block: str | None = None) -> AbstractContextManager[None]:
+    """Within the block, multiply every head's output in ``block`` (default: the adapter's default block) by
+    ``mask`` ``[B, L, H]`` (1 keeps, 0 removes): `ModelAdapter.head_mask`.
 
-    The hooks go through `ModelAdapter.hooked`: they mask only the passes this block runs, never another
-    session's pass through the same shared model, and are removed in ``finally``.
+    The adapter's hooks go through `ModelAdapter.hooked`: they mask only the passes this block runs, never
+    another session's pass through the same shared model, and are removed in ``finally``.
     """
-    modules = adapter.self_attention_modules()
-    if mask.shape[1:] != (len(modules), adapter.n_heads):
-        raise ValueError(f"mask must be [B, {len(modules)}, {adapter.n_heads}], got {tuple(mask.shape)}")
+    return adapter.head_mask(block or adapter.default_block, mask)
 
-    def make_hook(layer: int):
-        def hook(module, args, output):
-            context = output[0]  # [B, N, H * d]
-            b, n, width = context.shape
-            scale = mask[:, layer].to(context.dtype).repeat_interleave(width // adapter.n_heads, dim=1)
-            return (context * scale[:, None, :],) + tuple(output[1:])
-        return hook
 
-    with adapter.hooked([(module, make_hook(layer)) for layer, module in enumerate(modules)]):
-        yield
+def repeat_batch(batch: EncodedBatch, n: int) -> EncodedBatch:
+    """A one-example batch repeated ``n`` times (its inputs along the batch axis, its layouts)."""
+    return EncodedBatch(batch.repeated_inputs(n), {k: v * n for k, v in batch.streams.items()}, batch.main,
+                        batch.truncated * n, batch.n_text_full * n)
 
 
 def extract_head_importance(
     adapter: ModelAdapter, image, text: str, answer: str | None = None, batch_size: int = 32,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, block: str | None = None,
 ) -> tuple[np.ndarray, str, float]:
-    """Drop in the answer's probability when each head alone is masked.
+    """Drop in the target's probability when each head of a block alone is masked.
 
     Args:
-        adapter: a loaded model with a VQA, NLVR2 or ITM head.
+        adapter: a loaded model with something to explain (`ModelAdapter.target_score`) and head masking.
         image: the example's image (a pair for NLVR2).
         text: the question or caption.
-        answer: the answer label to follow; None follows the model's prediction.
+        answer: the target to follow; None follows the model's prediction.
         batch_size: masked copies per forward pass (``L × H`` copies in all).
         progress: called with ``(done, total)`` after each pass.
+        block: the block whose heads are masked (default ``adapter.default_block``).
 
     Returns:
         ``(drop [L, H] float32, answer, base_probability)``; ``drop[l, h] = p(answer) - p(answer | head (l, h) masked)``.
     """
+    block = block or adapter.default_block
+    spec = adapter.block_specs()[block]
     batch = adapter.encode([image], [text])
-    n_layers, n_heads = adapter.n_layers, adapter.n_heads
+    n_layers, n_heads = spec.n_layers, spec.n_heads
+    plain = Capture(blocks=(), hidden=False)
     with torch.no_grad():
-        logits = adapter.forward(batch, attentions=False, hidden=False).logits
-        base_probs, label = adapter.answer_probabilities(logits, answer)
+        _, base_probs, label = adapter.target_score(adapter.capture(batch, plain).output, answer)
         base = float(base_probs[0])
         total = n_layers * n_heads
         probs = np.empty(total, dtype=np.float32)
         eye = torch.eye(total, device=adapter.device).reshape(total, n_layers, n_heads)
         for start in range(0, total, batch_size):
             chunk = 1.0 - eye[start : start + batch_size]
-            with head_mask_hooks(adapter, chunk):
-                out = adapter.model(**batch.repeated_inputs(len(chunk)), return_dict=True)
-            probs[start : start + len(chunk)] = adapter.answer_probabilities(out.logits, label)[0].float().cpu().numpy()
+            with adapter.head_mask(block, chunk):
+                out = adapter.capture(repeat_batch(batch, len(chunk)), plain).output
+            probs[start : start + len(chunk)] = adapter.target_score(out, label)[1].float().cpu().numpy()
             if progress is not None:
                 progress(min(start + len(chunk), total), total)
     return (base - probs).reshape(n_layers, n_heads), label, base

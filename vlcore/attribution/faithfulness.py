@@ -1,9 +1,11 @@
 """How faithful is a relevance map? Patch-removal perturbation curves and the pointing game.
 
 **Perturbation.** The patches are ranked by the map's value and the first ``round(f · P)`` of them
-(``P`` the image's patches) are removed for each fraction ``f``: their entries of the image-token mask
-(``pixel_mask``, which ViLT turns into the attention mask) are set to 0, so no token can attend to them;
-the image CLS and the text are never removed. The curve is the probability of the explained answer
+(``P`` the image's patches) are removed for each fraction ``f``, the way the model's adapter removes image
+tokens (`ModelAdapter.mask_image_tokens`: e.g. through the image's attention mask, so that no token attends
+to them); image summary tokens and the text are never removed. The patches are the image stream's
+(`ModelAdapter.image_stream`) patch tokens, read from its `TokenLayout`. The curve is the probability of the
+explained target (`ModelAdapter.target_score`)
 at ``f = 0`` (the unperturbed input) and at each fraction; its area is the trapezoid rule over
 ``[0, f_1, …, f_k]`` (so with the default fractions it lies in ``[0, 0.9]``). Orders: ``positive``
 removes the most relevant patches first (a faithful map drops the probability fast: small area),
@@ -32,7 +34,8 @@ import torch
 
 from vlcore.data.easy_vqa import compute_shape_mask
 from vlcore.errors import InputError
-from vlcore.trace import Trace
+from vlcore.models.base import Capture
+from vlcore.trace import ROLE_PATCH, Trace
 
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ORDERS = ("positive", "negative", "random")
@@ -110,10 +113,11 @@ def compute_perturbation_curve(
     """Remove patches in order of ``values`` and track the answer's probability.
 
     Args:
-        adapter: a VQA or image-text-matching `ModelAdapter` (one image pass).
+        adapter: a `ModelAdapter` that can remove image tokens and score a target (one image pass).
         image: a PIL image.
         text: the question or caption.
-        values: float ``[N]`` per-token map in the token order of `extract_trace` for these inputs.
+        values: float ``[N]`` per-token map in the token order of the image stream (``adapter.image_stream``) of
+            `extract_trace` for these inputs.
         answer: the label to track; None tracks the prediction on the unperturbed input.
         fractions: shares of the patches to remove, each in (0, 1].
         order: ``positive``, ``negative`` or ``random``.
@@ -168,14 +172,10 @@ def compute_perturbation_curves(
         scores = scores_of(values, name)
         removal += [((name, o), compute_patch_order(scores, o)) for o in orders]
     randoms = [compute_patch_order(np.zeros(n_patches), "random", seed + s) for s in range(n_random)]
-    base = batch.inputs["pixel_mask"][0]
-    masks = [base]
+    drops = [patch_cols[:0]]  # row 0: the unperturbed input
     for perm in [p for _, p in removal] + randoms:
-        for k in n_removed[1:]:
-            m = base.clone()
-            m[patch_cols[perm[:k]]] = 0
-            masks.append(m)
-    probs, label = _answer_probabilities(adapter, batch, torch.stack(masks), answer)
+        drops += [patch_cols[perm[:k]] for k in n_removed[1:]]
+    probs, label = _target_probabilities(adapter, batch, drops, answer)
     x = np.concatenate([[0.0], fracs])
     out, step = {}, len(fracs)
 
@@ -200,11 +200,13 @@ def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
 
 
 def _patch_columns(adapter, batch, text: str):
-    """Patch positions in the batch's image-token mask, and a function mapping a trace-order map to patch scores."""
+    """The image stream's patch positions in the batch (its padded layout), and a function mapping a map in that
+    stream's trace order to per-patch scores."""
     if getattr(adapter, "n_passes", 1) != 1:
         raise InputError(f"patch removal needs a one-image model; {adapter.model_id} reads {adapter.n_passes} images")
-    keep = np.flatnonzero(batch.valid[0])
-    patch_cols = np.flatnonzero(batch.patch_rc[0, :, 0] >= 0)
+    layout = batch.streams[adapter.image_stream][0]
+    keep = np.flatnonzero(layout.valid)
+    patch_cols = layout.index(ROLE_PATCH)
     if not len(patch_cols):
         raise InputError(f"the input {text!r} has no image patches to remove")
 
@@ -212,39 +214,45 @@ def _patch_columns(adapter, batch, text: str):
         values = np.asarray(values, dtype=np.float64)
         if values.shape != (len(keep),):
             raise InputError(
-                f"map {name!r} has shape {values.shape}; these inputs have {len(keep)} tokens. Pass a map in the "
-                "token order of extract_trace for the same image and text."
+                f"map {name!r} has shape {values.shape}; these inputs have {len(keep)} tokens in the "
+                f"{adapter.image_stream!r} stream. Pass a map in the token order of extract_trace for the same "
+                "image and text."
             )
-        full = np.zeros(batch.valid.shape[1])
+        full = np.zeros(layout.n_tokens)
         full[keep] = values
         return full[patch_cols]
 
-    n_text = int(batch.inputs["input_ids"].shape[1])  # pixel_mask covers the image part: [image CLS | patches]
-    return torch.as_tensor(patch_cols - n_text), scores_of
+    return patch_cols, scores_of
 
 
 @torch.no_grad()
-def _answer_probabilities(adapter, batch, pixel_masks: torch.Tensor, answer: str | None) -> tuple[np.ndarray, str]:
-    """Probability of the answer for each row of ``pixel_masks`` (row 0 must be the unperturbed mask)."""
-    if adapter.task not in ("vqa", "itm"):
-        raise InputError(f"perturbation needs a VQA or image-text-matching head; {adapter.model_id} is {adapter.task}")
-    inputs = batch.repeated_inputs(pixel_masks.shape[0], exclude=("pixel_mask",))
-    logits = adapter.forward(batch, attentions=False, hidden=False, **inputs, pixel_mask=pixel_masks).logits
-    probs, label = adapter.answer_probabilities(logits, answer)
-    return probs.cpu().numpy().astype(np.float64), label
+def _target_probabilities(adapter, batch, drops: list[np.ndarray], answer: str | None) -> tuple[np.ndarray, str]:
+    """Probability of the target in each variant of ``batch`` without the image tokens ``drops[i]`` (``drops[0]``
+    must be empty: the unperturbed input, whose top prediction is the target when ``answer`` is None)."""
+    variants = adapter.mask_image_tokens(batch, drops)
+    captured = adapter.capture(variants, Capture(blocks=(), hidden=False))
+    _, probs, label = adapter.target_score(captured.output, answer)
+    return probs.float().cpu().numpy().astype(np.float64), label
 
 
 # -- pointing game ----------------------------------------------------------------------------------
 
 
 def compute_patch_coverage(trace: Trace, mask: np.ndarray) -> np.ndarray:
-    """Share of each patch's pixels inside the mask: float64 ``[rows, cols]``."""
-    p = trace.patch_px
-    rows, cols = trace.grid
-    m = np.asarray(mask, dtype=np.float64)[: rows * p, : cols * p]
-    if m.shape != (rows * p, cols * p):
-        raise InputError(f"the mask is {mask.shape}; the trace's image is {(rows * p, cols * p)} pixels")
-    return m.reshape(rows, p, cols, p).mean(axis=(1, 3))
+    """Share of each grid cell's pixels (its box on the first image as the model saw it) inside the mask:
+    float64 ``[rows, cols]``."""
+    if not trace.images:
+        raise InputError(f"trace {trace.example_id} has no image")
+    boxes = trace.images[0].boxes.astype(np.int64)  # [rows, cols, 4]: x0, y0, x1, y1
+    need = (int(boxes[..., 3].max()), int(boxes[..., 2].max()))
+    m = np.asarray(mask, dtype=np.float64)
+    if m.ndim != 2 or m.shape[0] < need[0] or m.shape[1] < need[1]:
+        raise InputError(f"the mask is {np.shape(mask)}; the trace's image is {need} pixels")
+    total = np.zeros((m.shape[0] + 1, m.shape[1] + 1))
+    total[1:, 1:] = m.cumsum(0).cumsum(1)  # summed-area table: any box's sum in four lookups
+    x0, y0, x1, y1 = np.moveaxis(boxes, -1, 0)
+    inside = total[y1, x1] - total[y0, x1] - total[y1, x0] + total[y0, x0]
+    return inside / np.maximum((x1 - x0) * (y1 - y0), 1)
 
 
 def top_patch(trace: Trace, values: np.ndarray) -> tuple[int, int]:
@@ -285,15 +293,38 @@ def pointing_chance(trace: Trace, mask: np.ndarray, min_overlap: float = 0.0) ->
 # -- evaluation -------------------------------------------------------------------------------------
 
 
-def compute_method_maps(trace: Trace, relevancy_values: np.ndarray, layer: int = -1, start_layer: int = 0) -> dict:
-    """The three maps of a trace: raw attention ([CLS] row, mean over heads), rollout, relevancy."""
-    from vlcore.attribution.relevance import compute_raw_map, compute_rollout_map
+def compute_method_maps(trace: Trace, relevancy_values: np.ndarray, layer: int = -1, start_layer: int = 0,
+                        query: int | None = None) -> dict:
+    """The three maps of a trace's viewed block: raw attention (the query's row, mean over heads), rollout,
+    relevancy.
 
+    Args:
+        query: the query row explained; None: the block's default query (`vlcore.attribution.relevance.trace_query`).
+    """
+    from vlcore.attribution.relevance import compute_raw_map, compute_rollout_map, trace_query
+
+    query = trace_query(trace) if query is None else query
     return {
-        "raw_attention": compute_raw_map(trace, layer=layer, head=None, query=0),
-        "rollout": compute_rollout_map(trace, start_layer=start_layer, query=0),
+        "raw_attention": compute_raw_map(trace, layer=layer, head=None, query=query),
+        "rollout": compute_rollout_map(trace, start_layer=start_layer, query=query),
         "relevancy": np.asarray(relevancy_values, dtype=np.float32),
     }
+
+
+def image_block(adapter) -> str:
+    """The self-attention block whose queries are the image stream's tokens (the default block when it is one):
+    its maps are per image token, as patch removal needs.
+
+    Raises:
+        InputError: the model has no such block.
+    """
+    specs = adapter.block_specs()
+    names = [adapter.default_block] + list(specs)
+    found = next((n for n in names if specs[n].is_self and specs[n].query == adapter.image_stream), None)
+    if found is None:
+        raise InputError(f"{adapter.model_id} has no self-attention block over its image tokens "
+                         f"({adapter.image_stream!r}); faithfulness compares maps over image tokens")
+    return found
 
 
 def faithfulness_rows(
@@ -309,9 +340,10 @@ def faithfulness_rows(
     from vlcore.attribution.relevance import extract_relevancy
 
     image = example.load_image()
-    trace = extract_trace(adapter, image, example.question, example.example_id, example.answers or None)
-    rel = extract_relevancy(adapter, image, example.question, answer=trace.predicted)
-    maps = compute_method_maps(trace, rel.values, layer=layer, start_layer=start_layer)
+    block = image_block(adapter)
+    trace = extract_trace(adapter, image, example.question, example.example_id, example.answers or None).select(block)
+    rel = extract_relevancy(adapter, image, example.question, answer=trace.predicted, block=block)
+    maps = compute_method_maps(trace, rel.values, layer=layer, start_layer=start_layer, query=rel.query)
     curves = compute_perturbation_curves(
         adapter, image, example.question, maps, answer=trace.predicted, fractions=fractions, n_random=n_random
     )
@@ -348,7 +380,8 @@ def evaluate_faithfulness(
     """Pointing accuracy and perturbation AUCs of raw attention, rollout and relevancy.
 
     Args:
-        adapter: a VQA `ModelAdapter` with a gradient pass.
+        adapter: a `ModelAdapter` with a gradient pass, image-token removal and a self-attention block over its
+            image tokens (`image_block`).
         examples: `Example` records (image, question); the first ``limit`` are used.
         limit: how many examples (None: all).
         fractions, n_random: perturbation settings (see `compute_perturbation_curves`).

@@ -1,4 +1,4 @@
-"""Accuracy of a VQA model on a list of examples (plain batched forward, no attentions)."""
+"""Accuracy of an answering model on a list of examples (plain batched passes, no attentions)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from vlcore.data.example import Example
 from vlcore.errors import InputError
-from vlcore.models.base import ModelAdapter
+from vlcore.models.base import Capture, ModelAdapter
 
 # The fixed regression subset of easy-VQA test questions (seeded, sorted indices).
 SUBSET_SEED, SUBSET_SIZE = 0, 500
@@ -34,10 +34,12 @@ def evaluate_accuracy(
     """Share of examples whose top prediction is one of their gold answers.
 
     Raises:
-        InputError: the model is not a VQA model, or an example has no gold answer.
+        InputError: the model's predictions are not answers (`ModelAdapter.answers_compare`: an image-text score),
+            it gives none, or an example has no gold answer.
     """
-    if adapter.task != "vqa":
-        raise InputError(f"accuracy needs a VQA model; {adapter.model_id} is a {adapter.task} model")
+    if not adapter.answers_compare:
+        raise InputError(f"accuracy needs a model whose predictions are answers; {adapter.model_id} scores the "
+                         "image-text pair itself")
     correct = 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -45,8 +47,11 @@ def evaluate_accuracy(
             raise InputError("every example needs a gold answer to compute accuracy")
         batch = adapter.encode([e.load_image() for e in chunk], [e.question for e in chunk])
         with torch.no_grad():
-            logits = adapter.forward(batch, attentions=False, hidden=False).logits
-        top = adapter.predict(logits, top_k=1)
+            output = adapter.capture(batch, Capture(blocks=(), hidden=False)).output
+        top = adapter.predict(output, top_k=1, batch=batch)
+        if any(not t for t in top):
+            raise InputError(f"accuracy needs a model that answers; {adapter.model_id} gave no prediction for "
+                             f"{chunk[[not t for t in top].index(True)].example_id}")
         correct += sum(t[0][0] in e.answers for t, e in zip(top, chunk))
         if progress is not None:
             progress(min(start + batch_size, len(examples)), len(examples))

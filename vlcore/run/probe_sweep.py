@@ -25,6 +25,7 @@ import torch
 
 from vlcore.analysis.probe_labels import compute_cover_grid, example_regions
 from vlcore.analysis.probing import ProbingError
+from vlcore.trace import TEXT
 
 PROBE_FILE = "probe.safetensors"
 PROBE_VERSION = "2"  # part of a probe sweep's key: a change of the payload makes a new sweep
@@ -32,31 +33,39 @@ ARRAYS = ("patch_example", "patch_rc", "patch_cover", "word_example", "pair_word
           "pair_attention")
 
 
-def compute_probe_batch(attentions: Sequence[torch.Tensor], batch, examples: Sequence, example_ids: Sequence[str]) -> dict:
+def compute_probe_batch(attentions: Sequence[torch.Tensor], batch, examples: Sequence, example_ids: Sequence[str],
+                        query: str | None = None, key: str | None = None) -> dict:
     """The probe payload of one batch (see the module docstring).
 
     Args:
-        attentions: ``L`` tensors ``[B, H, N, N]`` on the model's device (one image pass).
-        batch: the `EncodedBatch` (its layout and the images the model saw).
+        attentions: ``L`` tensors ``[B, H, Q, K]`` of one block on the model's device (one image pass).
+        batch: the `EncodedBatch` (its layouts and the images the model saw).
         examples: the batch's `Example` records.
         example_ids: their ids.
+        query: the block's query stream, whose words are probed (default ``batch.main``).
+        key: the block's key stream, whose patches are probed (default ``query``).
 
     Returns:
         A dict of the arrays in `ARRAYS` plus ``example_ids``, ``labels`` ({name: [value per example]}),
         ``word_text``, ``word_role`` and ``word_tokens`` (trace indices of each word's pieces).
     """
-    n_layers, n_heads = len(attentions), int(attentions[0].shape[1])
-    rank = np.cumsum(batch.valid, axis=1) - 1  # trace index of each valid batch position
+    query = query or batch.main
+    key = key or query
+    n_layers = len(attentions)
+    n_heads = int(attentions[0].shape[1]) if n_layers else 0
     labels: dict[str, list] = {}
     patch_parts, words, pairs = [], [], []  # pairs: (batch row, word index, patch positions, cover)
     for b, example in enumerate(examples):
-        valid = batch.valid[b]
-        text = np.flatnonzero(valid & (batch.modality[b] == 0) & ~batch.special[b])
-        cols = np.flatnonzero(valid & (batch.patch_rc[b, :, 0] >= 0))
-        rc = batch.patch_rc[b, cols].astype(np.int64)
-        image, grid = batch.images[b], batch.grids[b]
-        p = image.shape[0] // grid[0] if grid[0] else 1
-        found, region, grounding = example_regions(example, image, batch.tokens[b], text)
+        q_lay, k_lay = batch.streams[query][b], batch.streams[key][b]
+        rank = np.cumsum(q_lay.valid) - 1  # trace index of each valid query position
+        text = np.flatnonzero((q_lay.modality == TEXT) & q_lay.valid & ~q_lay.special)
+        cols, rc = k_lay.patch_positions(0)
+        rc = rc.astype(np.int64)
+        seen = k_lay.images[0] if k_lay.images else None
+        image = seen.image if seen is not None else np.zeros((0, 0, 3), np.uint8)
+        grid = seen.grid if seen is not None else (0, 0)
+        p = seen.cell_px if seen is not None else 1
+        found, region, grounding = example_regions(example, image, q_lay.tokens, text)
         for name, value in found.items():
             labels.setdefault(name, [None] * len(examples))[b] = value
         cover = compute_cover_grid(region, grid, p)[rc[:, 0], rc[:, 1]] if region is not None else np.full(len(cols), np.nan)
@@ -64,7 +73,7 @@ def compute_probe_batch(attentions: Sequence[torch.Tensor], batch, examples: Seq
         for word in grounding:
             own = compute_cover_grid(word.mask, grid, p)[rc[:, 0], rc[:, 1]]
             pairs.append((b, len(words), cols, rc, own))
-            words.append((b, word.text, word.role, [int(rank[b, q]) for q in word.positions], list(word.positions)))
+            words.append((b, word.text, word.role, [int(rank[q]) for q in word.positions], list(word.positions)))
     payload = {
         "example_ids": list(example_ids), "labels": labels,
         "patch_example": np.concatenate([e for e, _, _ in patch_parts]).astype(np.int32),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from filelock import FileLock
 from vlcore.data.example import Example
 from vlcore.errors import DeviceMemoryError, InputError, StoreError
 from vlcore.run.extract import _free_device_memory, is_out_of_memory, memory_message, model_image_input
-from vlcore.models.base import EncodedBatch, ModelAdapter
+from vlcore.models.base import Capture, Captured, EncodedBatch, ModelAdapter
 from vlcore.analysis.stats import (
     BUILTIN_METRICS,
     SUMMARY_COLUMNS,
@@ -30,7 +31,7 @@ from vlcore.analysis.stats import (
     custom_metric_names,
     summaries_to_frame,
 )
-from vlcore.trace import TRACE_VERSION
+from vlcore.trace import IMAGE, ROLE_PATCH, TEXT, TRACE_VERSION, TokenLayout
 from vlcore.storage.store import DamagedFileError, atomic_write_bytes, fingerprint, safetensors_from_bytes
 from vlcore.storage.tables import parquet_from_bytes
 
@@ -52,116 +53,149 @@ class BatchSummary:
     probe: dict | None = None  # `vlcore.run.probe_sweep.compute_probe_batch` output, in a probe sweep
 
 
-def sample_token_positions(batch: EncodedBatch, max_patches: int) -> list[np.ndarray]:
-    """Per example, the batch positions whose hidden vectors a sweep keeps.
+def sample_token_positions(batch: EncodedBatch, max_patches: int, stream: str | None = None) -> list[np.ndarray]:
+    """Per example, the positions of one stream whose hidden vectors a sweep keeps.
 
-    Every valid text token ([CLS] and [SEP] included), the image CLS, and at most ``max_patches``
-    patches spread evenly over the example's valid patches in row-major order (deterministic: the
-    same example always keeps the same patches).
+    Every valid token that is not an image patch (words, special tokens, image summaries such as the image
+    CLS, generated tokens), and at most ``max_patches`` patches spread evenly over the example's patches in
+    sequence order (deterministic: the same example always keeps the same patches).
 
     Args:
         batch: the encoded batch.
-        max_patches: patch cap per example (0 keeps text tokens and the image CLS only).
+        max_patches: patch cap per example (0 keeps the other tokens only).
+        stream: the stream (default ``batch.main``).
 
     Returns:
         ``B`` int64 arrays of positions in the padded batch, increasing.
     """
     out = []
-    for b in range(len(batch)):
-        valid = batch.valid[b]
-        keep = np.flatnonzero(valid & ((batch.modality[b] == 0) | batch.special[b]))
-        patches = np.flatnonzero(valid & (batch.modality[b] == 1) & ~batch.special[b])
+    for lay in batch.streams[stream or batch.main]:
+        keep = np.flatnonzero(lay.valid & (lay.role != ROLE_PATCH))
+        patches = lay.index(ROLE_PATCH)
         if len(patches) > max_patches:
             patches = patches[np.unique(np.linspace(0, len(patches) - 1, max_patches).round().astype(int))]
         out.append(np.sort(np.concatenate([keep, patches])))
     return out
 
 
-def gather_token_vectors(hidden_states: Sequence[torch.Tensor], batch: EncodedBatch, max_patches: int) -> dict:
+def gather_token_vectors(hidden_states: Sequence[torch.Tensor] | torch.Tensor, batch: EncodedBatch,
+                         max_patches: int, stream: str | None = None) -> dict:
     """Pick the sampled tokens' vectors on the device and copy only them (fp16) to the host.
 
     Args:
-        hidden_states: ``L + 1`` tensors ``[B, N, D]`` on the model's device.
-        batch: the batch's layout (first image pass).
+        hidden_states: ``L + 1`` tensors ``[B, N, D]`` (or one ``[L + 1, B, N, D]``) of ``stream``, on the
+            model's device.
+        batch: the batch's layouts (first image pass).
         max_patches: patch cap per example (see `sample_token_positions`).
+        stream: the stream the hidden states belong to (default ``batch.main``).
 
     Returns:
         ``vectors`` float16 ``[L + 1, T, D]`` and, per kept token, ``example`` (batch row), ``token``
         (index in the example's trace, padding removed), ``text``, ``modality``, ``special``,
         ``patch_rc`` and ``thumbs`` (uint8 ``[T, p, p, 3]`` patch pixels, zeros for non-patches).
     """
-    positions = sample_token_positions(batch, max_patches)
+    layouts = batch.streams[stream or batch.main]
+    positions = sample_token_positions(batch, max_patches, stream)
     rows = np.concatenate([np.full(len(p), b) for b, p in enumerate(positions)]).astype(np.int64)
     cols = np.concatenate(positions).astype(np.int64)
     dev = hidden_states[0].device
     r, c = torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)
     vectors = torch.stack([h[r, c] for h in hidden_states]).half().cpu().numpy()
-    rank = np.cumsum(batch.valid, axis=1) - 1  # trace index of each valid batch position
-    rc = batch.patch_rc[rows, cols].astype(np.int16)
-    p = next((im.shape[0] // g[0] for im, g in zip(batch.images, batch.grids) if g[0]), 1)
-    thumbs = np.zeros((len(rows), p, p, 3), dtype=np.uint8)
-    for i, (b, (pr, pc)) in enumerate(zip(rows, rc)):
-        if pr >= 0:
-            thumbs[i] = batch.images[b][pr * p : (pr + 1) * p, pc * p : (pc + 1) * p]
+    picked = [(layouts[b], n) for b, n in zip(rows, cols)]
+    rank = [np.cumsum(lay.valid) - 1 for lay in layouts]  # trace index of each valid position
     return {
-        "vectors": vectors, "example": rows.astype(np.int32), "token": rank[rows, cols].astype(np.int32),
-        "text": [batch.tokens[b][n] for b, n in zip(rows, cols)], "modality": batch.modality[rows, cols],
-        "special": batch.special[rows, cols], "patch_rc": rc, "thumbs": thumbs,
+        "vectors": vectors, "example": rows.astype(np.int32),
+        "token": np.array([rank[b][n] for b, n in zip(rows, cols)], dtype=np.int32),
+        "text": [lay.tokens[n] for lay, n in picked],
+        "modality": np.array([lay.modality[n] for lay, n in picked], dtype=np.int8).reshape(-1),
+        "special": np.array([lay.special[n] for lay, n in picked], dtype=bool).reshape(-1),
+        "patch_rc": np.array([lay.patch_rc[n] for lay, n in picked], dtype=np.int16).reshape(-1, 2),
+        "thumbs": _patch_thumbs(picked),
+    }
+
+
+def _patch_thumbs(picked: list) -> np.ndarray:
+    """uint8 ``[T, p, p, 3]``: each picked patch token's cell of the image the model saw (zeros for other tokens),
+    ``p`` the first patch cell's height; a cell of another size is resampled to it (nearest pixel)."""
+    cells = [(lay.images[lay.image_of[n]], lay.cell[n]) if lay.role[n] == ROLE_PATCH else None for lay, n in picked]
+    first = next((im.boxes[r, c] for im, (r, c) in filter(None, cells)), None)
+    p = int(first[3] - first[1]) if first is not None else 1
+    thumbs = np.zeros((len(picked), p, p, 3), dtype=np.uint8)
+    for i, cell in enumerate(cells):
+        if cell is None:
+            continue
+        image, (r, c) = cell
+        x0, y0, x1, y1 = (int(v) for v in image.boxes[r, c])
+        crop = image.image[y0:y1, x0:x1]
+        if crop.shape[:2] != (p, p) and crop.size:
+            crop = crop[np.arange(p) * crop.shape[0] // p][:, np.arange(p) * crop.shape[1] // p]
+        thumbs[i, : crop.shape[0], : crop.shape[1]] = crop
+    return thumbs
+
+
+def prediction_row(example: Example, top: Sequence[tuple[str, float]], layouts: Sequence[TokenLayout],
+                   truncated: bool, answers: bool = True) -> dict:
+    """One row of a sweep's predictions table: the example, its top-k and, when it has gold answers and the
+    model's predictions are answers (``answers``: `ModelAdapter.answers_compare`), whether the top prediction is
+    one of them (as `vlcore.trace.Trace.correct`)."""
+    best, prob = top[0] if top else (None, float("nan"))
+    gold = list(example.answers)
+    return {
+        "example_id": example.example_id,
+        "question": example.question,
+        "gold": gold,
+        "category": example.category,
+        "prediction": best,
+        "probability": prob,
+        "correct": (best in gold) if answers and gold and best is not None else None,
+        "top_k": json.dumps(list(top)),
+        "text_truncated": truncated,
+        "n_text_tokens": int(sum(((lay.modality == TEXT) & lay.valid).sum() for lay in layouts)),
+        "n_image_tokens": int(sum(((lay.modality == IMAGE) & lay.valid).sum() for lay in layouts)),
     }
 
 
 def summarize_batch(
     adapter: ModelAdapter, batch: EncodedBatch, examples: Sequence[Example], top_k: int = 5,
-    vector_patches: int | None = None, probe: bool = False,
+    vector_patches: int | None = None, probe: bool = False, block: str | None = None,
 ) -> BatchSummary:
-    """Forward one encoded batch and reduce it on the device.
+    """Forward one encoded batch and reduce one attention block on the device.
 
     Only the per-head summaries ``[B, L, H, M]``, the top-k predictions and, when ``vector_patches``
-    is not None, the sampled token vectors (`gather_token_vectors`) are copied to the host; with
-    ``probe``, also the probe payload (`vlcore.run.probe_sweep.compute_probe_batch`).
+    is not None, the sampled token vectors of the main stream (`gather_token_vectors`) are copied to the host;
+    with ``probe``, also the probe payload (`vlcore.run.probe_sweep.compute_probe_batch`).
+
+    Args:
+        adapter, batch, examples, top_k, vector_patches, probe: as in `run_sweep`.
+        block: the block summarised (default ``adapter.default_block``).
     """
-    dev = adapter.device
-    reducer = SummaryReducer(
-        torch.from_numpy(batch.modality.astype(np.int64)).to(dev), torch.from_numpy(batch.special).to(dev),
-        torch.from_numpy(batch.valid).to(dev), patch_rc=torch.from_numpy(batch.patch_rc.astype(np.int64)).to(dev),
-    )
+    block = block or adapter.default_block
+    spec = adapter.block_specs()[block]
+    layout_batch = adapter.pass_batch(batch, 0)  # NLVR2: the first image's pass
+    reducer = SummaryReducer.from_layouts(layout_batch.streams[spec.query],
+                                          None if spec.is_self else layout_batch.streams[spec.key],
+                                          causal=spec.causal, device=adapter.device)
+    ids = [e.example_id for e in examples]
     with torch.no_grad():
         keep = probe or bool(custom_metric_names())  # these read each example's full attentions
-        out = _forward_reduced(adapter, batch, reducer, hidden=vector_patches is not None, keep_attentions=keep)
+        captured = _forward_reduced(adapter, batch, reducer, hidden=vector_patches is not None, keep_attentions=keep,
+                                    block=block)
         names, values = list(BUILTIN_METRICS), reducer.values().cpu().numpy()
-        custom = compute_custom_batch(adapter.pass_outputs(out, 0)[0], batch, [e.example_id for e in examples],
-                                      adapter.model_id)
+        layers = list(captured.attentions[block]) if keep else []
+        custom = compute_custom_batch(layers, layout_batch, ids, adapter.model_id, spec, block) if keep else None
         if custom is not None:
             names, values = names + custom[0], np.concatenate([values, custom[1]], -1)
         vectors = None
-        if vector_patches is not None:
-            vectors = gather_token_vectors(adapter.pass_outputs(out, 0)[1], batch, vector_patches)
+        if vector_patches is not None and captured.hidden.get(layout_batch.main) is not None:
+            vectors = gather_token_vectors(captured.hidden[layout_batch.main], layout_batch, vector_patches)
         probe_part = None
         if probe:  # probing data (issue 18): word→patch attention and region labels, reduced here
             from vlcore.run.probe_sweep import compute_probe_batch
 
-            probe_part = compute_probe_batch(adapter.pass_outputs(out, 0)[0], batch, examples,
-                                             [e.example_id for e in examples])
-    preds = adapter.predict(getattr(out, "logits", None), top_k=top_k, batch=batch)
-    ids = [e.example_id for e in examples]
-    rows = []
-    for b, ex in enumerate(examples):
-        top = preds[b]
-        best, prob = (top[0] if top else (None, float("nan")))
-        gold = list(ex.answers)
-        rows.append({
-            "example_id": ex.example_id,
-            "question": ex.question,
-            "gold": gold,
-            "category": ex.category,
-            "prediction": best,
-            "probability": prob,
-            "correct": (best in gold) if adapter.task == "vqa" and gold and best is not None else None,
-            "top_k": json.dumps(top),
-            "text_truncated": batch.truncated[b],
-            "n_text_tokens": int(((batch.modality[b] == 0) & batch.valid[b]).sum()),
-            "n_image_tokens": int(((batch.modality[b] == 1) & batch.valid[b]).sum()),
-        })
+            probe_part = compute_probe_batch(layers, layout_batch, examples, ids, query=spec.query, key=spec.key)
+    preds = adapter.predict(captured.output, top_k=top_k, batch=batch)
+    rows = [prediction_row(ex, preds[b], [lays[b] for lays in layout_batch.streams.values()], batch.truncated[b],
+                           adapter.answers_compare) for b, ex in enumerate(examples)]
     if vectors is not None:
         vectors["example_ids"] = ids
     return BatchSummary(pd.DataFrame(rows, columns=PREDICTION_COLUMNS), summaries_to_frame(ids, names, values), vectors,
@@ -170,38 +204,37 @@ def summarize_batch(
 
 def _forward_reduced(
     adapter: ModelAdapter, batch: EncodedBatch, reducer: SummaryReducer, hidden: bool, keep_attentions: bool,
-):
-    """Forward a batch and feed each layer's attention (the first image pass) to ``reducer``.
+    block: str | None = None,
+) -> Captured:
+    """Forward a batch (`ModelAdapter.capture`) and feed each layer's attention of ``block`` (the first image pass)
+    to ``reducer``.
 
-    When the model runs one encoder pass and nothing else needs the full attentions (``keep_attentions``
-    False), each layer's attention is reduced inside the pass by a forward hook on its attention module
-    (`ModelAdapter.hooked`: it sees only this call's pass) and dropped from the outputs at once: the ``L``
-    attention tensors are never all held, and each is reduced while it is still in the cache. Otherwise the
-    layers are reduced after the pass.
+    When nothing else needs the full attentions (``keep_attentions`` False) and the adapter can hand them over
+    during the pass (`ModelAdapter.stream_attentions`), each layer is reduced inside the pass and dropped at
+    once: the ``L`` attention tensors are never all held, and each is reduced while it is still in the cache.
+    Otherwise the layers are reduced after the pass.
 
     Returns:
-        The model output; with the hook its ``attentions`` are empty placeholders.
+        The `Captured` pass; with the in-pass reduction its attentions of ``block`` are empty placeholders.
     """
-    try:
-        modules = adapter.self_attention_modules() if adapter.n_passes == 1 and not keep_attentions else None
-    except NotImplementedError:
-        modules = None
-    if not modules:
-        out = adapter.forward(batch, attentions=True, hidden=hidden)
-        for attention in adapter.pass_outputs(out, 0)[0]:  # NLVR2: the first image's pass
+    block = block or adapter.default_block
+    n_layers = adapter.block_specs()[block].n_layers
+    with ExitStack() as stack:
+        streamed = False
+        if not keep_attentions:
+            try:
+                stack.enter_context(adapter.stream_attentions(block, reducer.add, image_pass=0))
+                streamed = True
+            except NotImplementedError:
+                pass
+        captured = adapter.capture(batch, Capture(blocks=(block,), hidden=hidden))
+    if not streamed:
+        for attention in captured.attentions[block]:
             reducer.add(attention)
-        return out
-
-    def reduce_and_drop(module, args, output):
-        reducer.add(output[1])
-        return (output[0], output[1].new_empty(0), *output[2:])
-
-    with adapter.hooked([(module, reduce_and_drop) for module in modules]):
-        out = adapter.forward(batch, attentions=True, hidden=hidden)
-    if len(reducer.layers) != len(modules):
-        raise RuntimeError(f"{adapter.model_id}: {len(reducer.layers)} attention layers reached the statistics "
-                           f"hook, expected {len(modules)}")
-    return out
+    if len(reducer.layers) != n_layers:
+        raise RuntimeError(f"{adapter.model_id}: {len(reducer.layers)} attention layers of block {block!r} reached "
+                           f"the statistics, expected {n_layers}")
+    return captured
 
 
 @dataclass
@@ -217,10 +250,13 @@ class SweepProgress:
 
 def sweep_key(
     adapter: ModelAdapter, dataset: str, example_ids: Sequence[str], top_k: int = 5,
-    vector_patches: int | None = VECTOR_PATCHES, probe: bool = False,
+    vector_patches: int | None = VECTOR_PATCHES, probe: bool = False, block: str | None = None,
 ) -> str:
-    """Store key of a sweep: model, processing, dataset name, the exact example list and settings."""
+    """Store key of a sweep: model, processing, dataset name, the exact example list and settings (the block
+    summarised, when not the adapter's default)."""
     settings = {"top_k": top_k, "vector_patches": vector_patches}
+    if block is not None and block != adapter.default_block:  # default-block sweeps keep their keys
+        settings["block"] = block
     if probe:  # a probe sweep is another sweep (vlcore.run.probe_sweep); plain sweeps keep their keys
         from vlcore.run.probe_sweep import PROBE_VERSION
 
@@ -239,6 +275,7 @@ def run_sweep(
     should_stop: Callable[[], bool] | None = None,
     vector_patches: int | None = VECTOR_PATCHES,
     probe: bool = False,
+    block: str | None = None,
 ) -> Path:
     """Run a model over examples and write summaries as parquet, resumably.
 
@@ -265,6 +302,8 @@ def run_sweep(
         vector_patches: patches per example whose vectors are kept (``K``); None keeps no vectors.
         probe: also store what probes need (``part-*.probe.safetensors``, merged into
             ``probe.safetensors``; see `vlcore.run.probe_sweep`). A probe sweep has its own key.
+        block: the attention block whose per-head statistics are kept (default ``adapter.default_block``;
+            another block makes another sweep). The manifest records it.
 
     Raises:
         StoreError: ``out_dir`` holds a sweep of a different model, settings or example list.
@@ -278,10 +317,13 @@ def run_sweep(
         raise InputError("the examples to sweep have duplicate ids; give every example a unique id")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    key = sweep_key(adapter, dataset, ids, top_k, vector_patches, probe=probe)
+    block = block or adapter.default_block
+    if block not in adapter.block_specs():
+        raise InputError(f"{adapter.model_id} has no attention block {block!r}; its blocks: {list(adapter.block_specs())}")
+    key = sweep_key(adapter, dataset, ids, top_k, vector_patches, probe=probe, block=block)
     with FileLock(str(out / ".lock")):
         notices = _drop_stale(out)
-        _claim(out, key, adapter, dataset, len(examples), top_k, batch_size, vector_patches, probe=probe)
+        _claim(out, key, adapter, dataset, len(examples), top_k, batch_size, vector_patches, probe=probe, block=block)
         done = completed_ids(out, notices)
         todo = [(i, e) for i, e in enumerate(examples) if e.example_id not in done]
         start, finished, b, size = time.perf_counter(), 0, 0, batch_size
@@ -291,7 +333,8 @@ def run_sweep(
             chunk = todo[b : b + size]
             try:
                 batch = adapter.encode([model_image_input(adapter, e) for _, e in chunk], [e.question for _, e in chunk])
-                summary = summarize_batch(adapter, batch, [e for _, e in chunk], top_k, vector_patches, probe=probe)
+                summary = summarize_batch(adapter, batch, [e for _, e in chunk], top_k, vector_patches, probe=probe,
+                                          block=block)
             except (RuntimeError, MemoryError) as exc:  # out of memory: halve the batch and retry it
                 if not is_out_of_memory(exc):
                     raise
@@ -346,7 +389,7 @@ def _drop_stale(out: Path) -> list[str]:
 
 def _claim(
     out: Path, key: str, adapter: ModelAdapter, dataset: str, n: int, top_k: int, batch_size: int,
-    vector_patches: int | None, probe: bool = False,
+    vector_patches: int | None, probe: bool = False, block: str | None = None,
 ) -> None:
     """Write the manifest, or check that the folder's sweep is this one."""
     path = out / "manifest.json"
@@ -365,7 +408,7 @@ def _claim(
     _write_manifest(out, {
         "key": key, "model_id": adapter.model_id, "dataset": dataset, "n_examples": n, "top_k": top_k,
         "batch_size": batch_size, "created": time.time(), "complete": False, "schema": TRACE_VERSION,
-        "vector_patches": vector_patches, **({"probe": True} if probe else {}),
+        "vector_patches": vector_patches, "block": block, **({"probe": True} if probe else {}),
     })
 
 

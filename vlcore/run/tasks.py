@@ -1,10 +1,10 @@
-"""How each task is run: VQA, VCR multiple choice with an image-text-matching head, WebQA facts.
+"""How each dataset task is run, through the adapter contract only (no model family or task name is read here).
 
 | Task | How it runs |
 |---|---|
 | VQA | top-k answers with probabilities against the gold answer(s) (`vlcore.run.extract`) |
-| VCR + image-text matching | score question + each answer (Q→A), then question + picked answer + each rationale (QA→R) |
-| VCR + VQA head | the question alone, top answers |
+| VCR + a model that scores image-text matches | score question + each answer (Q→A), then question + picked answer + each rationale (QA→R); the score is the adapter's target ``"match"`` (`ModelAdapter.target_score`) |
+| VCR + an answering model | the question alone, top answers |
 | WebQA | the question with each image fact; per-image answers against the gold ``A`` |
 """
 
@@ -17,7 +17,9 @@ import torch
 
 from vlcore.data.example import Example
 from vlcore.errors import InputError
-from vlcore.models.base import ModelAdapter
+from vlcore.models.base import Capture, ModelAdapter
+
+MATCH = "match"  # the target of an image-text score (`ModelAdapter.target_score`)
 
 
 @dataclass(frozen=True)
@@ -44,20 +46,23 @@ class ChoiceResult:
 
 
 def score_texts(adapter: ModelAdapter, image, texts: list[str]) -> tuple[list[float], list[bool]]:
-    """Image-text match probabilities of several texts against one image, in one batch.
+    """Image-text match probabilities of several texts against one image, in one batch (the probability of the
+    adapter's ``"match"`` target in each row).
 
     Raises:
-        InputError: the model has no image-text-matching head.
+        InputError: the model does not score image-text matches.
     """
-    if adapter.task != "itm":
-        raise InputError(
-            f"{adapter.model_id} is a {adapter.task} model; multiple-choice scoring needs an image-text-matching "
-            "checkpoint such as dandelin/vilt-b32-finetuned-coco"
-        )
     batch = adapter.encode([image] * len(texts), texts)
     with torch.no_grad():
-        logits = adapter.forward(batch, attentions=False, hidden=False).logits
-    return [float(p) for p in torch.sigmoid(logits.float()[:, 0])], list(batch.truncated)
+        output = adapter.capture(batch, Capture(blocks=(), hidden=False)).output
+        try:
+            _, probs, _ = adapter.target_score(output, MATCH)
+        except InputError as exc:
+            raise InputError(
+                f"multiple-choice scoring needs an image-text-matching model (one that scores the target "
+                f"{MATCH!r}); {adapter.model_id} does not ({exc}). Pick an image-text-matching checkpoint."
+            ) from exc
+    return [float(p) for p in probs.float().cpu()], list(batch.truncated)
 
 
 def run_vcr_choices(adapter: ModelAdapter, example: Example) -> tuple[ChoiceResult, ChoiceResult | None]:
@@ -105,8 +110,8 @@ def run_webqa_facts(adapter: ModelAdapter, example: Example, images: list, top_k
         raise InputError(f"example {example.example_id} has no readable image facts")
     batch = adapter.encode([im for _, im in pairs], [example.question] * len(pairs))
     with torch.no_grad():
-        logits = adapter.forward(batch, attentions=False, hidden=False).logits
-    preds = adapter.predict(logits, top_k=top_k, batch=batch)
+        output = adapter.capture(batch, Capture(blocks=(), hidden=False)).output
+    preds = adapter.predict(output, top_k=top_k, batch=batch)
     gold = " ".join(example.answers).lower()
     out = []
     for (fact, _), pred in zip(pairs, preds):
