@@ -393,6 +393,24 @@ class ViltAdapter(ModelAdapter):
         with self.hooked([(module, make_hook(layer)) for layer, module in enumerate(modules)]):
             yield
 
+    @contextmanager
+    def stream_attentions(self, block: str, consume, image_pass: int = 0):
+        """Hand each ``ViltSelfAttention``'s probabilities of image pass ``image_pass`` to ``consume`` and drop them
+        from its output (see `ModelAdapter.stream_attentions`)."""
+        modules = self.self_attention_modules()
+        if block != "self" or image_pass not in range(self.n_passes):
+            raise ValueError(f"ViLT streams block 'self', image pass 0..{self.n_passes - 1}; got {block!r}, {image_pass}")
+        calls = [0]  # NLVR2 runs the encoder once per image: calls [0, L) are pass 0, [L, 2L) pass 1
+
+        def hand_over(module, args, output):
+            if (calls[0] // len(modules)) % self.n_passes == image_pass:
+                consume(output[1])
+            calls[0] += 1
+            return (output[0], output[1].new_empty(0), *output[2:])
+
+        with self.hooked([(module, hand_over) for module in modules]):
+            yield
+
     def mask_image_tokens(self, batch: EncodedBatch, drops: Sequence[np.ndarray]) -> EncodedBatch:
         """Variants with patches removed through ``pixel_mask`` (ViLT's image attention mask): no token attends
         to a removed patch."""
