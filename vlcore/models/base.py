@@ -336,6 +336,21 @@ class ModelAdapter(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot remove image tokens")
 
+    def stream_attentions(self, block: str, consume: Callable[[torch.Tensor], None],
+                          image_pass: int = 0) -> AbstractContextManager[None]:
+        """A context in which each layer's attention probabilities of ``block`` are handed over as the pass
+        computes them, and not kept (for statistics reduced inside the pass: `vlcore.run.sweep`).
+
+        Inside it, a `capture` with ``block`` in `Capture.blocks`, run by this thread, calls ``consume(probs)``
+        with float ``[B, H, Q, K]`` once per layer, in layer order (only for ``image_pass`` of a model that runs
+        several); its `Captured.attentions` of ``block`` then hold empty placeholders. Hooks go through `hooked`.
+
+        Raises:
+            NotImplementedError: the adapter cannot hand attentions over during a pass (the caller then
+                reduces `Captured.attentions` after it); raised when called, before any pass.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot hand attentions over during a pass")
+
     def pass_batch(self, batch: EncodedBatch, image_pass: int = 0) -> EncodedBatch:
         """The layout-bearing batch of one image pass (the second image of ViLT NLVR2 is ``batch.pair``)."""
         return batch if image_pass == 0 else batch.pair
