@@ -342,38 +342,51 @@ def extract_generation_attention(model: torch.nn.Module, inputs: dict[str, Any],
     """
     P = _prompt_len(inputs, generate_kwargs)
     chosen = _check_layers(layers, len(find_attention_modules(model)))
-    slot = {layer: i for i, layer in enumerate(chosen)}
-    prompt_set = torch.ones(1, P, dtype=torch.bool) if query_set is None else torch.as_tensor(query_set)
-    state: dict[str, Any] = {"buffer": None, "sums": {}, "filled": set()}
+    recorder = _GenerationRecorder(chosen, P, max_new_tokens, query_set, key_set, summaries, chunk_rows)
+    settings = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
+    with torch.no_grad(), capture_attention_calls(model, chosen, recorder.on_call):
+        sequences = model.generate(**inputs, **settings)
+    return recorder.result(getattr(sequences, "sequences", sequences))
 
-    def on_call(call: AttentionCall) -> None:
-        b = call.query.shape[0]
-        if state["buffer"] is None:
-            state["buffer"] = torch.zeros(b, len(chosen), call.n_heads, max_new_tokens, P + max_new_tokens - 1)
+
+class _GenerationRecorder:
+    """Turns each captured call of a ``generate`` run into generated-token rows and prompt-row sums."""
+
+    def __init__(self, layers: tuple[int, ...], prompt_len: int, max_new_tokens: int, query_set: Any,
+                 key_set: Any, summaries: bool, chunk_rows: int):
+        self.layers, self.P, self.max_new = layers, prompt_len, max_new_tokens
+        self.slot = {layer: i for i, layer in enumerate(layers)}
+        self.query_set = torch.ones(1, prompt_len, dtype=torch.bool) if query_set is None else query_set
+        self.key_set, self.summaries, self.chunk_rows = key_set, summaries, chunk_rows
+        self.buffer: torch.Tensor | None = None
+        self.sums: dict[int, HeadSums] = {}
+        self.filled: set[tuple[int, int]] = set()
+
+    def on_call(self, call: AttentionCall) -> None:
+        b, P = call.query.shape[0], self.P
+        if self.buffer is None:
+            self.buffer = torch.zeros(b, len(self.layers), call.n_heads, self.max_new, P + self.max_new - 1)
         steps = torch.arange(call.n_queries) + call.query_start - (P - 1)
-        keep = ((steps >= 0) & (steps < max_new_tokens)).nonzero().flatten()
-        if len(keep):
+        keep = ((steps >= 0) & (steps < self.max_new)).nonzero().flatten()
+        if len(keep):  # the queries that produce generated tokens: one row each over the cached keys
             rows = compute_attention_rows(call, keep).cpu()
             keys = slice(call.key_start, call.key_start + call.n_keys)
-            state["buffer"][:, slot[call.layer]][:, :, steps[keep], keys] = rows
-            state["filled"].update((call.layer, int(s)) for s in steps[keep])
-        if summaries and call.query_start < P:
-            acc = state["sums"].setdefault(call.layer, HeadSums.zeros(b, call.n_heads))
-            accumulate_head_sums(call, acc, prompt_set.expand(b, -1), key_set, chunk_rows)
+            self.buffer[:, self.slot[call.layer]][:, :, steps[keep], keys] = rows
+            self.filled.update((call.layer, int(s)) for s in steps[keep])
+        if self.summaries and call.query_start < P:  # prompt rows (beyond P they are out of the query set)
+            acc = self.sums.setdefault(call.layer, HeadSums.zeros(b, call.n_heads))
+            query_set = torch.as_tensor(self.query_set).expand(b, -1)
+            accumulate_head_sums(call, acc, query_set, self.key_set, self.chunk_rows)
 
-    settings = {"do_sample": False, "max_new_tokens": max_new_tokens, **generate_kwargs}
-    with torch.no_grad(), capture_attention_calls(model, chosen, on_call):
-        sequences = model.generate(**inputs, **settings)
-    sequences = getattr(sequences, "sequences", sequences)
-    n_new = sequences.shape[1] - P
-    missing = sorted({(layer, t) for layer in chosen for t in range(n_new)} - state["filled"])
-    if missing:
-        raise AttentionCaptureError(f"Generated steps {missing[:5]} (layer, step) were not captured; the "
-                                    "model skipped the sdpa interface for them. Use eager for this model.")
-    weights = state["buffer"][:, :, :, :n_new, :P + n_new - 1].numpy()
-    return GenerationAttention(sequences.cpu().numpy(), P, weights,
-                               HeadSummaries.from_sums(state["sums"], key_set is not None) if summaries else None,
-                               chosen)
+    def result(self, sequences: torch.Tensor) -> GenerationAttention:
+        n_new = sequences.shape[1] - self.P
+        missing = sorted({(layer, t) for layer in self.layers for t in range(n_new)} - self.filled)
+        if missing or self.buffer is None:
+            raise AttentionCaptureError(f"Generated steps {missing[:5]} (layer, step) were not captured; the "
+                                        "model skipped the sdpa interface for them. Use eager for this model.")
+        weights = self.buffer[:, :, :, :n_new, :self.P + n_new - 1].numpy()
+        summaries = HeadSummaries.from_sums(self.sums, self.key_set is not None) if self.summaries else None
+        return GenerationAttention(sequences.cpu().numpy(), self.P, weights, summaries, self.layers)
 
 
 def _decoder_config_key(model: torch.nn.Module) -> tuple[str | None, Any]:
