@@ -91,7 +91,8 @@ class BlipResult:
         similarity: ``[B]`` cosine of the projected image and text CLS features; None for VQA.
         answers: the greedy answer per row (VQA), decoded without specials.
         answer_ids: the answer's token ids per row, without the start and end tokens.
-        answer_logprob: ``[B]`` log-probability of each generated answer (its tokens and the end token).
+        answer_logprob: ``[B]`` log-probability of each generated answer: its tokens, then the end token (also when
+            the answer was cut at ``max_answer_tokens``: the probability of that answer as a whole answer).
     """
 
     image_embeds: torch.Tensor
@@ -332,7 +333,9 @@ class BlipAdapter(ModelAdapter):
                 result.itm_logits = self.model.itm_head(text.last_hidden_state[:, 0, :])
                 result.similarity = self._similarity(inputs, image_embeds)
         if self.task == "vqa" and generate:
-            result.answer_ids, result.answer_logprob = self._generate(result.text_embeds, result.text_mask)
+            result.answer_ids = self._generate(result.text_embeds, result.text_mask)
+            with torch.no_grad():
+                result.answer_logprob = self.answer_logprob(result, result.answer_ids)
             result.answers = tuple(self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
                                    for ids in result.answer_ids)
         return result, vision, text, [masked[k] for k in sorted(masked)]
@@ -398,21 +401,18 @@ class BlipAdapter(ModelAdapter):
         return Captured(out, attentions, hidden)
 
     # -- VQA decoding -----------------------------------------------------------------------
-    def _generate(self, question: torch.Tensor, mask: torch.Tensor):
-        """Greedy answers per row: ``(answer ids without start/end tokens, log-probabilities [B])``."""
+    def _generate(self, question: torch.Tensor, mask: torch.Tensor) -> tuple[tuple[int, ...], ...]:
+        """Greedy answers per row, without the start and end tokens (at most ``max_answer_tokens``)."""
         tcfg = self.config.text_config
         bos, eos = int(tcfg.bos_token_id), int(tcfg.sep_token_id)
         answers: list[tuple[int, ...]] = [()] * question.shape[0]
-        logprob = question.new_zeros(question.shape[0])
         with torch.no_grad():
             for rows, n in _rows_by_length(mask):
                 q = question[rows, :n]
                 ids = torch.full((len(rows), 1), bos, dtype=torch.long, device=q.device)
-                total, done = q.new_zeros(len(rows)), torch.zeros(len(rows), dtype=torch.bool, device=q.device)
+                done = torch.zeros(len(rows), dtype=torch.bool, device=q.device)
                 for _ in range(self.max_answer_tokens):
-                    step = self._decoder_logits(ids, q)[:, -1].float().log_softmax(-1)
-                    nxt = step.argmax(-1)
-                    total = total + torch.where(done, 0.0, step.gather(1, nxt[:, None])[:, 0])
+                    nxt = self._decoder_logits(ids, q)[:, -1].argmax(-1)
                     ids = torch.cat([ids, torch.where(done, eos, nxt)[:, None]], 1)
                     done |= nxt == eos
                     if bool(done.all()):
@@ -420,8 +420,7 @@ class BlipAdapter(ModelAdapter):
                 for k, row in enumerate(rows):
                     seq = ids[k, 1:].tolist()
                     answers[row] = tuple(seq[: seq.index(eos)] if eos in seq else seq)
-                logprob[rows] = total.to(logprob.dtype)
-        return tuple(answers), logprob
+        return tuple(answers)
 
     def _decoder_logits(self, ids: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
         return self.model.text_decoder(input_ids=ids, encoder_hidden_states=question, use_cache=False).logits
