@@ -11,9 +11,9 @@ from vlcore.charts.base import build_patch_overlay_chart, build_prediction_chart
 from vlcore.data.easy_vqa import easy_vqa_examples
 from vlcore.errors import VLScopeError
 from vlcore.run.extract import trace_for_example
-from vlcore.attribution.relevance import compute_raw_attention
 from vlcore.ui.loaders import get_adapter, get_store
 from vlcore.ui.navigation import run_app
+from vlcore.ui.prediction import explaining_map
 from vlcore.ui.widgets import open_in_pages
 
 
@@ -52,10 +52,8 @@ def home() -> None:
         if trace.text_truncated:
             st.info(f"The text was cut to the model's {adapter.max_text_len} text positions.")
     with right:
-        values = compute_raw_attention(trace, layer=-1, head=None, query=0)
-        chart = build_patch_overlay_chart(
-            trace, values, title="[CLS] attention over the image (last layer, mean over heads)", opacity=opacity
-        )
+        found = explaining_map(trace, adapter)  # the demo's [CLS] row over its joint sequence
+        chart = build_patch_overlay_chart(found.trace, found.values, title=found.title, opacity=opacity)
         st.altair_chart(chart, width="content")
         st.caption(f"{trace.grid[0]}×{trace.grid[1]} patches of {trace.patch_px} px; image as the model saw it.")
     open_in_pages({"ex": example.example_id, "model": "demo", "ds": "easy_vqa", "split": "test"})

@@ -10,6 +10,7 @@ from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.storage.uploads import put_input
 from vlcore.ui.browser import example_from_url, source_from_url
 from vlcore.ui.context import load_model
+from vlcore.ui.prediction import task_picker
 from vlcore.ui.state import carried_params, get_param, set_params
 from vlcore.ui.widgets import open_in_pages, show_example, store_panel, sweep_panel
 
@@ -48,6 +49,7 @@ except VLScopeError as exc:
         st.stop()
     example_id = example_from_url(store).example_id  # a refused dataset: the bundled example, with a notice why
     source = source_from_url()
+adapter = task_picker(adapter, source)  # zero-shot over candidate labels, for a model that offers it
 sweep_box = st.container()  # filled last: stopping a sweep (■ Stop, any click) leaves the example's result below
 
 example = show_example(adapter, store, source, example_id)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from vlcore.trace import Trace
+from vlcore.trace import TokenLayout, Trace
 
 
 def image_data_uri(image: np.ndarray) -> str:
@@ -20,28 +20,49 @@ def image_data_uri(image: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def patch_frame(trace: Trace, values: np.ndarray) -> pd.DataFrame:
-    """One row per patch token: its grid cell, pixel rectangle, token index and value.
+def map_layout(trace: Trace, values: np.ndarray) -> TokenLayout:
+    """The layout whose tokens a per-token map ``values`` is over: the viewed block's key stream (a row of
+    attention: where a query looks; ViLT's joint sequence, BLIP's vision tokens under ``text.cross``), else its
+    query stream (a column).
+
+    Raises:
+        ValueError: ``values`` fits neither stream.
+    """
+    n = len(values)
+    for layout in (trace.key_layout, trace.layout):
+        if layout.n_tokens == n:
+            return layout
+    raise ValueError(f"a map of {n} values fits neither stream of block {trace.view!r} "
+                     f"({trace.key_layout.n_tokens} keys, {trace.layout.n_tokens} queries)")
+
+
+def patch_frame(trace: Trace, values: np.ndarray, layout: TokenLayout | None = None, image: int = 0) -> pd.DataFrame:
+    """One row per patch token of one image: its grid cell, pixel rectangle, token index and value.
 
     Args:
-        trace: supplies ``patch_rc``, ``patch_px`` and tokens.
-        values: ``[N]`` one value per token of the trace; only patch tokens are used.
+        trace: supplies the layouts.
+        values: ``[N]`` one value per token of ``layout``; only its patch tokens are used.
+        layout: the tokens ``values`` are over; default `map_layout` (the viewed block's keys or queries).
+        image: which image of the layout.
 
     Returns:
-        Columns ``token, row, col, x, x2, y, y2, value`` (pixels in the image as the model saw it).
+        Columns ``token, row, col, x, x2, y, y2, value`` (pixels in the image as the model saw it, from each
+        cell's box); no rows when the layout has no image.
     """
-    idx, rc = trace.patch_positions()
-    p = trace.patch_px
+    layout = map_layout(trace, values) if layout is None else layout
+    idx, rc = layout.patch_positions(image) if len(layout.images) > image else (np.zeros(0, np.int64),
+                                                                                np.zeros((0, 2), np.int16))
     rows, cols = rc[:, 0].astype(int), rc[:, 1].astype(int)
+    boxes = layout.images[image].boxes[rows, cols] if len(idx) else np.zeros((0, 4), np.int32)
     return pd.DataFrame(
         {
             "token": idx,
             "row": rows,
             "col": cols,
-            "x": cols * p,
-            "x2": (cols + 1) * p,
-            "y": rows * p,
-            "y2": (rows + 1) * p,
+            "x": boxes[:, 0].astype(int),
+            "x2": boxes[:, 2].astype(int),
+            "y": boxes[:, 1].astype(int),
+            "y2": boxes[:, 3].astype(int),
             "value": np.asarray(values, dtype=np.float64)[idx],
         }
     )
@@ -59,24 +80,27 @@ def build_patch_overlay_chart(
 
     Args:
         trace: the trace whose image and patch layout to use.
-        values: ``[N]`` per-token values (e.g. one attention row); patch tokens are drawn.
+        values: ``[N]`` per-token values (e.g. one attention row) over the viewed block's keys or queries
+            (`map_layout`); patch tokens are drawn.
         title: chart title.
         opacity: opacity of the heat layer.
         width: chart width in pixels; the height keeps the image's aspect.
         scheme: a Vega colour scheme.
     """
-    h, w = trace.image.shape[:2]
+    layout = map_layout(trace, values)
+    picture = layout.images[0].image if layout.images else trace.image
+    h, w = picture.shape[:2]
     height = max(1, int(round(width * h / max(w, 1))))
     x_scale = alt.Scale(domain=[0, w], nice=False, zero=False)
     y_scale = alt.Scale(domain=[0, h], nice=False, zero=False, reverse=True)
     axis_x = alt.Axis(title=None, labels=False, ticks=False, grid=False, domain=False)
     image = (
-        alt.Chart(pd.DataFrame({"url": [image_data_uri(trace.image)], "x": [0], "y": [0]}))
+        alt.Chart(pd.DataFrame({"url": [image_data_uri(picture)], "x": [0], "y": [0]}))
         .mark_image(width=width, height=height, align="left", baseline="top")
         .encode(x=alt.X("x:Q", scale=x_scale, axis=axis_x), y=alt.Y("y:Q", scale=y_scale, axis=axis_x), url="url:N")
     )
     heat = (
-        alt.Chart(patch_frame(trace, values))
+        alt.Chart(patch_frame(trace, values, layout))
         .mark_rect(opacity=opacity)
         .encode(
             x=alt.X("x:Q", scale=x_scale, axis=axis_x),

@@ -38,6 +38,10 @@ TASK_NAMES = {
     "zero_shot": "zero-shot classification over candidate labels",
 }
 
+# Tasks whose prediction is an answer that a dataset's gold answers can be compared with; the others score the
+# pair itself (a match probability, a similarity), so a gold answer says nothing about them being right.
+ANSWER_TASKS = ("vqa", "nlvr2", "zero_shot")
+
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -304,6 +308,12 @@ class ModelAdapter(ABC):
     def targets(self) -> list[str]:
         """The targets a user may pick (answer labels, class labels); empty when free-form."""
         return []
+
+    @property
+    def answers_compare(self) -> bool:
+        """True when a prediction is an answer that gold answers can be compared with (`ANSWER_TASKS`): accuracy
+        and "correct" apply; False for a pair's score (image-text matching, similarity)."""
+        return self.task in ANSWER_TASKS
 
     @abstractmethod
     def default_query(self, block: str, layout: TokenLayout) -> int | None:

@@ -8,6 +8,7 @@ from vlcore.charts.base import build_patch_overlay_chart, build_prediction_chart
 from vlcore.models.base import TASK_NAMES
 from vlcore.models.registry import DEFAULT_HUB_CHECKPOINT, known_checkpoints
 from vlcore.attribution.relevance import compute_raw_attention
+from vlcore.errors import VLScopeError
 from vlcore.storage.store import Store
 from vlcore.trace import Trace
 from vlcore.ui.state import apply_params, get_param, set_params
@@ -79,18 +80,45 @@ def open_in_pages(params: dict[str, str]) -> None:
 
 
 def show_model_info(info: dict) -> None:
+    """Sidebar: the model's id, architecture, size, layers × heads (per tower for two-tower models), width, device,
+    and its family with the tasks it can do."""
+    from vlcore.models.registry import families
+    from vlcore.ui.prediction import per_stream
+
     st.sidebar.caption(
         f"`{info['model_id']}` · {info['architecture']} · {info['parameters'] / 1e6:.2f} M parameters · "
-        f"{info['layers']} layers × {info['heads']} heads · d={info['d_model']} · device {info['device']}"
+        f"{per_stream(info['layers'])} layers × {per_stream(info['heads'])} heads · d={per_stream(info['d_model'])} · "
+        f"device {info['device']}"
     )
+    family = next((f for f in families() if f.name == info.get("family")), None)
+    if family is not None:
+        st.sidebar.caption(f"Family: {family.title} (tasks: {', '.join(family.tasks)})")
 
 
-def show_trace_result(trace: Trace, cached: bool, opacity: float = 0.6) -> None:
-    """Prediction against gold, the [CLS] heatmap, and notes on truncation and caching."""
+def show_trace_result(trace: Trace, cached: bool, opacity: float = 0.6, adapter=None, example=None) -> None:
+    """The prediction as its task gives it (answers against gold, or a pair's scores), the map of the row that
+    explains it over the image, and notes on truncation and caching.
+
+    Args:
+        trace: the example's trace.
+        cached: whether it came from the store.
+        opacity: the heat's opacity.
+        adapter: the model (its task, targets and default queries); None: the trace alone (answers, row 0).
+        example: the example, to score a pair-scoring model's other targets (`vlcore.ui.prediction`).
+    """
+    from vlcore.ui.prediction import explaining_map, show_pair_scores, show_prediction
+
     left, right = st.columns(2)
     with left:
         st.subheader(trace.text)
-        if trace.prediction:
+        if adapter is not None:
+            show_prediction(trace, adapter)
+            if example is not None:
+                try:
+                    show_pair_scores(adapter, example, int(trace.meta.get("image_pass", 0)))
+                except VLScopeError as exc:
+                    st.warning(str(exc))
+        elif trace.prediction:
             top, prob = trace.prediction[0]
             verdict = {True: " · ✅ correct", False: " · ❌ incorrect", None: ""}[trace.correct]
             gold = f" · **gold:** {', '.join(trace.gold)}" if trace.gold else ""
@@ -103,11 +131,17 @@ def show_trace_result(trace: Trace, cached: bool, opacity: float = 0.6) -> None:
                 f"({trace.meta.get('n_text_tokens_full')} tokens given)."
             )
     with right:
-        values = compute_raw_attention(trace, layer=-1, head=None, query=0)
-        st.altair_chart(
-            build_patch_overlay_chart(trace, values, title="[CLS] attention, last layer, mean over heads", opacity=opacity),
-            width="content",
-        )
+        found = explaining_map(trace, adapter) if adapter is not None else None
+        if found is None and adapter is None:
+            values = compute_raw_attention(trace, layer=-1, head=None, query=0)
+            found_trace, title = trace, "[CLS] attention, last layer, mean over heads"
+        elif found is None:
+            st.info("No single token's attention explains this prediction over the image (no block of this model "
+                    "has an explaining row with image keys); see the Attention heatmaps page for every block.")
+            return
+        else:
+            found_trace, values, title = found.trace, found.values, found.title
+        st.altair_chart(build_patch_overlay_chart(found_trace, values, title=title, opacity=opacity), width="content")
 
 
 def show_example(adapter, store: Store, source, example_id: str | None):
@@ -134,19 +168,22 @@ def show_example(adapter, store: Store, source, example_id: str | None):
         st.info(notice)
     show_input_notes(example)
     st.caption(f"Example `{example.example_id}`" + (f" · category {example.category}" if example.category else ""))
+    from vlcore.ui.prediction import model_summary
+
+    st.caption(model_summary(adapter))
     try:
         show_task_runs(adapter, example)
     except VLScopeError as exc:
         st.warning(str(exc))
     opacity = st.sidebar.slider("Heat opacity", 0.0, 1.0, 0.6, 0.05, key="opacity")
     if adapter.n_passes == 1:
-        show_trace_result(trace, cached, opacity=opacity)
+        show_trace_result(trace, cached, opacity=opacity, adapter=adapter, example=example)
         return example
     for k, tab in enumerate(st.tabs([f"Image {k + 1}" for k in range(adapter.n_passes)])):  # NLVR2: a pass per image
         with tab:
             try:
                 shown = trace_for_example(adapter, example, store, image_pass=k) if k else (trace, cached)
-                show_trace_result(*shown, opacity=opacity)
+                show_trace_result(*shown, opacity=opacity, adapter=adapter, example=example)
             except VLScopeError as exc:
                 st.error(str(exc))
     return example
@@ -216,10 +253,19 @@ def sweep_panel(adapter, store: Store, source) -> None:
     if preds is not None and len(preds):
         if len(preds) < len(ids):
             st.warning(f"Stopped: {len(preds)} examples kept; run again to resume ({len(preds)}/{len(ids)} done).")
-        acc = preds["correct"].dropna().mean()
-        st.markdown(f"**Sweep:** {len(preds)}/{len(ids)} examples done · accuracy {acc:.3f}")
-        st.dataframe(preds[["example_id", "question", "gold", "prediction", "probability", "correct", "category"]],
-                     hide_index=True, height=240)
+        columns = ["example_id", "question", "gold", "prediction", "probability", "correct", "category"]
+        known = preds["correct"].dropna() if adapter.answers_compare else preds["correct"].iloc[:0]
+        accuracy = f"accuracy {known.astype(float).mean():.3f}" if len(known) else "accuracy n/a"
+        st.markdown(f"**Sweep:** {len(preds)}/{len(ids)} examples done · {accuracy}")
+        if not adapter.answers_compare:
+            from vlcore.ui.prediction import task_text
+
+            columns = [c for c in columns if c not in ("gold", "correct")]
+            st.caption(f"No accuracy: this model scores each image-text pair ({task_text(adapter.task)}); gold "
+                       "answers have nothing to compare with.")
+        elif not len(known):
+            st.caption("No accuracy: these examples have no gold answers.")
+        st.dataframe(preds[columns], hide_index=True, height=240)
 
 
 def _manifest_notices(out) -> list[str]:
@@ -233,12 +279,13 @@ def _manifest_notices(out) -> list[str]:
 
 
 def show_task_runs(adapter, example) -> None:
-    """The task-specific runs: VCR multiple choice with an image-text-matching head, WebQA per image fact."""
+    """The task-specific runs: VCR multiple choice with a model that scores image-text pairs (its ``"match"``
+    target), WebQA's question on each image fact with an answering model."""
     import pandas as pd
 
     from vlcore.run.tasks import run_vcr_choices, run_webqa_facts
 
-    if example.source == "vcr" and adapter.task == "itm":
+    if example.source == "vcr" and not adapter.answers_compare:  # a model that scores image-text pairs
         for stage, result in zip(("Q→A", "QA→R"), run_vcr_choices(adapter, example)):
             if result is None:
                 continue
@@ -249,14 +296,15 @@ def show_task_runs(adapter, example) -> None:
                 "text as scored": result.texts,
                 "match probability": result.scores,
                 "gold": [i == result.gold for i in range(len(result.texts))],
-                "text cut at 40": result.truncated,
+                f"text cut at {adapter.max_text_len}": result.truncated,
             }), hide_index=True)
     elif example.source == "vcr":
-        st.caption("VCR with a VQA head: the question alone is run (below). Use an image-text-matching "
-                   "checkpoint (dandelin/vilt-b32-finetuned-coco) to score the answer and rationale choices.")
+        st.caption("VCR with an answering model: the question alone is run (below). Use a model that scores "
+                   "image-text pairs (an image-text-matching or similarity checkpoint, e.g. "
+                   "dandelin/vilt-b32-finetuned-coco) to score the answer and rationale choices.")
     if example.source == "webqa":
         st.info("Text facts are not seen by an image-text model: it reads one image and the question.")
-        if adapter.task == "vqa":
+        if adapter.answers_compare and adapter.n_passes == 1:
             images = [_fact_image(example, f) for f in example.facts if f.kind == "image"]
             answers = run_webqa_facts(adapter, example, images)
             st.dataframe(pd.DataFrame({
