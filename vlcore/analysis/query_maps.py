@@ -1,11 +1,16 @@
-"""Attention maps of a query over a trace, and the patch selections that name queries (pure numpy).
+"""Attention maps of a query over a trace's viewed block, and the patch selections that name queries (pure numpy).
 
-Token order is the trace's: ``[text (CLS first, SEP last) | image CLS | patches row-major]``.
-A *query* is one token or several (patches selected together); its map is the mean of their rows
-(attention **from** the query) or of their columns (attention **to** the query). The chart builders
-in `vlcore.charts.heatmaps` and `vlcore.charts.multiples` draw these maps, on a colour scale chosen here
-(`SCALES`: per map, shared by the maps shown, or absolute 0–1), with the image's share of each map
-(`compute_image_share`, `image_share_caption`).
+A trace views one attention block (`vlcore.trace.Trace.select`): a self block (ViLT's joint ``self``, a tower's
+``vision.self`` or ``text.self``; rows and columns are the same tokens) or a cross block (BLIP's ``text.cross``:
+rows are the text stream's tokens, columns the image stream's). Token positions are read from the layouts, never
+assumed. A *query* is one token or several (patches selected together); its map is the mean of their rows
+(attention **from** the query, a map over the block's keys) or of their columns (attention **to** the query, a
+map over its queries). On a cross block a query token is a row (a text token: the patches it reads) and picked
+patches are columns (the text tokens that read them): `query_direction`. A map lies on the keys' or the queries'
+layout (`map_trace`), which says whether it is drawn on the image, as text chips, or both. The chart builders in
+`vlcore.charts.heatmaps` and `vlcore.charts.multiples` draw these maps, on a colour scale chosen here (`SCALES`:
+per map, shared by the maps shown, or absolute 0–1), with the image's share of each map (`compute_image_share`,
+`image_share_caption`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vlcore.trace import IMAGE, TEXT, Trace
+import threading
+import weakref
+
+from vlcore.trace import IMAGE, ROLE_GENERATED, ROLE_IMAGE_SUMMARY, ROLE_PATCH, ROLE_SPECIAL, ROLE_TEXT, TEXT, Trace
 
 DIRECTIONS = ("from", "to")
 _PATCH = re.compile(r"^\s*(-?\d+)\.(-?\d+)\s*$")
@@ -31,6 +39,174 @@ def has_image_tokens(trace: Trace) -> bool:
     False
     """
     return bool(trace.grid[0] * trace.grid[1] > 0 and (trace.patch_rc[:, 0] >= 0).any() and trace.image.size)
+
+
+# ---------------------------------------------------------------------------------------
+# The viewed block: its sides, where the image is, which tokens a user picks
+# ---------------------------------------------------------------------------------------
+
+SIDES = ("query", "key")
+_SIDE_TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SIDE_LOCK = threading.Lock()
+
+
+def layout_has_patches(layout) -> bool:
+    """Whether a `TokenLayout` holds image patches on an image it carries."""
+    return bool(layout.images) and bool((layout.role == ROLE_PATCH).any())
+
+
+def trace_has_images(trace: Trace) -> bool:
+    """Whether any stream of the trace has image patches (False only for a text-only input)."""
+    return any(layout_has_patches(layout) for layout in trace.streams.values())
+
+
+def side_trace(trace: Trace, side: str) -> Trace:
+    """A trace whose flat accessors (``tokens``, ``patch_positions``, ``image`` ...) read one side of the viewed
+    block: its queries' layout (``"query"``) or its keys' (``"key"``).
+
+    A self block's two sides are the trace itself. A cross block's side is a one-stream trace over that stream
+    (no attentions: it only places a map's values), the same object for the same trace and side.
+
+    Raises:
+        ValueError: ``side`` is not one of `SIDES`.
+    """
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    if trace.block.is_self:
+        return trace
+    with _SIDE_LOCK:
+        known = _SIDE_TRACES.get(trace, {}).get(side)
+    if known is not None:
+        return known
+    stream = trace.block.query if side == "query" else trace.block.key
+    made = Trace.single(trace.example_id, trace.model_id, trace.streams[stream], None, None,
+                        block=f"{trace.view}:{side}", stream=stream, prediction=trace.prediction, gold=trace.gold,
+                        text=trace.text, meta=trace.meta)
+    with _SIDE_LOCK:
+        _SIDE_TRACES.setdefault(trace, {})[side] = made
+    return made
+
+
+def map_side(direction: str) -> str:
+    """The side a map lies on: attention *from* a query spreads over the keys, *to* a query over the queries."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    return "key" if direction == "from" else "query"
+
+
+def map_stream(trace: Trace, direction: str) -> str:
+    """The stream a map of ``direction`` lies on: the viewed block's key stream ("from") or query stream ("to")."""
+    return trace.block.key if map_side(direction) == "key" else trace.block.query
+
+
+def map_trace(trace: Trace, direction: str) -> Trace:
+    """The trace that places a map of ``direction`` (`side_trace` of `map_side`)."""
+    return side_trace(trace, map_side(direction))
+
+
+def image_side(trace: Trace) -> str | None:
+    """The side of the viewed block whose tokens are image patches: ``"query"`` (a self block over an image
+    stream, or image queries), ``"key"`` (a cross block reading an image) or None (a text-only block)."""
+    for side, stream in (("query", trace.block.query), ("key", trace.block.key)):
+        if layout_has_patches(trace.streams[stream]):
+            return side
+    return None
+
+
+def query_direction(trace: Trace, side: str, direction: str) -> str:
+    """The direction of a query's map: on a self block the one asked for; on a cross block a query-stream token's
+    map is its row (``"from"``: the keys it reads) and a key-stream token's its column (``"to"``: who reads it)."""
+    if trace.block.is_self:
+        return direction
+    return "from" if side == "query" else "to"
+
+
+def has_text(trace: Trace) -> bool:
+    """Whether the viewed layout has text tokens (words, specials or generated tokens)."""
+    return bool(len(trace.layout.index(ROLE_TEXT, ROLE_SPECIAL, ROLE_GENERATED)))
+
+
+def has_patches(trace: Trace) -> bool:
+    """Whether the viewed layout has patches on an image (a map over it can be drawn on the image)."""
+    return layout_has_patches(trace.layout)
+
+
+def query_choices(trace: Trace) -> np.ndarray:
+    """Query tokens a user picks by name (the token chips): the text, special and generated tokens of the query
+    stream, or in a stream with none (an image tower) its image summaries (CLS). Patches are picked on the grid.
+
+    Returns:
+        int64 token indices, in sequence order (empty for a tower of patches only).
+    """
+    named = trace.layout.index(ROLE_TEXT, ROLE_SPECIAL, ROLE_GENERATED)
+    return named if len(named) else trace.layout.index(ROLE_IMAGE_SUMMARY)
+
+
+def step_tokens(trace: Trace) -> np.ndarray:
+    """The query tokens the step-through plays: the named ones (`query_choices`), or every token of a stream
+    with at most one (an image tower: its CLS and its patches, row by row)."""
+    named = query_choices(trace)
+    return named if len(named) > 1 else np.flatnonzero(trace.layout.valid)
+
+
+def default_query(trace: Trace, preferred: int | None) -> np.ndarray:
+    """The query a view opens on: ``preferred`` (the adapter's `default_query` for the block) when it is a query
+    token, else the first named token, else every patch of the query stream (a tower whose head pools them).
+
+    Returns:
+        int64 query-stream token indices.
+    """
+    if preferred is not None and 0 <= int(preferred) < trace.n_tokens:
+        return np.array([int(preferred)], dtype=np.int64)
+    named = query_choices(trace)
+    if len(named):
+        return named[:1].astype(np.int64)
+    return trace.layout.index(ROLE_PATCH).astype(np.int64)
+
+
+def context_map(trace: Trace, attention: np.ndarray) -> np.ndarray:
+    """On a cross block, what each image token receives from the other stream, as the backdrop of a patch
+    query's overlay: the mean of every query's row (image keys) or of every key's column (image queries).
+
+    Args:
+        attention: ``[Q, K]`` of the viewed block (one head or the mean).
+
+    Returns:
+        float32 values on the image side's tokens.
+    """
+    if image_side(trace) == "key":
+        return compute_query_map(attention, np.flatnonzero(trace.layout.valid), "from")
+    return compute_query_map(attention, np.flatnonzero(trace.key_layout.valid), "to")
+
+
+def no_image_reason(trace: Trace) -> str:
+    """One line on why a text-only block has no image overlay, naming the blocks that have one.
+
+    >>> from vlcore.trace import TokenLayout, AttentionBlock, ImageGrid
+    >>> text = TokenLayout.build(["[CLS]", "hi"], [ROLE_SPECIAL, ROLE_TEXT])
+    >>> img = TokenLayout.build(["<p>"], [ROLE_PATCH], [0], [[0, 0]], [ImageGrid.regular(np.zeros((2, 2, 3), np.uint8), (1, 1), 2)])
+    >>> a = np.ones((1, 1, 2, 2), np.float16) / 2
+    >>> t = Trace("e", "m", {"text": text, "vision": img}, {"text.self": AttentionBlock(a, "text", "text"),
+    ...           "text.cross": AttentionBlock(np.ones((1, 1, 2, 1), np.float16), "text", "vision")}, {}, "text.self")
+    >>> no_image_reason(t)
+    'text.self has no image tokens: pick text.cross'
+    """
+    others = [name for name, block in trace.blocks.items() if block.attentions is not None and name != trace.view
+              and (layout_has_patches(trace.streams[block.query]) or layout_has_patches(trace.streams[block.key]))]
+    return f"{trace.view} has no image tokens" + (f": pick {' or '.join(others)}" if others else "")
+
+
+def available_quadrants(trace: Trace) -> list[str]:
+    """The modality quadrants (`vlcore.trace.BLOCKS`) of the viewed block with rows and columns (specials left
+    out): all four on ViLT's joint block, ``img2img`` on an image tower, ``txt2img`` on text-to-image cross."""
+    from vlcore.trace import BLOCKS
+
+    out = []
+    for quadrant in BLOCKS:
+        rows, cols = trace.block_index(quadrant)
+        if len(rows) and len(cols):
+            out.append(quadrant)
+    return out
 
 
 def compute_query_map(attention: np.ndarray, query: Sequence[int], direction: str = "from") -> np.ndarray:

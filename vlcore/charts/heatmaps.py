@@ -6,7 +6,11 @@ the same chart from a cached layout) that the heatmaps page (`pages/4_Attention_
 Small multiples (every head, every layer, explanations side by side) and the faithfulness curves are in
 `vlcore.charts.multiples`.
 
-Token order is the trace's: ``[text (CLS first, SEP last) | image CLS | patches row-major]``.
+Token positions come from the trace's layouts (`vlcore.trace.TokenLayout`), never from an assumed order. A map
+is drawn on the trace it lies on (`vlcore.analysis.query_maps.map_trace`): the overlay places its patch values on
+that layout's image, the chips colour its text tokens. A matrix's rows are the viewed block's queries and its
+columns its keys (`Trace.layout` and `Trace.key_layout`: the same tokens on a self block, the image's on a cross
+block).
 """
 
 from __future__ import annotations
@@ -250,10 +254,13 @@ def special_weights_frame(trace: Trace, values: np.ndarray, shares: bool = False
         Columns ``token, value, kind, label`` (``label``: the value as printed beside its bar).
     """
     v = np.asarray(values, dtype=np.float64)
-    special = np.flatnonzero(trace.special)
+    special = np.flatnonzero(trace.special & trace.layout.valid)
     rows = [(token_label(trace, int(i)), float(v[i]), "special token") for i in special]
-    rows.append(("all text (no specials)", float(v[trace.text_index()].sum()), "total"))
-    rows.append(("all patches", float(v[trace.image_index()].sum()), "total"))
+    text, patches = trace.text_index(), trace.image_index()
+    if len(text) or not len(patches):  # a layout without text (an image tower) shows no empty text total
+        rows.append(("all text (no specials)", float(v[text].sum()), "total"))
+    if len(patches) or not len(text):
+        rows.append(("all patches", float(v[patches].sum()), "total"))
     frame = pd.DataFrame(rows, columns=["token", "value", "kind"])
     if shares:
         frame["value"] = frame["value"].map(hm.clip_share)
@@ -300,17 +307,27 @@ def special_weights_parts(trace: Trace, values: np.ndarray, title: str = "Specia
 # ---------------------------------------------------------------------------------------
 
 
-def _labels(trace: Trace) -> np.ndarray:
-    return np.array([token_label(trace, i) for i in range(trace.n_tokens)], dtype=object)
+def _labels(layout) -> np.ndarray:
+    """``index:token`` names of a layout's tokens."""
+    return np.array([f"{i}:{t}" for i, t in enumerate(layout.tokens)], dtype=object)
+
+
+def _query_labels(trace: Trace) -> np.ndarray:
+    return _labels(trace.layout)
+
+
+def _key_labels(trace: Trace) -> np.ndarray:
+    return _labels(trace.key_layout)
 
 
 def matrix_frame(trace: Trace, attention: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> pd.DataFrame:
-    """Long form of ``attention[rows][:, cols]``: ``query, key`` (``index:token`` names, categorical), ``value``."""
-    labels = _labels(trace)
+    """Long form of ``attention[rows][:, cols]``: ``query, key`` (``index:token`` names of the query and key
+    layouts, categorical), ``value``."""
+    q_labels, k_labels = _query_labels(trace), _key_labels(trace)
     sub = np.asarray(attention)[np.ix_(rows, cols)]
     return pd.DataFrame({
-        "query": pd.Categorical.from_codes(np.repeat(np.arange(len(rows)), len(cols)), categories=labels[rows]),
-        "key": pd.Categorical.from_codes(np.tile(np.arange(len(cols)), len(rows)), categories=labels[cols]),
+        "query": pd.Categorical.from_codes(np.repeat(np.arange(len(rows)), len(cols)), categories=q_labels[rows]),
+        "key": pd.Categorical.from_codes(np.tile(np.arange(len(cols)), len(rows)), categories=k_labels[cols]),
         "value": sub.ravel().astype(np.float32),
     })
 
@@ -321,8 +338,9 @@ def matrix_frames(trace: Trace, attention: np.ndarray, rows: np.ndarray, cols: n
     changes along the keys (``key_rules``) and the queries (``query_rules``), when there are any."""
     frames = {"cells": matrix_frame(trace, attention, rows, cols)}
     if separators:
-        for role, field, index in (("key_rules", "key", cols), ("query_rules", "query", rows)):
-            names = _boundaries(trace, index)
+        for role, field, index, layout in (("key_rules", "key", cols, trace.key_layout),
+                                           ("query_rules", "query", rows, trace.layout)):
+            names = _boundaries(layout, index)
             if names:
                 frames[role] = pd.DataFrame({field: names})
     return frames
@@ -330,8 +348,7 @@ def matrix_frames(trace: Trace, attention: np.ndarray, rows: np.ndarray, cols: n
 
 def _matrix_layout(trace: Trace, data: Mapping, rows: np.ndarray, cols: np.ndarray, title: str, size: int,
                    fill: bool) -> alt.LayerChart:
-    labels = _labels(trace)
-    q_order, k_order = labels[rows].tolist(), labels[cols].tolist()
+    q_order, k_order = _query_labels(trace)[rows].tolist(), _key_labels(trace)[cols].tolist()
     cell = size / max(len(rows), len(cols), 1)
     cell_x, cell_y = (min(size / max(len(cols), 1), 28), min(size / max(len(rows), 1), 28)) if fill else (cell, cell)
     show_x, show_y = len(cols) <= 48, len(rows) <= 48
@@ -353,8 +370,8 @@ def _matrix_layout(trace: Trace, data: Mapping, rows: np.ndarray, cols: np.ndarr
                                          title=title, autosize=_PAD)
 
 
-def _index(trace: Trace, index: np.ndarray | None) -> np.ndarray:
-    return np.arange(trace.n_tokens) if index is None else np.asarray(index, dtype=np.int64)
+def _index(n_tokens: int, index: np.ndarray | None) -> np.ndarray:
+    return np.arange(n_tokens) if index is None else np.asarray(index, dtype=np.int64)
 
 
 @fast_build
@@ -371,31 +388,31 @@ def build_matrix_chart(
     """A query×key heatmap (rows queries) with rules where the modality changes; tooltips name both tokens.
 
     Args:
-        trace: names the tokens and their modality.
-        attention: ``[N, N]`` attention (one head or the mean).
+        trace: names the tokens and their modality (rows: its query layout, columns: its key layout).
+        attention: ``[Q, K]`` attention of the viewed block (one head or the mean).
         rows, cols: query and key token indices (default: every token).
         title: chart title.
         size: the larger side in pixels.
         separators: draw rules between text and image tokens.
         fill: stretch the cells to fill a ``size``×``size`` box (cells at most 28 px) instead of square cells.
     """
-    rows, cols = _index(trace, rows), _index(trace, cols)
+    rows, cols = _index(trace.n_tokens, rows), _index(trace.key_layout.n_tokens, cols)
     return _matrix_layout(trace, matrix_frames(trace, attention, rows, cols, separators), rows, cols, title, size, fill)
 
 
 def matrix_parts(trace: Trace, attention: np.ndarray, rows: np.ndarray | None = None, cols: np.ndarray | None = None,
                  title: str = "", size: int = 360, separators: bool = True, fill: bool = False) -> ChartParts:
     """`build_matrix_chart` as `ChartParts`."""
-    rows, cols = _index(trace, rows), _index(trace, cols)
+    rows, cols = _index(trace.n_tokens, rows), _index(trace.key_layout.n_tokens, cols)
     key = ("matrix", layout_key(trace), rows.tobytes(), cols.tobytes(), int(size), bool(fill))
     return chart_parts(key, matrix_frames(trace, attention, rows, cols, separators), title,
                         lambda data, t: _matrix_layout(trace, data, rows, cols, t, size, fill))
 
 
-def _boundaries(trace: Trace, index: np.ndarray) -> list[str]:
-    """Names of the tokens in ``index`` that start a new modality (text → image)."""
-    mod = trace.modality[index]
-    return [token_label(trace, int(index[i])) for i in range(1, len(index)) if mod[i] != mod[i - 1]]
+def _boundaries(layout, index: np.ndarray) -> list[str]:
+    """Names of the tokens of ``layout`` in ``index`` that start a new modality (text → image)."""
+    mod = layout.modality[index]
+    return [f"{int(index[i])}:{layout.tokens[int(index[i])]}" for i in range(1, len(index)) if mod[i] != mod[i - 1]]
 
 
 BLOCK_TITLES = {"txt2txt": "text → text", "txt2img": "text → image", "img2txt": "image → text",
@@ -418,8 +435,8 @@ def block_parts(trace: Trace, attention: np.ndarray, block: str, size: int = 260
 
 
 def matrix_csv(trace: Trace, attention: np.ndarray) -> str:
-    """The ``[N, N]`` matrix as CSV, rows and columns named ``index:token`` (rows queries)."""
-    labels = [token_label(trace, i) for i in range(trace.n_tokens)]
-    frame = pd.DataFrame(np.asarray(attention, dtype=np.float32), index=labels, columns=labels)
+    """The ``[Q, K]`` matrix of the viewed block as CSV, rows (queries) and columns (keys) named ``index:token``."""
+    frame = pd.DataFrame(np.asarray(attention, dtype=np.float32), index=_query_labels(trace).tolist(),
+                         columns=_key_labels(trace).tolist())
     frame.index.name = "query\\key"
     return frame.to_csv(float_format="%.6g")

@@ -80,6 +80,74 @@ def all_heads_parts(trace: Trace, head_maps: np.ndarray, columns: int = 6, panel
 
 
 # ---------------------------------------------------------------------------------------
+# Maps over tokens (a text stream: no image to draw on), one row per head or layer
+# ---------------------------------------------------------------------------------------
+
+TOKEN_MAP_WIDTH = 900  # the grid's width at most; a cell is at most 24 px wide
+
+
+def token_maps_frame(trace: Trace, maps: np.ndarray, row: str = "head", selected: int | None = None) -> pd.DataFrame:
+    """Long form of ``maps`` ``[R, N]`` (one map per head or layer over the trace's tokens, padding left out):
+    ``<row>, token`` (``index:token``, categorical in sequence order), ``value`` and ``shown`` (the ``selected``
+    row, outlined)."""
+    idx = np.flatnonzero(trace.layout.valid)
+    labels = np.array([f"{i}:{trace.tokens[i]}" for i in idx], dtype=object)
+    n_rows = maps.shape[0]
+    rows = np.repeat(np.arange(n_rows), len(idx))
+    return pd.DataFrame({
+        row: rows.astype(np.int16),
+        "token": pd.Categorical.from_codes(np.tile(np.arange(len(idx)), n_rows), categories=labels),
+        "value": np.asarray(maps, dtype=np.float32)[:, idx].ravel(),
+        "shown": rows == (-1 if selected is None else selected),
+    })
+
+
+def _token_maps_layout(trace: Trace, data: Mapping, n_rows: int, row: str, select_name: str | None, title: str,
+                       lo=None, hi=None) -> alt.Chart:
+    labels = [f"{i}:{trace.tokens[i]}" for i in np.flatnonzero(trace.layout.valid)]
+    cell = max(6, min(24, TOKEN_MAP_WIDTH // max(len(labels), 1)))
+    show = len(labels) <= 48
+    scale = alt.Scale(scheme=SCHEME) if lo is None else alt.Scale(scheme=SCHEME, domain=[lo, hi], clamp=True)
+    chart = alt.Chart(data["cells"]).mark_rect(strokeWidth=2).encode(
+        x=alt.X("token:O", sort=labels, title=None, axis=alt.Axis(labels=show, ticks=show, labelAngle=-60)),
+        y=alt.Y(f"{row}:O", title=row), color=alt.Color("value:Q", scale=scale, title="weight"),
+        stroke=alt.condition("datum.shown", alt.value("#00e5ff"), alt.value(None)),
+        tooltip=[alt.Tooltip(f"{row}:Q"), alt.Tooltip("token:N"), alt.Tooltip("value:Q", format=".4f")],
+    )
+    if select_name:
+        chart = chart.add_params(alt.selection_point(name=select_name, fields=[row], on="click", clear=False))
+    return chart.properties(width=cell * len(labels), height=22 * n_rows, title=title, autosize=_PAD)
+
+
+@fast_build
+def build_token_maps_chart(trace: Trace, maps: np.ndarray, row: str = "head", selected: int | None = None,
+                           title: str = "", select_name: str | None = None,
+                           domain: tuple[float, float] | None = None) -> alt.Chart:
+    """One map over the tokens per head or layer (``maps`` ``[R, N]``, rows named ``row``), as a heatmap: the
+    small multiples of a stream without an image (a text tower, or the text side of a cross block).
+
+    Args:
+        trace: the trace the maps lie on (`vlcore.analysis.query_maps.map_trace`).
+        selected: the row outlined (the layer or head the page shows).
+        select_name: a point selection on the field ``row`` (a click picks that layer or head), or None.
+        domain: a shared colour domain; None: the maps' own range.
+    """
+    frame = token_maps_frame(trace, maps, row, selected)
+    return _token_maps_layout(trace, {"cells": frame}, maps.shape[0], row, select_name, title, **_domain_values(domain))
+
+
+def token_maps_parts(trace: Trace, maps: np.ndarray, row: str = "head", selected: int | None = None,
+                     title: str = "", select_name: str | None = None,
+                     domain: tuple[float, float] | None = None) -> ChartParts:
+    """`build_token_maps_chart` as `ChartParts`."""
+    n_rows = maps.shape[0]
+    return chart_parts(("tokenmaps", layout_key(trace), n_rows, row, select_name),
+                       {"cells": token_maps_frame(trace, maps, row, selected)}, title,
+                       lambda data, t, **v: _token_maps_layout(trace, data, n_rows, row, select_name, t, **v),
+                       _domain_values(domain))
+
+
+# ---------------------------------------------------------------------------------------
 # Every layer at once
 # ---------------------------------------------------------------------------------------
 

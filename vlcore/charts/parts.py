@@ -138,8 +138,11 @@ def _json_value(value: object) -> str:
 
 
 def layout_key(trace: Trace) -> tuple:
-    """What of a trace a layout can depend on: its identity, tokens, grid and image size."""
-    return trace.model_id, trace.example_id, trace.tokens, trace.grid, trace.image.shape, trace.patch_px
+    """What of a trace a layout can depend on: its identity, the viewed block, its query and key tokens, grid and
+    image size (two blocks with the same queries, e.g. ``text.self`` and ``text.cross``, name other keys)."""
+    keys = trace.key_layout.tokens if trace.key_layout is not trace.layout else ()
+    return (trace.model_id, trace.example_id, trace.view, trace.tokens, keys, trace.grid, trace.image.shape,
+            trace.patch_px)
 
 
 _URI_CACHE: OrderedDict[str, str] = OrderedDict()

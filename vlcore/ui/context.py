@@ -218,12 +218,33 @@ def pick_layer_head(n_layers: int, n_heads: int, allow_mean: bool = True, prefix
     """
     layer = get_int("layer", n_layers - 1, 0, n_layers - 1)
     head = get_head(n_heads)
-    layer = st.sidebar.slider("Layer", 0, n_layers - 1, layer, key=f"{prefix}layer")
     options = (["mean"] if allow_mean else []) + list(range(n_heads))
     current = "mean" if head is None else head
     if current not in options:
         current = options[0]
+    _fit_widget_state(f"{prefix}layer", list(range(n_layers)), layer)  # another block: other sizes
+    _fit_widget_state(f"{prefix}head", options, current)
+    if n_layers > 1:
+        layer = st.sidebar.slider("Layer", 0, n_layers - 1, layer, key=f"{prefix}layer")
+    else:
+        layer = 0
+        st.sidebar.caption("Layer 0 (the only layer)")
     pick = st.sidebar.selectbox("Head", options, index=options.index(current), key=f"{prefix}head",
                                 format_func=lambda h: "mean over heads" if h == "mean" else f"head {h}")
     set_params(layer=layer, head=pick)
     return layer, None if pick == "mean" else int(pick)
+
+
+def pick_rollout_start(n_layers: int) -> int:
+    """Sidebar slider of rollout's first layer (0 with a single layer)."""
+    _fit_widget_state("hm_rollout_start", list(range(n_layers)), 0)
+    if n_layers < 2:
+        return 0
+    return int(st.sidebar.slider("Rollout from layer", 0, n_layers - 1, 0, key="hm_rollout_start"))
+
+
+def _fit_widget_state(key: str, options: list, fallback) -> None:
+    """Replace a widget's remembered value that the current options no longer hold (a block with fewer layers
+    or heads) by ``fallback``, before the widget is drawn."""
+    if key in st.session_state and st.session_state[key] not in options:
+        st.session_state[key] = fallback

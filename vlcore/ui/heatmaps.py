@@ -1,50 +1,37 @@
-"""Streamlit glue of the attention-heatmaps page: query picking, cached explanations, step-through, export.
+"""Streamlit glue of the attention-heatmaps page: chart rendering, cached explanations, what applies to a block.
 
-The URL is the shareable state (``tok``, ``patch``, ``dir``, ``method``, ``scale``, ``answer``, ``view``; the
-layer strip writes ``layer``); widgets are seeded from it once per example and write it back on every run.
-Derived results (rollout, relevancy, perturbation curves) are cached on the trace's content fingerprint
-(`trace_fingerprint`) and the model's (`model_fingerprint`), never on its example id or text.
+The page's controls are in `vlcore.ui.heatmap_controls`, its sections (query views, layer strip, matrices, every
+head, step-through, explanations, export) in `vlcore.ui.heatmap_views`. Derived results (rollout, relevancy,
+perturbation curves) are cached on the trace's content fingerprint (`trace_fingerprint`, which covers the viewed
+block) and the model's (`model_fingerprint`), never on its example id or text.
+
+What applies to a block (`method_reason`): rollout needs a self-attention block (a cross block's rows and columns
+are different tokens); gradient relevancy uses the single-stream rules on a self block
+(`vlcore.attribution.relevance`, or per tower into a pooling head: `vlcore.attribution.towers`) and the bi-modal
+rules through a cross block (`vlcore.attribution.bimodal`: the text→image map).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
+import importlib.util
 import json
 import threading
-import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import streamlit as st
 
-from vlcore.charts import heatmaps as ch
 from vlcore.charts import parts as cp
-from vlcore.charts import multiples as cm
 from vlcore.analysis import query_maps as hm
-from vlcore.errors import VLScopeError
 from vlcore.trace import Trace
-from vlcore.ui.state import get_choice, get_int, get_param, notice, set_params
+from vlcore.ui.heatmap_controls import (METHOD_TITLES, METHODS, VIEW_TITLES, VIEWS, Display, Query,  # noqa: F401
+                                        answer_options, pick_answer, pick_display, pick_query, pick_view)
 
-METHODS = ("raw", "rollout", "relevancy")
-METHOD_TITLES = {"raw": "raw attention", "rollout": "attention rollout", "relevancy": "gradient relevancy"}
-VIEWS = ("matrices", "heads", "step", "explain", "export")
 CHIPS_WIDTH = 380  # the chips' plot width: with its legend it fits half of the page, beside the 340-px overlay
-VIEW_TITLES = {"matrices": "Matrices", "heads": "All heads", "step": "Step-through", "explain": "Explanations",
-               "export": "Export"}
-
-
-@dataclass
-class Query:
-    """The query tokens: one text token, or patches (their maps are averaged)."""
-
-    tokens: np.ndarray
-    cells: list[tuple[int, int]]
-    label: str
 
 
 def show_chart(chart, **kwargs):
@@ -115,141 +102,6 @@ def show_parts(parts: cp.ChartParts, **kwargs):
 
 
 # ---------------------------------------------------------------------------------------
-# Query and view controls
-# ---------------------------------------------------------------------------------------
-
-
-def _seed_from_url(trace: Trace) -> None:
-    """Set the widgets' state from the URL once per (model, example); malformed values get a notice."""
-    n_text = len(trace.text_index(include_special=True))
-    cells, problems = hm.parse_patches(get_param("patch"), trace.grid)
-    for line in problems:
-        notice(f"Link parameter `patch`: {line}.")
-    raw = get_param("tok") or ""
-    tok = get_int("tok", 0, -(2**62), 2**62)  # malformed: a notice and 0
-    if not 0 <= tok < trace.n_tokens:
-        near = 0 if tok < 0 else n_text - 1
-        notice(f"`tok={raw}` is outside this example's {trace.n_tokens} tokens; showing text token {near} "
-               f"({trace.tokens[near]}).")
-        tok = near
-    if not cells and trace.patch_rc[tok, 0] >= 0:  # a patch token named by index (e.g. from another page)
-        cells = [(int(trace.patch_rc[tok, 0]), int(trace.patch_rc[tok, 1]))]
-    elif not cells and tok >= n_text:
-        notice(f"`tok={tok}` is not a text token or a patch; showing token {n_text - 1} "
-               f"({trace.tokens[n_text - 1]}).")
-        tok = n_text - 1
-    st.session_state["hm_tok"] = None if cells else tok
-    st.session_state["hm_patches"] = [f"{r}.{c}" for r, c in cells]
-    st.session_state["hm_dir"] = get_choice("dir", hm.DIRECTIONS, "from")
-    st.session_state["hm_method"] = get_choice("method", METHODS, "raw")
-    st.session_state["hm_scale"] = get_choice("scale", hm.SCALES, "map")
-    st.session_state["hm_view"] = get_choice("view", VIEWS, "matrices")
-    st.session_state["hm_trace"] = (trace.model_id, trace.example_id)
-
-
-def _clear_patches() -> None:
-    st.session_state["hm_patches"] = []
-
-
-def _clear_token() -> None:
-    st.session_state["hm_tok"] = None
-
-
-def _on_overlay_click() -> None:
-    """A click on the overlay's patches (selection ``patch``) becomes the patch query."""
-    event = st.session_state.get("hm_click") or {}
-    points = (event.get("selection") or {}).get("patch") or []
-    cells = [f"{int(p['row'])}.{int(p['col'])}" for p in points if "row" in p and "col" in p]
-    if cells:
-        st.session_state["hm_patches"] = cells
-        st.session_state["hm_tok"] = None
-
-
-def pick_query(trace: Trace) -> Query:
-    """Token chips (``st.pills``) and a patch picker, seeded from and written to the URL (``tok``, ``patch``)."""
-    if st.session_state.get("hm_trace") != (trace.model_id, trace.example_id) or "hm_tok" not in st.session_state:
-        _seed_from_url(trace)  # a new example, or back from another page (Streamlit dropped the widget state)
-    n_text = len(trace.text_index(include_special=True))
-    st.pills("Query token (click a word)", list(range(n_text)), key="hm_tok", on_change=_clear_patches,
-             format_func=lambda i: trace.tokens[i])
-    _, rc = trace.patch_positions()
-    options = [f"{r}.{c}" for r, c in rc]
-    st.multiselect("…or query patches (row.col; or click patches on the image, shift-click for several)", options,
-                   key="hm_patches", on_change=_clear_token)
-    cells = [tuple(int(v) for v in p.split(".")) for p in st.session_state["hm_patches"]]
-    tok = st.session_state["hm_tok"]
-    if cells:
-        set_params(tok=None, patch=hm.format_patches(cells))
-        label = f"patch {hm.format_patches(cells)}" if len(cells) == 1 else f"mean of {len(cells)} patches"
-        return Query(hm.patch_token_indices(trace, cells), cells, label)
-    tok = 0 if tok is None else int(tok)
-    set_params(tok=tok, patch=None)
-    return Query(np.array([tok]), [], f"token {tok} “{trace.tokens[tok]}”")
-
-
-@dataclass
-class Display:
-    """How the maps are drawn: direction, method, colour scale (`vlcore.analysis.query_maps.SCALES`), opacity, smoothing."""
-
-    direction: str
-    method: str
-    scale: str
-    opacity: float
-    smooth: bool
-
-
-def pick_display() -> Display:
-    """Direction, method, colour scale, opacity and smoothing (``dir``, ``method``, ``scale`` in the URL)."""
-    c1, c2 = st.columns([1, 2])
-    direction = c1.segmented_control("Attention", hm.DIRECTIONS, key="hm_dir",
-                                     format_func=lambda d: f"{d} the query") or "from"
-    method = c2.segmented_control("Map", METHODS, key="hm_method", format_func=METHOD_TITLES.get) or "raw"
-    c3, c4, c5 = st.columns([3, 2, 1])
-    scale = c3.segmented_control(
-        "Colour scale", hm.SCALES, key="hm_scale", format_func=hm.SCALE_TITLES.get,
-        help="per map: each map from its own min to its max (a map of near-zero weights looks as strong as any); "
-             "shared: one scale from 0 to the largest weight of every map on the page; absolute: 0 to 1, "
-             "the share of a row") or "map"
-    opacity = c4.slider("Heat opacity", 0.0, 1.0, 0.8, 0.05, key="hm_opacity",
-                        help="the heat's opacity at the top of the colour scale; it falls to 0 (transparent) at "
-                             "weight 0, so the image shows through low weights")
-    smooth = c5.toggle("Smooth", key="hm_smooth", help="bilinear upsampling of the patch grid")
-    set_params(dir=direction, method=method, scale=scale)
-    return Display(direction, method, scale, opacity, smooth)
-
-
-def pick_view() -> str:
-    """Which lower section runs (only the chosen one is computed), URL ``view``."""
-    view = st.segmented_control("Section", VIEWS, key="hm_view", format_func=VIEW_TITLES.get) or "matrices"
-    set_params(view=view)
-    return view
-
-
-def answer_options(adapter, trace: Trace) -> list[str]:
-    """Labels the relevancy can explain: the trace's top-k first, then every label the model knows."""
-    labels = [label for label, _ in trace.prediction]
-    config = getattr(adapter, "config", None)
-    if getattr(adapter, "task", "") in ("vqa", "nlvr2") and config is not None:
-        known = [str(v) for v in config.id2label.values()]
-        labels += [label for label in known if label not in set(labels)]
-    return labels or ["match"]
-
-
-def pick_answer(adapter, trace: Trace) -> str | None:
-    """The answer explained by relevancy (URL ``answer``; the predicted one by default)."""
-    options = answer_options(adapter, trace)
-    wanted = get_param("answer")
-    if wanted and wanted not in options:
-        notice(f"The link's answer `{wanted}` is not a label of {adapter.model_id}; explaining the prediction.")
-        wanted = None
-    index = options.index(wanted) if wanted else 0
-    answer = st.selectbox("Answer to explain (relevancy, faithfulness)", options, index=index, key="hm_answer",
-                          format_func=lambda a: f"{a} (predicted)" if a == trace.predicted else a)
-    set_params(answer=None if answer == trace.predicted else answer)
-    return answer
-
-
-# ---------------------------------------------------------------------------------------
 # Cached computations
 # ---------------------------------------------------------------------------------------
 
@@ -259,7 +111,8 @@ _FINGERPRINTS_LOCK = threading.Lock()
 
 
 def trace_fingerprint(trace: Trace) -> str:
-    """A digest of what the trace holds: model id, tokens, text, grid, the image and every attention weight.
+    """A digest of what the trace holds: model id, the viewed block, its tokens, text, grid, the image and every
+    attention weight of the block.
 
     Two traces with the same example id and text but another image, model or dataset get different
     fingerprints. A trace is frozen with read-only arrays, so its digest is computed once per object
@@ -270,8 +123,8 @@ def trace_fingerprint(trace: Trace) -> str:
     if known is not None:
         return known
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(json.dumps([trace.model_id, list(trace.tokens), trace.text, list(trace.grid),
-                              trace.patch_px]).encode())
+    digest.update(json.dumps([trace.model_id, trace.view, list(trace.tokens), list(trace.key_layout.tokens),
+                              trace.text, list(trace.grid), trace.patch_px]).encode())
     for array in (trace.image, trace.patch_rc, trace.attentions):
         if array is None:
             digest.update(b"none")
@@ -299,13 +152,33 @@ def cached_rollout(_trace: Trace, trace_key: str, start_layer: int) -> np.ndarra
 
 
 @st.cache_data(max_entries=32, show_spinner="Computing gradient relevancy (one forward and backward pass)…")
-def cached_relevancy(_adapter, _example, trace_key: str, model_key: str, answer: str | None) -> np.ndarray:
-    """Relevancy values ``[N]`` of the example for one answer (keyed on the trace's and the model's fingerprints:
-    the example is the one the trace was made from)."""
+def cached_relevancy(_adapter, _example, trace_key: str, model_key: str, answer: str | None,
+                     block: str | None = None) -> np.ndarray:
+    """Relevancy values of the example for one answer, on the side of ``block`` they explain (keyed on the trace's
+    and the model's fingerprints: the example is the one the trace was made from).
+
+    A self block (default: the adapter's default block): the single-stream map ``[N]`` of its default query, or,
+    for a tower whose head pools every token (no default query), the map into its pooling block. A cross block:
+    the bi-modal map ``[K]`` of its query stream's default token over the key stream (the image).
+    """
     from vlcore.run.extract import model_image_input
+
+    image = model_image_input(_adapter, _example)
+    block = block or _adapter.default_block
+    spec = _adapter.block_specs()[block]
+    if not spec.is_self:
+        from vlcore.attribution.bimodal import extract_bimodal_relevancy
+
+        return extract_bimodal_relevancy(_adapter, image, _example.question, answer, query_stream=spec.query).values[
+            spec.key]
+    batch = _adapter.encode([image], [_example.question])
+    if _adapter.default_query(block, batch.streams[spec.query][0].trimmed()) is None:
+        from vlcore.attribution.towers import extract_tower_relevancy
+
+        return extract_tower_relevancy(_adapter, image, _example.question, answer).maps[spec.query].values
     from vlcore.attribution.relevance import extract_relevancy
 
-    return extract_relevancy(_adapter, model_image_input(_adapter, _example), _example.question, answer).values
+    return extract_relevancy(_adapter, image, _example.question, answer, block=block).values
 
 
 @st.cache_data(max_entries=64, show_spinner="Removing patches in order and re-running the model…")
@@ -321,100 +194,95 @@ def cached_curve(_adapter, _example, trace_key: str, model_key: str, values: np.
 
 def method_map(method: str, trace: Trace, layer: int, head: int | None, query: Query, direction: str,
                adapter=None, example=None, answer: str | None = None, start_layer: int = 0) -> np.ndarray:
-    """The ``[N]`` map shown for a method: raw (this head), rollout (from ``start_layer``) or relevancy ([CLS])."""
+    """The map shown for a method: raw (this head), rollout (from ``start_layer``) or relevancy (the block's
+    default query; see `cached_relevancy`).
+
+    Raw and rollout maps lie on the keys (``direction`` "from") or the queries ("to"); a relevancy map lies on the
+    keys (`relevancy_direction`). Rollout needs a self block (`method_reason`).
+    """
     if method == "raw":
         return hm.compute_query_map(trace.head_attention(layer, head), query.tokens, direction)
     if method == "rollout":
         rollout = cached_rollout(trace, trace_fingerprint(trace), start_layer)
         return hm.compute_query_map(rollout, query.tokens, direction)
-    return cached_relevancy(adapter, example, trace_fingerprint(trace), model_fingerprint(adapter), answer)
+    return cached_relevancy(adapter, example, trace_fingerprint(trace), model_fingerprint(adapter), answer,
+                            trace.view)
 
 
-# ---------------------------------------------------------------------------------------
-# Sections
-# ---------------------------------------------------------------------------------------
+def relevancy_direction() -> str:
+    """The direction a relevancy map takes: over the keys the explained token reads (``"from"``)."""
+    return "from"
 
 
-def show_query_views(trace: Trace, values: np.ndarray, query: Query, title: str, display: Display,
-                     domain: tuple[float, float] | None, clickable: bool = True) -> dict[str, Callable]:
-    """Overlay (clickable patches; the image's share of the map under its title), token chips and
-    special-token bars for one map.
+def method_reason(method: str, trace: Trace, adapter) -> str | None:
+    """One line on why ``method`` does not apply to the viewed block (the page then shows raw attention), or None.
 
-    Returns:
-        name → a function building the chart as an Altair object (for the export section).
+    Rollout multiplies a block's layers into a token-to-token matrix: a cross block alone has none. Gradient
+    relevancy through a cross block needs the bi-modal rules (`vlcore.attribution.bimodal`).
     """
-    select_name = "patch" if clickable else None
-    tokens = query.tokens.tolist()
-    relevance = display.method == "relevancy"
-    subtitle = hm.image_share_caption(trace, values, display.direction, relevance)
-    shares = not relevance and display.direction == "from"
-    overlay_args = dict(selected=query.cells, opacity=display.opacity, smooth=display.smooth, title=title, width=340,
-                        select_name=select_name, domain=domain, subtitle=subtitle)
-    left, right = st.columns(2)
-    with left:
-        overlay = ch.overlay_parts(trace, values, **overlay_args)
-        if clickable:
-            show_parts(overlay, key="hm_click", on_select=_on_overlay_click, selection_mode="patch")
-        else:
-            show_parts(overlay)
-    with right:
-        show_parts(ch.token_chips_parts(trace, values, tokens, title="Text tokens", width=CHIPS_WIDTH))
-        show_parts(ch.special_weights_parts(trace, values, shares=shares))
-    return {
-        "overlay": lambda: ch.build_attention_overlay_chart(trace, values, **overlay_args),
-        "text tokens": lambda: ch.build_token_chips_chart(trace, values, tokens, title="Text tokens", width=CHIPS_WIDTH),
-        "special tokens": lambda: ch.build_special_weights_chart(trace, values, shares=shares),
-    }
+    if method == "rollout" and not trace.block.is_self:
+        return (f"Rollout does not apply to a cross block alone: {trace.view}'s rows and columns are different "
+                "tokens, so its layers do not multiply into one token-to-token matrix (roll out a self-attention "
+                "block instead). Showing raw attention.")
+    if method == "relevancy" and not trace.block.is_self and not bimodal_available():
+        return (f"Gradient relevancy through {trace.view} (the bi-modal rules of Chefer et al. 2021, which "
+                "propagate relevancy through the cross-attention) is coming. Showing raw attention.")
+    if method == "relevancy" and adapter is not None and trace.view not in adapter.block_specs():
+        return f"{adapter.model_id} has no block {trace.view} to explain. Showing raw attention."
+    return None
 
 
-STRIP_SELECTION = "pick_layer"
-
-
-def layer_from_event(event: dict | None) -> int | None:
-    """The layer a click on the layer strip picked (the selection event Streamlit keeps), or None."""
-    points = ((event or {}).get("selection") or {}).get(STRIP_SELECTION) or []
-    layers = [int(p["layer"]) for p in points if isinstance(p, dict) and p.get("layer") is not None]
-    return layers[-1] if layers else None
-
-
-def _on_layer_click(key: str) -> None:
-    """A click on a map of the layer strip selects that layer (the sidebar slider ``layer``, then the URL)."""
-    layer = layer_from_event(st.session_state.get(key))
-    if layer is not None:
-        st.session_state["layer"] = layer
+def bimodal_available() -> bool:
+    """Whether the bi-modal relevancy module (`vlcore.attribution.bimodal`) is installed."""
+    return importlib.util.find_spec("vlcore.attribution.bimodal") is not None
 
 
 def layer_strip_captions(trace: Trace, layer_maps: np.ndarray, direction: str) -> list[str]:
-    """Each layer's image share, short enough for a small map ("img 12.3%"; "to": the patches' mean)."""
+    """Each layer's image share, short enough for a small map ("img 12.3%"; "to": the patches' mean).
+
+    Args:
+        trace: the trace the maps lie on (`vlcore.analysis.query_maps.map_trace`).
+    """
     return [f"img {hm.format_share(hm.compute_image_share(trace, m, direction))}" for m in layer_maps]
 
 
-def show_layer_strip(trace: Trace, layer_maps: np.ndarray, layer: int, head_text: str, query: Query, display: Display,
-                     domain: tuple[float, float] | None) -> Callable:
-    """Every layer's raw map of the query (this head), side by side; a click on one shows that layer.
-
-    Returns:
-        A function building the strip as an Altair object (for the export section).
-    """
-    title = f"Every layer: raw attention {display.direction} {query.label}, {head_text} (click a map to show its layer)"
-    args = dict(domain=domain, selected=layer, captions=layer_strip_captions(trace, layer_maps, display.direction),
-                opacity=display.opacity, title=title)
-    key = f"hm_layers_{layer}"  # a new widget per shown layer: a click on a map picked before still registers
-    show_parts(cm.layer_strip_parts(trace, layer_maps, **args), key=key,
-               on_select=functools.partial(_on_layer_click, key), selection_mode=STRIP_SELECTION)
-    what = "of this row" if display.direction == "from" else "of each patch's row to the query (mean)"
-    st.caption(f"Under each layer: the image's share {what}. The informative layer is often not the last.")
-    return lambda: cm.build_layer_strip_chart(trace, layer_maps, select_name=None, **args)
-
-
 def scale_domain(trace: Trace, maps: list[np.ndarray], scale: str) -> tuple[float, float] | None:
-    """The colour domain of every map drawn this run (`vlcore.analysis.query_maps.compute_domain` on their patches).
+    """The colour domain of every map drawn this run (`vlcore.analysis.query_maps.compute_domain` on their patches,
+    or on their tokens when the maps lie on a stream without an image).
 
     Args:
+        trace: the trace the maps lie on (`vlcore.analysis.query_maps.map_trace`).
         maps: arrays ``[..., N]``: one map, or a stack (every layer, head or step-through token).
     """
     rows = [row for m in maps for row in np.asarray(m).reshape(-1, trace.n_tokens)]
-    return hm.compute_domain([hm.patch_values(trace, row) for row in rows], scale)
+    if hm.has_patches(trace):
+        return hm.compute_domain([hm.patch_values(trace, row) for row in rows], scale)
+    valid = trace.layout.valid
+    return hm.compute_domain([np.asarray(row, np.float64)[valid] for row in rows], scale)
+
+
+def scale_domains(trace: Trace, maps: list[tuple[np.ndarray, str]], scale: str) -> Callable[[str], tuple | None]:
+    """The colour domain of the maps drawn this run, per stream they lie on (`scale_domain`): on a self block
+    every map shares one; on a cross block the maps over the image and those over the text get their own.
+
+    Args:
+        trace: the trace viewing the block.
+        maps: ``(map, direction)`` pairs (a map ``[..., N]`` of that direction).
+
+    Returns:
+        direction -> the domain of the maps lying where a map of that direction lies.
+    """
+    groups: dict[int, tuple[Trace, list[np.ndarray]]] = {}
+    for values, direction in maps:
+        on = hm.map_trace(trace, direction)
+        groups.setdefault(id(on), (on, []))[1].append(values)
+    domains = {key: scale_domain(on, group, scale) for key, (on, group) in groups.items()}
+
+    def domain_of(direction: str) -> tuple | None:
+        on = hm.map_trace(trace, direction)
+        return domains[id(on)] if id(on) in domains else scale_domain(on, [], scale)
+
+    return domain_of
 
 
 def scale_caption(scale: str, domain: tuple[float, float] | None) -> str:
@@ -426,134 +294,8 @@ def scale_caption(scale: str, domain: tuple[float, float] | None) -> str:
 
 
 def step_maps(trace: Trace, layer: int, head: int | None, direction: str) -> np.ndarray:
-    """The step-through's maps: one per text token ``[T, N]`` (so a shared scale holds while it plays)."""
+    """The step-through's maps: one per stepped query token (`vlcore.analysis.query_maps.step_tokens`) ``[T, N]``
+    (so a shared scale holds while it plays)."""
     att = trace.head_attention(layer, head)
-    rows = trace.text_index(include_special=True)
+    rows = hm.step_tokens(trace)
     return att[rows] if direction == "from" else att[:, rows].T
-
-
-def show_matrices(trace: Trace, att: np.ndarray, title: str) -> str:
-    """The full matrix with modality separators, or one of the four blocks (one chart per run keeps it fast).
-
-    The block picker sits in a column of its own, left of the chart: above the chart it was covered by the
-    chart's toolbar.
-
-    Returns:
-        The block shown (``"full"`` or a key of ``BLOCK_TITLES``).
-    """
-    options = ["full", *ch.BLOCK_TITLES]
-    picker, chart = st.columns([1, 4])
-    block = picker.radio("Matrix", options, key="hm_block", index=0,
-                         format_func=lambda b: "full query × key" if b == "full" else ch.BLOCK_TITLES[b]) or "full"
-    with chart:
-        if block == "full":
-            show_parts(ch.matrix_parts(trace, att, title=title, size=440))
-        else:
-            show_parts(ch.block_parts(trace, att, block, size=440))
-        st.caption("Rows are queries (attending), columns keys (attended to); hover a cell for both tokens. "
-                   "White rules separate text from image tokens; the blocks leave out [CLS], [SEP] and [IMG].")
-    return block
-
-
-def _step(delta: int, n: int) -> None:
-    st.session_state["hm_step"] = (int(st.session_state.get("hm_step", 0)) + delta) % n
-
-
-def show_step_through(trace: Trace, layer: int, head: int | None, display: Display,
-                      domain: tuple[float, float] | None, interval_s: float = 1.0) -> None:
-    """Play through the text tokens one by one (a fragment timer), or step with buttons and a slider."""
-    n = len(trace.text_index(include_special=True))
-    if st.session_state.get("hm_step", 0) >= n:
-        st.session_state["hm_step"] = 0
-    c1, c2, c3 = st.columns([1, 1, 4])
-    c1.button("◀ previous", key="hm_prev", on_click=_step, args=(-1, n))
-    c2.button("next ▶", key="hm_next", on_click=_step, args=(1, n))
-    playing = c3.toggle("Play", key="hm_play", help=f"advance one token every {interval_s:.1f} s")
-    att = trace.head_attention(layer, head)
-    direction = display.direction
-
-    @st.fragment(run_every=interval_s if playing else None)
-    def frame() -> None:
-        now = time.monotonic()
-        if playing and now - st.session_state.get("hm_step_at", 0.0) >= 0.9 * interval_s:
-            st.session_state["hm_step_at"] = now
-            _step(1, n)
-        st.slider("Token", 0, n - 1, key="hm_step")
-        i = int(st.session_state["hm_step"])
-        values = hm.compute_query_map(att, [i], direction)
-        show_parts(ch.overlay_parts(trace, values, opacity=display.opacity, smooth=display.smooth, select_name=None,
-                                    width=300, title=f"attention {direction} token {i} “{trace.tokens[i]}”",
-                                    domain=domain, subtitle=hm.image_share_caption(trace, values, direction)))
-        show_parts(ch.token_chips_parts(trace, values, [i], width=CHIPS_WIDTH))
-
-    frame()
-
-
-def show_export(charts: dict[str, Callable], trace: Trace, att: np.ndarray, head_label: str) -> None:
-    """PNG/SVG of any chart of the page, and the selected head's matrix as CSV; files are made on request."""
-    csv_name = f"matrix of {head_label} (CSV)"
-    names = list(charts) + [csv_name]
-    c1, c2, c3 = st.columns([3, 1, 1])
-    what = c1.selectbox("Export", names, key="hm_export_what")
-    fmt = c2.segmented_control("Format", ["png", "svg"], key="hm_export_fmt", default="png") or "png"
-    if c3.button("Prepare file", key="hm_export_go"):
-        stem = f"{trace.example_id.replace('/', '_')}-{what.replace(' ', '_')}"
-        try:
-            if what == csv_name:
-                data, name, mime = ch.matrix_csv(trace, att).encode(), f"{stem}.csv", "text/csv"
-            else:
-                data = cp.export_chart(charts[what](), fmt)
-                name, mime = f"{stem}.{fmt}", "image/png" if fmt == "png" else "image/svg+xml"
-        except (VLScopeError, ValueError) as exc:
-            st.error(f"Could not export {what}: {exc}")
-            return
-        st.session_state["hm_export"] = {"name": name, "data": data, "mime": mime}
-    ready = st.session_state.get("hm_export")
-    if ready:
-        st.download_button(f"Download {ready['name']}", ready["data"], ready["name"], ready["mime"],
-                           key="hm_download", on_click="ignore")
-
-
-def explanation_maps(trace: Trace, layer: int, head: int | None, start_layer: int, adapter, example,
-                     answer: str | None) -> dict[str, np.ndarray]:
-    """The three [CLS] maps side by side: raw (this layer/head), rollout (from ``start_layer``), relevancy."""
-    cls = Query(np.array([0]), [], "[CLS]")
-    return {method: method_map(method, trace, layer, head, cls, "from", adapter, example, answer, start_layer)
-            for method in METHODS}
-
-
-def explanation_captions(trace: Trace, maps: dict[str, np.ndarray]) -> dict[str, str]:
-    """The image's share of each explanation map ([CLS] rows, and the relevance)."""
-    return {method: hm.image_share_caption(trace, values, "from", method == "relevancy")
-            for method, values in maps.items()}
-
-
-def show_explanations(trace: Trace, maps: dict[str, np.ndarray], titles: dict[str, str], adapter, example,
-                      answer: str | None, display: Display, domain: tuple[float, float] | None) -> None:
-    """Each explanation's overlay and text colouring, and (on request) its perturbation curve and AUC."""
-    score = st.toggle("Score faithfulness: remove patches in order of each map and re-run the model "
-                      "(a few dozen forward passes per map, cached)", key="hm_faith")
-    captions = explanation_captions(trace, maps)
-    for col, (method, values) in zip(st.columns(len(maps)), maps.items()):
-        with col:
-            show_parts(ch.overlay_parts(trace, values, opacity=display.opacity, smooth=display.smooth,
-                                        title=titles[method], width=260, select_name=None, domain=domain,
-                                        subtitle=captions[method]))
-            show_parts(ch.token_chips_parts(trace, values, width=260))
-            if not score:
-                continue
-            try:
-                curves = {order: cached_curve(adapter, example, trace_fingerprint(trace), model_fingerprint(adapter),
-                                              np.asarray(values, dtype=np.float32), answer, order)
-                          for order in ("positive", "random")}
-            except VLScopeError as exc:
-                st.error(str(exc))
-                continue
-            show_chart(cm.build_perturbation_chart(curves, title=f"faithfulness of {method}", width=200, height=160),
-                       width="content")
-            drop = curves["random"].auc - curves["positive"].auc
-            st.metric("AUC, relevance order", f"{curves['positive'].auc:.3f}", f"{-drop:+.3f} vs random",
-                      delta_color="inverse")
-    if score:
-        st.caption("Lower AUC = the answer's probability falls faster when the map's top patches are removed: "
-                   "a more faithful map. The random order is the baseline.")
