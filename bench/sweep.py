@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from bench.common import QUESTION, time_interleaved, vilt_b32  # noqa: E402
 from vlcore.data.example import Example  # noqa: E402
+from vlcore.models.base import Capture  # noqa: E402
 from vlcore.run.sweep import summarize_batch  # noqa: E402
+from vlcore.trace import TEXT  # noqa: E402
 
 
 def main() -> int:
@@ -43,23 +45,23 @@ def main() -> int:
 
     def plain():
         with torch.no_grad():
-            adapter.forward(batch, attentions=False, hidden=False).logits.float().cpu()
+            adapter.capture(batch, Capture(blocks=(), hidden=False)).output.logits.float().cpu()
 
     def sweep():
         summarize_batch(adapter, batch, examples)
 
     def naive():
         with torch.no_grad():
-            out = adapter.forward(batch, attentions=True, hidden=True)
-            [a.float().cpu().numpy() for a in out.attentions]
-            [h.float().cpu().numpy() for h in out.hidden_states]
-            out.logits.float().cpu()
+            out = adapter.capture(batch, Capture())
+            [a.float().cpu().numpy() for a in out.attentions.values()]
+            [h.float().cpu().numpy() for h in out.hidden.values()]
+            out.output.logits.float().cpu()
 
     t = time_interleaved({"plain": plain, "sweep": sweep, "naive": naive}, args.batches)
     t_plain, t_sweep, t_naive = t["plain"], t["sweep"], t["naive"]
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     precision = "bf16" if device == "cuda" else "fp32"
-    n_text = int((batch.modality[0] == 0).sum())
+    n_text = int((batch.modality[0] == TEXT).sum())
     print(f"ViLT-B/32 random weights, {batch.modality.shape[1]} tokens ({n_text} text + image CLS + "
           f"{batch.grids[0][0]}x{batch.grids[0][1]} patches), batch {batch_size} {precision}, on {name}")
     print(f"| {'path':<40} | {'examples/s':>10} | {'vs plain':>9} | {'target':>7} |")

@@ -68,3 +68,52 @@ def test_subpackages_import_downwards_only():
     upward = sorted((src, dst) for src, dsts in graph.items() for dst in dsts if level[dst] <= level[src]
                     and not (src in LAYERS[0] and dst in LAYERS[0]))
     assert upward == []
+
+
+def test_no_module_outside_models_names_a_family_or_branches_on_a_task_string():
+    """The adapter contract (`vlcore/models/base.py`) is the only way the core and the pages read a model: no
+    family named in an identifier, an import or a string (docstrings and comments may), no ``.task == "..."``."""
+    import ast
+
+    words = re.compile(r"(?i)vilt|blip|siglip|llava|paligemma|idefics|qwen")
+    clip_name = re.compile(r"CLIP|Clip(?=[A-Z_]|$)|(^|_)clip_(model|adapter|vision|text|processor)")  # not np.clip
+
+    def names_family(name: str, module: bool = False) -> bool:
+        return bool(words.search(name) or clip_name.search(name)) or (module and name == "clip")
+
+    def is_task(node) -> bool:
+        return (isinstance(node, ast.Attribute) and node.attr == "task") or (
+            isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value == "task")
+
+    def is_text(node) -> bool:
+        return isinstance(node, ast.Constant) and isinstance(node.value, str) or (
+            isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(is_text(e) for e in node.elts))
+
+    allowed = {("vlcore/app_files.py", "vilt-tiny-easyvqa")}  # the bundled demo checkpoint's folder (a path)
+    hits = []
+    for path in sorted([*(ROOT / "vlcore").rglob("*.py"), *(ROOT / "pages").rglob("*.py")]):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("vlcore/models/"):
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {id(node.body[0].value) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                found = words.search(node.value) or re.search(r"(?i)(?<![a-z])clip(?![a-z])", node.value)
+                bad = node.value if found and (rel, node.value) not in allowed else None
+            elif isinstance(node, (ast.Name, ast.Attribute, ast.FunctionDef, ast.ClassDef)):
+                name = getattr(node, "id", None) or getattr(node, "attr", None) or node.name
+                bad = name if names_family(name) else None
+            elif isinstance(node, (ast.alias, ast.ImportFrom)):
+                module = (node.name if isinstance(node, ast.alias) else node.module) or ""
+                bad = module if any(names_family(part, module=True) for part in module.split(".")) else None
+            elif isinstance(node, ast.Compare):
+                sides = [node.left, *node.comparators]
+                bad = "a task compared with a string" if any(map(is_task, sides)) and any(map(is_text, sides)) else None
+            else:
+                bad = None
+            if bad:
+                hits.append(f"{rel}:{node.lineno}: {bad[:60]!r}")
+    assert hits == []

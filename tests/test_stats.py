@@ -257,3 +257,62 @@ def test_spatial_distance_of_the_demo_model_has_no_nan_on_the_trace_and_the_swee
         swept = as_arrays(heads[heads.example_id == trace.example_id])["spatial_distance"]
         assert not np.isnan(swept).any(), trace.example_id
         np.testing.assert_allclose(swept, got, rtol=1e-3, atol=1e-5)  # another batch size: float16 tolerance
+
+
+# -- per block: causal entropy, metrics that do not apply --------------------------------------------------------
+
+
+def causal_trace(n: int = 8, n_visible: bool = True) -> Trace:
+    """One causal text block over ``[BOS] w1 .. w(n-1)``: row q uniform over the q + 1 keys it sees."""
+    from vlcore.trace import ROLE_SPECIAL, ROLE_TEXT, AttentionBlock, TokenLayout
+
+    layout = TokenLayout.build(["<s>"] + [f"w{i}" for i in range(1, n)], [ROLE_SPECIAL] + [ROLE_TEXT] * (n - 1))
+    att = np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]
+    block = AttentionBlock(att[None, None].astype(np.float16), "lm", "lm",
+                           np.arange(1, n + 1, dtype=np.int32) if n_visible else None)
+    return Trace("c", "m", {"lm": layout}, {"lm.self": block}, {"lm": None}, "lm.self")
+
+
+def test_a_uniform_causal_row_over_its_visible_keys_has_entropy_one():
+    n = 8  # rows 1/k for k = 2..8: the float16 rounding of 1/3, 1/5, 1/6, 1/7 keeps the entropy within 1e-3
+    got = as_arrays(compute_trace_summaries(causal_trace(n)))["entropy"][0, 0]
+    assert got == pytest.approx(1.0, abs=1e-3)
+    # normalised by every key instead (the old rule), the same rows would give the mean of log k / log N
+    assert np.mean([math.log(k) / math.log(n) for k in range(2, n + 1)]) < 0.8
+    # the trace's own n_visible is the rule: without it every query sees all N keys
+    every_key = as_arrays(compute_trace_summaries(causal_trace(n, n_visible=False)))["entropy"][0, 0]
+    assert every_key == pytest.approx(np.mean([math.log(k) / math.log(n) for k in range(2, n + 1)]), abs=1e-3)
+
+
+def test_a_metric_that_does_not_apply_is_nan_with_a_reason_never_zero():
+    from vlcore.analysis.stats import not_applicable
+
+    trace = causal_trace()  # text only: nothing about images applies
+    got = as_arrays(compute_trace_summaries(trace))
+    reasons = not_applicable(trace)
+    for name in ("txt2img", "img2txt", "img2img", "txtq_to_img", "cls_to_img", "cross_modal", "to_imgcls",
+                 "spatial_distance", "img2img_nonlocal"):
+        assert np.isnan(got[name][0, 0]) and reasons[name], name
+    assert reasons["txt2img"] == "no image keys in this block"
+    assert reasons["img2txt"] == "no image queries in this block"
+    assert "one modality" in reasons["txtq_to_txt"] and np.isnan(got["txtq_to_txt"][0, 0])  # trivially 1
+    for name in ("txt2txt", "intra_modal", "entropy", "max_weight", "to_cls"):
+        assert name not in reasons and not np.isnan(got[name][0, 0]), name
+    assert set(reasons) == {name for name in BUILTIN_METRICS if np.isnan(got[name][0, 0])}
+    # a joint text-and-image block: everything applies (the 3 x 4 grid has far patch pairs)
+    n = 3 + 3 + 12
+    assert not_applicable(make_trace(random_attention(1, 1, n), 3, (3, 4))) == {}
+
+
+def test_the_cls_row_is_found_by_its_role_not_its_position():
+    n_text, grid = 3, (2, 3)
+    n = n_text + 3 + 6
+    att = random_attention(1, 2, n, seed=5)
+    trace = make_trace(att, n_text, grid)
+    order = np.r_[n_text + 2 : n, 0 : n_text + 2]  # the image part first, then [CLS] text [SEP]
+    moved = Trace.from_arrays("ex", "m", tuple(np.array(trace.tokens)[order]), trace.modality[order],
+                              trace.special[order], trace.patch_rc[order], grid, trace.image, 4,
+                              att[:, :, order][:, :, :, order].astype(np.float16), None)
+    before, after = as_arrays(compute_trace_summaries(trace)), as_arrays(compute_trace_summaries(moved))
+    for name in BUILTIN_METRICS:  # the same tokens in another order: the same statistics
+        np.testing.assert_allclose(after[name], before[name], atol=1e-6, err_msg=name)
