@@ -7,13 +7,16 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from vlcore.charts.embeddings import COLOR_BY, SELECT_PARAM, build_fusion_chart, build_projection_chart
+from vlcore.charts.embeddings import (COLOR_BY, SELECT_PARAM, build_fusion_chart, build_projection_chart,
+                                     build_shared_space_chart)
 from vlcore.errors import VLScopeError
 from vlcore.analysis.projection import ALIGNS, METHOD_NAMES, METHODS, find_token, umap_available
 from vlcore.ui import embeddings as emb
 from vlcore.ui.annotate import annotate_panel, share_view
+from vlcore.ui.browser import source_from_url
 from vlcore.ui.context import load_example_trace, load_model, pick_sweep
 from vlcore.ui.export import chart_downloads
+from vlcore.ui.prediction import task_picker
 from vlcore.ui.state import current_params, get_choice, get_int, get_param, set_params
 
 HEATMAPS = "pages/4_Attention_Heatmaps.py"
@@ -22,22 +25,39 @@ st.title("Embeddings")
 st.caption("Each layer's token vectors, pooled over the chosen examples and projected by **one** fit, so points "
            "of different examples share a space. Neighbours are searched in the full hidden space (cosine).")
 adapter, store = load_model()
+try:
+    source = source_from_url()
+except VLScopeError:  # the example's own loader says why, below
+    source = None
+adapter = task_picker(adapter, source)  # zero-shot: the trace's prediction (and correctness) over the labels
 scope = st.sidebar.radio("Scope", ("example", "sweep"), key="emb_scope",
                          index=("example", "sweep").index(get_choice("scope", ("example", "sweep"), "example")),
                          format_func={"example": "One example", "sweep": "A sweep"}.get)
 set_params(scope=scope)
 try:
     if scope == "example":
-        tokens, set_key = emb.example_token_set(load_example_trace(adapter, store).trace)
+        context = load_example_trace(adapter, store)
+        streams = emb.stream_options(context.trace)
+        stream = streams[0] if len(streams) == 1 else st.sidebar.selectbox(
+            "Stream", streams, key="emb_stream", help="Each stream has its own vector space (and width): one is "
+            "projected at a time.", format_func=lambda s: f"{s} ({context.trace.streams[s].n_tokens} tokens)")
+        tokens, set_key = emb.example_token_set(context.trace, stream, adapter.answers_compare)
         slice_ = "all"
     else:
         path = pick_sweep(store, adapter)
         if path is None:
             st.stop()
+        context, streams, stream = None, [adapter.main_stream], adapter.main_stream
         tokens, set_key = emb.sweep_token_set(path)
-        slice_ = st.sidebar.selectbox("Slice", emb.SLICES, key="emb_slice",
-                                      index=emb.SLICES.index(get_choice("slice", emb.SLICES, "all")))
+        if not adapter.answers_compare:  # a pair's score: gold answers say nothing about being right
+            tokens, set_key = emb.without_correctness(tokens), f"{set_key}|no-correctness"
+        slices = emb.SLICES if adapter.answers_compare else emb.SLICES[:1]
+        slice_ = st.sidebar.selectbox("Slice", slices, key="emb_slice",
+                                      index=slices.index(get_choice("slice", slices, "all")))
         set_params(slice=slice_)
+        if len(adapter.block_specs()) > 1:
+            st.caption(f"A sweep keeps the vectors of the model's `{stream}` stream; open one example for the "
+                       "others.")
     show = st.sidebar.selectbox("Tokens", list(emb.SHOW), format_func=emb.SHOW.get, key="emb_show")
     base = (tokens, set_key)
     tokens, set_key = emb.narrow(*base, show, slice_)
@@ -90,25 +110,31 @@ with left:
     st.caption(f"{len(examples)} example(s) · {(frame['modality'] == 'text').sum()} text and "
                f"{(frame['modality'] == 'image').sum()} image tokens · shapes mark text / patch / special tokens")
 with right:
-    fusion = emb.fusion_table(set_key, tokens).assign(series="this selection")
-    others = {f"sweep:{Path(m['path']).name[:12]}": m for m in store.list_sweeps()}
-    others.update({f"slice:{s}": s for s in emb.SLICES if scope == "sweep" and s != slice_})
-    cmp = st.selectbox("Compare the fusion degree with", ["none", *others], key="emb_cmp", format_func=lambda c: c if (
-        c == "none" or c.startswith("slice")) else f"{others[c].get('model_id')} · {others[c].get('dataset')}")
-    fusion_key = set_key
-    try:
-        if cmp != "none":
-            other = emb.sweep_token_set(Path(others[cmp]["path"])) if cmp.startswith("sweep:") else base
-            other = emb.narrow(*other, show, cmp[6:] if cmp.startswith("slice:") else "all")
-            fusion = pd.concat([fusion, emb.fusion_table(other[1], other[0]).assign(series=cmp)], ignore_index=True)
-            fusion_key = f"{set_key}|{other[1]}"
-    except VLScopeError as exc:
-        st.warning(str(exc))
-        cmp = "none"
-    st.vega_lite_chart(spec=emb.fusion_spec(fusion_key, layer, fusion))
-    st.caption(emb.fusion_caption(fusion))
-    with st.expander("Fusion degree table"):
-        st.dataframe(emb.fusion_display(fusion), hide_index=True, key="emb_fusion_table")
+    note = emb.fusion_note(tokens, stream if emb.model_streams(adapter) > 1 else None, show)
+    fusion = None
+    if note is not None:  # text and image tokens do not share this stream (or one modality is shown)
+        st.info(note)
+    else:
+        fusion = emb.fusion_table(set_key, tokens).assign(series="this selection")
+        others = {f"sweep:{Path(m['path']).name[:12]}": m for m in store.list_sweeps()}
+        others.update({f"slice:{s}": s for s in emb.SLICES if scope == "sweep" and s != slice_})
+        cmp = st.selectbox("Compare the fusion degree with", ["none", *others], key="emb_cmp", format_func=lambda c: c if (
+            c == "none" or c.startswith("slice")) else f"{others[c].get('model_id')} · {others[c].get('dataset')}")
+        fusion_key = set_key
+        try:
+            if cmp != "none":
+                other = emb.sweep_token_set(Path(others[cmp]["path"])) if cmp.startswith("sweep:") else base
+                other = emb.narrow(*other, show, cmp[6:] if cmp.startswith("slice:") else "all")
+                fusion = pd.concat([fusion, emb.fusion_table(other[1], other[0]).assign(series=cmp)], ignore_index=True)
+                fusion_key = f"{set_key}|{other[1]}"
+        except VLScopeError as exc:
+            st.warning(str(exc))
+            cmp = "none"
+        st.vega_lite_chart(spec=emb.fusion_spec(fusion_key, layer, fusion))
+        st.caption(emb.fusion_caption(fusion))
+        with st.expander("Fusion degree table"):
+            st.dataframe(emb.fusion_display(fusion), hide_index=True, key="emb_fusion_table")
+
 
 st.subheader(f"Nearest neighbours of token {pick_tok} of {pick_ex} ({name}, cosine, raw hidden space)")
 row = find_token(tokens, pick_ex, pick_tok)
@@ -118,10 +144,26 @@ if row is not None:
                  column_config={"patch": st.column_config.ImageColumn("patch"),
                                 "similarity": st.column_config.NumberColumn(format="%.3f")})
 if Path(HEATMAPS).exists():
-    link = current_params() | {"ex": pick_ex, "tok": str(pick_tok),
-                                                              "layer": str(max(layer - 1, 0))}
+    link = current_params() | {"ex": pick_ex, "tok": str(pick_tok), "layer": str(max(layer - 1, 0))}
+    if emb.model_streams(adapter) > 1 and context is not None:  # the token's stream is the queries of this block
+        link["block"] = emb.stream_view(context.trace, stream).view
     st.page_link(HEATMAPS, label=f"Open token {pick_tok} of {pick_ex} on the attention heatmaps", icon="🔥",
                  query_params={k: v for k, v in link.items() if k not in ("scope", "proj", "color")})
+
+if emb.has_shared_space(adapter):
+    st.subheader("Image and text embeddings in the shared space")
+    n_shared = st.slider("Examples drawn (their images and texts)", 1, 64, emb.SHARED_EXAMPLES, key="emb_shared_n")
+    try:
+        shared, labels = emb.shared_space_for(adapter, source, pick_ex, store, n_shared)
+    except VLScopeError as exc:
+        st.error(str(exc))
+    else:
+        st.altair_chart(build_shared_space_chart(shared, pick_ex, f"One PCA of {len(shared):,} unit embeddings"))
+        st.caption(f"The towers' final embeddings (what the similarity compares): {n_shared} example(s)' images and "
+                   f"texts, lines joining each pair" + (f", and {len(labels)} candidate label(s)" if labels else "")
+                   + ". Cosine similarity is the dot product of these unit vectors.")
+        st.dataframe(emb.shared_ranking(shared, pick_ex), hide_index=True, key="emb_shared_table",
+                     column_config={"cosine": st.column_config.NumberColumn(format="%.4f")})
 
 with st.expander("Downloads"):
     st.download_button("Coordinates (CSV)", lambda: frame.drop(columns="image").to_csv(index=False),
@@ -129,8 +171,9 @@ with st.expander("Downloads"):
     st.caption("Scatter")
     chart_downloads(lambda: build_projection_chart(frame.drop(columns="image"), color, f"{pick_ex}#{pick_tok}",
                                                    title), f"scatter-{layer}", "emb_scatter_dl")
-    st.caption("Fusion degree")
-    chart_downloads(lambda: build_fusion_chart(fusion, layer, {0: "embeddings"}), "fusion", "emb_fusion_dl")
+    if fusion is not None:
+        st.caption("Fusion degree")
+        chart_downloads(lambda: build_fusion_chart(fusion, layer, {0: "embeddings"}), "fusion", "emb_fusion_dl")
 
 share_view("pages/5_Embeddings.py")
 annotate_panel("pages/5_Embeddings.py", example_id=pick_ex, model=adapter.model_id, layer=layer, token=int(pick_tok))

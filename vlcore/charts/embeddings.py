@@ -174,3 +174,35 @@ def chart_spec(chart: alt.TopLevelMixin, data_name: str | None = None) -> dict:
         spec.pop("datasets", None)
         spec["data"] = {"name": data_name}
     return spec
+
+
+SHARED_KINDS = alt.Scale(domain=["image", "text", "label"], range=["#1f77b4", "#ff7f0e", "#2ca02c"])
+
+
+def build_shared_space_chart(frame: pd.DataFrame, selected: str | None = None, title: str = "",
+                             width: int = 520, height: int = 420) -> alt.LayerChart:
+    """Images and texts in a two-tower model's shared embedding space (one 2-D PCA of the unit embeddings).
+
+    Args:
+        frame: `vlcore.ui.embeddings.shared_space_frame` output (``kind, example_id, text, x, y, cosine``).
+        selected: an example id whose image and text are drawn larger.
+        title: chart title.
+        width, height: size in pixels.
+
+    Returns:
+        A thin line from each example's image to its text, and the points (colour and shape by kind: image, text,
+        candidate label), the cosine with the image in the tooltip.
+    """
+    data = frame.assign(selected=frame["example_id"].eq(selected) if selected else False)
+    x, y = alt.X("x:Q", title="component 1"), alt.Y("y:Q", title="component 2")
+    pairs = alt.Chart(data[data["kind"] != "label"]).mark_line(color="#bbbbbb", strokeWidth=1).encode(
+        x=x, y=y, detail="example_id:N")
+    points = alt.Chart(data).mark_point(filled=True, opacity=0.8).encode(
+        x=x, y=y, color=alt.Color("kind:N", scale=SHARED_KINDS, title="embedding"),
+        shape=alt.Shape("kind:N", scale=alt.Scale(domain=["image", "text", "label"],
+                                                  range=["square", "circle", "diamond"]), title="embedding"),
+        size=alt.condition("datum.selected", alt.value(220), alt.value(60)),
+        tooltip=[alt.Tooltip("kind:N"), alt.Tooltip("text:N"), alt.Tooltip("example_id:N", title="example"),
+                 alt.Tooltip("cosine:Q", format=".3f", title="cosine with the image")])
+    return alt.layer(pairs, points).properties(width=width, height=height,
+                                               title=title or "Image and text embeddings (shared space)")
