@@ -228,8 +228,16 @@ def test_vqa_stops_at_the_end_token(folders):
     torch.testing.assert_close(adapter.target_score(out)[0].detach(), logprob, rtol=1e-4, atol=1e-5)
 
 
-def test_vqa_rows_of_a_batch_equal_the_rows_alone(vqa):
-    """The decoder of a batched pass never reads a padded question position (the head's generate would)."""
+def test_vqa_rows_of_a_batch_equal_the_rows_alone(folders):
+    """The decoder of a batched pass never reads a padded question position (the head's generate would). The
+    decoder's cross-attention is amplified so that what it reads of the question shows in the scores."""
+    vqa = load_adapter(str(folders["vqa"]), device="cpu")
+    vqa.max_answer_tokens = 6
+    with torch.no_grad():
+        for layer in vqa.model.text_decoder.bert.encoder.layer:
+            cross = layer.crossattention
+            for lin in (cross.self.query, cross.self.key, cross.self.value, cross.output.dense):
+                lin.weight.mul_(10.0)
     texts = ["what is it?", QUESTION]
     batch = vqa.encode([noise(), noise(seed=3)], texts)
     with torch.no_grad():
@@ -461,6 +469,29 @@ def test_bimodal_rules_equal_a_loop_implementation_of_the_paper():
     assert np.abs(ours["t", "i"]).sum() > 0 and np.abs(ours["i", "t"]).sum() > 0
 
 
+def applied_order(adapter, batch) -> list[tuple[str, int]]:
+    """The order in which a forward pass runs the attention modules, recorded by hooks (the ITM pass's text-only
+    second run of the text encoder left out)."""
+    seen, handles = [], []
+    try:
+        for name in adapter.block_specs():
+            for layer, module in enumerate(adapter.attention_modules(name)):
+                handles.append(module.register_forward_hook(lambda *_, key=(name, layer): seen.append(key)))
+        with torch.no_grad():
+            adapter.capture(batch, Capture(blocks=(), hidden=False))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen[: len(adapter.block_order())]
+
+
+def test_block_order_is_the_order_the_model_runs_its_layers(itm, vqa):
+    for adapter in (itm, vqa):
+        batch = adapter.encode([noise()], [CAPTION])
+        assert adapter.block_order() == applied_order(adapter, batch)
+    assert ("text.cross", 0) not in itm.block_order("similarity")
+
+
 def test_bimodal_relevancy_of_the_tiny_model_equals_the_loop_reference(itm):
     image = noise(seed=4)
     rel = extract_bimodal_relevancy(itm, image, CAPTION, keep_matrices=True)
@@ -468,7 +499,7 @@ def test_bimodal_relevancy_of_the_tiny_model_equals_the_loop_reference(itm):
     attentions, gradients, score = reference_gradients(itm, batch, None)
     kind = {"vision.self": "ii", "text.self": "tt", "text.cross": "ti"}
     layers = [(kind[b], attentions[b][layer].double().numpy(), gradients[b][layer].double().numpy())
-              for b, layer in itm.block_order()]
+              for b, layer in applied_order(itm, batch)]
     n_t, n_i = rel.layouts["text"].n_tokens, rel.layouts["vision"].n_tokens
     ref = loop_reference(layers, n_t, n_i)
     np.testing.assert_allclose(rel.matrices["text", "vision"], ref["ti"], rtol=1e-4, atol=1e-10)
