@@ -21,7 +21,7 @@ from vlcore.models.clip import FAMILY, ClipAdapter
 from vlcore.models.registry import families, load_adapter
 from vlcore.run.extract import extract_trace, trace_for_example
 from vlcore.storage.store import Store
-from vlcore.trace import IMAGE_CLS_TOKEN, ROLE_IMAGE_SUMMARY, ROLE_PAD, ROLE_PATCH, ROLE_SPECIAL
+from vlcore.trace import IMAGE_CLS_TOKEN, ROLE_IMAGE_SUMMARY, ROLE_PAD, ROLE_PATCH, ROLE_SPECIAL, ROLE_TEXT
 
 TEXT = "a photo of a cat"
 WRITERS = {"clip": write_tiny_clip, "siglip": write_tiny_siglip}
@@ -75,11 +75,15 @@ def test_layouts_agree_with_the_ids_and_the_image_geometry(adapter):
         assert layout.tokens == tuple(adapter.tokenizer.convert_ids_to_tokens(ids[b].tolist()))
         if adapter.siglip:  # padded to its text positions with </s>, which the model reads: not padding
             assert layout.n_tokens == TEXT_LEN and (layout.role != ROLE_PAD).all() and layout.tokens[-1] == "</s>"
+            assert (layout.role[np.asarray(layout.tokens) == "</s>"] == ROLE_SPECIAL).all()
         else:
             mask = batch.inputs["attention_mask"][b].numpy().astype(bool)
             assert ((layout.role == ROLE_PAD) == ~mask).all()
             assert layout.tokens[0] == "<|startoftext|>" and layout.role[0] == ROLE_SPECIAL
             assert layout.tokens[int(mask.sum()) - 1] == "<|endoftext|>"
+    if adapter.siglip:  # an unknown word is text, not special (CLIP's byte-level vocabulary has no unknowns)
+        unknown = adapter.encode([noise()], ["a zebra"]).streams["text"][0]
+        assert unknown.role[unknown.tokens.index("<unk>")] == ROLE_TEXT
     vision = batch.streams["vision"][0]
     first = 0 if adapter.siglip else 1
     assert vision.n_tokens == 16 + first and (vision.role[first:] == ROLE_PATCH).all()

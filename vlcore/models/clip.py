@@ -343,9 +343,12 @@ class ClipAdapter(ModelAdapter):
             "family": self.family,
             "task": self.task,
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "layers": {"vision": int(vision.num_hidden_layers), "text": int(text.num_hidden_layers)},
-            "heads": {"vision": int(vision.num_attention_heads), "text": int(text.num_attention_heads)},
-            "d_model": {"vision": int(vision.hidden_size), "text": int(text.hidden_size)},
+            "layers": int(vision.num_hidden_layers),
+            "heads": int(vision.num_attention_heads),
+            "d_model": int(vision.hidden_size),
+            "text_layers": int(text.num_hidden_layers),
+            "text_heads": int(text.num_attention_heads),
+            "text_d_model": int(text.hidden_size),
             "patch_px": self.patch_px,
             "max_text_len": self.max_text_len,
             "candidates": len(self._candidates),
@@ -398,7 +401,10 @@ class ClipAdapter(ModelAdapter):
     def _text_layouts(self, enc) -> list[TokenLayout]:
         ids = enc["input_ids"].numpy()
         valid = np.ones_like(ids, bool) if self.siglip else enc["attention_mask"].numpy().astype(bool)
-        special = np.isin(ids, list(self.tokenizer.all_special_ids))
+        tok = self.tokenizer
+        marks = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+        specials = (set(tok.all_special_ids) - {tok.unk_token_id}) | marks  # an unknown word is text
+        special = np.isin(ids, [i for i in specials if i is not None])
         role = np.where(~valid, ROLE_PAD, np.where(special, ROLE_SPECIAL, ROLE_TEXT))
         return [TokenLayout.build(self.tokenizer.convert_ids_to_tokens(ids[b].tolist()), role[b])
                 for b in range(len(ids))]
