@@ -176,9 +176,13 @@ def load_example_trace(adapter: ModelAdapter, store: Store, image_pass: int = 0)
     return TraceContext(adapter, store, example, trace, cached, remembering.last_key)
 
 
-def list_model_sweeps(store: Store, adapter: ModelAdapter) -> list[dict]:
-    """Manifests of the stored sweeps of this model, newest first."""
-    return [m for m in store.list_sweeps() if m.get("model_id") == adapter.model_id]
+def list_model_sweeps(store: Store, adapter: ModelAdapter, block: str | None = None) -> list[dict]:
+    """Manifests of the stored sweeps of this model, newest first; with ``block``, only the sweeps of that
+    attention block (a manifest without one summarised the model's default block)."""
+    sweeps = [m for m in store.list_sweeps() if m.get("model_id") == adapter.model_id]
+    if block is None:
+        return sweeps
+    return [m for m in sweeps if (m.get("block") or adapter.default_block) == block]
 
 
 def sweep_label(manifest: dict) -> str:
@@ -187,11 +191,13 @@ def sweep_label(manifest: dict) -> str:
     return f"{manifest.get('dataset') or '?'} · {manifest.get('n_examples', '?')} examples{done} · {Path(manifest['path']).name[:12]}"
 
 
-def pick_sweep(store: Store, adapter: ModelAdapter) -> Path | None:
-    """Sidebar picker of this model's sweeps (URL ``sweep``); None when there is none."""
-    sweeps = list_model_sweeps(store, adapter)
+def pick_sweep(store: Store, adapter: ModelAdapter, block: str | None = None) -> Path | None:
+    """Sidebar picker of this model's sweeps (URL ``sweep``), of one attention block when ``block`` is given;
+    None when there is none."""
+    sweeps = list_model_sweeps(store, adapter, block)
     if not sweeps:
-        st.info(f"No sweep of {adapter.model_id} is stored yet. Run one on the **Run model** page "
+        of_block = f" on block {block}" if block is not None and len(adapter.block_specs()) > 1 else ""
+        st.info(f"No sweep of {adapter.model_id}{of_block} is stored yet. Run one on the **Run model** page "
                 "(\"Sweep …\" expander), then come back.")
         return None
     keys = [Path(m["path"]).name for m in sweeps]

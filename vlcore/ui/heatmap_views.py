@@ -173,8 +173,9 @@ def show_matrices(trace: Trace, att: np.ndarray, title: str) -> str:
             show_parts(ch.matrix_parts(trace, att, title=title, size=440))
         else:
             show_parts(ch.block_parts(trace, att, block, size=440))
-        rows = "" if trace.block.is_self else f" (here the {trace.block.query} tokens; columns the {trace.block.key} tokens)"
-        st.caption(f"Rows are queries (attending){rows}, columns keys (attended to); hover a cell for both tokens. "
+        rows, cols = ("", "") if trace.block.is_self else (f": the {trace.block.query} tokens",
+                                                            f": the {trace.block.key} tokens")
+        st.caption(f"Rows are queries (attending){rows}; columns keys (attended to){cols}. Hover a cell for both tokens. "
                    "White rules separate text from image tokens; the blocks leave out special tokens and image "
                    "summaries ([CLS], [SEP], [IMG]).")
     return block

@@ -1,4 +1,8 @@
-"""Streamlit glue of the head-statistics page: cached statistics, sweep tables, head clicks, importance."""
+"""Streamlit glue of the head-statistics page: cached statistics, sweep tables, head clicks, importance.
+
+Statistics are per attention block (`vlcore.ui.blocks`): a metric that does not apply to a block is NaN in the
+tables (`vlcore.analysis.stats.not_applicable` gives the reason) and shows as "n/a" with that reason, never as 0.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from vlcore.attribution.ablation import (IMPORTANCE_FILE, METRIC as IMPORTANCE, 
                              importance_frame, load_sweep_importance, save_sweep_importance)
 from vlcore.charts.stats import HEAD_SELECTION
 from vlcore.analysis.head_table import head_table, top_heads
-from vlcore.analysis.stats import compute_trace_summaries, metric_names
+from vlcore.analysis.stats import compute_trace_summaries, metric_names, not_applicable
 from vlcore.ui.state import set_params
 
 CUSTOM_METRICS_MODULE = "vlscope_metrics"  # an optional module next to streamlit_app.py that registers metrics
@@ -32,17 +36,41 @@ AUTO_IMPORTANCE_HEADS = 64  # models with at most this many heads get head impor
 
 
 @st.cache_data(max_entries=64, show_spinner="Computing head statistics…")
-def trace_stats(trace_key: str, include_special: bool, metrics: tuple[str, ...], _trace) -> pd.DataFrame:
-    """Tidy statistics of one trace.
+def trace_stats(trace_key: str, block: str, include_special: bool, metrics: tuple[str, ...], _trace) -> pd.DataFrame:
+    """Tidy statistics of one trace's attention block (NaN where a metric does not apply to it).
 
     Args:
         trace_key: the trace's store key (`vlcore.ui.context.TraceContext.key`): a fingerprint of the model, the
             example's content and the extraction settings. Never the example's id or text: one id names
             different examples in two datasets, and one example gives different traces under two models.
+        block: the block summarised (``_trace`` views it).
         include_special, metrics: change the result (``metrics``: the registered metric names).
-        _trace: the trace ``trace_key`` names.
+        _trace: the trace ``trace_key`` names, viewing ``block``.
     """
     return compute_trace_summaries(_trace, include_special=include_special)
+
+
+def trace_reasons(trace, include_special: bool) -> dict[str, str]:
+    """``{metric: why it is n/a}`` for the viewed block of a trace (`vlcore.analysis.stats.not_applicable`)."""
+    return not_applicable(trace, include_special=include_special)
+
+
+def missing_metrics(aggregated: pd.DataFrame) -> set[str]:
+    """Metrics with no value in any head (NaN everywhere: they do not apply to the block)."""
+    if aggregated.empty:
+        return set()
+    has_value = aggregated.groupby("metric")["mean"].apply(lambda v: v.notna().any())
+    return {str(m) for m, ok in has_value.items() if not ok}
+
+
+def na_line(metric: str, block: str, reasons: dict[str, str]) -> str:
+    """The one line shown for a metric that does not apply to a block.
+
+    >>> na_line("txt2img", "vision.self", {"txt2img": "no text queries in this block"})
+    '`txt2img` is n/a on vision.self: no text queries in this block.'
+    """
+    reason = reasons.get(metric) or f"it is undefined for every head of {block}"
+    return f"`{metric}` is n/a on {block}: {reason}."
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading the sweep…")
@@ -67,8 +95,9 @@ def sweep_updated(path: Path) -> float:
     return max(stamps, default=0.0)
 
 
-def example_importance(adapter, trace_key: str, example_id: str, text: str, image) -> tuple[pd.DataFrame, str, float]:
-    """Tidy head-importance rows of one example (its predicted answer), with a progress bar.
+def example_importance(adapter, trace_key: str, example_id: str, text: str, image,
+                       block: str | None = None) -> tuple[pd.DataFrame, str, float]:
+    """Tidy head-importance rows of one example (its predicted answer) for one block's heads, with a progress bar.
 
     Kept per session, keyed by the trace's store key (model fingerprint and example content, see `trace_stats`),
     rather than in ``st.cache_data``, so that the progress bar shows while it runs and is never replayed from a
@@ -78,19 +107,29 @@ def example_importance(adapter, trace_key: str, example_id: str, text: str, imag
         ``(rows, answer, base probability)``.
     """
     cache = st.session_state.setdefault("_importance", {})
-    key = trace_key
+    block = block or adapter.default_block
+    key = (trace_key, block)
     if key not in cache:
         bar = st.progress(0.0, text="Masking heads one at a time…")
         drop, label, base = extract_head_importance(
-            adapter, image, text, progress=lambda d, t: bar.progress(d / t, text=f"masked {d}/{t} heads"))
+            adapter, image, text, progress=lambda d, t: bar.progress(d / t, text=f"masked {d}/{t} heads"), block=block)
         bar.empty()
         frame = importance_frame(example_id, drop)
         cache[key] = (frame, label, base)
     return cache[key]
 
 
-def sweep_importance_panel(adapter, sweep_path: Path, source, ids: list[str], done: set[str]) -> None:
-    """Compute head importance for the first N examples of the slice that lack it, and store it in the sweep."""
+def sweep_importance_panel(adapter, sweep_path: Path, source, ids: list[str], done: set[str],
+                           block: str | None = None) -> None:
+    """Compute head importance for the first N examples of the slice that lack it, and store it in the sweep.
+
+    A sweep's importance masks the heads of the adapter's default block (`extract_sweep_importance`); a sweep of
+    another block says so in one line.
+    """
+    if (block or adapter.default_block) != adapter.default_block:
+        st.caption(f"Head importance over a sweep masks the heads of {adapter.default_block}: open that block to "
+                   "compute it (one example's importance for this block is on the example scope).")
+        return
     todo_all = [i for i in ids if i not in done]
     st.caption(f"Head importance is stored for {len(done & set(ids))} of the {len(ids)} examples in this slice "
                f"({adapter.n_layers * adapter.n_heads} masked passes per example, batched).")
@@ -143,14 +182,30 @@ def available_metrics(heads: pd.DataFrame) -> list[str]:
 def show_head_table(aggregated: pd.DataFrame, metric: str, k: int) -> pd.DataFrame:
     """The one-row-per-head table, the top-k heads of the chosen metric highlighted; returns the table."""
     table = head_table(aggregated)
+    every = sorted(set(aggregated["metric"].astype(str)))  # a metric n/a for every head still gets its column
+    table = table.reindex(columns=["layer", "head", *every])
     top = set(top_heads(table, metric, k)) if metric in table.columns else set()
 
     def highlight(row):
         on = (int(row["layer"]), int(row["head"])) in top
         return ["background-color: #fff3b0" if on else "" for _ in row]
 
-    config = {c: st.column_config.NumberColumn(c, format="%.5f") for c in table.columns if c not in ("layer", "head")}
-    st.dataframe(table.style.apply(highlight, axis=1), column_config=config, hide_index=True, height=320,
-                 key="head_table")
-    st.caption(f"Highlighted: the top {k} heads by {metric}. Click a column header to sort.")
+    values = [c for c in table.columns if c not in ("layer", "head")]
+    styled = table.style.apply(highlight, axis=1).format("{:.5f}", subset=values, na_rep="n/a")
+    st.dataframe(styled, hide_index=True, height=320, key="head_table")
+    st.caption(f"Highlighted: the top {k} heads by {metric}. Click a column header to sort; n/a: the metric does "
+               "not apply to this block.")
     return table
+
+
+def show_head_row(aggregated: pd.DataFrame, layer: int, head: int, reasons: dict[str, str]) -> None:
+    """One head's value of every metric (mean; std and n over a sweep), "n/a" with the reason where a metric
+    does not apply to the block."""
+    row = aggregated[(aggregated["layer"] == layer) & (aggregated["head"] == head)].set_index("metric")
+    spread = [c for c in ("std", "n") if "n" in row and (row["n"] > 1).any() and c in row]  # none for one example
+    frame = row[["mean", *spread]].copy()
+    if frame["mean"].isna().any():
+        frame["why n/a"] = [reasons.get(m, "does not apply to this block") if pd.isna(v) else ""
+                            for m, v in frame["mean"].items()]
+    numbers = [c for c in ("mean", "std") if c in frame]
+    st.dataframe(frame.style.format("{:.6g}", subset=numbers, na_rep="n/a"), height=240)
