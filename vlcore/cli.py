@@ -1,8 +1,11 @@
 """``python -m vlcore``: extract sweeps, write single traces, evaluate the demo model.
 
     python -m vlcore extract --model demo --dataset easy_vqa --split test --limit 100 --out runs/sweep
+    python -m vlcore extract --model Salesforce/blip-itm-base-coco --limit 100 --out runs/blip   # any supported family
+    python -m vlcore extract --model openai/clip-vit-base-patch32 --zero-shot --limit 100 --out runs/clip-zs
     python -m vlcore extract ... --engine ray [--address auto] [--workers 4] [--gpus-per-worker 1] --out s3://b/sweep
     python -m vlcore trace --model demo --image cat.png --text "what is it?" --out cat.safetensors
+    python -m vlcore trace --model openai/clip-vit-base-patch32 --image cat.png --text "a cat" --labels cat,dog --out t.safetensors
     python -m vlcore evaluate [--model demo] [--subset 500]
     python -m vlcore faithfulness --model sample_data/models/vilt-tiny-easyvqa --limit 1000 [--out table.csv]
 """
@@ -36,12 +39,17 @@ def _positive(text: str) -> int:
     return value
 
 
+MODEL_HELP = ('"demo", a checkpoint folder, or a hub id of any supported family (ViLT, BLIP, CLIP / SigLIP); a '
+              "folder is recognised from its config.json")
+LABELS_HELP = "comma-separated candidate labels: zero-shot classification over them (a model that can, e.g. CLIP)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vlcore", description="VLScope core command line.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     ext = sub.add_parser("extract", help="run a model over a dataset and write sweep summaries as parquet")
-    ext.add_argument("--model", default="demo", help='"demo", a checkpoint folder, or a hub id')
+    ext.add_argument("--model", default="demo", help=MODEL_HELP)
     ext.add_argument("--dataset", default="easy_vqa")
     ext.add_argument("--split", default="test")
     ext.add_argument("--limit", type=_positive, default=None, help="first N examples")
@@ -60,9 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--workers", type=_positive, default=None, help="Ray: model-holding workers (default 1)")
     ext.add_argument("--gpus-per-worker", type=_gpus, default=None,
                      help="Ray: GPUs each worker reserves, fractions share one (default 0: CPU)")
+    ext.add_argument("--labels", default=None, help=LABELS_HELP)
+    ext.add_argument("--zero-shot", action="store_true",
+                     help="classify each image over the dataset's answers (a model that can, e.g. CLIP); --labels "
+                          "gives other labels")
 
     tr = sub.add_parser("trace", help="write the full trace of one image and text")
-    tr.add_argument("--model", default="demo")
+    tr.add_argument("--model", default="demo", help=MODEL_HELP)
+    tr.add_argument("--labels", default=None, help=LABELS_HELP)
     tr.add_argument("--image", type=Path, required=True)
     tr.add_argument("--text", required=True)
     tr.add_argument("--out", type=Path, required=True, help="output .safetensors file")
@@ -149,6 +162,8 @@ def cmd_extract(args) -> int:
     if args.engine == "ray":
         if args.probe:
             raise InputError("--probe runs in-process only; drop --engine ray for a probe sweep")
+        if args.labels or args.zero_shot:
+            raise InputError("--labels and --zero-shot run in-process only; drop --engine ray for a zero-shot sweep")
         return _extract_on_ray(args)
     ray_only = [f"--{k.replace('_', '-')}" for k in ("address", "workers", "gpus_per_worker")
                 if getattr(args, k) is not None]
@@ -158,6 +173,10 @@ def cmd_extract(args) -> int:
         raise InputError(f"the in-process sweep writes to a local folder, got {args.out}; use --engine ray for URLs")
     examples = load_examples(args.dataset, args.split, args.limit, location=args.location, config=args.config)
     adapter = load_adapter(args.model, device=args.device)
+    labels = _labels(args.labels) if args.labels else _vocabulary(examples) if args.zero_shot else None
+    adapter = _with_labels(adapter, labels)
+    print(describe_model(adapter))
+    print(describe_blocks(adapter))
     bar = tqdm(total=len(examples), unit="ex", desc="extract")
 
     def progress(p):
@@ -169,8 +188,11 @@ def cmd_extract(args) -> int:
               probe=args.probe)
     bar.close()
     preds, heads = load_sweep(args.out)
-    acc = preds["correct"].dropna().mean() if len(preds) else float("nan")
-    print(f"wrote {len(preds)} examples, {len(heads)} head-stat rows to {args.out} (accuracy {acc:.4f})")
+    known = preds["correct"].dropna() if adapter.answers_compare and len(preds) else preds["correct"].iloc[:0]
+    accuracy = (f"accuracy {known.astype(float).mean():.4f}" if len(known) else
+                "accuracy n/a: " + ("no gold answers" if adapter.answers_compare else
+                                    f"{adapter.task} scores each image-text pair, there is no answer to compare"))
+    print(f"wrote {len(preds)} examples, {len(heads)} head-stat rows to {args.out} ({accuracy})")
     return 0
 
 
@@ -207,12 +229,94 @@ def cmd_trace(args) -> int:
     if not args.image.is_file():  # a path typed on the command line is the user's own: no data-root check
         raise InputError(f"image file not found: {args.image}")
     image = open_image_bytes(args.image.read_bytes(), args.image.name)
-    adapter = load_adapter(args.model, device=args.device)
+    adapter = _with_labels(load_adapter(args.model, device=args.device), _labels(args.labels) if args.labels else None)
     trace = extract_trace(adapter, image, args.text, f"upload/{content_hash(image, args.text)[:16]}")
     atomic_write_bytes(args.out, trace_to_bytes(trace))
     note = " (text truncated)" if trace.text_truncated else ""
     print(f"wrote {args.out}: {trace.n_tokens} tokens, {trace.n_layers} layers, prediction {trace.prediction[:1]}{note}")
+    print(describe_model(adapter))
+    print(describe_trace(trace))
     return 0
+
+
+def describe_model(adapter) -> str:
+    """One line: the model, its family and task."""
+    from vlcore.models.base import TASK_NAMES
+    from vlcore.models.registry import families
+
+    title = next((f.title for f in families() if f.name == adapter.family), adapter.family)
+    return f"model {adapter.model_id}: {title}, task {adapter.task} ({TASK_NAMES.get(adapter.task, adapter.task)})"
+
+
+def describe_blocks(adapter) -> str:
+    """One line per attention block the model exposes (query and key streams, layers x heads), the default marked."""
+    return "\n".join(
+        f"block {name}: {spec.query} -> {spec.key}, {spec.n_layers} layers x {spec.n_heads} heads"
+        + (" (causal)" if spec.causal else "") + (" (default block)"
+                                                  if name == adapter.default_block else "")
+        for name, spec in adapter.block_specs().items())
+
+
+def describe_trace(trace) -> str:
+    """The trace's streams (tokens by role, image grids) and attention blocks (layers x heads, queries x keys),
+    one per line."""
+    from collections import Counter
+
+    from vlcore.trace import ROLE_PATCH, ROLES
+
+    lines = []
+    for name, layout in trace.streams.items():
+        roles = Counter(ROLES[r] for r in layout.role)
+        grids = ", ".join(f"{g.grid[0]}x{g.grid[1]} grid" for g in layout.images if layout.index(ROLE_PATCH).size)
+        hidden = trace.hiddens.get(name)
+        width = f", hidden {hidden.shape[0] - 1} layers x d={hidden.shape[-1]}" if hidden is not None else ""
+        lines.append(f"stream {name}: {layout.n_tokens} tokens ("
+                     + ", ".join(f"{n} {role}" for role, n in roles.items()) + (f"; {grids}" if grids else "")
+                     + f"){width}")
+    for name, block in trace.blocks.items():
+        shape = block.attentions.shape if block.attentions is not None else None
+        size = f"{shape[0]} layers x {shape[1]} heads, {shape[2]} x {shape[3]}" if shape else "not captured"
+        kind = "self-attention" if block.is_self else "cross-attention"
+        view = " (default view)" if name == trace.view else ""
+        lines.append(f"block {name}: {block.query} -> {block.key} {kind}, {size}{view}")
+    return "\n".join(lines)
+
+
+def _labels(text: str) -> list[str]:
+    """Comma-separated labels, trimmed, empty ones dropped; InputError when none is left."""
+    labels = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not labels:
+        raise InputError(f"--labels needs comma-separated labels, e.g. --labels cat,dog; got {text!r}")
+    return labels
+
+
+def _vocabulary(examples) -> list[str]:
+    """The examples' gold answers, most frequent first (ties alphabetical); InputError when there are none."""
+    from collections import Counter
+
+    counts = Counter(a.strip() for e in examples for a in e.answers if a.strip())
+    if not counts:
+        raise InputError("--zero-shot classifies over the dataset's answers, and these examples have none; give "
+                         "--labels a,b,c")
+    return [label for label, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def _with_labels(adapter, labels: list[str] | None):
+    """The adapter classifying over ``labels`` (zero-shot), or as it is when None.
+
+    Raises:
+        InputError: the model cannot classify over candidate labels.
+    """
+    if labels is None:
+        return adapter
+    from vlcore.models.registry import families
+
+    view = getattr(adapter, "with_candidates", None)
+    if "zero_shot" not in getattr(adapter, "tasks", ()) or view is None:
+        able = ", ".join(f.title for f in families() if "zero_shot" in f.tasks) or "none"
+        raise InputError(f"{adapter.model_id} ({adapter.family}, task {adapter.task}) cannot classify over candidate "
+                         f"labels; drop --labels/--zero-shot, or use a model of a family that can ({able})")
+    return view(labels)
 
 
 def cmd_evaluate(args) -> int:
