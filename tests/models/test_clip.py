@@ -263,6 +263,23 @@ def test_masking_every_pooling_head_leaves_only_the_projection_bias(tmp_path):
     assert torch.equal(run(adapter, batch).output.image_embeds, base.output.image_embeds), "the mask ended"
 
 
+def test_streamed_attentions_are_the_captured_ones_and_not_kept(adapter):
+    batch = adapter.encode([noise(2), noise(3)], [TEXT, "what is the color of the shape?"])
+    for block, spec in adapter.block_specs().items():
+        full = run(adapter, batch, blocks=(block,), hidden=False).layers(block)
+        got: list = []
+        with adapter.stream_attentions(block, got.append):
+            streamed = run(adapter, batch, blocks=(block,), hidden=False)
+        assert len(got) == spec.n_layers and all(torch.equal(a, b) for a, b in zip(got, full)), block
+        assert all(a.numel() == 0 for a in streamed.layers(block)), block
+        got.clear()
+        run(adapter, batch, blocks=(block,), hidden=False)
+        assert got == [], "the hand-over ends with its block"
+    with pytest.raises(ValueError):
+        with adapter.stream_attentions("text.cross", list.append):
+            pass
+
+
 # -- image-token masking --------------------------------------------------------------------------------------------
 def test_removed_image_tokens_are_invisible_and_equal_removing_them(adapter):
     batch = adapter.encode([noise(4)], [TEXT])

@@ -88,6 +88,9 @@ FAMILY = _TowerFamily(
 
 # The pooling head's per-head keep [B, H] while a `head_mask("vision.pool", ...)` is open in this context.
 _POOL_KEEP: ContextVar[torch.Tensor | None] = ContextVar("vlscope_pool_keep", default=None)
+# Blocks whose attentions `stream_attentions` hands over in this context, and where the pooling head's go.
+_STREAMED: ContextVar[frozenset] = ContextVar("vlscope_streamed_blocks", default=frozenset())
+_POOL_CONSUMER: ContextVar[Any] = ContextVar("vlscope_pool_consumer", default=None)
 
 
 def load(ctx: LoadContext) -> ClipAdapter:
@@ -423,19 +426,21 @@ class ClipAdapter(ModelAdapter):
         return [np.ascontiguousarray(im[:side, :side]) for im in x]
 
     # -- running -----------------------------------------------------------------------------
-    def _run(self, batch: EncodedBatch, attentions: bool = False, hidden: bool = False,
+    def _run(self, batch: EncodedBatch, attentions: Sequence[str] = (), hidden: bool = False,
              pixel_values: torch.Tensor | None = None):
-        """One pass of both towers: ``(TowerOutput, vision output, text output, pool probabilities or None)``."""
+        """One pass of both towers: ``(TowerOutput, vision output, text output, pool probabilities or None)``;
+        the towers return the attentions of the blocks in ``attentions``."""
         inputs = batch.inputs
         keep = inputs.get("vision_keep")
         pool: dict = {}
         hooks = [(self.pool.attention, self._pool_hook(keep, pool))] if self.pool is not None else []
         extra = {} if keep is None else {"attention_mask": _key_mask(keep, self.model.dtype)}
-        flags = {"output_attentions": attentions, "output_hidden_states": hidden}
         with self.hooked(hooks):
             vision = self.model.vision_model(pixel_values=inputs["pixel_values"] if pixel_values is None
-                                             else pixel_values, **flags, **extra)
-        text = self.model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), **flags)
+                                             else pixel_values, output_attentions="vision.self" in attentions,
+                                             output_hidden_states=hidden, **extra)
+        text = self.model.text_model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                     output_attentions="text.self" in attentions, output_hidden_states=hidden)
         image_embeds = vision.pooler_output if self.siglip else self.model.visual_projection(vision.pooler_output)
         text_embeds = text.pooler_output if self.siglip else self.model.text_projection(text.pooler_output)
         texts = getattr(batch, "texts", ()) or tuple("" for _ in range(len(batch)))
@@ -509,11 +514,14 @@ class ClipAdapter(ModelAdapter):
         """
         specs = self.block_specs()
         wanted = [name for name in specs if capture.blocks is None or name in capture.blocks]
-        out, vision, text, pool = self._run(batch, attentions=bool(wanted), hidden=capture.hidden)
+        streamed = _STREAMED.get() & set(wanted)
+        out, vision, text, pool = self._run(batch, [n for n in wanted if n not in streamed], hidden=capture.hidden)
+        if "vision.pool" in streamed and pool is not None:
+            _POOL_CONSUMER.get()(pool)
         found = {"vision.self": vision.attentions, "text.self": text.attentions,
                  "vision.pool": None if pool is None else (pool,)}
-        attentions = {}
-        for name in wanted:
+        attentions = {name: [torch.empty(0)] * specs[name].n_layers for name in streamed}  # handed over already
+        for name in (n for n in wanted if n not in streamed):
             if not found[name]:
                 raise NoAttentionError(
                     f"{self.model_id} returned no attention weights for {name}. Load it with "
@@ -619,6 +627,33 @@ class ClipAdapter(ModelAdapter):
 
         with self.hooked([(layer.self_attn.out_proj, make_hook(i)) for i, layer in enumerate(self.tower_layers(block))]):
             yield
+
+    @contextmanager
+    def stream_attentions(self, block: str, consume, image_pass: int = 0):
+        """Hand each layer's probabilities of ``block`` to ``consume`` as the pass computes them, keeping none
+        (see `ModelAdapter.stream_attentions`): a scoped hook on each attention module of the tower (its output's
+        weights replaced by an empty tensor); for ``vision.pool``, the head's one layer after the pass."""
+        specs = self.block_specs()
+        if block not in specs or image_pass != 0:
+            raise ValueError(f"{self.model_id} streams one of {sorted(specs)}, image pass 0; got {block!r}, {image_pass}")
+        streamed = _STREAMED.set(_STREAMED.get() | {block})
+        try:
+            if block == "vision.pool":
+                consumer = _POOL_CONSUMER.set(consume)
+                try:
+                    yield
+                finally:
+                    _POOL_CONSUMER.reset(consumer)
+                return
+
+            def hand_over(_module, _args, output):
+                consume(output[1])
+                return (output[0], output[1].new_empty(0), *output[2:])
+
+            with self.hooked([(layer.self_attn, hand_over) for layer in self.tower_layers(block)]):
+                yield
+        finally:
+            _STREAMED.reset(streamed)
 
     def mask_image_tokens(self, batch: EncodedBatch, drops: Sequence[np.ndarray]) -> TowerBatch:
         """Variants of one example with vision tokens hidden from every query (a key mask in the vision tower and
