@@ -510,7 +510,8 @@ class BlipAdapter(ModelAdapter):
         def make_hook(layer: int):
             def hook(module, args, _output):
                 context = args[0]  # [B, N, H * d]
-                scale = keep[:, layer].to(context.dtype).repeat_interleave(context.shape[-1] // spec.n_heads, dim=1)
+                width = context.shape[-1] // spec.n_heads
+                scale = keep[:, layer].to(context.device, context.dtype).repeat_interleave(width, dim=1)
                 return torch.nn.functional.linear(context * scale[:, None, :], module.weight, module.bias)
             return hook
 
