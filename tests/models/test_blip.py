@@ -76,7 +76,7 @@ def test_the_family_is_registered_and_loads_from_a_folder(itm, vqa, folders):
 
 def test_layouts_agree_with_input_ids_and_the_processor_geometry(itm):
     image = noise(56, 40)
-    batch = itm.encode([image, noise()], [CAPTION, "a cat"])
+    batch = itm.encode([image, noise()], [CAPTION + " zebra", "a cat"])  # zebra: [UNK], a word all the same
     ids, mask = batch.inputs["input_ids"], batch.inputs["attention_mask"]
     for b, layout in enumerate(batch.streams["text"]):
         assert layout.tokens == tuple(itm.tokenizer.convert_ids_to_tokens(ids[b].tolist()))
@@ -84,6 +84,7 @@ def test_layouts_agree_with_input_ids_and_the_processor_geometry(itm):
                   for t, m in zip(layout.tokens, mask[b].tolist())]
         assert layout.role.tolist() == expect
     assert batch.streams["text"][1].role.tolist().count(ROLE_PAD) == ids.shape[1] - 4  # [CLS] a cat [SEP]
+    assert batch.streams["text"][0].tokens[-2] == "[UNK]"
     vision = batch.streams["vision"][0]
     assert batch.inputs["pixel_values"].shape[-2:] == (IMAGE_PX, IMAGE_PX)
     assert vision.n_tokens == 1 + GRID * GRID and vision.role[0] == ROLE_IMAGE_SUMMARY

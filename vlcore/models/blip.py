@@ -283,7 +283,7 @@ class BlipAdapter(ModelAdapter):
                             [len(f) > self.max_text_len for f in full], [len(f) for f in full])
 
     def _text_layout(self, ids: list[int], mask: list[int]) -> TokenLayout:
-        special = set(self.tokenizer.all_special_ids)
+        special = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}  # an unknown word is text
         roles = [ROLE_PAD if not m else ROLE_SPECIAL if i in special else ROLE_TEXT for i, m in zip(ids, mask)]
         return TokenLayout.build(self.tokenizer.convert_ids_to_tokens(ids), roles)
 
