@@ -260,7 +260,8 @@ def run_ray_sweep(
     target = open_target(out)
     with target.staged() as staging:  # the folder itself, or a local copy of a URL's
         notices = _drop_stale(staging)
-        _claim(staging, key, adapter, dataset, len(source.ids), top_k, batch_size, vector_patches)
+        _claim(staging, key, adapter, dataset, len(source.ids), top_k, batch_size, vector_patches,
+               block=adapter.default_block)  # the block the workers' summarize_batch reduces
         done = completed_ids(staging, notices)
         target.push(staging)
         todo = [i for i, e in enumerate(source.ids) if e not in done]
