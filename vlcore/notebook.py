@@ -4,6 +4,9 @@
 
     trace = vn.run(example="easy_vqa/test/0")             # or vn.run(image="cat.png", text="what is it?")
     vn.heatmap(trace, query="shape", method="rollout")    # where a word (or [CLS], a patch) looks in the image
+    blip = vn.run("Salesforce/blip-itm-base-coco", example="easy_vqa/test/0")  # any supported family
+    vn.heatmap(blip, block="text.cross")                  # a block by name (default: the trace's view)
+    clip = vn.run("openai/clip-vit-base-patch32", example="easy_vqa/test/0", labels=["circle", "square"])
     vn.head_summary(trace, metric="cls_to_img")           # one number per layer × head
     vn.matrix(trace, block="txt2img", layer=3, head=1)    # query × key attention
     vn.projection(trace, layer=4)                         # the token vectors of one layer in 2-D
@@ -13,6 +16,10 @@ file) built by the same `vlcore` functions and chart builders as the app's pages
 a chart here draws the data its page draws for the same trace and settings. The chart functions lift
 Altair's 5,000-row limit (`altair.data_transformers.disable_max_rows`), as a full attention matrix or a
 sweep's scatter has more rows; the app draws them too.
+
+Every family works (ViLT, BLIP, CLIP / SigLIP): a trace holds named attention blocks (``trace.blocks``) over
+token streams (``trace.streams``); `heatmap`, `query_map`, `matrix` and `head_summary` take ``block=`` (default
+the trace's view), `projection` takes ``stream=`` (each stream has its own vector space).
 
 Public API (``source`` is a `Trace`, a list of traces, pooled, or a sweep folder: `sweep`,
 ``vlscope extract``, or a sweep started on the Run model page):
@@ -137,7 +144,7 @@ def _example(image, text: str | None, example, store):
 
 
 def run(model="demo", image=None, text: str | None = None, example=None, device: str = "auto", store=None,
-        top_k: int = 5) -> Trace:
+        top_k: int = 5, labels=None) -> Trace:
     """Run a model on one image and text, or on a dataset example, and return its `Trace`.
 
     Args:
@@ -149,6 +156,8 @@ def run(model="demo", image=None, text: str | None = None, example=None, device:
         device: ``auto``, ``cpu`` or ``cuda``.
         store: a `vlcore.storage.store.Store` to read and keep traces in (the app's cache); None computes every time.
         top_k: predictions kept.
+        labels: candidate labels for zero-shot classification (a model that offers it, e.g. CLIP or SigLIP):
+            the prediction is then the top labels; None keeps the model's own task.
 
     Returns:
         The trace (the same one the Run model page makes for that example): tokens, attentions
@@ -160,10 +169,27 @@ def run(model="demo", image=None, text: str | None = None, example=None, device:
     from vlcore.run.extract import trace_for_example
 
     ex = _example(image, text, example, store)
-    adapter = load_model(model, device)
+    adapter = _with_labels(load_model(model, device), labels)
     trace, _ = trace_for_example(adapter, ex, store if store is not None else _NoStore(), top_k=top_k)
     _INPUTS[trace] = (adapter, ex)
     return trace
+
+
+def _with_labels(adapter, labels):
+    """The adapter classifying over ``labels`` (a view: the cached adapter is unchanged), or as it is for None.
+
+    Raises:
+        InputError: the model cannot classify over candidate labels.
+    """
+    if labels is None:
+        return adapter
+    if isinstance(labels, str):
+        labels = [part.strip() for part in labels.split(",") if part.strip()]
+    view = getattr(adapter, "with_candidates", None)
+    if "zero_shot" not in getattr(adapter, "tasks", ()) or view is None:
+        raise InputError(f"{adapter.model_id} (task {adapter.task}) cannot classify over candidate labels; leave "
+                         "labels out, or use a model that can (its family lists the task zero_shot)")
+    return view(list(labels))
 
 
 def sweep(model="demo", dataset: str = "easy_vqa", split: str = "test", limit: int | None = 64,
@@ -209,16 +235,20 @@ def _metric_names(heads: pd.DataFrame) -> list[str]:
     return [m for m in metric_names() if m in present] + ([IMPORTANCE] if IMPORTANCE in present else [])
 
 
-def _trace_heads(trace: Trace, include_special: bool, importance: bool) -> pd.DataFrame:
+def _trace_heads(trace: Trace, include_special: bool, importance: bool, block: str | None = None) -> pd.DataFrame:
     from vlcore.analysis.stats import compute_trace_summaries
 
-    heads = compute_trace_summaries(trace, include_special=include_special)
+    view = _select(trace, block)
+    if view.attentions is None:
+        raise InputError(f"trace {trace.example_id} carries no attentions for block {view.view!r}; use "
+                         "vlcore.notebook.run")
+    heads = compute_trace_summaries(view, include_special=include_special)
     if importance:
         from vlcore.attribution.ablation import extract_head_importance, importance_frame
         from vlcore.run.extract import model_image_input
 
         adapter, ex = _inputs(trace, "head importance")
-        drop, _, _ = extract_head_importance(adapter, model_image_input(adapter, ex), trace.text)
+        drop, _, _ = extract_head_importance(adapter, model_image_input(adapter, ex), trace.text, block=view.view)
         heads = pd.concat([heads, importance_frame(trace.example_id, drop)], ignore_index=True)
     return heads
 
@@ -242,7 +272,8 @@ def _sweep_heads(path: Path, slice_: str) -> tuple[pd.DataFrame, list[str], str]
 
 
 def head_summary(source, metric: str | None = None, norm: str = "raw", include_special: bool = False,
-                 slice: str = "all", selected: tuple[int, int] | None = None) -> alt.HConcatChart:
+                 slice: str = "all", selected: tuple[int, int] | None = None,
+                 block: str | None = None) -> alt.HConcatChart:
     """Layer × head heatmap of one statistic, with the mean over heads per layer beside it.
 
     Args:
@@ -253,6 +284,8 @@ def head_summary(source, metric: str | None = None, norm: str = "raw", include_s
         include_special: count [CLS], [SEP] and the image CLS in the modality blocks (traces only).
         slice: for a sweep: ``all``, ``correct``, ``incorrect``, ``cat:<category>``, ``ans:<answer>``...
         selected: a (layer, head) to outline.
+        block: traces: the attention block summarised (default each trace's view, e.g. BLIP's ``text.cross``);
+            a metric that does not apply to a block is n/a (NaN). A sweep holds its model's default block.
     """
     from vlcore.attribution.ablation import METRIC as IMPORTANCE
     from vlcore.charts.stats import build_head_heatmap_chart
@@ -265,7 +298,8 @@ def head_summary(source, metric: str | None = None, norm: str = "raw", include_s
         traces = [source] if isinstance(source, Trace) else list(source)
         if not traces:
             raise InputError("head_summary needs a trace, a list of traces or a sweep folder; got an empty list")
-        heads = pd.concat([_trace_heads(t, include_special, metric == IMPORTANCE) for t in traces], ignore_index=True)
+        heads = pd.concat([_trace_heads(t, include_special, metric == IMPORTANCE, block) for t in traces],
+                          ignore_index=True)
         ids, label = None, traces[0].example_id if len(traces) == 1 else f"{len(traces)} traces"
     metrics = _metric_names(heads)
     metric = metrics[0] if metric is None else metric
@@ -283,42 +317,86 @@ def head_summary(source, metric: str | None = None, norm: str = "raw", include_s
 
 @dataclass(frozen=True)
 class Query:
-    """The query of a map: token indices (several patches give the mean of their maps) and patch cells."""
+    """The query of a map: token indices of the block's query stream (several give the mean of their maps) and the
+    patch cells they are."""
 
     tokens: np.ndarray
     cells: list[tuple[int, int]]
     label: str
 
 
-def _query(trace: Trace, query) -> Query:
-    """A token index, a token's text, a patch ``(row, col)`` or a list of patches, as a `Query`."""
-    from vlcore.analysis import query_maps as hm
+def _select(trace: Trace, block: str | None) -> Trace:
+    """The trace viewing ``block`` (an attention block's name; None: the trace's own view).
 
+    Raises:
+        InputError: the trace has no such block.
+    """
+    if block is None:
+        return trace
+    if block not in trace.blocks:
+        raise InputError(f"block {block!r} is not an attention block of this trace; its blocks: "
+                         f"{', '.join(trace.blocks)}")
+    return trace.select(block)
+
+
+def _preferred_query(origin: Trace, view: Trace) -> int | None:
+    """The token that explains the prediction in the viewed block: the model's `ModelAdapter.default_query` for a
+    trace made by `run`, else the one the trace recorded, else its first special text token or image CLS; None when
+    no single token does (a tower whose head pools every patch)."""
+    from vlcore.attribution.relevance import QUERY_META, layout_query
+
+    found = _INPUTS.get(origin)
+    if found is not None:
+        return found[0].default_query(view.view, view.layout)
+    recorded = view.meta.get(QUERY_META)
+    if isinstance(recorded, dict) and view.view in recorded:
+        return recorded[view.view]
+    return layout_query(view.layout)
+
+
+def _query(view: Trace, query, origin: Trace | None = None) -> Query:
+    """A token index, a token's text, a patch ``(row, col)``, a list of patches, or None (the block's default
+    query, `_preferred_query`), as a `Query` on the viewed block's query stream."""
+    from vlcore.analysis import query_maps as hm
+    from vlcore.trace import ROLE_PATCH
+
+    if query is None:
+        tokens = hm.default_query(view, _preferred_query(origin or view, view) if view.view in view.blocks else None)
+        if len(tokens) == 1:
+            return Query(tokens, [], f"token {int(tokens[0])} “{view.tokens[int(tokens[0])]}”")
+        return Query(tokens, [], f"mean of all {len(tokens)} patches (no single token is read)")
     if isinstance(query, str):
-        text = trace.text_index(include_special=True)
-        hits = [int(i) for i in text if trace.tokens[i].lower() == query.lower()]
+        text = view.text_index(include_special=True)
+        hits = [int(i) for i in text if view.tokens[i].lower() == query.lower()]
         if not hits:
-            raise InputError(f"no text token {query!r}; the text tokens are {[trace.tokens[i] for i in text]}")
+            raise InputError(f"no text token {query!r} in block {view.view!r}'s queries; its text tokens are "
+                             f"{[view.tokens[i] for i in text]}")
         query = hits[0]
     if isinstance(query, (int, np.integer)):
-        if not 0 <= int(query) < trace.n_tokens:
-            raise InputError(f"query token {query} is outside the trace's {trace.n_tokens} tokens (0 is [CLS])")
+        if not 0 <= int(query) < view.n_tokens:
+            raise InputError(f"query token {query} is outside the {view.n_tokens} query tokens of block {view.view!r} "
+                             "(0 is its first, e.g. [CLS])")
         tok = int(query)
-        return Query(np.array([tok]), [], f"token {tok} “{trace.tokens[tok]}”")
+        return Query(np.array([tok]), [], f"token {tok} “{view.tokens[tok]}”")
     cells = [query] if len(query) == 2 and all(isinstance(v, (int, np.integer)) for v in query) else list(query)
     cells = [(int(r), int(c)) for r, c in cells]
-    rows, cols = trace.grid
+    rows, cols = view.grid
     bad = [cell for cell in cells if not (0 <= cell[0] < rows and 0 <= cell[1] < cols)]
     if bad or not cells:
         raise InputError(f"patch cells must lie in the {rows}×{cols} grid as (row, col); got {bad or cells}")
+    if not len(view.layout.index(ROLE_PATCH)):
+        image_blocks = [n for n, b in view.blocks.items() if b.is_self and hm.layout_has_patches(view.streams[b.query])]
+        raise InputError(f"block {view.view!r} has no patch queries (its queries are the {view.block.query} stream); "
+                         f"patch queries need a block over the image: {', '.join(image_blocks) or 'none'}")
     label = f"patch {hm.format_patches(cells)}" if len(cells) == 1 else f"mean of {len(cells)} patches"
-    return Query(hm.patch_token_indices(trace, cells), cells, label)
+    return Query(hm.patch_token_indices(view, cells), cells, label)
 
 
 def _layer_head(trace: Trace, layer: int, head: int | None) -> tuple[int, int | None]:
-    """``layer`` (negative counts from the end) and ``head`` checked against the trace."""
+    """``layer`` (negative counts from the end) and ``head`` checked against the trace's viewed block."""
     if trace.attentions is None:
-        raise InputError(f"trace {trace.example_id} carries no attentions (a summary-only sweep); use vlcore.notebook.run")
+        raise InputError(f"trace {trace.example_id} carries no attentions for block {trace.view!r} (a summary-only "
+                         "sweep); use vlcore.notebook.run")
     if not -trace.n_layers <= layer < trace.n_layers:
         raise InputError(f"layer {layer} is outside the model's {trace.n_layers} layers (0 to {trace.n_layers - 1})")
     if head is not None and not 0 <= head < trace.n_heads:
@@ -334,44 +412,104 @@ def _method(method: str) -> str:
     return method
 
 
-def query_map(trace: Trace, query=0, layer: int = -1, head: int | None = None, method: str = "attention",
-              direction: str = "from", start_layer: int = 0, answer: str | None = None) -> np.ndarray:
-    """The map `heatmap` draws: float32 ``[N]``, one value per token of the trace.
+def _direction(direction: str) -> str:
+    from vlcore.analysis.query_maps import DIRECTIONS
 
-    ``attention``: the query's row (``from``) or column (``to``) of one layer's attention, one head or the
-    mean over heads. ``rollout``: the same of the attention rollout from ``start_layer``. ``relevancy``:
-    gradient relevancy of each token for ``answer`` (default: the prediction) through [CLS], whatever the
-    query (a forward and backward pass: the trace must come from `run`).
+    if direction not in DIRECTIONS:
+        raise InputError(f"direction must be one of {DIRECTIONS}; got {direction!r}")
+    return direction
+
+
+def _relevancy(origin: Trace, view: Trace, answer: str | None) -> np.ndarray:
+    """Gradient relevancy of the viewed block's default query for ``answer``: the single-stream rules on a self block
+    with a query row, through the pooling block for a tower whose head pools it, the bi-modal rules on a cross block
+    (values over its keys: the image)."""
+    from vlcore.run.extract import model_image_input
+
+    adapter, ex = _inputs(origin, "relevancy")
+    image = model_image_input(adapter, ex)
+    spec = adapter.block_specs()[view.view]
+    if not spec.is_self:
+        from vlcore.attribution.bimodal import extract_bimodal_relevancy
+
+        return extract_bimodal_relevancy(adapter, image, ex.question, answer, query_stream=spec.query).values[spec.key]
+    if adapter.default_query(view.view, view.layout) is None:
+        from vlcore.attribution.towers import extract_tower_relevancy
+
+        return extract_tower_relevancy(adapter, image, ex.question, answer).maps[spec.query].values
+    from vlcore.attribution.relevance import extract_relevancy
+
+    return extract_relevancy(adapter, image, ex.question, answer, block=view.view).values
+
+
+def _query_side(view: Trace, direction: str) -> Trace:
+    """The trace a query is named on: the viewed block's queries, except a cross block's ``to`` map, whose query is
+    one of its keys (e.g. patches that BLIP's text reads: the text tokens that read them)."""
+    from vlcore.analysis import query_maps as hm
+
+    return hm.side_trace(view, "key") if not view.block.is_self and direction == "to" else view
+
+
+def query_map(trace: Trace, query=None, layer: int = -1, head: int | None = None, method: str = "attention",
+              direction: str = "from", start_layer: int = 0, answer: str | None = None,
+              block: str | None = None) -> np.ndarray:
+    """The map `heatmap` draws: float32, one value per token of the stream it lies on (`map_trace`).
+
+    ``attention``: the query's row (``from``: a map over the block's keys) or column (``to``: over its queries) of
+    one layer's attention, one head or the mean over heads. ``rollout`` (self blocks): the same of the attention
+    rollout from ``start_layer`` (into the pooling head for a tower that pools every patch). ``relevancy``:
+    gradient relevancy for ``answer`` (default: the prediction) from the block's default query, whatever the
+    query (a forward and backward pass: the trace must come from `run`); on a cross block a map over its keys.
+
+    Args:
+        query: a token index, a token's text, a patch ``(row, col)``, a list of patches, or None: the token the
+            model reads its prediction from in this block (ViLT's and BLIP's [CLS], CLIP's image CLS; every patch
+            when a pooling head reads them all).
+        block: the attention block (default: the trace's view), e.g. ``"text.cross"``, ``"vision.self"``.
     """
     from vlcore.analysis import query_maps as hm
 
-    method = _method(method)
-    if direction not in hm.DIRECTIONS:
-        raise InputError(f"direction must be one of {hm.DIRECTIONS}; got {direction!r}")
-    layer, head = _layer_head(trace, layer, head)
-    tokens = _query(trace, query).tokens
+    method, direction = _method(method), _direction(direction)
+    view = _select(trace, block)
+    layer, head = _layer_head(view, layer, head)
+    if method == "relevancy":
+        return _relevancy(trace, view, answer)
+    q = _query(_query_side(view, direction), query, trace)
     if method == "attention":
-        return hm.compute_query_map(trace.head_attention(layer, head), tokens, direction)
-    if method == "rollout":
-        from vlcore.attribution.relevance import compute_rollout
+        return hm.compute_query_map(view.head_attention(layer, head), q.tokens, direction)
+    from vlcore.attribution.relevance import compute_rollout
 
-        return hm.compute_query_map(compute_rollout(trace, start_layer), tokens, direction)
-    from vlcore.run.extract import model_image_input
-    from vlcore.attribution.relevance import extract_relevancy
+    if query is None and len(q.tokens) > 1 and direction == "from":  # a pooled tower: into its pooling head
+        from vlcore.attribution.towers import compute_tower_rollout
 
-    adapter, ex = _inputs(trace, "relevancy")
-    return extract_relevancy(adapter, model_image_input(adapter, ex), ex.question, answer).values
+        return compute_tower_rollout(trace, view.view, None, start_layer)
+    return hm.compute_query_map(compute_rollout(view, start_layer), q.tokens, direction)
 
 
-def heatmap(trace: Trace, query=0, layer: int = -1, head: int | None = None, method: str = "attention",
+def _explained(trace: Trace) -> str:
+    """What relevancy explains by default: the predicted answer, or the pair's score of a model that scores pairs."""
+    found = _INPUTS.get(trace)
+    return trace.predicted if found is None or found[0].answers_compare else "match"
+
+
+def map_trace(trace: Trace, method: str = "attention", direction: str = "from", block: str | None = None) -> Trace:
+    """The trace whose layout a `query_map` lies on (its flat accessors read that stream): the viewed block's keys
+    for ``from`` maps and relevancy, its queries for ``to`` maps (`vlcore.analysis.query_maps.map_trace`)."""
+    from vlcore.analysis import query_maps as hm
+
+    view = _select(trace, block)
+    return hm.map_trace(view, "from" if _method(method) == "relevancy" else _direction(direction))
+
+
+def heatmap(trace: Trace, query=None, layer: int = -1, head: int | None = None, method: str = "attention",
             direction: str = "from", start_layer: int = 0, answer: str | None = None, opacity: float = 0.8,
-            smooth: bool = False, width: int = 340) -> alt.LayerChart:
+            smooth: bool = False, width: int = 340, block: str | None = None) -> alt.LayerChart:
     """A map over the image as the model saw it (`query_map`), drawn as on the Attention heatmaps page.
 
     Args:
         trace: a trace with an image.
-        query: a token index (0 is [CLS]), a token's text (``"shape"``), a patch ``(row, col)``, or a list of
-            patches (the mean of their maps).
+        query: a token index, a token's text (``"shape"``), a patch ``(row, col)``, a list of patches (the mean of
+            their maps), or None: the block's default query (see `query_map`).
         layer: attention layer (negative counts from the end).
         head: a head, or None for the mean over heads.
         method: ``attention`` (raw), ``rollout`` or ``relevancy``.
@@ -381,45 +519,70 @@ def heatmap(trace: Trace, query=0, layer: int = -1, head: int | None = None, met
         opacity: the heat's opacity at the top of the colour scale.
         smooth: bilinear upsampling of the patch grid.
         width: width in pixels.
+        block: the attention block (default: the trace's view): BLIP's ``text.cross`` (text over the image),
+            ``vision.self``; CLIP's ``vision.self``. A block whose map has no image (``text.self``) is refused with
+            the blocks that have one.
     """
     from vlcore.charts import heatmaps as ch
     from vlcore.analysis import query_maps as hm
 
     _no_row_limit()
-    if not hm.has_image_tokens(trace):
+    if not hm.trace_has_images(trace):
         raise InputError(f"trace {trace.example_id} has no image tokens: there is no image to draw a map on")
-    method = _method(method)
-    values = query_map(trace, query, layer, head, method, direction, start_layer, answer)
-    q = _query(trace, query)
+    method, direction = _method(method), _direction(direction)
+    view = _select(trace, block)
+    on = map_trace(trace, method, direction, block)
+    if not hm.has_patches(on):
+        raise InputError(f"{hm.no_image_reason(view)} (a {direction!r} map of {view.view} lies on its "
+                         f"{on.block.query} tokens, not on the image)")
+    values = query_map(trace, query, layer, head, method, direction, start_layer, answer, block)
+    side = _query_side(view, direction)
+    q = _query(side, query, trace) if method != "relevancy" else None
+    cells = q.cells if q is not None and side.layout is on.layout else []
     title = (f"{METHODS[method]} {direction} {q.label}" if method != "relevancy"
-             else f"gradient relevancy for “{answer or trace.predicted}”")
-    return ch.build_attention_overlay_chart(trace, values, q.cells, opacity, smooth, title=title, width=width,
+             else f"gradient relevancy for “{answer or _explained(trace)}”")
+    if view.view != trace.view or len(trace.blocks) > 1:
+        title += f" · {view.view}"
+    return ch.build_attention_overlay_chart(on, values, cells, opacity, smooth, title=title, width=width,
                                             select_name=None)
 
 
 def matrix(trace: Trace, block: str | None = None, layer: int = -1, head: int | None = None,
-           size: int = 440) -> alt.LayerChart:
+           size: int = 440, quadrant: str | None = None) -> alt.LayerChart:
     """The query × key attention of one layer (rows attend, columns are attended to), as on the heatmaps page.
 
     Args:
-        block: None (every token, rules between text and image), or a modality block without the special
-            tokens: ``txt2txt``, ``txt2img`` (text queries, patch keys), ``img2txt``, ``img2img``.
+        block: an attention block of the trace (``"text.cross"``, ``"vision.self"``; default its view), or, for
+            short, a modality quadrant of the viewed block (see ``quadrant``).
         layer: layer (negative counts from the end).
         head: a head, or None for the mean over heads.
         size: the larger side in pixels.
+        quadrant: None (every token, rules between text and image), or a modality block without the special
+            tokens: ``txt2txt``, ``txt2img`` (text queries, patch keys), ``img2txt``, ``img2img``.
     """
     from vlcore.charts import heatmaps as ch
 
     _no_row_limit()
-    layer, head = _layer_head(trace, layer, head)
-    att = trace.head_attention(layer, head)
+    if block in ch.BLOCK_TITLES and block not in trace.blocks:
+        block, quadrant = None, block
+    if block not in (None, "full") and block not in trace.blocks:
+        raise InputError(f"block must be None, one of this trace's attention blocks ({', '.join(trace.blocks)}) or "
+                         f"a quadrant ({', '.join(ch.BLOCK_TITLES)}); got {block!r}")
+    view = _select(trace, None if block == "full" else block)
+    layer, head = _layer_head(view, layer, head)
+    att = view.head_attention(layer, head)
     head_label = f"layer {layer}, " + ("mean over heads" if head is None else f"head {head}")
-    if block in (None, "full"):
-        return ch.build_matrix_chart(trace, att, title=f"{head_label}: query × key", size=size)
-    if block not in ch.BLOCK_TITLES:
-        raise InputError(f"block must be None or one of {', '.join(ch.BLOCK_TITLES)}; got {block!r}")
-    return ch.build_block_chart(trace, att, block, size=size).properties(
-        title=f"{ch.BLOCK_TITLES[block]} · {head_label}")
+    named = f"{view.view} · " if len(trace.blocks) > 1 else ""
+    if quadrant in (None, "full"):
+        return ch.build_matrix_chart(view, att, title=f"{named}{head_label}: query × key", size=size)
+    if quadrant not in ch.BLOCK_TITLES:
+        raise InputError(f"block must be None or one of {', '.join(ch.BLOCK_TITLES)}; got {quadrant!r}")
+    rows, cols = view.block_index(quadrant)
+    if not len(rows) or not len(cols):
+        raise InputError(f"block {view.view!r} has no {ch.BLOCK_TITLES[quadrant]} part (its queries are the "
+                         f"{view.block.query} stream, its keys the {view.block.key} stream)")
+    return ch.build_block_chart(view, att, quadrant, size=size).properties(
+        title=f"{named}{ch.BLOCK_TITLES[quadrant]} · {head_label}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -427,7 +590,23 @@ def matrix(trace: Trace, block: str | None = None, layer: int = -1, head: int | 
 # ---------------------------------------------------------------------------------------
 
 
-def _token_set(source):
+def _stream_view(trace: Trace, stream: str | None) -> Trace:
+    """The trace viewing a block whose queries are ``stream`` (a self block first); None: the trace itself.
+
+    Raises:
+        InputError: no block reads that stream.
+    """
+    if stream is None:
+        return trace
+    blocks = sorted(trace.blocks.items(), key=lambda kv: not kv[1].is_self)
+    name = next((n for n, b in blocks if b.query == stream and trace.hiddens.get(stream) is not None), None)
+    if name is None:
+        have = [n for n in trace.streams if trace.hiddens.get(n) is not None]
+        raise InputError(f"stream must be one of {', '.join(have)} (streams with hidden states); got {stream!r}")
+    return trace.select(name)
+
+
+def _token_set(source, stream: str | None = None):
     from vlcore.analysis.projection import token_set_from_sweep, token_set_from_traces
 
     if isinstance(source, (str, Path)):
@@ -435,11 +614,12 @@ def _token_set(source):
 
         preds, _ = load_sweep(source)
         return token_set_from_sweep(load_sweep_vectors(source), preds)
-    return token_set_from_traces([source] if isinstance(source, Trace) else list(source))
+    traces = [source] if isinstance(source, Trace) else list(source)
+    return token_set_from_traces([_stream_view(t, stream) for t in traces])
 
 
 def projection(source, layer: int = -1, method: str = "pca", color: str = "modality", align: str = "sign",
-               perplexity: float = 30.0, width: int = 560, height: int = 460) -> alt.Chart:
+               perplexity: float = 30.0, width: int = 560, height: int = 460, stream: str | None = None) -> alt.Chart:
     """One layer's token vectors in 2-D, one fit over every token of the source, as on the Embeddings page.
 
     Args:
@@ -450,6 +630,9 @@ def projection(source, layer: int = -1, method: str = "pca", color: str = "modal
         align: PCA only: ``sign`` (each layer's axes agree with the previous layer's), ``joint`` (one fit
             for all layers) or ``none``.
         perplexity: t-SNE perplexity.
+        stream: traces: the token stream projected (``"vision"``, ``"text"``; default each trace's viewed block's
+            queries: ViLT's joint stream, BLIP's text, CLIP's vision). Each stream has its own space and width,
+            so one is projected at a time. A sweep holds its model's main stream.
     """
     from vlcore.charts.embeddings import COLOR_BY, build_projection_chart, thumbnail_uris
     from vlcore.analysis.projection import ALIGNS, METHOD_NAMES, compute_layer_projections, coordinates_frame
@@ -459,7 +642,7 @@ def projection(source, layer: int = -1, method: str = "pca", color: str = "modal
     for name, value, allowed in (("method", method, PROJECTIONS), ("align", align, ALIGNS), ("color", color, COLOR_BY)):
         if value not in allowed:
             raise InputError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-    tokens = _token_set(source)
+    tokens = _token_set(source, stream)
     n = tokens.n_layers
     if not -(n + 1) <= layer <= n:
         raise InputError(f"layer {layer} is outside 0 (embeddings) to {n} (the last layer)")
@@ -471,5 +654,5 @@ def projection(source, layer: int = -1, method: str = "pca", color: str = "modal
     return build_projection_chart(frame, color, title=title, width=width, height=height)
 
 
-__all__ = ["METHODS", "Query", "head_summary", "heatmap", "load_model", "matrix", "projection", "query_map", "run",
-           "sweep"]
+__all__ = ["METHODS", "Query", "head_summary", "heatmap", "load_model", "map_trace", "matrix", "projection", "query_map",
+           "run", "sweep"]
