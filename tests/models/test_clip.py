@@ -390,6 +390,19 @@ def test_zero_shot_probabilities_equal_an_independent_computation(adapter):
     np.testing.assert_allclose(view.joint_embeddings(out)[0], image.numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_candidate_embeddings_are_shared_by_views_and_follow_the_weights(tmp_path):
+    adapter = load_fresh("clip", tmp_path)
+    first = adapter.with_candidates(LABELS, TEMPLATE).candidate_embeddings()
+    assert adapter.with_candidates(LABELS, TEMPLATE).candidate_embeddings() is first, "computed once per label set"
+    with torch.no_grad():
+        adapter.model.text_model.embeddings.token_embedding.weight.add_(
+            torch.randn_like(adapter.model.text_model.embeddings.token_embedding.weight))
+    changed = adapter.with_candidates(LABELS, TEMPLATE).candidate_embeddings()
+    assert not torch.allclose(changed, first)
+    _, expected = features(adapter, torch.zeros(1, 3, 32, 32), [TEMPLATE.replace("{}", lab) for lab in LABELS])
+    torch.testing.assert_close(changed, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_similarity_prediction_is_sigmoid_or_cosine(adapter):
     batch = adapter.encode([noise(9)], [TEXT])
     out = run(adapter, batch).output

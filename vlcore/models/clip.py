@@ -44,6 +44,7 @@ import contextvars
 import copy
 import hashlib
 import json
+import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -64,6 +65,7 @@ ARCHITECTURES = {"CLIPModel": "similarity", "SiglipModel": "similarity"}
 TASKS = ("similarity", "zero_shot")
 PROBE_TOKEN = "[PROBE]"
 CANDIDATE_CHUNK = 256  # candidate prompts per text-tower pass when embedding the classifier
+CANDIDATE_SETS = 4  # candidate label sets whose embeddings an adapter keeps
 
 
 class _TowerFamily(Family):
@@ -248,7 +250,8 @@ class ClipAdapter(ModelAdapter):
         self._device = device
         self._candidates: tuple[str, ...] = ()
         self._template = "{}"
-        self._cache: dict = {}
+        self._cache: dict = {}  # (prompts, text-tower weight versions) -> candidate embeddings; shared by views
+        self._cache_lock = threading.Lock()
 
     # -- zero-shot candidates -------------------------------------------------------------
     def with_candidates(self, labels: Sequence[str] | None, template: str = "{}") -> ClipAdapter:
@@ -280,7 +283,6 @@ class ClipAdapter(ModelAdapter):
         if labels and (not isinstance(template, str) or template.count("{}") != 1):
             raise InputError(f"the prompt template needs one '{{}}' where the label goes; got {template!r}")
         self._candidates, self._template = labels, template if labels else "{}"
-        self._cache = {}
         self.task = "zero_shot" if labels else "similarity"
 
     @property
@@ -477,15 +479,20 @@ class ClipAdapter(ModelAdapter):
     def candidate_embeddings(self) -> torch.Tensor:
         """float ``[K, d]``: unit text embeddings of the candidates' prompts (the zero-shot classifier's weights).
 
-        Computed without gradients, outside every hooked scope (no head mask applies), and cached until the text
-        tower's weights change.
+        Computed without gradients, outside every hooked scope (no head mask applies), and cached (the last
+        `CANDIDATE_SETS` label sets, shared by every view of this adapter) until the text tower's weights change.
         """
-        key = tuple((id(p), p._version) for p in self._text_parameters())
-        hit = self._cache.get("candidates")
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        embeds = contextvars.Context().run(self._embed_prompts, [self.prompt(lab) for lab in self._candidates])
-        self._cache["candidates"] = (key, embeds)
+        prompts = tuple(self.prompt(lab) for lab in self._candidates)
+        key = (prompts, tuple((id(p), p._version) for p in self._text_parameters()))
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        embeds = contextvars.Context().run(self._embed_prompts, list(prompts))
+        with self._cache_lock:
+            self._cache[key] = embeds
+            while len(self._cache) > CANDIDATE_SETS:
+                self._cache.pop(next(iter(self._cache)))
         return embeds
 
     def _text_parameters(self) -> list[torch.nn.Parameter]:
