@@ -382,7 +382,7 @@ def test_zero_shot_probabilities_equal_an_independent_computation(adapter):
         assert [lab for lab, _ in top[b]] == [LABELS[i] for i in order]
         np.testing.assert_allclose([p for _, p in top[b]], probs[b, order].numpy(), rtol=1e-4, atol=1e-6)
     for k, label in enumerate(LABELS):
-        score, prob, chosen = view.target_score(out, label)
+        _, prob, chosen = view.target_score(out, label)
         assert chosen == label
         torch.testing.assert_close(prob, probs[:, k], rtol=1e-4, atol=1e-6)
     with pytest.raises(InputError, match="candidate"):

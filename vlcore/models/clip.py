@@ -58,8 +58,17 @@ import torch.nn.functional as F
 from vlcore.errors import InputError, ModelLoadError, NoAttentionError, UnsupportedModelError
 from vlcore.models.base import BlockSpec, Capture, Captured, EncodedBatch, Gradients, ModelAdapter
 from vlcore.models.registry import Family, LoadContext
-from vlcore.trace import (IMAGE_CLS_TOKEN, ROLE_IMAGE_SUMMARY, ROLE_PAD, ROLE_PATCH, ROLE_SPECIAL, ROLE_TEXT,
-                          ImageGrid, TokenLayout, patch_token)
+from vlcore.trace import (
+    IMAGE_CLS_TOKEN,
+    ROLE_IMAGE_SUMMARY,
+    ROLE_PAD,
+    ROLE_PATCH,
+    ROLE_SPECIAL,
+    ROLE_TEXT,
+    ImageGrid,
+    TokenLayout,
+    patch_token,
+)
 
 ARCHITECTURES = {"CLIPModel": "similarity", "SiglipModel": "similarity"}
 TASKS = ("similarity", "zero_shot")
