@@ -184,14 +184,7 @@ def extract_bimodal_relevancy(adapter, image, text: str, target: str | None = No
 
 
 def _block_order(adapter, specs: Mapping, label: str) -> list[tuple[str, int]]:
-    order = getattr(adapter, "block_order", None)
-    if order is not None:
-        return list(order(label))
-    if len(specs) == 1:  # one block: its layers in order
-        name, spec = next(iter(specs.items()))
-        return [(name, layer) for layer in range(spec.n_layers)]
-    raise NotImplementedError(f"{type(adapter).__name__} has {len(specs)} attention blocks but does not say in which "
-                              "order the model applies them (block_order)")
+    return list(adapter.block_order(label))
 
 
 def _numpy64(x) -> np.ndarray:

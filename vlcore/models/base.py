@@ -315,6 +315,20 @@ class ModelAdapter(ABC):
         and "correct" apply; False for a pair's score (image-text matching, similarity)."""
         return self.task in ANSWER_TASKS
 
+    def block_order(self, target: str | None = None) -> list[tuple[str, int]]:
+        """The ``(block, layer)`` steps in the order the model applies them for ``target`` (gradient relevancy
+        through several blocks follows it, `vlcore.attribution.bimodal`). One block: its layers in order.
+
+        Raises:
+            NotImplementedError: several blocks and the adapter does not say how they interleave.
+        """
+        specs = self.block_specs()
+        if len(specs) == 1:
+            name, spec = next(iter(specs.items()))
+            return [(name, layer) for layer in range(spec.n_layers)]
+        raise NotImplementedError(f"{type(self).__name__} has {len(specs)} attention blocks but does not say in which "
+                                  "order the model applies them (block_order)")
+
     @abstractmethod
     def default_query(self, block: str, layout: TokenLayout) -> int | None:
         """The query token whose row explains the prediction in ``block`` (e.g. ViLT's [CLS], CLIP's image CLS);
