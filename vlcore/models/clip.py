@@ -207,14 +207,14 @@ def pool_attention(mha: torch.nn.MultiheadAttention, query: torch.Tensor, key: t
     q, k, v = heads(query, wq, bq), heads(key, wk, bk), heads(value, wv, bv)
     scores = (q * head_dim ** -0.5) @ k.transpose(-1, -2)
     if key_keep is not None:
-        seen = key_keep[:, None, None, :].to(scores.dtype)
+        seen = key_keep[:, None, None, :].to(device=scores.device, dtype=scores.dtype)
         scores = scores.masked_fill(seen == 0, torch.finfo(scores.dtype).min)
     probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
     if key_keep is not None:
         probs = probs * seen  # all keys removed: the softmax is uniform over them; read nothing instead
     context = probs @ v
     if head_keep is not None:
-        context = context * head_keep.to(context.dtype)[:, :, None, None]
+        context = context * head_keep.to(device=context.device, dtype=context.dtype)[:, :, None, None]
     return mha.out_proj(context.transpose(1, 2).reshape(b, -1, dim)), probs
 
 
@@ -445,7 +445,7 @@ class ClipAdapter(ModelAdapter):
         keep = inputs.get("vision_keep")
         pool: dict = {}
         hooks = [(self.pool.attention, self._pool_hook(keep, pool))] if self.pool is not None else []
-        extra = {} if keep is None else {"attention_mask": _key_mask(keep, self.model.dtype)}
+        extra = {} if keep is None else {"attention_mask": _key_mask(keep.to(self.device), self.model.dtype)}
         with self.hooked(hooks):
             vision = self.model.vision_model(pixel_values=inputs["pixel_values"] if pixel_values is None
                                              else pixel_values, output_attentions="vision.self" in attentions,
@@ -637,7 +637,8 @@ class ClipAdapter(ModelAdapter):
         def make_hook(layer: int):
             def hook(module, args, output):
                 context = args[0]  # [B, N, H * d]: the heads' contexts side by side
-                scale = keep[:, layer].to(context.dtype).repeat_interleave(context.shape[-1] // spec.n_heads, dim=1)
+                scale = keep[:, layer].to(device=context.device, dtype=context.dtype)
+                scale = scale.repeat_interleave(context.shape[-1] // spec.n_heads, dim=1)
                 return F.linear(context * scale[:, None, :], module.weight, module.bias)
             return hook
 
