@@ -14,7 +14,8 @@ the summary's ``f`` is 0. Three blocks, one layer each:
 - ``text.self`` (1 head, causal): every query spreads uniformly over the valid keys up to itself;
 - ``text.cross`` (2 heads): text queries over image keys, head 0 ``softmax_k(20 f_k)``, head 1 uniform.
 
-Two labels, ``red`` and ``grey``: ``logit_red = 4 (keep_0 c_0 + keep_1 c_1) + 2 g - 3``, ``logit_grey = 0``, with
+The default query (the row a prediction reads) is the summary in ``vision.self`` and the last word in the
+text blocks. Two labels, ``red`` and ``grey``: ``logit_red = 4 (keep_0 c_0 + keep_1 c_1) + 2 g - 3``, ``logit_grey = 0``, with
 ``c_h = Σ_k A_cross[h, CLS, k] f_k`` and ``g = Σ_k A_vision[IMG, k] f_k``. So with one red cell among the four,
 ``c_0 = e^20 / (e^20 + 4)``, ``c_1 = 1/5``, ``g = e^10 / (e^10 + 4)``; without it every term is 0 and
 ``logit_red = -3``.
@@ -159,7 +160,9 @@ class FakeAdapter(ModelAdapter):
         return list(LABELS)
 
     def default_query(self, block: str, layout: TokenLayout) -> int | None:
-        return layout.first(ROLE_IMAGE_SUMMARY) if block == "vision.self" else layout.first(ROLE_SPECIAL)
+        """The image summary in the vision block; the last word in the text blocks (a pooled end token, as
+        CLIP's text tower: not the first special token a layout rule would guess)."""
+        return layout.first(ROLE_IMAGE_SUMMARY) if block == "vision.self" else int(np.flatnonzero(layout.valid)[-1])
 
     @contextmanager
     def head_mask(self, block: str, keep: torch.Tensor):
@@ -230,6 +233,10 @@ def test_rollout_and_raw_maps_read_the_default_query_and_refuse_a_cross_block(fa
     np.testing.assert_allclose(compute_raw_map(cross, head=1), np.full(5, 0.2), rtol=1e-3)  # [CLS] row, head 1
     with pytest.raises(InputError, match="cross-attention block"):
         compute_rollout(cross)
+    # the trace keeps the adapter's default queries; the text blocks' is the last word, not [CLS]
+    assert trace.meta["default_query"] == {"vision.self": SUMMARY, "text.self": 2, "text.cross": 2}
+    np.testing.assert_allclose(compute_raw_map(trace.select("text.self")), np.full(3, 1 / 3), rtol=1e-3)
+    np.testing.assert_allclose(compute_rollout_map(trace.select("text.self")), [1 / 6, 1 / 6, 2 / 3], rtol=1e-3)
     with pytest.raises(InputError, match="cross-attention block"):
         extract_relevancy(fake, red_image((0, 1)), QUESTION, block="text.cross")
 

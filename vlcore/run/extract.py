@@ -90,7 +90,18 @@ def trace_from_capture(adapter: ModelAdapter, batch: EncodedBatch, captured: Cap
                else None for name in streams}
     view = adapter.default_block if adapter.default_block in captured.attentions or not captured.attentions \
         else next(iter(captured.attentions))
+    fields["meta"] = {**fields.get("meta", {}), "default_query": default_queries(adapter, streams)}
     return Trace(example_id, adapter.model_id, streams, blocks, hiddens, view, **fields)
+
+
+def default_queries(adapter: ModelAdapter, streams: dict) -> dict[str, int | None]:
+    """Per block, the adapter's default query (`ModelAdapter.default_query`) in the trimmed layouts: stored in
+    ``Trace.meta["default_query"]``, where `vlcore.attribution.relevance.trace_query` reads it."""
+    out = {}
+    for name, spec in adapter.block_specs().items():
+        query = adapter.default_query(name, streams[spec.query])
+        out[name] = None if query is None else int(query)
+    return out
 
 
 def _visible_counts(att: np.ndarray) -> np.ndarray:
