@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import streamlit as st
 
 from vlcore.charts.probing import build_head_weight_chart, build_layer_accuracy_chart
@@ -28,9 +30,15 @@ with st.expander("Make a probe sweep", expanded=path is None):
         st.error(str(exc))
 if path is None:
     st.stop()
-inputs = ui.probe_inputs()
-layer, head = pick_layer_head(L, H)
 stamp = ui.sweep_stamp(path)
+inputs = ui.probe_inputs(ui.available_kinds(str(path), stamp))
+layer, head = pick_layer_head(L, H)
+if inputs["ptype"] == "attention":
+    reason = ui.grounding_reason(json.dumps(adapter.fingerprint(), sort_keys=True, default=str), adapter)
+    if reason is not None:
+        st.info(reason)
+        share_view("pages/7_Probing.py")
+        st.stop()
 
 try:
     if inputs["ptype"] == "representation":

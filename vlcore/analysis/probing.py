@@ -139,6 +139,9 @@ def _ridge_fold_accuracy(x: np.ndarray, targets: list[np.ndarray], fold: np.ndar
     folds and all targets cost one pass over ``x`` plus one ``D × D`` solve per fold.
     """
     x = np.asarray(x, dtype=np.float32)
+    # the penalty never falls below a millionth of the features' scale: vectors that do not vary (an image CLS at
+    # the embedding layer, one image's CLS in a fold) leave a Gram of float rounding, not positive definite
+    floor = 1e-6 * float(np.mean(np.square(x, dtype=np.float64))) + 1e-12
     x = x - x.mean(0, keepdims=True)  # global centring keeps the float32 Gram well conditioned
     onehots = [np.eye(int(t.max()) + 1, dtype=np.float32)[t] for t in targets]
     y = np.concatenate(onehots, axis=1)
@@ -160,7 +163,7 @@ def _ridge_fold_accuracy(x: np.ndarray, targets: list[np.ndarray], fold: np.ndar
         mx, my = (sx_all - sx[f]) / nt, (sy_all - sy[f]) / nt
         g = g_all - gram[f] - nt * np.outer(mx, mx)
         c = xy_all - xy[f] - nt * np.outer(mx, my)
-        lam = alpha * max(np.trace(g), 1e-12) / d
+        lam = alpha * max(np.trace(g) / d, floor)
         w = scipy.linalg.solve(g + lam * np.eye(d), c, assume_a="pos", check_finite=False)
         scores = (x[fold == f] - mx.astype(np.float32)) @ w.astype(np.float32) + my.astype(np.float32)
         start = 0

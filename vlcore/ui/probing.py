@@ -44,14 +44,18 @@ EXPLAIN_ATTENTION = {
 }
 
 
-def probe_inputs() -> dict:
-    """Sidebar inputs of the page, read from and written to the URL (``probe``, ``tkind``, ``target``, ``cover``)."""
+def probe_inputs(kinds: list[str] | None = None) -> dict:
+    """Sidebar inputs of the page, read from and written to the URL (``probe``, ``tkind``, ``target``, ``cover``).
+
+    Args:
+        kinds: the token kinds the sweep holds (`available_kinds`); default every kind.
+    """
     ptype = st.sidebar.radio("Probe", PROBE_TYPES, format_func=PROBE_NAMES.get, key="probe_type",
                              index=PROBE_TYPES.index(get_choice("probe", PROBE_TYPES, PROBE_TYPES[0])))
-    kinds = list(TOKEN_KINDS)
+    kinds = list(kinds or TOKEN_KINDS)
     if ptype == "representation":
         kind = st.sidebar.selectbox("Token kind", kinds, format_func=TOKEN_KINDS.get, key="probe_kind",
-                                    index=kinds.index(get_choice("tkind", kinds, "cls")))
+                                    index=kinds.index(get_choice("tkind", kinds, kinds[0])))
         targets = [PATCH_TARGET] if kind == "patch" else list(EXAMPLE_TARGETS)
         targets += list(EXAMPLE_TARGETS) if kind == "patch" else []
         target = st.sidebar.selectbox("Target", targets, key=f"probe_target_{kind == 'patch'}",
@@ -140,6 +144,52 @@ def attention_results(path: str, stamp: float, role: str, cover: float, folds: i
     table, agreement = rank_heads(fit.weights, shares)
     summary = fit.summary.assign(words=role, n_words=len(np.unique(words)))
     return summary, fit.weights, table, agreement
+
+
+def token_kinds(tokens) -> list[str]:
+    """The `TOKEN_KINDS` a sweep's kept vectors hold (a two-stream model's sweep keeps one stream: BLIP's text has
+    no image tokens, CLIP's vision no text), in `TOKEN_KINDS` order; every kind when the sweep kept no vectors."""
+    if tokens is None:
+        return list(TOKEN_KINDS)
+    t = tokens.tokens
+    text, image, special = t["modality"].to_numpy() == 0, t["modality"].to_numpy() == 1, t["special"].to_numpy(bool)
+    present = {
+        "cls": bool((special & text & (t["token"].to_numpy() == 0)).any()),
+        "text_mean": bool((t["kind"] == "text").any()), "words": bool((t["kind"] == "text").any()),
+        "image_cls": bool((special & image).any()), "patch": bool((t["kind"] == "patch").any()),
+    }
+    return [kind for kind in TOKEN_KINDS if present[kind]] or list(TOKEN_KINDS)
+
+
+def available_kinds(path: str, stamp: float) -> list[str]:
+    """`token_kinds` of a sweep's kept vectors (read through the cached `sweep_probe_data`)."""
+    return token_kinds(sweep_probe_data(path, stamp)[0])
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def grounding_reason(model_key: str, _adapter) -> str | None:
+    """None when the model's default block (the one a probe sweep records) has text queries attending to image
+    patches, else one line on why the attention probe does not apply (``model_key``: the adapter's fingerprint)."""
+    from PIL import Image
+
+    from vlcore.trace import ROLE_PATCH, ROLE_TEXT
+
+    specs = _adapter.block_specs()
+    batch = _adapter.encode([Image.new("RGB", (64, 64), (128, 128, 128))], ["what is the shape"])
+
+    def grounds(spec) -> bool:
+        return bool(len(batch.streams[spec.query][0].index(ROLE_TEXT))
+                    and len(batch.streams[spec.key][0].index(ROLE_PATCH)))
+
+    if grounds(specs[_adapter.default_block]):
+        return None
+    others = [name for name, spec in specs.items() if grounds(spec)]
+    if others:
+        return (f"The attention probe reads the block a probe sweep records, {_adapter.default_block}, where no text "
+                f"token attends to image patches; {', '.join(others)} does, but sweeps do not record it.")
+    return (f"The attention probe does not apply to {_adapter.model_id}: in none of its attention blocks "
+            f"({', '.join(specs)}) do text tokens attend to image patches (its text and image meet only in a "
+            "similarity score), so no head ties a word to an image region. The representation probe applies.")
 
 
 def apply_head_click(n_layers: int, n_heads: int) -> None:
