@@ -93,7 +93,7 @@ FAMILY = _TowerFamily(
     checkpoints={
         "openai/clip-vit-base-patch32": "CLIP ViT-B/32 (7 x 7 patches of 32 px)",
         "openai/clip-vit-base-patch16": "CLIP ViT-B/16 (14 x 14 patches of 16 px)",
-        "google/siglip-base-patch16-224": "SigLIP B/16 (sigmoid scores, attention-pooling head; needs sentencepiece)",
+        "google/siglip-base-patch16-224": "SigLIP B/16 (sigmoid scores, attention-pooling head)",
     },
 )
 
