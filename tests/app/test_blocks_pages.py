@@ -257,3 +257,26 @@ def test_a_bad_block_link_opens_the_default_block_with_one_line(checkpoints):
     at = ok(open_folder(HEATMAPS, checkpoints["blip"], {"ex": EX, "block": "nope"}))
     assert "Ignored `block=nope` in the link: expected one of vision.self, text.self, text.cross." in infos(at)
     assert at.query_params["block"] == "text.cross"
+
+
+def test_blip_sweep_scope_shows_the_viewed_blocks_sweep(checkpoints):
+    from vlcore.data.easy_vqa import easy_vqa_examples
+    from vlcore.models.registry import load_adapter
+    from vlcore.run.sweep import run_sweep, sweep_key
+    from vlcore.storage.store import Store
+
+    adapter = load_adapter(str(checkpoints["blip"]))
+    examples = easy_vqa_examples("test", limit=4)
+    ids = [e.example_id for e in examples]
+    store = Store()
+    key = sweep_key(adapter, "easy_vqa/test", ids, block="vision.self")
+    run_sweep(adapter, examples, store.sweep_dir(key), dataset="easy_vqa/test", block="vision.self",
+              vector_patches=None)
+    at = ok(open_folder(STATS, checkpoints["blip"], {"scope": "sweep", "block": "vision.self", "metric": "txt2img"}))
+    assert "`txt2img` is n/a on vision.self" in infos(at)  # NaN in every example: n/a, never 0
+    at.selectbox(key="metric").set_value("entropy").run()
+    (spec,) = [s for s, _ in charts(ok(at)) if "hconcat" in s]
+    heat = next(f for f in charts(at)[0][1].values() if {"layer", "head", "mean", "n"} <= set(f.columns))
+    assert len(heat) == 2 * 3 and set(heat["n"]) == {4}  # the vision tower's layers x heads, over 4 examples
+    pick_block(at, "text.cross")
+    assert "No sweep of" in infos(at) and "on block text.cross" in infos(at)
