@@ -139,8 +139,9 @@ def attention_results(path: str, stamp: float, role: str, cover: float, folds: i
     n_units = pd.Series(groups).nunique()
     fit = compute_attention_probe(feats, inside, groups, keys, folds=min(folds, max(1, n_units // 2)))
     shares = {"word_to_patches": word_patch_share(feats, words)}
-    if share is not None and share.shape == fit.weights.shape:
+    if share is not None and share.shape == fit.weights.shape and np.isfinite(share).all():  # NaN: n/a to the block
         shares = {SHARE_METRIC: share, **shares}
+    shares = {name: value for name, value in shares.items() if np.isfinite(value).all()}
     table, agreement = rank_heads(fit.weights, shares)
     summary = fit.summary.assign(words=role, n_words=len(np.unique(words)))
     return summary, fit.weights, table, agreement
