@@ -140,7 +140,8 @@ class FakeAdapter(ModelAdapter):
         hidden = {"vision": torch.stack([f, g[:, None].expand_as(f)], -1), "text": torch.zeros(b, t, 2)}
         return SimpleNamespace(logits=logits), {"vision.self": a_v, "text.self": a_t, "text.cross": a_c}, hidden
 
-    def capture(self, batch: EncodedBatch, capture: Capture = Capture()) -> Captured:
+    def capture(self, batch: EncodedBatch, capture: Capture | None = None) -> Captured:
+        capture = capture or Capture()
         output, atts, hidden = self._run(batch.inputs)
         wanted = atts if capture.blocks is None else {k: v for k, v in atts.items() if k in capture.blocks}
         hid = {k: torch.stack([v, v]) for k, v in hidden.items()} if capture.hidden else {}

@@ -7,7 +7,13 @@ import math
 import numpy as np
 import pytest
 
-from vlcore.analysis.stats import BUILTIN_METRICS, compute_trace_summaries, metric_names, register_metric, unregister_metric
+from vlcore.analysis.stats import (
+    BUILTIN_METRICS,
+    compute_trace_summaries,
+    metric_names,
+    register_metric,
+    unregister_metric,
+)
 from vlcore.trace import Trace
 
 

@@ -135,8 +135,8 @@ def load_sweep_importance(sweep_dir: str | Path) -> pd.DataFrame | None:
 def save_sweep_importance(sweep_dir: str | Path, new: pd.DataFrame) -> Path:
     """Add head-importance rows to a sweep folder's file (atomically; a later row for the same example and head
     replaces an earlier one)."""
-    from vlcore.storage.tables import frame_to_parquet
     from vlcore.storage.store import atomic_write_bytes
+    from vlcore.storage.tables import frame_to_parquet
 
     old = load_sweep_importance(sweep_dir)
     merged = new if old is None else pd.concat([old, new], ignore_index=True)

@@ -336,8 +336,8 @@ def faithfulness_rows(
     Keys: ``example_id, method, answer, correct, pointing_hit, pointing_chance, auc_positive,
     auc_negative, auc_random``.
     """
-    from vlcore.run.extract import extract_trace
     from vlcore.attribution.relevance import extract_relevancy
+    from vlcore.run.extract import extract_trace
 
     image = example.load_image()
     block = image_block(adapter)

@@ -19,10 +19,6 @@ import pandas as pd
 import torch
 from filelock import FileLock
 
-from vlcore.data.example import Example
-from vlcore.errors import DeviceMemoryError, InputError, StoreError
-from vlcore.run.extract import _free_device_memory, is_out_of_memory, memory_message, model_image_input
-from vlcore.models.base import Capture, Captured, EncodedBatch, ModelAdapter
 from vlcore.analysis.stats import (
     BUILTIN_METRICS,
     SUMMARY_COLUMNS,
@@ -31,9 +27,13 @@ from vlcore.analysis.stats import (
     custom_metric_names,
     summaries_to_frame,
 )
-from vlcore.trace import IMAGE, ROLE_PATCH, TEXT, TRACE_VERSION, TokenLayout
+from vlcore.data.example import Example
+from vlcore.errors import DeviceMemoryError, InputError, StoreError
+from vlcore.models.base import Capture, Captured, EncodedBatch, ModelAdapter
+from vlcore.run.extract import _free_device_memory, is_out_of_memory, memory_message, model_image_input
 from vlcore.storage.store import DamagedFileError, atomic_write_bytes, fingerprint, safetensors_from_bytes
 from vlcore.storage.tables import parquet_from_bytes
+from vlcore.trace import IMAGE, ROLE_PATCH, TEXT, TRACE_VERSION, TokenLayout
 
 VECTOR_PATCHES = 16  # patches per example whose hidden vectors a sweep keeps (plus every text token)
 VECTORS_FILE = "vectors.safetensors"
