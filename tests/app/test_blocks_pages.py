@@ -160,6 +160,8 @@ def test_blip_cross_block_reads_patches_per_text_token_and_patches_per_column(ch
     assert ok(at).slider(key="hm_step").value == 1 and overlay_heats(at)
     at.segmented_control(key="hm_view").set_value("explain").run()
     assert "Rollout does not apply" in infos(ok(at)) and len(overlay_heats(at)) >= 3  # query view, raw, relevancy
+    at.toggle(key="hm_faith").set_value(True).run()  # the maps lie on the image stream: patches can be removed
+    assert [m.label for m in ok(at).metric] == ["AUC, relevance order"] * 2
 
 
 def test_blip_text_and_vision_blocks(checkpoints):
