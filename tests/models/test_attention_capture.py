@@ -182,11 +182,15 @@ def test_rows_of_queries_that_see_nothing_are_zero_not_uniform(family):
     assert (rows[~blind] - expected[~blind]).abs().max() < TOL
 
 
-@pytest.fixture(params=["fused", "chunked"])
+@pytest.fixture(params=["fused-column", "fused-explicit", "chunked"])
 def route(request, monkeypatch):
-    """Both routes to the statistics: one flash call with log-sum-exp per layer (CPU), or row chunks."""
-    if request.param == "chunked":
+    """Every route to the statistics: one flash call with log-sum-exp per layer (CPU) with the key-set share
+    from an extra value column or from explicit scores over the key set, or row chunks of scores."""
+    fraction = {"fused-column": 0.0, "fused-explicit": 1.0}.get(request.param)
+    if fraction is None:
         monkeypatch.setattr(attention_rows, "_can_fuse", lambda call: False)
+    else:
+        monkeypatch.setattr(attention_rows, "EXPLICIT_SHARE_FRACTION", fraction)
     return request.param
 
 
@@ -243,35 +247,36 @@ def test_masks_are_the_models_own():
 
 
 def test_long_sequence_summaries_never_hold_n_by_n(monkeypatch):
-    """N = 1,100 tokens: the summaries equal the full eager tensor's while every scored block has at most
-    ``chunk_rows`` rows (the only [.., rows, keys] tensors the reduction makes)."""
+    """N = 1,100 tokens: the summaries equal the full eager tensor's, whichever route; the chunked route
+    scores blocks of at most ``chunk_rows`` rows over the causal triangle, the fused route none at all (the
+    key-set share of an image-heavy prompt comes from the 40 text keys only)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SMALL, num_hidden_layers=1, head_dim=8,
                                          attn_implementation="sdpa")).eval()
     ids = torch.randint(3, 100, (1, 1100))
-    key_set = torch.zeros(1, 1100, dtype=torch.bool)
-    key_set[0, 100:700] = True
-    shapes = []
-    original = attention_rows._masked_scores
-
-    def spy(call, rows, lo, hi):
-        shapes.append((len(rows), hi - lo))
-        return original(call, rows, lo, hi)
-
-    monkeypatch.setattr(attention_rows, "_masked_scores", spy)
-    fused = extract_attention(model, {"input_ids": ids}, key_set=key_set).summaries
-    assert shapes == []  # the fused route scores no [rows, keys] block at all
+    middle, image_heavy = torch.zeros(1, 1100, dtype=torch.bool), torch.ones(1, 1100, dtype=torch.bool)
+    middle[0, 100:700] = True
+    image_heavy[0, :20] = image_heavy[0, -20:] = False
+    shapes, explicit = [], []
+    scores, share = attention_rows._masked_scores, attention_rows._explicit_share
+    monkeypatch.setattr(attention_rows, "_masked_scores", lambda c, r, lo, hi: shapes.append((len(r), hi - lo))
+                        or scores(c, r, lo, hi))
+    monkeypatch.setattr(attention_rows, "_explicit_share", lambda c, r, q, k, lse, keys, n: explicit.append(
+        int(keys.sum())) or share(c, r, q, k, lse, keys, n))
+    got = {name: extract_attention(model, {"input_ids": ids}, key_set=keys, chunk_rows=256).summaries
+           for name, keys in [("fused-middle", middle), ("fused-image", image_heavy)]}
+    assert shapes == [] and explicit == [1060]
     monkeypatch.setattr(attention_rows, "_can_fuse", lambda call: False)
-    chunked = extract_attention(model, {"input_ids": ids}, key_set=key_set, chunk_rows=256).summaries
-    assert max(r for r, _ in shapes) == 256 and len(shapes) == 5
-    assert [k for _, k in shapes] == [256, 512, 768, 1024, 1100]  # the causal triangle only
+    got["chunked"] = extract_attention(model, {"input_ids": ids}, key_set=middle, chunk_rows=256).summaries
+    assert [k for r, k in shapes] == [256, 512, 768, 1024, 1100] and max(r for r, _ in shapes) == 256
     _, eager = extract_eager_attention(model, {"input_ids": ids})
-    entropy, mass = summaries_from_full(torch.stack(eager, 1), torch.ones(1, 1100, dtype=torch.bool), key_set)
-    for got in (fused, chunked):
-        np.testing.assert_allclose(got.entropy, entropy.numpy(), atol=TOL)
-        np.testing.assert_allclose(got.key_mass, mass.numpy(), atol=TOL)
+    everything = torch.ones(1, 1100, dtype=torch.bool)
+    for name, keys in [("fused-middle", middle), ("fused-image", image_heavy), ("chunked", middle)]:
+        entropy, mass = summaries_from_full(torch.stack(eager, 1), everything, keys)
+        np.testing.assert_allclose(got[name].entropy, entropy.numpy(), atol=TOL)
+        np.testing.assert_allclose(got[name].key_mass, mass.numpy(), atol=TOL)
 
 
 def test_uniform_attention_known_answers(route):

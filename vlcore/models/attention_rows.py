@@ -11,9 +11,11 @@ only, and into per-head statistics without holding ``[head, N, N]``:
 Statistics take one of two routes, with equal results (tests check both against eager):
 
 - fused (CPU, no soft-capping): one flash-attention call per layer that also returns each row's
-  log-sum-exp. With values ``[k, 1_keyset]`` it gives ``E_p[k]`` and the key-set share, and the entropy is
-  ``logsumexp(s) - scaling * q . E_p[k]``. Nothing of size ``[rows, keys]`` is made; with a mask tensor
-  the rows go ``chunk_rows`` at a time with that chunk's additive mask;
+  log-sum-exp. With values ``k`` it gives ``E_p[k]``, and the entropy is ``logsumexp(s) - scaling * q .
+  E_p[k]``. The key-set share comes from an extra value column ``1_keyset`` (q and k padded with a zero
+  column), or, when the key set or its complement is at most 1/8 of the keys (the text tokens of an
+  image-heavy prompt), from ``exp(s - logsumexp)`` over those few keys, ``chunk_rows`` rows at a time.
+  With a mask tensor the rows go ``chunk_rows`` at a time with that chunk's additive mask;
 - chunked (GPU, soft-capping, float masks): the scores of ``chunk_rows`` rows over the keys any of them
   sees (about half the keys under a causal mask), reduced and dropped before the next chunk.
 """
@@ -33,6 +35,8 @@ CHUNK_ROWS = 256
 _MIN = torch.finfo(torch.float32).min
 # torch's CPU flash-attention kernel, the one sdpa runs on CPU; unlike sdpa it also returns the log-sum-exp
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# The fused route scores the key set (or its complement) explicitly when it is at most this share of the keys
+EXPLICIT_SHARE_FRACTION = 1 / 8
 
 
 class AttentionCaptureError(NoAttentionError):
@@ -220,12 +224,14 @@ def _can_fuse(call: AttentionCall) -> bool:
             and (call.mask is None or call.mask.dtype == torch.bool))
 
 
-def _fused_stats(call: AttentionCall, rows: torch.Tensor, keys: torch.Tensor | None):
+def _fused_stats(call: AttentionCall, rows: torch.Tensor, keys: torch.Tensor | None, chunk_rows: int):
     """As `_chunk_stats`, from one flash-attention call that returns each row's log-sum-exp."""
     q, k = call.query.index_select(2, rows).float(), call.expanded_key.float()
     d = q.shape[-1]
-    v = k if keys is None else torch.cat([k, keys[:, None, :, None].float().expand(*k.shape[:3], 1)], -1)
-    if keys is not None:  # the kernel wants one head size: a zero column in q and k leaves the scores alone
+    explicit = keys is not None and min(int(keys.sum(-1).max()), int((~keys).sum(-1).max())) <= (
+        EXPLICIT_SHARE_FRACTION * call.n_keys)
+    v = k if keys is None or explicit else torch.cat([k, keys[:, None, :, None].float().expand(*k.shape[:3], 1)], -1)
+    if v is not k:  # the kernel wants one head size: a zero column in q and k leaves the scores alone
         q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
     bias = None
     if call.mask is not None:
@@ -233,7 +239,28 @@ def _fused_stats(call: AttentionCall, rows: torch.Tensor, keys: torch.Tensor | N
         bias.masked_fill_(~call.mask.index_select(2, rows), -torch.inf)
     out, lse = _FLASH_CPU(q, k, v, 0.0, call.causal, attn_mask=bias, scale=call.scaling)
     entropy = lse - call.scaling * (q[..., :d] * out[..., :d]).sum(-1)
-    return entropy, None if keys is None else out[..., d], _visible_counts(call, rows)
+    if keys is None:
+        mass = None
+    else:
+        mass = _explicit_share(call, rows, q[..., :d], k[..., :d], lse, keys, chunk_rows) if explicit else out[..., d]
+    return entropy, mass, _visible_counts(call, rows)
+
+
+def _explicit_share(call: AttentionCall, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor,
+                    keys: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    """Each row's share on the key set ``[batch, n_heads, r]``, from ``exp(score - lse)`` over the key set or
+    its complement, whichever is smaller (image tokens fill most of a multimodal prompt: their complement is
+    the few text tokens)."""
+    complement = int(keys.sum()) * 2 > keys.numel()
+    chosen = ~keys if complement else keys
+    cols = chosen.any(0).nonzero().flatten()
+    share = torch.zeros(lse.shape, device=lse.device)
+    for part in torch.arange(len(rows), device=rows.device).split(chunk_rows):
+        scores = (q[:, :, part] @ k[:, :, cols].transpose(-1, -2)) * call.scaling
+        seen = compute_visible_keys(call, rows[part])[..., cols] & chosen[:, None, None, cols]
+        probs = torch.where(seen, torch.exp(scores - lse[:, :, part, None]), 0.0)
+        share[:, :, part] = probs.sum(-1)
+    return 1 - share if complement else share
 
 
 def accumulate_head_sums(call: AttentionCall, sums: HeadSums, query_set=None, key_set=None,
@@ -258,7 +285,10 @@ def accumulate_head_sums(call: AttentionCall, sums: HeadSums, query_set=None, ke
     else:
         blocks = in_set.any(0).nonzero().flatten().split(chunk_rows)
     for rows in blocks:
-        entropy, mass, n_visible = (_fused_stats if fused else _chunk_stats)(call, rows, keys)
+        if fused:
+            entropy, mass, n_visible = _fused_stats(call, rows, keys, chunk_rows)
+        else:
+            entropy, mass, n_visible = _chunk_stats(call, rows, keys)
         sums.add(entropy, mass, n_visible, in_set[:, rows])
 
 
