@@ -7,8 +7,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from vlcore.charts.embeddings import (COLOR_BY, SELECT_PARAM, build_fusion_chart, build_projection_chart,
-                                     build_shared_space_chart)
+from vlcore.charts.embeddings import COLOR_BY, SELECT_PARAM, build_fusion_chart, build_projection_chart
 from vlcore.errors import VLScopeError
 from vlcore.analysis.projection import ALIGNS, METHOD_NAMES, METHODS, find_token, umap_available
 from vlcore.ui import embeddings as emb
@@ -17,6 +16,7 @@ from vlcore.ui.browser import source_from_url
 from vlcore.ui.context import load_example_trace, load_model, pick_sweep
 from vlcore.ui.export import chart_downloads
 from vlcore.ui.prediction import task_picker
+from vlcore.ui.shared_space import has_shared_space, shared_space_panel
 from vlcore.ui.state import current_params, get_choice, get_int, get_param, set_params
 
 HEATMAPS = "pages/4_Attention_Heatmaps.py"
@@ -37,10 +37,7 @@ set_params(scope=scope)
 try:
     if scope == "example":
         context = load_example_trace(adapter, store)
-        streams = emb.stream_options(context.trace)
-        stream = streams[0] if len(streams) == 1 else st.sidebar.selectbox(
-            "Stream", streams, key="emb_stream", help="Each stream has its own vector space (and width): one is "
-            "projected at a time.", format_func=lambda s: f"{s} ({context.trace.streams[s].n_tokens} tokens)")
+        streams, stream = emb.pick_stream(context.trace)
         tokens, set_key = emb.example_token_set(context.trace, stream, adapter.answers_compare)
         slice_ = "all"
     else:
@@ -150,20 +147,8 @@ if Path(HEATMAPS).exists():
     st.page_link(HEATMAPS, label=f"Open token {pick_tok} of {pick_ex} on the attention heatmaps", icon="🔥",
                  query_params={k: v for k, v in link.items() if k not in ("scope", "proj", "color")})
 
-if emb.has_shared_space(adapter):
-    st.subheader("Image and text embeddings in the shared space")
-    n_shared = st.slider("Examples drawn (their images and texts)", 1, 64, emb.SHARED_EXAMPLES, key="emb_shared_n")
-    try:
-        shared, labels = emb.shared_space_for(adapter, source, pick_ex, store, n_shared)
-    except VLScopeError as exc:
-        st.error(str(exc))
-    else:
-        st.altair_chart(build_shared_space_chart(shared, pick_ex, f"One PCA of {len(shared):,} unit embeddings"))
-        st.caption(f"The towers' final embeddings (what the similarity compares): {n_shared} example(s)' images and "
-                   f"texts, lines joining each pair" + (f", and {len(labels)} candidate label(s)" if labels else "")
-                   + ". Cosine similarity is the dot product of these unit vectors.")
-        st.dataframe(emb.shared_ranking(shared, pick_ex), hide_index=True, key="emb_shared_table",
-                     column_config={"cosine": st.column_config.NumberColumn(format="%.4f")})
+if has_shared_space(adapter):  # a two-tower model: its images and texts in the space they are compared in
+    shared_space_panel(adapter, source, pick_ex, store)
 
 with st.expander("Downloads"):
     st.download_button("Coordinates (CSV)", lambda: frame.drop(columns="image").to_csv(index=False),

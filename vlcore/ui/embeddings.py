@@ -11,7 +11,6 @@ modality / slice kept), never an example id, a text or a folder name.
 
 from __future__ import annotations
 
-import json
 import threading
 import weakref
 from collections import Counter
@@ -40,6 +39,7 @@ from vlcore.analysis.projection import (
     compute_neighbours,
     compute_projection,
     coordinates_frame,
+    min_tokens,
     fit_joint_pca,
     token_set_fingerprint,
     token_set_from_sweep,
@@ -59,10 +59,33 @@ _EXAMPLE_SETS_LOCK = threading.Lock()
 
 
 def stream_options(trace: Trace) -> list[str]:
-    """The streams of a trace that carry hidden states, the viewed block's query stream first (ViLT: its one joint
-    stream; BLIP: text, vision; CLIP: vision, text)."""
+    """The streams of a trace that carry hidden states of enough tokens to project (`min_tokens` of PCA; not
+    SigLIP's one-token pooling probe), the viewed block's query stream first (ViLT: its one joint stream; BLIP:
+    text, vision; CLIP: vision, text)."""
     names = dict.fromkeys([trace.block.query, *trace.streams])
-    return [name for name in names if trace.hiddens.get(name) is not None]
+    return [name for name in names if trace.hiddens.get(name) is not None
+            and trace.streams[name].n_tokens >= min_tokens("pca")]
+
+
+def pick_stream(trace: Trace) -> tuple[list[str], str]:
+    """Sidebar choice of the stream to project, for a trace with several (`stream_options`).
+
+    Returns:
+        ``(streams, stream)``: the choices and the one picked.
+
+    Raises:
+        ProjectionError: no stream has enough tokens to project.
+    """
+    streams = stream_options(trace)
+    if not streams:
+        raise ProjectionError(f"no stream of this trace has hidden states of {min_tokens('pca')} tokens or more to "
+                              "project")
+    if len(streams) == 1:
+        return streams, streams[0]
+    stream = st.sidebar.selectbox("Stream", streams, key="emb_stream", help="Each stream has its own vector space "
+                                  "(and width): one is projected at a time.",
+                                  format_func=lambda s: f"{s} ({trace.streams[s].n_tokens} tokens)")
+    return streams, stream
 
 
 def stream_view(trace: Trace, stream: str) -> Trace:
@@ -120,128 +143,9 @@ def fusion_note(tokens: TokenSet, stream: str | None = None, show: str = "all") 
             "for a 2-means split to tell apart.")
 
 
-# ---------------------------------------------------------------------------------------
-# The shared image-text space of a two-tower model
-# ---------------------------------------------------------------------------------------
-
-SHARED_EXAMPLES = 16  # examples whose image and text embeddings the shared-space view shows by default
-MAX_SHARED_LABELS = 50  # candidate labels drawn in the shared space at most
-_JOINT_CHUNK = 32  # pairs per pass
-
-
-def has_shared_space(adapter) -> bool:
-    """Whether the model embeds images and texts in one space (it exposes ``joint_embeddings``)."""
-    return callable(getattr(adapter, "joint_embeddings", None))
-
-
-def extract_joint_embeddings(adapter, images: list, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """float32 ``(image [B, d], text [B, d])`` embeddings of image-text pairs (passes without attentions).
-
-    Raises:
-        InputError: what `ModelAdapter.encode` raises.
-    """
-    import torch
-
-    from vlcore.models.base import Capture
-
-    parts_i, parts_t = [], []
-    for start in range(0, len(texts), _JOINT_CHUNK):
-        batch = adapter.encode(list(images[start : start + _JOINT_CHUNK]), list(texts[start : start + _JOINT_CHUNK]))
-        with torch.no_grad():
-            out = adapter.capture(batch, Capture(blocks=(), hidden=False)).output
-        img, txt = adapter.joint_embeddings(out)
-        parts_i.append(np.asarray(img, np.float32))
-        parts_t.append(np.asarray(txt, np.float32))
-    return np.concatenate(parts_i), np.concatenate(parts_t)
-
-
-def shared_space_frame(image_vecs: np.ndarray, text_vecs: np.ndarray, label_vecs: np.ndarray, example_ids: list[str],
-                       texts: list[str], labels: list[str]) -> pd.DataFrame:
-    """One PCA of the examples' image and text embeddings and the labels' text embeddings, all unit-normed.
-
-    Args:
-        image_vecs: ``[E, d]`` one image embedding per example.
-        text_vecs: ``[E, d]`` each example's text embedding.
-        label_vecs: ``[K, d]`` candidate labels' text embeddings (``K`` may be 0).
-        example_ids, texts: per example; labels: per label.
-
-    Returns:
-        Columns ``kind`` (``image``/``text``/``label``), ``example_id`` ("" for labels), ``text``, ``x``, ``y``,
-        ``cosine`` (with the example's image; for a label, with the first example's image).
-    """
-    from vlcore.analysis.projection import apply_pca, pca_components
-
-    def unit(x):
-        x = np.asarray(x, np.float32).reshape(len(x), -1)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    img, txt = unit(image_vecs), unit(text_vecs)
-    lab = unit(label_vecs) if len(label_vecs) else np.zeros((0, img.shape[1]), np.float32)
-    allv = np.concatenate([img, txt, lab])
-    coords = apply_pca(allv, *pca_components(allv)) if len(allv) >= 3 else np.zeros((len(allv), 2), np.float32)
-    n, k = len(img), len(lab)
-    return pd.DataFrame({
-        "kind": ["image"] * n + ["text"] * n + ["label"] * k,
-        "example_id": list(example_ids) * 2 + [""] * k,
-        "text": ["(image)"] * n + list(texts) + list(labels),
-        "x": coords[:, 0], "y": coords[:, 1],
-        "cosine": np.concatenate([np.ones(n), (img * txt).sum(1), lab @ img[0] if n else np.zeros(k)]),
-    })
-
-
-@st.cache_data(max_entries=16, show_spinner="Embedding images and texts in the shared space…")
-def shared_space(model_key: str, examples_key: str, labels: tuple[str, ...], _adapter, _examples) -> pd.DataFrame:
-    """`shared_space_frame` of ``_examples`` (their first images and questions) and ``labels`` (read through the
-    adapter's prompt template when it has one), once per model fingerprint, example set and label list."""
-    images = [e.load_image() for e in _examples]
-    texts = [e.question for e in _examples]
-    img, txt = extract_joint_embeddings(_adapter, images, texts)
-    label_vecs = np.zeros((0, img.shape[1]), np.float32)
-    if labels:
-        prompt = getattr(_adapter, "prompt", None) or (lambda label: label)
-        _, label_vecs = extract_joint_embeddings(_adapter, [images[0]] * len(labels), [prompt(lb) for lb in labels])
-    return shared_space_frame(img, txt, label_vecs, [e.example_id for e in _examples], texts, list(labels))
-
-
 def model_streams(adapter) -> int:
     """How many token streams the model's attention blocks read (1 for a single-stream model such as ViLT)."""
     return len({name for spec in adapter.block_specs().values() for name in (spec.query, spec.key)})
-
-
-def shared_space_for(adapter, source, example_id: str | None, store, n: int) -> tuple[pd.DataFrame, tuple[str, ...]]:
-    """`shared_space` of the selected example and the source's first ``n - 1`` others, with the candidate labels
-    (the zero-shot labels in use, else the dataset's answers, at most `MAX_SHARED_LABELS`).
-
-    Raises:
-        VLScopeError: the example or the source cannot be read.
-    """
-    from vlcore.data.example import content_hash
-    from vlcore.data.sources import resolve_example
-    from vlcore.ui.prediction import answer_vocabulary
-
-    examples = []
-    if example_id:
-        examples.append(resolve_example(example_id, store, source))
-    for position in range(min(len(source), n + 1) if source is not None else 0):
-        if len(examples) >= n:
-            break
-        example = source.example(position)
-        if example.example_id not in {e.example_id for e in examples}:
-            examples.append(example)
-    labels = tuple((adapter.targets() or answer_vocabulary(source))[:MAX_SHARED_LABELS])
-    model_key = json.dumps(adapter.fingerprint(), sort_keys=True, default=str)
-    where = f"{getattr(source, 'key', '')}/{getattr(source, 'split', '')}@{getattr(source, 'fingerprint', '')}"
-    first = examples[0]
-    key = f"{where}|{[e.example_id for e in examples]}|{content_hash(first.load_image(), first.question)}"
-    return shared_space(model_key, key, labels, adapter, examples), labels
-
-
-def shared_ranking(frame: pd.DataFrame, example_id: str) -> pd.DataFrame:
-    """The selected example's text and the candidate labels, by cosine with that example's image (best first)."""
-    own = frame[(frame["kind"] == "text") & (frame["example_id"] == example_id)]
-    if frame["example_id"].iloc[0] == example_id:  # labels were scored against the first (selected) image
-        own = pd.concat([own, frame[frame["kind"] == "label"]])
-    return own[["kind", "text", "cosine"]].sort_values("cosine", ascending=False, ignore_index=True)
 
 
 def sweep_stamp(path: Path) -> str:
@@ -414,6 +318,7 @@ def clicked_token(state_key: str, param: str) -> tuple[str, int] | None:
 
 
 __all__ = ["DEFAULT_PERPLEXITY", "FITS", "SHOW", "SLICES", "example_token_set", "fit_layer", "fusion_caption",
-           "fusion_note", "stream_options", "stream_view", "without_correctness",
-           "fusion_display", "fusion_spec", "fusion_table", "narrow", "neighbours", "projection_frame", "projection_with_spinner", "scatter_spec",
-           "scatter_with_data", "select_token", "sweep_token_set", "sync_token_picker", "thumbnails"]
+           "fusion_display", "fusion_note", "fusion_spec", "fusion_table", "model_streams", "narrow", "neighbours",
+           "pick_stream", "projection_frame", "projection_with_spinner", "scatter_spec", "scatter_with_data",
+           "select_token", "stream_options", "stream_view", "sweep_token_set", "sync_token_picker", "thumbnails",
+           "without_correctness"]
