@@ -15,14 +15,15 @@ tokens plus a 48-token prompt (2,352 tokens for 4 tiles), then greedy generation
 
 Every figure comes from a fresh process, variants interleaved (a, b, c, a, b, c, ...) over ``--rounds``:
 
-- time: a warm-up call, then ``--repeats`` timed calls; the best over all rounds is kept;
+- time: a warm-up call, then ``--repeats`` timed calls; the lowest over all rounds is kept, as wall time and
+  (CPU) as the process's CPU time, which a loaded machine disturbs less;
 - CPU memory: in a process whose allocator returns every block over 64 kB to the system on free
   (``MALLOC_MMAP_THRESHOLD_=65536``), so that the resident size follows the live tensors rather than
   glibc's caching: after a warm-up call, the peak resident set size (VmHWM, reset before the call) and its
   rise over the resident size before the call;
 - CUDA memory: ``torch.cuda.max_memory_allocated`` and its rise over the allocated memory before the call.
 
-Ratios are to (a). The parent also checks that (a) and (c) generate the same tokens and that (c)'s rows
+Each figure is the lowest over the rounds; ratios are to (a). The parent also checks that (a) and (c) generate the same tokens and that (c)'s rows
 equal (b)'s.
 """
 
@@ -126,14 +127,15 @@ def child_time(variant: str, args, out: Path) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
-    seconds = []
+    seconds, cpu_seconds = [], []
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         sequences, got = run()
         if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    result = {"seconds": min(seconds), "tokens": int(inputs["input_ids"].shape[1])}
+        cpu_seconds.append(time.process_time() - cpu_start)
+    result = {"seconds": min(seconds), "cpu_seconds": min(cpu_seconds), "tokens": int(inputs["input_ids"].shape[1])}
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
         result.update(cuda_peak_mb=peak, cuda_rise_mb=peak - before)
@@ -156,14 +158,16 @@ def _run_child(variant: str, measure: str, args, out: Path) -> dict:
 
 def _table(best: dict, device: str, args) -> None:
     base = best["plain"]
+    cols = [("time s", "seconds", 3)] + ([("CPU s", "cpu_seconds", 3)] if device == "cpu" else [])
     mem = ("cuda_peak_mb", "cuda_rise_mb") if device == "cuda" else ("rss_peak_mb", "rss_rise_mb")
+    cols += [("peak MB", mem[0], 0), ("rise MB", mem[1], 1)]
     print(f"\n{device.upper()}: {base['tokens']} prompt tokens + {args.new_tokens} new; decoder {args.layers} "
           f"layers x {args.heads} heads, width {args.hidden}; {args.threads or 'default'} thread(s)")
-    print(f"{'variant':<10}{'time s':>9}{'x (a)':>8}{'peak MB':>10}{'x (a)':>8}{'rise MB':>10}{'x (a)':>8}")
+    print(f"{'variant':<10}" + "".join(f"{title:>10}{'x (a)':>7}" for title, _, _ in cols))
     for name in VARIANTS:
         r = best[name]
-        print(f"{name:<10}{r['seconds']:>9.3f}{r['seconds'] / base['seconds']:>8.2f}{r[mem[0]]:>10.0f}"
-              f"{r[mem[0]] / base[mem[0]]:>8.2f}{r[mem[1]]:>10.1f}{r[mem[1]] / max(base[mem[1]], 1e-9):>8.2f}")
+        print(f"{name:<10}" + "".join(f"{r[key]:>10.{digits}f}{r[key] / max(base[key], 1e-9):>7.2f}"
+                                      for _, key, digits in cols))
 
 
 def _check(folder: Path) -> None:
@@ -188,7 +192,8 @@ def _compare(device: str, args) -> None:
                 if device == "cpu":
                     r.update(_run_child(variant, "memory", args, folder / f"{variant}-memory.json"))
                 runs[variant].append(r)
-        best = {v: min(rs, key=lambda r: r["seconds"]) for v, rs in runs.items()}
+        best = {v: {key: min(r[key] for r in rs) for key in rs[0] if key != "tokens"} | {"tokens": rs[0]["tokens"]}
+                for v, rs in runs.items()}
         _table(best, device, args)
         _check(folder)
 

@@ -90,22 +90,25 @@ class AttentionCall:
         return self.key[:, :, None].expand(b, kv, self.n_heads // kv, k, d).reshape(b, self.n_heads, k, d)
 
 
-def compute_visible_keys(call: AttentionCall, rows: torch.Tensor) -> torch.Tensor:
+def compute_visible_keys(call: AttentionCall, rows: torch.Tensor, cols: torch.Tensor | None = None) -> torch.Tensor:
     """Which keys each of the given query rows sees, by the model's own mask.
 
     Args:
         call: a captured call.
         rows: int ``[r]``, query indices within the call (0 .. n_queries - 1).
+        cols: int ``[c]``, key indices within the call; None for every key.
 
     Returns:
-        bool ``[batch or 1, 1 or n_heads, r, n_keys]``.
+        bool ``[batch or 1, 1 or n_heads, r, c or n_keys]``.
     """
     rows = rows.to(call.query.device)
+    keys = torch.arange(call.n_keys, device=rows.device) if cols is None else cols.to(rows.device)
     if call.mask is None:
         if not call.causal:
-            return torch.ones(1, 1, len(rows), call.n_keys, dtype=torch.bool, device=rows.device)
-        return (torch.arange(call.n_keys, device=rows.device)[None, :] <= rows[:, None])[None, None]
+            return torch.ones(1, 1, len(rows), len(keys), dtype=torch.bool, device=rows.device)
+        return (keys[None, :] <= rows[:, None])[None, None]
     mask = call.mask.index_select(2, rows.to(call.mask.device))
+    mask = mask if cols is None else mask.index_select(3, keys.to(mask.device))
     return mask if mask.dtype == torch.bool else mask > _MIN / 2
 
 
@@ -257,7 +260,7 @@ def _explicit_share(call: AttentionCall, rows: torch.Tensor, q: torch.Tensor, k:
     share = torch.zeros(lse.shape, device=lse.device)
     for part in torch.arange(len(rows), device=rows.device).split(chunk_rows):
         scores = (q[:, :, part] @ k[:, :, cols].transpose(-1, -2)) * call.scaling
-        seen = compute_visible_keys(call, rows[part])[..., cols] & chosen[:, None, None, cols]
+        seen = compute_visible_keys(call, rows[part], cols) & chosen[:, None, None, cols]
         probs = torch.where(seen, torch.exp(scores - lse[:, :, part, None]), 0.0)
         share[:, :, part] = probs.sum(-1)
     return 1 - share if complement else share
