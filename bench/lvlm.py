@@ -23,8 +23,8 @@ Every figure comes from a fresh process, variants interleaved (a, b, c, a, b, c,
   rise over the resident size before the call;
 - CUDA memory: ``torch.cuda.max_memory_allocated`` and its rise over the allocated memory before the call.
 
-Each figure is the lowest over the rounds; ratios are to (a). The parent also checks that (a) and (c) generate the same tokens and that (c)'s rows
-equal (b)'s.
+Each figure is the lowest over the rounds; ratios are to (a). The parent also checks that (a) and (c)
+generate the same tokens and that (c)'s rows equal (b)'s.
 """
 
 from __future__ import annotations
