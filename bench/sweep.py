@@ -53,7 +53,7 @@ def main() -> int:
     def naive():
         with torch.no_grad():
             out = adapter.capture(batch, Capture())
-            [a.float().cpu().numpy() for a in out.attentions.values()]
+            [a.float().cpu().numpy() for layers in out.attentions.values() for a in layers]
             [h.float().cpu().numpy() for h in out.hidden.values()]
             out.output.logits.float().cpu()
 

@@ -322,3 +322,18 @@ def test_the_cls_row_is_found_by_its_role_not_its_position():
     before, after = as_arrays(compute_trace_summaries(trace)), as_arrays(compute_trace_summaries(moved))
     for name in BUILTIN_METRICS:  # the same tokens in another order: the same statistics
         np.testing.assert_allclose(after[name], before[name], atol=1e-6, err_msg=name)
+
+
+def test_z_scores_keep_a_metric_that_does_not_apply_as_nan_never_zero():
+    import pandas as pd
+
+    from vlcore.analysis.head_table import aggregate_heads, zscore_across_heads
+
+    frame = pd.DataFrame({"example_id": "e", "layer": [0, 0, 1, 1] * 2, "head": [0, 1, 0, 1] * 2,
+                          "metric": ["entropy"] * 4 + ["txt2img"] * 4,
+                          "value": [1.0, 2.0, 3.0, 4.0] + [np.nan] * 4})
+    z = zscore_across_heads(frame)
+    assert z[z.metric == "txt2img"]["value"].isna().all()
+    np.testing.assert_allclose(z[z.metric == "entropy"]["value"], [-1.342, -0.447, 0.447, 1.342], atol=1e-3)
+    agg = aggregate_heads(frame, norm="z")
+    assert agg[agg.metric == "txt2img"]["mean"].isna().all() and (agg[agg.metric == "txt2img"]["n"] == 0).all()
