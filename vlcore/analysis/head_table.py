@@ -115,8 +115,15 @@ def compare_slices(heads: pd.DataFrame, ids_a: list[str], ids_b: list[str], norm
 
 
 def head_table(aggregated: pd.DataFrame) -> pd.DataFrame:
-    """One row per head, one column per metric (the means), sorted by layer and head."""
-    wide = aggregated.pivot_table(index=["layer", "head"], columns="metric", values="mean", observed=True)
+    """One row per head, one column per metric (the means), sorted by layer and head; a metric that does not
+    apply to any head (NaN everywhere) keeps its column, NaN.
+
+    >>> agg = pd.DataFrame({"layer": [0, 0], "head": [0, 0], "metric": ["a", "b"], "mean": [1.0, float("nan")]})
+    >>> list(head_table(agg).columns)
+    ['layer', 'head', 'a', 'b']
+    """
+    wide = aggregated.pivot_table(index=["layer", "head"], columns="metric", values="mean", observed=True,
+                                  dropna=False)
     wide.columns.name = None
     return wide.reset_index().sort_values(["layer", "head"]).reset_index(drop=True)
 
