@@ -39,9 +39,9 @@ def _positive(text: str) -> int:
     return value
 
 
-MODEL_HELP = ('"demo", a checkpoint folder, or a hub id of any supported family (ViLT, BLIP, CLIP / SigLIP); a '
-              "folder is recognised from its config.json")
-LABELS_HELP = "comma-separated candidate labels: zero-shot classification over them (a model that can, e.g. CLIP)"
+MODEL_HELP = ('"demo", a checkpoint folder, or a hub id of any supported family (the error for an unsupported one '
+              "lists them); a folder is recognised from its config.json")
+LABELS_HELP = "comma-separated candidate labels: zero-shot classification over them (a family that offers it)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Ray: GPUs each worker reserves, fractions share one (default 0: CPU)")
     ext.add_argument("--labels", default=None, help=LABELS_HELP)
     ext.add_argument("--zero-shot", action="store_true",
-                     help="classify each image over the dataset's answers (a model that can, e.g. CLIP); --labels "
-                          "gives other labels")
+                     help="classify each image over the dataset's answers (a family that offers zero-shot "
+                          "classification); --labels gives other labels")
 
     tr = sub.add_parser("trace", help="write the full trace of one image and text")
     tr.add_argument("--model", default="demo", help=MODEL_HELP)

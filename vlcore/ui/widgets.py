@@ -300,8 +300,8 @@ def show_task_runs(adapter, example) -> None:
             }), hide_index=True)
     elif example.source == "vcr":
         st.caption("VCR with an answering model: the question alone is run (below). Use a model that scores "
-                   "image-text pairs (an image-text-matching or similarity checkpoint, e.g. "
-                   "dandelin/vilt-b32-finetuned-coco) to score the answer and rationale choices.")
+                   "image-text pairs (an image-text-matching or similarity checkpoint) to score the answer and "
+                   "rationale choices.")
     if example.source == "webqa":
         st.info("Text facts are not seen by an image-text model: it reads one image and the question.")
         if adapter.answers_compare and adapter.n_passes == 1:
