@@ -32,7 +32,7 @@ from bench.families import FAMILY_CHECKPOINTS, load_family  # noqa: E402
 from vlcore.models.base import Capture  # noqa: E402
 from vlcore.data.example import Example  # noqa: E402
 from vlcore.run.extract import extract_trace  # noqa: E402
-from vlcore.run.sweep import summarize_batch  # noqa: E402
+from vlcore.run.sweep import summarize_batch
 from vlcore.storage.store import Store  # noqa: E402
 
 def main() -> int:

@@ -28,7 +28,7 @@ CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, {root!r})
 from streamlit.testing.v1 import AppTest
-from vlcore.run.sweep import load_sweep
+from vlcore.storage.sweeps import load_sweep
 
 def rss():
     fields = dict(l.split(':', 1) for l in open('/proc/self/status') if l.startswith(('VmRSS', 'VmHWM')))
@@ -88,7 +88,7 @@ def write_sweep(folder: Path, n: int) -> None:
     import numpy as np
     import pandas as pd
 
-    from vlcore.run.sweep import PREDICTION_COLUMNS, _write_parquet
+    from vlcore.storage.sweeps import PREDICTION_COLUMNS, _write_parquet
     from vlcore.analysis.stats import BLOCK_METRICS, summaries_to_frame
 
     ids = [f"easy_vqa/test/{i}" for i in range(n)]

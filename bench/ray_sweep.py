@@ -28,7 +28,8 @@ from vlcore.data.easy_vqa import easy_vqa_examples  # noqa: E402
 from vlcore.models.registry import load_adapter  # noqa: E402
 from vlcore.run.ray_examples import ray_input  # noqa: E402
 from vlcore.run.ray_sweep import connect, run_ray_sweep  # noqa: E402
-from vlcore.run.sweep import load_sweep, run_sweep  # noqa: E402
+from vlcore.run.sweep import run_sweep
+from vlcore.storage.sweeps import load_sweep
 
 DATASET = "easy_vqa/test"
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from bench.common import QUESTION, time_interleaved, vilt_b32  # noqa: E402
 from vlcore.data.example import Example  # noqa: E402
 from vlcore.models.base import Capture  # noqa: E402
-from vlcore.run.sweep import summarize_batch  # noqa: E402
+from vlcore.run.sweep import summarize_batch
 from vlcore.trace import TEXT  # noqa: E402
 
 

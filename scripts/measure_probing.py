@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlcore.data.easy_vqa import easy_vqa_examples
     from vlcore.models.registry import load_adapter
-    from vlcore.run.probe_sweep import example_label_table, load_sweep_probe, patch_cover_table
+    from vlcore.run.probe_sweep import example_label_table, patch_cover_table
+    from vlcore.storage.sweeps import load_sweep_probe
     from vlcore.analysis.projection import token_set_from_sweep
-    from vlcore.run.sweep import load_sweep, load_sweep_vectors, run_sweep
+    from vlcore.run.sweep import run_sweep
+    from vlcore.storage.sweeps import load_sweep, load_sweep_vectors
 
     adapter = load_adapter("demo")
     examples = easy_vqa_examples("test")[:: args.stride][: args.examples]

@@ -17,7 +17,8 @@ import vlcore.data.example as example_mod
 from vlcore.data.example import (MAX_ASPECT_RATIO, Example, image_notes, open_image, open_image_bytes, to_rgb)
 from vlcore.errors import DeviceMemoryError, InputError
 from vlcore.run.extract import extract_trace, trace_for_example
-from vlcore.run.sweep import load_sweep, run_sweep
+from vlcore.run.sweep import run_sweep
+from vlcore.storage.sweeps import load_sweep
 from vlcore.storage.store import Store
 
 

@@ -21,7 +21,8 @@ from tests.conftest import ROOT
 from vlcore.data.example import Example
 from vlcore.errors import StoreError
 from vlcore.run.extract import extract_trace, trace_for_example
-from vlcore.run.sweep import load_sweep, run_sweep
+from vlcore.run.sweep import run_sweep
+from vlcore.storage.sweeps import load_sweep
 from vlcore.storage.store import Store, atomic_write_bytes, trace_to_bytes
 
 

@@ -482,7 +482,6 @@ def test_explanations_side_by_side_export():
 
 
 def test_layer_strip_draws_the_image_under_every_map_from_one_copy_outside_the_spec():
-    import dataclasses
 
     from PIL import Image
 

@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import ROOT, grey_image
 from vlcore.cli import main
-from vlcore.run.sweep import PREDICTION_COLUMNS
-from vlcore.analysis.stats import SUMMARY_COLUMNS
+from vlcore.storage.sweeps import PREDICTION_COLUMNS
+from vlcore.storage.sweeps import SUMMARY_COLUMNS
 from vlcore.storage.store import trace_from_bytes
 
 
@@ -54,7 +54,7 @@ def test_bad_arguments_give_one_line_and_nonzero_exit(argv, message, tmp_path):
 
 
 def test_extract_probe_flag_writes_the_probe_data_the_probing_page_reads(tmp_path):
-    from vlcore.run.probe_sweep import load_sweep_probe
+    from vlcore.storage.sweeps import load_sweep_probe
 
     out = tmp_path / "probe"
     assert main(["extract", "--limit", "6", "--batch-size", "3", "--probe", "--out", str(out)]) == 0

@@ -40,7 +40,8 @@ from vlcore.data.example import Example
 from vlcore.errors import InputError
 from vlcore.models.base import BlockSpec, Capture, Captured, EncodedBatch, Gradients, ModelAdapter
 from vlcore.run.extract import extract_trace
-from vlcore.run.sweep import load_sweep, load_sweep_vectors, run_sweep, summarize_batch
+from vlcore.run.sweep import run_sweep, summarize_batch
+from vlcore.storage.sweeps import load_sweep, load_sweep_vectors
 from vlcore.trace import (
     IMAGE_CLS_TOKEN,
     ROLE_IMAGE_SUMMARY,

@@ -8,8 +8,10 @@ from PIL import Image
 
 from vlcore.data.example import Example
 from vlcore.run.extract import extract_trace
-from vlcore.run.sweep import PREDICTION_COLUMNS, load_sweep, run_sweep, summarize_batch
-from vlcore.analysis.stats import BUILTIN_METRICS, SUMMARY_COLUMNS, compute_trace_summaries
+from vlcore.run.sweep import run_sweep, summarize_batch
+from vlcore.storage.sweeps import PREDICTION_COLUMNS, load_sweep
+from vlcore.analysis.stats import BUILTIN_METRICS, compute_trace_summaries
+from vlcore.storage.sweeps import SUMMARY_COLUMNS
 
 
 def examples(n: int, seed: int = 0) -> list[Example]:

@@ -276,7 +276,7 @@ def demo_probe_sweep(tmp_path_factory):
 def test_a_probe_sweep_stores_what_the_traces_say(demo_probe_sweep):
     from vlcore.run.extract import extract_trace
     from vlcore.data.easy_vqa import compute_shape_mask
-    from vlcore.run.probe_sweep import PROBE_FILE, load_sweep_probe
+    from vlcore.storage.sweeps import PROBE_FILE, load_sweep_probe
 
     adapter, examples, out = demo_probe_sweep
     assert (out / PROBE_FILE).exists() and not list(out.glob("part-*"))
@@ -303,7 +303,7 @@ def test_a_probe_sweep_stores_what_the_traces_say(demo_probe_sweep):
 
 
 def test_a_probe_sweep_resumes_and_recomputes_a_damaged_probe_part(demo_probe_sweep, tmp_path):
-    from vlcore.run.probe_sweep import load_sweep_probe
+    from vlcore.storage.sweeps import load_sweep_probe
     from vlcore.run.sweep import run_sweep, sweep_key
 
     adapter, examples, full = demo_probe_sweep
@@ -323,9 +323,10 @@ def test_a_probe_sweep_resumes_and_recomputes_a_damaged_probe_part(demo_probe_sw
 
 
 def test_probes_run_on_the_demo_probe_sweep(demo_probe_sweep):
-    from vlcore.run.probe_sweep import example_label_table, load_sweep_probe, patch_cover_table
+    from vlcore.run.probe_sweep import example_label_table, patch_cover_table
+    from vlcore.storage.sweeps import load_sweep_probe
     from vlcore.analysis.projection import token_set_from_sweep
-    from vlcore.run.sweep import load_sweep, load_sweep_vectors
+    from vlcore.storage.sweeps import load_sweep, load_sweep_vectors
 
     _, _, out = demo_probe_sweep
     preds, _ = load_sweep(out)
@@ -365,7 +366,7 @@ def vcr_adapter(tmp_path):
 def test_vcr_object_words_ground_in_their_own_boxes(vcr_adapter, tmp_path):
     from tests.data._records import VCR_BOXES, write_vcr
     from vlcore.data.vcr import load_vcr_examples
-    from vlcore.run.probe_sweep import load_sweep_probe
+    from vlcore.storage.sweeps import load_sweep_probe
     from vlcore.run.sweep import run_sweep
 
     (tmp_path / "vcr").mkdir()

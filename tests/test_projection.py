@@ -165,7 +165,8 @@ def test_sweep_vectors_equal_the_trace_and_survive_resume(tiny_adapter, tmp_path
     from tests.test_extract import examples
     from vlcore.run.extract import extract_trace
     from vlcore.analysis.projection import token_set_from_sweep
-    from vlcore.run.sweep import load_sweep, load_sweep_vectors, run_sweep
+    from vlcore.run.sweep import run_sweep
+    from vlcore.storage.sweeps import load_sweep, load_sweep_vectors
 
     exs = examples(7)
     seen = []
@@ -198,7 +199,8 @@ def test_sweep_vectors_equal_the_trace_and_survive_resume(tiny_adapter, tmp_path
 
 def test_damaged_vector_part_is_recomputed(tiny_adapter, tmp_path):
     from tests.test_extract import examples
-    from vlcore.run.sweep import load_sweep_vectors, run_sweep
+    from vlcore.run.sweep import run_sweep
+    from vlcore.storage.sweeps import load_sweep_vectors
 
     exs = examples(6)
     seen = []

@@ -21,7 +21,8 @@ from tests.conftest import ROOT
 from vlcore.cli import main
 from vlcore.data.easy_vqa import easy_vqa_examples
 from vlcore.models.registry import load_adapter
-from vlcore.run.sweep import load_sweep, load_sweep_vectors, run_sweep
+from vlcore.run.sweep import run_sweep
+from vlcore.storage.sweeps import load_sweep, load_sweep_vectors
 
 N, BATCH = 16, 4
 DATASET = "easy_vqa/test"

@@ -22,7 +22,8 @@ from vlcore.data.example import Example
 from vlcore.run.extract import trace_for_example
 from vlcore.storage.store import DamagedFileError, Store
 from vlcore.storage.tables import parquet_from_bytes
-from vlcore.run.sweep import VECTORS_FILE, load_sweep, load_sweep_vectors, run_sweep, vectors_from_bytes, vectors_to_bytes
+from vlcore.run.sweep import run_sweep
+from vlcore.storage.sweeps import VECTORS_FILE, load_sweep, load_sweep_vectors, vectors_from_bytes, vectors_to_bytes
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -157,7 +157,8 @@ def cmd_extract(args) -> int:
 
     from vlcore.data.catalog import load_examples
     from vlcore.models.registry import load_adapter
-    from vlcore.run.sweep import load_sweep, run_sweep
+    from vlcore.run.sweep import run_sweep
+    from vlcore.storage.sweeps import load_sweep
 
     if args.engine == "ray":
         if args.probe:

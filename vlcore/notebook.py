@@ -256,7 +256,7 @@ def _trace_heads(trace: Trace, include_special: bool, importance: bool, block: s
 def _sweep_heads(path: Path, slice_: str) -> tuple[pd.DataFrame, list[str], str]:
     from vlcore.attribution.ablation import load_sweep_importance
     from vlcore.analysis.head_table import slice_examples
-    from vlcore.run.sweep import load_sweep
+    from vlcore.storage.sweeps import load_sweep
 
     preds, heads = load_sweep(path)
     if not len(preds):
@@ -610,7 +610,7 @@ def _token_set(source, stream: str | None = None):
     from vlcore.analysis.projection import token_set_from_sweep, token_set_from_traces
 
     if isinstance(source, (str, Path)):
-        from vlcore.run.sweep import load_sweep, load_sweep_vectors
+        from vlcore.storage.sweeps import load_sweep, load_sweep_vectors
 
         preds, _ = load_sweep(source)
         return token_set_from_sweep(load_sweep_vectors(source), preds)

@@ -177,7 +177,7 @@ def test_sweep_runs_for_every_family_with_accuracy_only_where_answers_compare(fo
         assert done.endswith("accuracy n/a") and not {"gold", "correct"} & set(table.columns)
         assert any("No accuracy: this model scores each image-text pair" in c.value for c in at.caption)
     else:
-        from vlcore.run.sweep import load_sweep
+        from vlcore.storage.sweeps import load_sweep
         from vlcore.storage.store import Store
 
         preds, _ = load_sweep(Store().list_sweeps()[0]["path"])

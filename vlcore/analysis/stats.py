@@ -46,7 +46,6 @@ from vlcore.trace import AttentionBlock, TokenLayout, Trace
 __all__ = ["KEY_SETS", "StreamTokens", "token_masks"]  # re-exported: built in vlcore.analysis.block_sets
 
 BLOCK_METRICS = ("txt2txt", "txt2img", "img2txt", "img2img")
-SUMMARY_COLUMNS = ["example_id", "layer", "head", "metric", "value"]
 
 METRICS: dict[str, str] = {
     "txt2txt": "mean attention in the text→text block (text queries, text keys)",

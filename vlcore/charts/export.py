@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import altair as alt
-import pandas as pd
 
 
 def chart_spec_json(chart: alt.TopLevelMixin) -> str:

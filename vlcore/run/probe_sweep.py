@@ -15,9 +15,7 @@ sweep is complete), resumable and checked like the other parts. Per example it k
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,10 +25,6 @@ from vlcore.analysis.probe_labels import compute_cover_grid, example_regions
 from vlcore.analysis.probing import ProbingError
 from vlcore.trace import TEXT
 
-PROBE_FILE = "probe.safetensors"
-PROBE_VERSION = "2"  # part of a probe sweep's key: a change of the payload makes a new sweep
-ARRAYS = ("patch_example", "patch_rc", "patch_cover", "word_example", "pair_word", "pair_rc", "pair_cover",
-          "pair_attention")
 
 
 def compute_probe_batch(attentions: Sequence[torch.Tensor], batch, examples: Sequence, example_ids: Sequence[str],
@@ -113,124 +107,6 @@ def _pair_attention(attentions, words: list, pairs: list, n_layers: int, n_heads
 
 
 # -- files ------------------------------------------------------------------------------------------
-
-
-def probe_to_bytes(part: dict) -> bytes:
-    """A probe payload as safetensors (strings and labels in the header as JSON)."""
-    from safetensors.numpy import save
-
-    tensors = {name: np.ascontiguousarray(part[name]) for name in ARRAYS}
-    meta = {name: json.dumps(part[name]) for name in ("example_ids", "labels", "word_text", "word_role", "word_tokens")}
-    return save(tensors, metadata={**meta, "schema": PROBE_VERSION})
-
-
-def probe_from_bytes(data: bytes) -> dict:
-    """Inverse of `probe_to_bytes`.
-
-    Raises:
-        ValueError: a damaged file.
-    """
-    from safetensors.numpy import load
-
-    try:
-        part = dict(load(data))
-        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
-        for name in ("example_ids", "labels", "word_text", "word_role", "word_tokens"):
-            part[name] = json.loads(header[name])
-        missing = [name for name in ARRAYS if name not in part]
-        if missing:
-            raise KeyError(f"no {', '.join(missing)}")
-    except Exception as exc:  # safetensors raises its own error type; any failure means damaged
-        raise ValueError(f"damaged probe file: {type(exc).__name__}: {exc}") from exc
-    return part
-
-
-def probe_part_ok(path: Path) -> bool:
-    """Whether a probe file exists and parses (a sweep recomputes a batch whose probe part is not)."""
-    try:
-        probe_from_bytes(path.read_bytes())
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
-def probe_files(out: Path) -> list[Path]:
-    """The merged probe file (if any) then the parts, in order."""
-    merged = out / PROBE_FILE
-    return ([merged] if merged.exists() else []) + sorted(out.glob("part-*.probe.safetensors"))
-
-
-def probe_part_path(predictions_part: Path) -> Path:
-    """The probe twin of a sweep's predictions file (part or merged)."""
-    if predictions_part.name == "predictions.parquet":
-        return predictions_part.parent / PROBE_FILE
-    return predictions_part.parent / predictions_part.name.replace(".predictions.parquet", ".probe.safetensors")
-
-
-def merge_probe_parts(parts: Sequence[dict], keep_ids: Sequence[str] | None = None) -> dict | None:
-    """Concatenate probe parts, each example once (first seen), ordered by ``keep_ids`` when given.
-
-    Returns:
-        One payload whose example indices point into its ``example_ids``; None when nothing is kept.
-    """
-    seen: dict[str, tuple[int, int]] = {}  # example id -> (part, row)
-    for p, part in enumerate(parts):
-        for row, eid in enumerate(part["example_ids"]):
-            seen.setdefault(str(eid), (p, row))
-    order = [e for e in (keep_ids if keep_ids is not None else seen) if e in seen]
-    if not order:
-        return None
-    new_index = {eid: i for i, eid in enumerate(order)}
-    names = sorted({name for part in parts for name in part["labels"]})
-    labels = {name: [None] * len(order) for name in names}
-    pieces: dict[str, list] = {name: [] for name in (*ARRAYS, "word_text", "word_role", "word_tokens")}
-    n_words = 0
-    for p, part in enumerate(parts):
-        remap = np.array([new_index.get(str(e), -1) if seen.get(str(e), (None,))[0] == p else -1
-                          for e in part["example_ids"]], dtype=np.int64)
-        for name, values in part["labels"].items():
-            for row, value in enumerate(values):
-                if remap[row] >= 0:
-                    labels[name][remap[row]] = value
-        keep_patch, keep_word = remap[part["patch_example"]] >= 0, remap[part["word_example"]] >= 0
-        word_new = np.cumsum(keep_word) - 1 + n_words
-        keep_pair = keep_word[part["pair_word"]] if len(part["pair_word"]) else np.zeros(0, bool)
-        pieces["patch_example"].append(remap[part["patch_example"]][keep_patch])
-        for name in ("patch_rc", "patch_cover"):
-            pieces[name].append(part[name][keep_patch])
-        pieces["word_example"].append(remap[part["word_example"]][keep_word])
-        for name in ("word_text", "word_role", "word_tokens"):
-            pieces[name].append([v for v, k in zip(part[name], keep_word) if k])
-        pieces["pair_word"].append(word_new[part["pair_word"]][keep_pair])
-        for name in ("pair_rc", "pair_cover", "pair_attention"):
-            pieces[name].append(part[name][keep_pair])
-        n_words += int(keep_word.sum())
-    merged = {name: np.concatenate(pieces[name]) for name in ARRAYS}
-    for name in ("patch_example", "word_example", "pair_word"):
-        merged[name] = merged[name].astype(np.int32)
-    merged.update({name: [v for chunk in pieces[name] for v in chunk] for name in ("word_text", "word_role", "word_tokens")})
-    return {**merged, "example_ids": order, "labels": labels}
-
-
-def load_sweep_probe(out_dir: str | Path) -> dict | None:
-    """The probe payload of a sweep folder, finished or not (merged file plus parts); None when the sweep
-    stored none. Unreadable files are skipped."""
-    parts = []
-    for path in probe_files(Path(out_dir)):
-        try:
-            parts.append(probe_from_bytes(path.read_bytes()))
-        except (OSError, ValueError):
-            continue
-    return merge_probe_parts(parts)
-
-
-def consolidate_probe(out: Path, ids: Sequence[str]) -> None:
-    """Merge a finished sweep's probe parts into `PROBE_FILE` (the parts are deleted by the caller)."""
-    from vlcore.storage.store import atomic_write_bytes
-
-    merged = load_sweep_probe(out)
-    if merged is not None:
-        atomic_write_bytes(out / PROBE_FILE, probe_to_bytes(merge_probe_parts([merged], ids)))
 
 
 # -- tables for the probes --------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from vlcore.errors import InputError, VLScopeError
 from vlcore.run.ray_examples import RayInput, RowMapper
 
 # The sweep folder has one owner, vlcore.run.sweep: the Ray driver opens, checks and merges it with its functions.
-from vlcore.run.sweep import (VECTOR_PATCHES, SweepProgress, _claim, _consolidate, _drop_stale, _manifest,  # isort: skip
-                          _write_manifest, completed_ids, summarize_batch, sweep_key, vectors_to_bytes)
+from vlcore.run.sweep import VECTOR_PATCHES, SweepProgress, summarize_batch, sweep_key
+from vlcore.storage.sweeps import claim, completed_ids, consolidate, drop_stale, read_manifest, vectors_to_bytes, write_manifest
 from vlcore.run.sweep_target import SweepTarget, open_target
 
 RAY_PIN = "ray[data]==2.60.0"
@@ -259,8 +259,8 @@ def run_ray_sweep(
     key = sweep_key(adapter, dataset, source.ids, top_k, vector_patches)
     target = open_target(out)
     with target.staged() as staging:  # the folder itself, or a local copy of a URL's
-        notices = _drop_stale(staging)
-        _claim(staging, key, adapter, dataset, len(source.ids), top_k, batch_size, vector_patches,
+        notices = drop_stale(staging)
+        claim(staging, key, adapter.model_id, dataset, len(source.ids), top_k, batch_size, vector_patches,
                block=adapter.default_block)  # the block the workers' summarize_batch reduces
         done = completed_ids(staging, notices)
         target.push(staging)
@@ -273,11 +273,11 @@ def run_ray_sweep(
                               batch_hook=batch_hook)
         seconds = time.perf_counter() - start
         target.pull(staging, only_new=True)  # the parts the workers wrote to a URL
-        _write_manifest(staging, {**_manifest(staging), "notices": notices, "engine": "ray", "workers": workers,
+        write_manifest(staging, {**read_manifest(staging), "notices": notices, "engine": "ray", "workers": workers,
                                   "gpus_per_worker": gpus_per_worker})
         complete = completed_ids(staging) >= set(source.ids)
         if complete:
-            _consolidate(staging, source.ids)
+            consolidate(staging, source.ids)
         target.push(staging)
     return RaySweepReport(str(out), len(source.ids), len(todo), len(done), seconds, counts["retries"],
                           max(0, counts["worker_starts"] - workers), workers, complete)

@@ -21,18 +21,26 @@ from filelock import FileLock
 
 from vlcore.analysis.stats import (
     BUILTIN_METRICS,
-    SUMMARY_COLUMNS,
     SummaryReducer,
     compute_custom_batch,
     custom_metric_names,
     summaries_to_frame,
 )
 from vlcore.data.example import Example
-from vlcore.errors import DeviceMemoryError, InputError, StoreError
+from vlcore.errors import DeviceMemoryError, InputError
 from vlcore.models.base import Capture, Captured, EncodedBatch, ModelAdapter
 from vlcore.run.extract import _free_device_memory, is_out_of_memory, memory_message, model_image_input
-from vlcore.storage.store import DamagedFileError, atomic_write_bytes, fingerprint, safetensors_from_bytes
-from vlcore.storage.tables import parquet_from_bytes
+from vlcore.storage.store import atomic_write_bytes, fingerprint
+from vlcore.storage.sweeps import (
+    claim,
+    completed_ids,
+    consolidate,
+    drop_stale,
+    read_manifest,
+    vectors_to_bytes,
+    write_manifest,
+    write_parquet,
+)
 from vlcore.trace import IMAGE, ROLE_PATCH, TEXT, TRACE_VERSION, TokenLayout
 
 VECTOR_PATCHES = 16  # patches per example whose hidden vectors a sweep keeps (plus every text token)
@@ -258,7 +266,7 @@ def sweep_key(
     if block is not None and block != adapter.default_block:  # default-block sweeps keep their keys
         settings["block"] = block
     if probe:  # a probe sweep is another sweep (vlcore.run.probe_sweep); plain sweeps keep their keys
-        from vlcore.run.probe_sweep import PROBE_VERSION
+        from vlcore.storage.sweeps import PROBE_VERSION
 
         settings["probe"] = PROBE_VERSION
     return fingerprint("sweep", TRACE_VERSION, adapter.fingerprint(), dataset, list(example_ids), settings)
@@ -322,8 +330,8 @@ def run_sweep(
         raise InputError(f"{adapter.model_id} has no attention block {block!r}; its blocks: {list(adapter.block_specs())}")
     key = sweep_key(adapter, dataset, ids, top_k, vector_patches, probe=probe, block=block)
     with FileLock(str(out / ".lock")):
-        notices = _drop_stale(out)
-        _claim(out, key, adapter, dataset, len(examples), top_k, batch_size, vector_patches, probe=probe, block=block)
+        notices = drop_stale(out)
+        claim(out, key, adapter.model_id, dataset, len(examples), top_k, batch_size, vector_patches, probe=probe, block=block)
         done = completed_ids(out, notices)
         todo = [(i, e) for i, e in enumerate(examples) if e.example_id not in done]
         start, finished, b, size = time.perf_counter(), 0, 0, batch_size
@@ -345,14 +353,14 @@ def run_sweep(
                 continue
             b += len(chunk)
             part = f"part-{chunk[0][0]:07d}"
-            _write_parquet(out / f"{part}.heads.parquet", summary.heads)
+            write_parquet(out / f"{part}.heads.parquet", summary.heads)
             if summary.vectors is not None:
                 atomic_write_bytes(out / f"{part}.vectors.safetensors", vectors_to_bytes(summary.vectors))
             if summary.probe is not None:
-                from vlcore.run.probe_sweep import probe_to_bytes
+                from vlcore.storage.sweeps import probe_to_bytes
 
                 atomic_write_bytes(out / f"{part}.probe.safetensors", probe_to_bytes(summary.probe))
-            _write_parquet(out / f"{part}.predictions.parquet", summary.predictions)
+            write_parquet(out / f"{part}.predictions.parquet", summary.predictions)
             finished += len(chunk)
             if progress is not None:
                 rate = finished / max(time.perf_counter() - start, 1e-9)
@@ -360,316 +368,9 @@ def run_sweep(
         if size != batch_size:
             notices.append(f"{adapter.model_id} ran out of memory on {adapter.device}: the batch size went from "
                            f"{batch_size} to {size} (the results are the same)")
-        _write_manifest(out, {**_manifest(out), "notices": notices, "batch_size": size})
+        write_manifest(out, {**read_manifest(out), "notices": notices, "batch_size": size})
         if completed_ids(out) >= set(ids):
-            _consolidate(out, ids)
+            consolidate(out, ids)
     return out
 
 
-def _drop_stale(out: Path) -> list[str]:
-    """Empty a sweep folder whose manifest is damaged or of another schema; returns the notice."""
-    path = out / "manifest.json"
-    if not path.exists():
-        return []
-    try:
-        data = json.loads(path.read_bytes())  # an OSError of the disk propagates: it says nothing about the sweep
-        schema = data.get("schema") if isinstance(data, dict) else "damaged"
-    except FileNotFoundError:
-        return []
-    except ValueError:  # not JSON (or not UTF-8): the manifest is damaged
-        schema = "damaged"
-    if schema == TRACE_VERSION:
-        return []
-    for file in out.iterdir():
-        if file.is_file() and file.name != ".lock":
-            file.unlink(missing_ok=True)
-    return [(f"dropped the sweep stored in {out.name[:12]} (manifest schema {schema}, this VLScope writes "
-             f"{TRACE_VERSION}); it is computed again")]
-
-
-def _claim(
-    out: Path, key: str, adapter: ModelAdapter, dataset: str, n: int, top_k: int, batch_size: int,
-    vector_patches: int | None, probe: bool = False, block: str | None = None,
-) -> None:
-    """Write the manifest, or check that the folder's sweep is this one."""
-    path = out / "manifest.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = {}
-        if old.get("key") not in (None, key):
-            raise StoreError(
-                f"{out} holds a sweep of {old.get('model_id')} on {old.get('n_examples')} examples of "
-                f"{old.get('dataset')!r} with other settings; use another output folder for this one"
-            )
-        if old.get("key") == key:
-            return
-    _write_manifest(out, {
-        "key": key, "model_id": adapter.model_id, "dataset": dataset, "n_examples": n, "top_k": top_k,
-        "batch_size": batch_size, "created": time.time(), "complete": False, "schema": TRACE_VERSION,
-        "vector_patches": vector_patches, "block": block, **({"probe": True} if probe else {}),
-    })
-
-
-def completed_ids(out: Path, notices: list[str] | None = None) -> set[str]:
-    """Example ids already summarised in a sweep folder (merged files or complete parts).
-
-    A part (or merged file) whose predictions, head stats or (when the sweep keeps them) vectors are
-    missing or do not parse (`DamagedFileError`) is deleted with its twins, so it is recomputed; ``notices``
-    gets a line. Any other failure (``MemoryError``, a disk error, a bug) propagates and deletes nothing.
-    """
-    ids: set[str] = set()
-    with_vectors = _manifest(out).get("vector_patches") is not None
-    with_probe = bool(_manifest(out).get("probe"))
-    if with_probe:
-        from vlcore.run.probe_sweep import probe_part_ok, probe_part_path
-    merged = out / "predictions.parquet"
-    files = ([merged] if merged.exists() else []) + sorted(out.glob("part-*.predictions.parquet"))
-    for path in files:
-        if path == merged:
-            heads, vectors = out / "head_stats.parquet", out / VECTORS_FILE
-        else:
-            heads = out / path.name.replace(".predictions.parquet", ".heads.parquet")
-            vectors = out / path.name.replace(".predictions.parquet", ".vectors.safetensors")
-        if with_probe and not probe_part_ok(probe_part_path(path)):  # a probe sweep's batch needs its probe part
-            for twin in (path, heads, vectors, probe_part_path(path)):
-                twin.unlink(missing_ok=True)
-            if notices is not None:
-                notices.append(f"dropped sweep results {path.name} without a readable probe part; they were "
-                               "computed again")
-            continue
-        try:
-            _read_parquet(heads, columns=["example_id"])
-            if with_vectors:
-                _vector_ids(vectors)
-            ids.update(_read_parquet(path, columns=["example_id"])["example_id"].astype(str))
-        except (FileNotFoundError, DamagedFileError) as exc:  # a missing twin or a corrupt file: drop, recompute
-            for twin in (path, heads, vectors):
-                twin.unlink(missing_ok=True)
-            if notices is not None:
-                notices.append(f"dropped damaged sweep results {path.name} ({_cause(exc)}); they were "
-                               "computed again")
-    return ids
-
-
-def _manifest(out: Path) -> dict:
-    try:
-        return json.loads((out / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def vectors_to_bytes(part: dict) -> bytes:
-    """A sweep's sampled token vectors (`gather_token_vectors` plus ``example_ids``) as safetensors.
-
-    Strings (example ids, token texts) go into the header as JSON; patch thumbnails are stored for
-    patch tokens only.
-    """
-    from safetensors.numpy import save
-
-    is_patch = np.asarray(part["patch_rc"])[:, 0] >= 0
-    tensors = {
-        "vectors": np.ascontiguousarray(part["vectors"], dtype=np.float16),
-        "example": np.asarray(part["example"], dtype=np.int32),
-        "token": np.asarray(part["token"], dtype=np.int32),
-        "modality": np.asarray(part["modality"], dtype=np.int8),
-        "special": np.asarray(part["special"], dtype=np.uint8),
-        "patch_rc": np.asarray(part["patch_rc"], dtype=np.int16),
-        "thumbs": np.ascontiguousarray(np.asarray(part["thumbs"], dtype=np.uint8)[is_patch]),
-    }
-    meta = {"example_ids": json.dumps(list(part["example_ids"])), "text": json.dumps(list(part["text"])),
-            "schema": "1"}
-    return save(tensors, metadata=meta)
-
-
-def vectors_from_bytes(data: bytes) -> dict:
-    """Inverse of `vectors_to_bytes` (thumbnails expanded back to one per token).
-
-    Raises:
-        DamagedFileError: a damaged file (not safetensors, a header or shapes that do not match); a
-            `ValueError`. Anything else (``MemoryError``, a bug) propagates.
-    """
-    arrays, header = safetensors_from_bytes(data, "vectors file")
-    try:
-        example_ids, text = json.loads(header["example_ids"]), json.loads(header["text"])
-    except (KeyError, ValueError) as exc:
-        raise DamagedFileError(f"damaged vectors file: no example ids or token texts ({exc})") from exc
-    _check_vector_shapes(arrays, example_ids, text)
-    part = {k: v for k, v in arrays.items() if k != "thumbs"}
-    part["example_ids"], part["text"] = example_ids, text
-    part["special"] = part["special"].astype(bool)
-    is_patch = part["patch_rc"][:, 0] >= 0
-    part["thumbs"] = np.zeros((len(is_patch), *arrays["thumbs"].shape[1:]), dtype=np.uint8)
-    part["thumbs"][is_patch] = arrays["thumbs"]
-    return part
-
-
-def _check_vector_shapes(arrays: dict, example_ids, text) -> None:
-    """Raise `DamagedFileError` unless the arrays and header of a vectors file fit together."""
-    def fail(what: str):
-        raise DamagedFileError(f"damaged vectors file: {what}")
-
-    names = ("vectors", "example", "token", "modality", "special", "patch_rc", "thumbs")
-    if missing := [n for n in names if n not in arrays]:
-        fail(f"no {missing[0]!r} array")
-    if not isinstance(example_ids, list) or not isinstance(text, list):
-        fail("example ids or token texts are not lists")
-    t = len(arrays["example"])
-    if arrays["vectors"].ndim != 3 or arrays["vectors"].shape[1] != t or arrays["patch_rc"].shape != (t, 2):
-        fail(f"{t} tokens, vectors {arrays['vectors'].shape}, patch_rc {arrays['patch_rc'].shape}")
-    if any(len(arrays[n]) != t for n in ("token", "modality", "special")) or len(text) != t:
-        fail(f"per-token fields of different lengths for {t} tokens")
-    if t and not 0 <= int(arrays["example"].min()) <= int(arrays["example"].max()) < len(example_ids):
-        fail("token rows point outside the example ids")
-    if arrays["thumbs"].ndim != 4 or len(arrays["thumbs"]) != int((arrays["patch_rc"][:, 0] >= 0).sum()):
-        fail(f"{len(arrays['thumbs'])} thumbnails for {int((arrays['patch_rc'][:, 0] >= 0).sum())} patch tokens")
-
-
-def _vector_ids(path: Path) -> list[str]:
-    """Example ids of a vectors file (reads the whole file: it also checks it is readable)."""
-    return vectors_from_bytes(path.read_bytes())["example_ids"]
-
-
-def _vector_files(out: Path) -> list[Path]:
-    merged = out / VECTORS_FILE
-    return ([merged] if merged.exists() else []) + sorted(out.glob("part-*.vectors.safetensors"))
-
-
-def merge_vector_parts(parts: Sequence[dict], keep_ids: Sequence[str] | None = None) -> dict | None:
-    """Concatenate vector parts into one, each example once (first seen), optionally ordered by ``keep_ids``.
-
-    Returns:
-        A dict of the `gather_token_vectors` form with ``example`` indexing ``example_ids``; None when
-        ``parts`` is empty or keeps nothing.
-    """
-    if not parts:
-        return None
-    ids_in = [[str(part["example_ids"][i]) for i in part["example"]] for part in parts]
-    order = list(keep_ids) if keep_ids is not None else list(dict.fromkeys(e for ids in ids_in for e in ids))
-    rank = {eid: i for i, eid in enumerate(order)}
-    seen: dict[str, int] = {}
-    picks = []  # (example rank, part index, row)
-    for p, ids in enumerate(ids_in):
-        for row, eid in enumerate(ids):
-            if eid in rank and seen.setdefault(eid, p) == p:
-                picks.append((rank[eid], p, row))
-    if not picks:
-        return None
-    picks.sort()  # by example, then part, then row (token order within an example)
-    offsets = np.cumsum([0] + [len(part["example"]) for part in parts])
-    flat = np.array([offsets[p] + r for _, p, r in picks], dtype=np.int64)
-    used = [e for e in order if e in seen]
-    new_index = {eid: i for i, eid in enumerate(used)}
-
-    def cat(name: str, axis: int = 0) -> np.ndarray:
-        return np.take(np.concatenate([part[name] for part in parts], axis=axis), flat, axis=axis)
-
-    texts = [parts[p]["text"][r] for _, p, r in picks]
-    example = np.array([new_index[ids_in[p][r]] for _, p, r in picks], dtype=np.int32)
-    return {
-        "vectors": cat("vectors", axis=1), "example": example, "token": cat("token"), "text": texts,
-        "modality": cat("modality"), "special": cat("special"), "patch_rc": cat("patch_rc"),
-        "thumbs": cat("thumbs"), "example_ids": used,
-    }
-
-
-def load_sweep_vectors(out_dir: str | Path) -> dict | None:
-    """The sampled token vectors of a sweep folder, finished or not (merged file plus parts).
-
-    Returns:
-        The `merge_vector_parts` dict (``vectors`` float16 ``[L + 1, T, D]``, per-token fields, and
-        ``example_ids``), or None when the sweep kept no vectors (made before vectors existed, or
-        with ``vector_patches=None``). Files that vanished (merged meanwhile) or are damaged are skipped
-        (never deleted here: the sweep itself drops and recomputes them); other errors propagate.
-    """
-    parts = []
-    for path in _vector_files(Path(out_dir)):
-        try:
-            parts.append(vectors_from_bytes(path.read_bytes()))
-        except (FileNotFoundError, DamagedFileError):
-            continue
-    return merge_vector_parts(parts)
-
-
-def load_sweep(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(predictions, head_stats)`` of a sweep folder, finished or not (merged file plus parts)."""
-    out = Path(out_dir)
-    pred_files = [p for p in [out / "predictions.parquet"] if p.exists()] + sorted(out.glob("part-*.predictions.parquet"))
-    head_files = [p for p in [out / "head_stats.parquet"] if p.exists()] + sorted(out.glob("part-*.heads.parquet"))
-    preds = [_read(p) for p in pred_files]
-    heads = [_read(p) for p in head_files]
-    preds, heads = [p for p in preds if p is not None], [h for h in heads if h is not None]
-    if not preds:
-        return pd.DataFrame(columns=PREDICTION_COLUMNS), pd.DataFrame(columns=SUMMARY_COLUMNS)
-    heads = pd.concat(heads, ignore_index=True) if heads else pd.DataFrame(columns=SUMMARY_COLUMNS)
-    return pd.concat(preds, ignore_index=True), heads
-
-
-def _read(path: Path) -> pd.DataFrame | None:
-    """A parquet file, or None when it vanished (another session merged it) or is damaged.
-
-    A damaged file (one that does not parse as parquet with an ``example_id`` column) is deleted and the
-    sweep's manifest marked unfinished with a notice, so that the next start of the sweep recomputes what
-    it held. Any other failure (``MemoryError``, a disk error, a bug) propagates and deletes nothing.
-    """
-    try:
-        return _read_parquet(path)
-    except FileNotFoundError:
-        return None
-    except DamagedFileError as exc:
-        path.unlink(missing_ok=True)
-        manifest = _manifest(path.parent)
-        if manifest:
-            note = (f"dropped damaged sweep results {path.name} ({_cause(exc)}); start the sweep again "
-                    "to recompute them")
-            _write_manifest(path.parent, {**manifest, "complete": False,
-                                          "notices": [*manifest.get("notices", []), note]})
-        return None
-
-
-def _cause(exc: BaseException) -> str:
-    """The name of what went wrong: the parser's own error under a `DamagedFileError`, else the error's."""
-    return type(exc.__cause__ or exc).__name__
-
-
-def _read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
-    """A sweep parquet file; raises `DamagedFileError` when it does not parse or has no ``example_id``."""
-    return parquet_from_bytes(path.read_bytes(), path.name, columns=columns, required=("example_id",))
-
-
-def _consolidate(out: Path, ids: list[str]) -> None:
-    """Merge every part (and an earlier merged file) into the two files, in example order."""
-    preds, heads = load_sweep(out)
-    order = {eid: i for i, eid in enumerate(ids)}
-    preds = preds[preds["example_id"].isin(order)].drop_duplicates("example_id")
-    preds = preds.sort_values("example_id", key=lambda c: c.map(order)).reset_index(drop=True)
-    heads = heads[heads["example_id"].astype(str).isin(order)]
-    heads = heads.drop_duplicates(["example_id", "layer", "head", "metric"])
-    heads = heads.sort_values("example_id", key=lambda c: c.astype(str).map(order), kind="stable")
-    _write_parquet(out / "head_stats.parquet", heads.reset_index(drop=True))
-    vectors = load_sweep_vectors(out)
-    if vectors is not None:
-        atomic_write_bytes(out / VECTORS_FILE, vectors_to_bytes(merge_vector_parts([vectors], ids)))
-    if _manifest(out).get("probe"):
-        from vlcore.run.probe_sweep import consolidate_probe
-
-        consolidate_probe(out, ids)
-    _write_parquet(out / "predictions.parquet", preds)  # written last: it marks completion
-    for part in [*out.glob("part-*.parquet"), *out.glob("part-*.vectors.safetensors"), *out.glob("part-*.probe.safetensors")]:
-        part.unlink()
-    manifest = json.loads((out / "manifest.json").read_text())
-    _write_manifest(out, {**manifest, "complete": True})
-
-
-def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    import io
-
-    buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _write_manifest(out: Path, manifest: dict) -> None:
-    manifest["updated"] = time.time()
-    atomic_write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())

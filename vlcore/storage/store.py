@@ -30,7 +30,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from vlcore.app_files import default_root
-from vlcore.errors import InputError, StoreError
+from vlcore.errors import StoreError
 from vlcore.trace import TRACE_VERSION, AttentionBlock, ImageGrid, Trace, TokenLayout
 
 SCHEMA_VERSION = TRACE_VERSION  # a trace file of another version is dropped and computed again

@@ -45,7 +45,7 @@ from vlcore.analysis.projection import (
     token_set_from_sweep,
     token_set_from_traces,
 )
-from vlcore.run.sweep import load_sweep, load_sweep_vectors
+from vlcore.storage.sweeps import load_sweep, load_sweep_vectors
 from vlcore.trace import Trace
 from vlcore.ui.state import set_params
 

@@ -86,7 +86,7 @@ def _cover_param() -> float:
 
 def sweep_stamp(path: Path) -> float:
     """Newest modification time of a sweep's manifest and probe file: a newer sweep is read again."""
-    from vlcore.run.probe_sweep import probe_files
+    from vlcore.storage.sweeps import probe_files
 
     files = [path / "manifest.json", *probe_files(path)]
     return max((p.stat().st_mtime for p in files if p.exists()), default=0.0)
@@ -99,9 +99,10 @@ def sweep_probe_data(path: str, stamp: float):
     A resource, not data: the vectors (hundreds of MB for a large sweep) are shared read-only, not copied on every
     call; the probe fits below copy what they select.
     """
-    from vlcore.run.probe_sweep import example_label_table, load_sweep_probe, patch_cover_table
+    from vlcore.run.probe_sweep import example_label_table, patch_cover_table
+    from vlcore.storage.sweeps import load_sweep_probe
     from vlcore.analysis.projection import token_set_from_sweep
-    from vlcore.run.sweep import load_sweep, load_sweep_vectors
+    from vlcore.storage.sweeps import load_sweep, load_sweep_vectors
 
     preds, heads = load_sweep(path)
     probe = load_sweep_probe(path)

@@ -77,7 +77,7 @@ def na_line(metric: str, block: str, reasons: dict[str, str]) -> str:
 def sweep_tables(path: str, updated: float) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(predictions, head_stats)`` of a sweep folder plus its stored head importance rows; ``updated`` is the
     manifest's and importance file's modification time, so a newer sweep is re-read."""
-    from vlcore.run.sweep import load_sweep
+    from vlcore.storage.sweeps import load_sweep
 
     preds, heads = load_sweep(path)
     had_file = (Path(path) / IMPORTANCE_FILE).exists()

@@ -212,7 +212,8 @@ def store_panel(store: Store) -> None:
 
 def sweep_panel(adapter, store: Store, source) -> None:
     """Run the model over the first N examples of a source, with progress, stop and resume."""
-    from vlcore.run.sweep import load_sweep, run_sweep, sweep_key
+    from vlcore.run.sweep import run_sweep, sweep_key
+    from vlcore.storage.sweeps import load_sweep
 
     from vlcore.data.browse import filter_index, filtered_label
     from vlcore.ui.state import get_filters
