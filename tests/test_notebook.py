@@ -249,3 +249,96 @@ def test_quickstart_notebook_runs_and_shows_vega_lite_charts(monkeypatch):
     assert any(s["$schema"].startswith("https://vega.github.io/schema/vega-lite/v6") for s in charts)
     first = next(o for o in code[1].outputs if o.output_type == "stream" and o.name == "stdout")
     assert "->" in first.text and "4 layers, 4 heads" in first.text
+
+
+# ---------------------------------------------------------------------------------------
+# Every family: a block by name, the model's default query, maps on the stream they lie on
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_traces(tmp_path_factory) -> dict:
+    """``vn.run`` of one image and question on each tiny family checkpoint folder (BLIP ITM, CLIP, SigLIP)."""
+    from tests.conftest import grey_image
+    from tests.models.tiny_blip import TINY_CHECKPOINTS as BLIP
+    from tests.models.tiny_clip import TINY_CHECKPOINTS as CLIP
+
+    root = tmp_path_factory.mktemp("nb-families")
+    image = grey_image(32, 32, red_cell=(1, 2))
+    makers = {"blip-itm": BLIP["blip-itm"], "clip": CLIP["clip"], "siglip": CLIP["siglip"]}
+    return {name: vn.run(str(make(root / name)), image=image, text="what color is the shape?")
+            for name, make in makers.items()}
+
+
+def overlay_values(chart) -> pd.DataFrame:
+    return heat_layer(*chart_frames(chart)).sort_values("token", ignore_index=True)
+
+
+def test_heatmap_reads_the_named_block_from_the_models_default_query(family_traces):
+    blip = family_traces["blip-itm"]
+    assert blip.view == "text.cross"
+    cross = blip.select("text.cross")
+    heat = overlay_values(vn.heatmap(blip))  # default: the view, [CLS] (row 0) over the 16 vision patches
+    expected = cross.head_attention(cross.n_layers - 1, None)[0]
+    assert len(heat) == 16 and (heat["token"] >= 1).all()  # vision tokens: the image CLS is 0, patches 1..16
+    np.testing.assert_allclose(heat["value"], expected[heat["token"].to_numpy()], rtol=1e-6)
+    vision = blip.select("vision.self")
+    heat = overlay_values(vn.heatmap(blip, block="vision.self", layer=0, head=2))  # the image CLS row
+    np.testing.assert_allclose(heat["value"], vision.head_attention(0, 2)[0][heat["token"].to_numpy()], rtol=1e-6)
+    spec, frames = chart_frames(vn.matrix(blip, block="text.cross", layer=1))
+    cells = frames[(spec["layer"][0].get("data") or spec["data"])["name"]]
+    assert len(cells) == cross.n_tokens * cross.key_layout.n_tokens and spec["title"].startswith("text.cross · ")
+    spec, frames = chart_frames(vn.head_summary(blip, block="text.cross", metric="entropy"))
+    assert len(frames[spec["hconcat"][0]["data"]["name"]]) == 2 * 4  # text.cross: 2 layers x 4 heads
+
+
+def test_cross_block_relevancy_and_tower_maps_lie_on_the_image(family_traces):
+    blip, clip = family_traces["blip-itm"], family_traces["clip"]
+    values = vn.query_map(blip, method="relevancy")  # the bi-modal rules: [CLS] over the vision tokens
+    assert values.shape == (blip.streams["vision"].n_tokens,) and np.isfinite(values).all()
+    heat = overlay_values(vn.heatmap(blip, method="relevancy"))
+    np.testing.assert_allclose(heat["value"], values[heat["token"].to_numpy()], rtol=1e-6)
+    assert clip.view == "vision.self" and clip.layout.tokens[0] == "[IMG]"
+    heat = overlay_values(vn.heatmap(clip, method="rollout"))  # rollout from the image CLS
+    from vlcore.attribution.relevance import compute_rollout
+
+    np.testing.assert_allclose(heat["value"], compute_rollout(clip)[0][heat["token"].to_numpy()], rtol=1e-5)
+    points = chart_frames(vn.projection(clip, stream="text", layer=1))[1]
+    text = next(f for f in points.values() if "uid" in f.columns)
+    assert text["text"].tolist() == list(clip.streams["text"].tokens)
+
+
+def test_a_pooling_tower_defaults_to_every_patch_and_rolls_out_into_its_head(family_traces):
+    from vlcore.attribution.towers import compute_tower_rollout
+
+    siglip = family_traces["siglip"]
+    assert siglip.view == "vision.self" and "[IMG]" not in siglip.layout.tokens
+    raw = vn.query_map(siglip)  # no single token: the mean of every patch's row
+    np.testing.assert_allclose(raw, siglip.head_attention(siglip.n_layers - 1, None).mean(0), rtol=1e-5)
+    np.testing.assert_allclose(vn.query_map(siglip, method="rollout"),
+                               compute_tower_rollout(siglip, "vision.self", None, 0), rtol=1e-6)
+    title = vn.heatmap(siglip).to_dict()["title"]
+    assert "mean of all 16 patches" in (title["text"] if isinstance(title, dict) else title)
+
+
+def test_zero_shot_labels_and_family_errors_are_one_line(family_traces):
+    clip = family_traces["clip"]
+    adapter = vn._INPUTS[clip][0]
+    zs = vn.run(adapter, example="easy_vqa/test/3", labels=["circle", "red", "no"])
+    assert {label for label, _ in zs.prediction} == {"circle", "red", "no"} and zs.meta["task"] == "zero_shot"
+    assert adapter.task == "similarity"  # the loaded adapter is unchanged: the labels are a view
+    cases = [
+        (lambda: vn.heatmap(family_traces["blip-itm"], block="text.self"), "text.self has no image tokens: pick "
+                                                                           "vision.self or text.cross"),
+        (lambda: vn.heatmap(clip, block="text.self"), "pick vision.self"),
+        (lambda: vn.heatmap(clip, block="nope"), "its blocks: vision.self, text.self"),
+        (lambda: vn.heatmap(family_traces["blip-itm"], query=(1, 1)), "patch queries need a block over the image: "
+                                                                       "vision.self"),
+        (lambda: vn.query_map(family_traces["blip-itm"], method="rollout"), "cross-attention block"),
+        (lambda: vn.projection(clip, stream="probe"), "stream must be one of vision, text"),
+        (lambda: vn.run(example="easy_vqa/test/3", labels=["a"]), "cannot classify over candidate labels"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InputError) as caught:
+            call()
+        assert message in str(caught.value) and "\n" not in str(caught.value), (message, str(caught.value))
