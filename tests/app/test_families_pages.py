@@ -171,8 +171,10 @@ def test_sweep_runs_for_every_family_with_accuracy_only_where_answers_compare(fo
     at.button(key="sweep_start").click().run()
     clean(at)
     done = next(m.value for m in at.markdown if m.value.startswith("**Sweep:**"))
-    table = next(d.value for d in at.dataframe if "prediction" in d.value.columns)
+    table = next(d.value for d in at.dataframe if "probability" in d.value.columns)
     assert len(table) == 4 and done.startswith("**Sweep:** 4/4 examples done")
+    # a similarity's prediction is the text itself: shown once, as the question
+    assert ("prediction" in table.columns) == (name != "clip")
     if accuracy is None:
         assert done.endswith("accuracy n/a") and not {"gold", "correct"} & set(table.columns)
         assert any("No accuracy: this model scores each image-text pair" in c.value for c in at.caption)

@@ -262,6 +262,8 @@ def sweep_panel(adapter, store: Store, source) -> None:
             from vlcore.ui.prediction import task_text
 
             columns = [c for c in columns if c not in ("gold", "correct")]
+            if (preds["prediction"] == preds["question"]).all():  # a similarity's label is the text itself
+                columns.remove("prediction")
             st.caption(f"No accuracy: this model scores each image-text pair ({task_text(adapter.task)}); gold "
                        "answers have nothing to compare with.")
         elif not len(known):
