@@ -231,11 +231,12 @@ def _fused_stats(call: AttentionCall, rows: torch.Tensor, keys: torch.Tensor | N
     """As `_chunk_stats`, from one flash-attention call that returns each row's log-sum-exp."""
     q, k = call.query.index_select(2, rows).float(), call.expanded_key.float()
     d = q.shape[-1]
-    explicit = keys is not None and min(int(keys.sum(-1).max()), int((~keys).sum(-1).max())) <= (
-        EXPLICIT_SHARE_FRACTION * call.n_keys)
-    v = k if keys is None or explicit else torch.cat([k, keys[:, None, :, None].float().expand(*k.shape[:3], 1)], -1)
-    if v is not k:  # the kernel wants one head size: a zero column in q and k leaves the scores alone
-        q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))
+    few = keys is not None and min(int(keys.sum(-1).max()), int((~keys).sum(-1).max()))
+    explicit = keys is not None and few <= EXPLICIT_SHARE_FRACTION * call.n_keys
+    v = k
+    if keys is not None and not explicit:  # the key set as a value column; one head size for the kernel:
+        v = torch.cat([k, keys[:, None, :, None].float().expand(*k.shape[:3], 1)], -1)
+        q, k = F.pad(q, (0, 1)), F.pad(k, (0, 1))  # a zero column in q and k leaves the scores alone
     bias = None
     if call.mask is not None:
         bias = torch.zeros(call.mask.shape[:2] + (len(rows), call.n_keys), device=q.device)
