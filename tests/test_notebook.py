@@ -328,12 +328,12 @@ def test_zero_shot_labels_and_family_errors_are_one_line(family_traces):
     assert {label for label, _ in zs.prediction} == {"circle", "red", "no"} and zs.meta["task"] == "zero_shot"
     assert adapter.task == "similarity"  # the loaded adapter is unchanged: the labels are a view
     cases = [
-        (lambda: vn.heatmap(family_traces["blip-itm"], block="text.self"), "text.self has no image tokens: pick "
-                                                                           "vision.self or text.cross"),
+        (lambda: vn.heatmap(family_traces["blip-itm"], block="text.self"),
+         "text.self has no image tokens: pick vision.self or text.cross"),
         (lambda: vn.heatmap(clip, block="text.self"), "pick vision.self"),
         (lambda: vn.heatmap(clip, block="nope"), "its blocks: vision.self, text.self"),
-        (lambda: vn.heatmap(family_traces["blip-itm"], query=(1, 1)), "patch queries need a block over the image: "
-                                                                       "vision.self"),
+        (lambda: vn.heatmap(family_traces["blip-itm"], query=(1, 1)),
+         "patch queries need a block over the image: vision.self"),
         (lambda: vn.query_map(family_traces["blip-itm"], method="rollout"), "cross-attention block"),
         (lambda: vn.projection(clip, stream="probe"), "stream must be one of vision, text"),
         (lambda: vn.run(example="easy_vqa/test/3", labels=["a"]), "cannot classify over candidate labels"),

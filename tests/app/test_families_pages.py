@@ -123,8 +123,8 @@ def test_clip_similarity_shows_the_cosine_of_its_shared_space(folders):
     at = open_family(RUNNER, folders["clip"], {"ex": EX})
     clean(at)
     trace, adapter = reference(folders["clip"])
-    from vlcore.ui.prediction import compute_pair_scores
     from vlcore.data.sources import resolve_example
+    from vlcore.ui.prediction import compute_pair_scores
 
     example = resolve_example(EX, None)
     expected = compute_pair_scores(adapter, example.load_image(), example.question).cosine
@@ -179,8 +179,8 @@ def test_sweep_runs_for_every_family_with_accuracy_only_where_answers_compare(fo
         assert done.endswith("accuracy n/a") and not {"gold", "correct"} & set(table.columns)
         assert any("No accuracy: this model scores each image-text pair" in c.value for c in at.caption)
     else:
-        from vlcore.storage.sweeps import load_sweep
         from vlcore.storage.store import Store
+        from vlcore.storage.sweeps import load_sweep
 
         preds, _ = load_sweep(Store().list_sweeps()[0]["path"])
         assert done.endswith(f"accuracy {preds['correct'].astype(float).mean():.3f}") and "correct" in table.columns
