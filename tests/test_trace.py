@@ -60,3 +60,14 @@ def test_to_grid_places_values_by_row_and_col():
 def test_unknown_block_is_rejected():
     with pytest.raises(ValueError, match="block must be one of"):
         hand_trace().block_index("img2cat")
+
+
+def test_a_pair_score_is_never_marked_correct_or_incorrect():
+    base = Trace.from_arrays("ex", "m", ("[CLS]", "a", "[SEP]"), np.zeros(3, np.int8), np.array([1, 0, 1], bool),
+                             np.full((3, 2), -1, np.int16), (0, 0), np.zeros((0, 0, 3), np.uint8), 8, None, None,
+                             prediction=(("match", 0.9),), gold=("circle",))
+    assert base.correct is False  # an answer that is not the gold one
+    pair = Trace.from_arrays("ex", "m", base.tokens, base.modality, base.special, base.patch_rc, (0, 0),
+                             np.zeros((0, 0, 3), np.uint8), 8, None, None, prediction=(("match", 0.9),),
+                             gold=("circle",), meta={"answers_compare": False})
+    assert pair.correct is None

@@ -312,12 +312,11 @@ def _with_labels(adapter, labels: list[str] | None):
         return adapter
     from vlcore.models.registry import families
 
-    view = getattr(adapter, "with_candidates", None)
-    if "zero_shot" not in getattr(adapter, "tasks", ()) or view is None:
+    if not adapter.takes_candidates:
         able = ", ".join(f.title for f in families() if "zero_shot" in f.tasks) or "none"
         raise InputError(f"{adapter.model_id} ({adapter.family}, task {adapter.task}) cannot classify over candidate "
                          f"labels; drop --labels/--zero-shot, or use a model of a family that can ({able})")
-    return view(labels)
+    return adapter.with_candidates(labels)
 
 
 def cmd_evaluate(args) -> int:

@@ -185,11 +185,10 @@ def _with_labels(adapter, labels):
         return adapter
     if isinstance(labels, str):
         labels = [part.strip() for part in labels.split(",") if part.strip()]
-    view = getattr(adapter, "with_candidates", None)
-    if "zero_shot" not in getattr(adapter, "tasks", ()) or view is None:
+    if not adapter.takes_candidates:
         raise InputError(f"{adapter.model_id} (task {adapter.task}) cannot classify over candidate labels; leave "
                          "labels out, or use a model that can (its family lists the task zero_shot)")
-    return view(list(labels))
+    return adapter.with_candidates(list(labels))
 
 
 def sweep(model="demo", dataset: str = "easy_vqa", split: str = "test", limit: int | None = 64,

@@ -399,7 +399,10 @@ class Trace:
 
     @property
     def correct(self) -> bool | None:
-        if not self.gold or not self.prediction:
+        """Whether the top prediction is a gold answer; None without gold, without a prediction, or when the
+        prediction is a pair's score rather than an answer (``meta["answers_compare"]`` False: image-text
+        matching, similarity)."""
+        if not self.gold or not self.prediction or self.meta.get("answers_compare") is False:
             return None
         return self.predicted in self.gold
 

@@ -315,6 +315,44 @@ class ModelAdapter(ABC):
         and "correct" apply; False for a pair's score (image-text matching, similarity)."""
         return self.task in ANSWER_TASKS
 
+    # -- optional capabilities (a family that has them overrides these) -----------------------
+    @property
+    def takes_candidates(self) -> bool:
+        """True when the model can classify an image over candidate labels a user gives (`with_candidates`)."""
+        return False
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """The candidate labels this adapter classifies over (a `with_candidates` view); empty otherwise."""
+        return ()
+
+    def with_candidates(self, labels: Sequence[str] | None, template: str = "{}") -> ModelAdapter:
+        """A view of this adapter (same model, nothing copied; the shared adapter unchanged) that classifies the
+        image over ``labels``, each read as ``template.format(label)``; None or empty: the plain task.
+
+        Raises:
+            NotImplementedError: the model scores fixed answers or pairs only (`takes_candidates` is False).
+            InputError: an empty or repeated label, or a template without ``{}``.
+        """
+        raise NotImplementedError(f"{self.model_id} cannot classify over candidate labels")
+
+    def prompt(self, label: str) -> str:
+        """The text the model reads for a candidate label."""
+        return label
+
+    @property
+    def has_joint_space(self) -> bool:
+        """True when the model embeds images and texts in one space (`joint_embeddings`)."""
+        return False
+
+    def joint_embeddings(self, output: Any) -> tuple[np.ndarray, np.ndarray]:
+        """float32 unit ``(image [B, d], text [B, d])`` embeddings in the shared space, from a captured output.
+
+        Raises:
+            NotImplementedError: the model has no shared image-text space (`has_joint_space` is False).
+        """
+        raise NotImplementedError(f"{self.model_id} has no shared image-text embedding space")
+
     def block_order(self, target: str | None = None) -> list[tuple[str, int]]:
         """The ``(block, layer)`` steps in the order the model applies them for ``target`` (gradient relevancy
         through several blocks follows it, `vlcore.attribution.bimodal`). One block: its layers in order.

@@ -298,6 +298,14 @@ class ClipAdapter(ModelAdapter):
     def candidates(self) -> tuple[str, ...]:
         return self._candidates
 
+    @property
+    def takes_candidates(self) -> bool:
+        return True
+
+    @property
+    def has_joint_space(self) -> bool:
+        return True
+
     def prompt(self, label: str) -> str:
         """The text the text tower reads for a candidate label."""
         return self._template.replace("{}", label)

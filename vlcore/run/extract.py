@@ -58,6 +58,7 @@ def extract_trace(
                               prediction=tuple(prediction), gold=tuple(gold) if gold else None,
                               text_truncated=batch.truncated[0], text=text,
                               meta={"task": adapter.task, "family": adapter.family,
+                                    "answers_compare": adapter.answers_compare,
                                     "n_text_tokens_full": batch.n_text_full[0], "max_text_len": adapter.max_text_len,
                                     "image_pass": image_pass, "n_image_passes": adapter.n_passes, **(meta or {})})
 

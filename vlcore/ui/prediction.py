@@ -91,8 +91,7 @@ def task_picker(adapter, source=None):
     Returns:
         The adapter to run: the one given, or its zero-shot view (the shared adapter is never changed).
     """
-    with_candidates = getattr(adapter, "with_candidates", None)
-    if ZERO_SHOT not in getattr(adapter, "tasks", ()) or adapter.task == ZERO_SHOT or with_candidates is None:
+    if not adapter.takes_candidates or adapter.candidates:
         return adapter
     modes = (adapter.task, ZERO_SHOT)
     wanted = get_param("task")
@@ -114,7 +113,7 @@ def task_picker(adapter, source=None):
                          "until then.")
         return adapter
     try:
-        return with_candidates(labels)
+        return adapter.with_candidates(labels)
     except VLScopeError as exc:
         st.sidebar.error(f"{exc}; showing image-text similarity until then.")
         return adapter
@@ -172,9 +171,8 @@ def compute_pair_scores(adapter, image, text: str) -> PairScores:
             score, prob, label = adapter.target_score(output, target)
             rows.setdefault(label, (float(score[0]), float(prob[0])))
     cosine = None
-    joint = getattr(adapter, "joint_embeddings", None)
-    if joint is not None:
-        img, txt = joint(output)
+    if adapter.has_joint_space:
+        img, txt = adapter.joint_embeddings(output)
         cosine = float(np.dot(img[0], txt[0]) / max(np.linalg.norm(img[0]) * np.linalg.norm(txt[0]), 1e-12))
     table = pd.DataFrame([(k, s, p) for k, (s, p) in rows.items()], columns=["target", "score", "probability"])
     return PairScores(table, cosine)

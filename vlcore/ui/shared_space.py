@@ -20,7 +20,7 @@ _JOINT_CHUNK = 32  # pairs per pass
 
 def has_shared_space(adapter) -> bool:
     """Whether the model embeds images and texts in one space (it exposes ``joint_embeddings``)."""
-    return callable(getattr(adapter, "joint_embeddings", None))
+    return adapter.has_joint_space
 
 
 def extract_joint_embeddings(adapter, images: list, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +87,7 @@ def shared_space(model_key: str, examples_key: str, labels: tuple[str, ...], _ad
     img, txt = extract_joint_embeddings(_adapter, images, texts)
     label_vecs = np.zeros((0, img.shape[1]), np.float32)
     if labels:
-        prompt = getattr(_adapter, "prompt", None) or (lambda label: label)
+        prompt = _adapter.prompt
         _, label_vecs = extract_joint_embeddings(_adapter, [images[0]] * len(labels), [prompt(lb) for lb in labels])
     return shared_space_frame(img, txt, label_vecs, [e.example_id for e in _examples], texts, list(labels))
 
