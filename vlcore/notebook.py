@@ -423,22 +423,11 @@ def _relevancy(origin: Trace, view: Trace, answer: str | None) -> np.ndarray:
     """Gradient relevancy of the viewed block's default query for ``answer``: the single-stream rules on a self block
     with a query row, through the pooling block for a tower whose head pools it, the bi-modal rules on a cross block
     (values over its keys: the image)."""
+    from vlcore.attribution.dispatch import extract_block_relevancy
     from vlcore.run.extract import model_image_input
 
     adapter, ex = _inputs(origin, "relevancy")
-    image = model_image_input(adapter, ex)
-    spec = adapter.block_specs()[view.view]
-    if not spec.is_self:
-        from vlcore.attribution.bimodal import extract_bimodal_relevancy
-
-        return extract_bimodal_relevancy(adapter, image, ex.question, answer, query_stream=spec.query).values[spec.key]
-    if adapter.default_query(view.view, view.layout) is None:
-        from vlcore.attribution.towers import extract_tower_relevancy
-
-        return extract_tower_relevancy(adapter, image, ex.question, answer).maps[spec.query].values
-    from vlcore.attribution.relevance import extract_relevancy
-
-    return extract_relevancy(adapter, image, ex.question, answer, block=view.view).values
+    return extract_block_relevancy(adapter, model_image_input(adapter, ex), ex.question, answer, view.view)
 
 
 def _query_side(view: Trace, direction: str) -> Trace:

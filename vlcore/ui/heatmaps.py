@@ -161,24 +161,10 @@ def cached_relevancy(_adapter, _example, trace_key: str, model_key: str, answer:
     for a tower whose head pools every token (no default query), the map into its pooling block. A cross block:
     the bi-modal map ``[K]`` of its query stream's default token over the key stream (the image).
     """
+    from vlcore.attribution.dispatch import extract_block_relevancy
     from vlcore.run.extract import model_image_input
 
-    image = model_image_input(_adapter, _example)
-    block = block or _adapter.default_block
-    spec = _adapter.block_specs()[block]
-    if not spec.is_self:
-        from vlcore.attribution.bimodal import extract_bimodal_relevancy
-
-        return extract_bimodal_relevancy(_adapter, image, _example.question, answer, query_stream=spec.query).values[
-            spec.key]
-    batch = _adapter.encode([image], [_example.question])
-    if _adapter.default_query(block, batch.streams[spec.query][0].trimmed()) is None:
-        from vlcore.attribution.towers import extract_tower_relevancy
-
-        return extract_tower_relevancy(_adapter, image, _example.question, answer).maps[spec.query].values
-    from vlcore.attribution.relevance import extract_relevancy
-
-    return extract_relevancy(_adapter, image, _example.question, answer, block=block).values
+    return extract_block_relevancy(_adapter, model_image_input(_adapter, _example), _example.question, answer, block)
 
 
 @st.cache_data(max_entries=64, show_spinner="Removing patches in order and re-running the model…")

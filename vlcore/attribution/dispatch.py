@@ -1,0 +1,44 @@
+"""Gradient relevancy of one attention block, by the rule that fits the block: one entry point for pages and
+the notebook.
+
+- a cross block (BLIP ``text.cross``): the bi-modal rules (`vlcore.attribution.bimodal`), the query stream's
+  default token over the key stream (the image);
+- a self block whose model reads a query row (ViLT's [CLS], CLIP's image CLS): the single-stream rule
+  (`vlcore.attribution.relevance`);
+- a self block whose head pools every token (SigLIP's image tower): through its pooling block
+  (`vlcore.attribution.towers`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vlcore.models.base import ModelAdapter
+
+
+def extract_block_relevancy(adapter: ModelAdapter, image, text: str, target: str | None = None,
+                            block: str | None = None) -> np.ndarray:
+    """float32 relevancy values of ``block`` (default: the adapter's default block) for ``target``.
+
+    Returns:
+        One value per token of the stream the map lies on: the block's keys for a cross block (``[K]``), its
+        tokens for a self block (``[N]``), in the order of `vlcore.run.extract.extract_trace`.
+
+    Raises:
+        InputError: an unknown target, or a model with nothing to explain.
+        NotImplementedError: the adapter has no gradient pass.
+    """
+    block = block or adapter.default_block
+    spec = adapter.block_specs()[block]
+    if not spec.is_self:
+        from vlcore.attribution.bimodal import extract_bimodal_relevancy
+
+        return extract_bimodal_relevancy(adapter, image, text, target, query_stream=spec.query).values[spec.key]
+    layout = adapter.encode([image], [text]).streams[spec.query][0].trimmed()
+    if adapter.default_query(block, layout) is None:
+        from vlcore.attribution.towers import extract_tower_relevancy
+
+        return extract_tower_relevancy(adapter, image, text, target).maps[spec.query].values
+    from vlcore.attribution.relevance import extract_relevancy
+
+    return extract_relevancy(adapter, image, text, target, block=block).values
