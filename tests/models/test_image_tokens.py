@@ -53,13 +53,13 @@ def text_config(model_type: str, vocab: int, **extra) -> dict:
 
 def clip_vision(image_size: int, patch_size: int) -> dict:
     # one layer; the LLaVA models read hidden_states[-2], the embeddings: a local vision tower
-    return dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    return {"model_type": "clip_vision_model", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size}
 
 
 def siglip_vision(image_size: int, patch_size: int, layers: int = 0) -> dict:
-    return dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                num_attention_heads=2, image_size=image_size, patch_size=patch_size)
+    return {"model_type": "siglip_vision_model", "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": layers, "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size}
 
 
 def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -89,7 +89,7 @@ def embeddings(model, batch) -> torch.Tensor:
         return model(**inputs, output_hidden_states=True).hidden_states[0].float()
 
 
-def run_planted(model, processor, config, images_a, images_b, texts, **kwargs):
+def run_planted(model, processor, config, images_a, images_b, texts, layout_kwargs=None, **kwargs):
     """Process and embed both image sets; assert the layouts match the changed positions exactly.
 
     Returns:
@@ -99,8 +99,8 @@ def run_planted(model, processor, config, images_a, images_b, texts, **kwargs):
     batch_a = processor(images=images_a, text=texts, **kwargs)
     batch_b = processor(images=images_b, text=texts, **kwargs)
     diff = (embeddings(model, batch_a) - embeddings(model, batch_b)).abs().amax(-1).numpy()
-    lay_a = image_token_layouts(batch_a, processor, config)
-    lay_b = image_token_layouts(batch_b, processor, config)
+    lay_a = image_token_layouts(batch_a, processor, config, **(layout_kwargs or {}))
+    lay_b = image_token_layouts(batch_b, processor, config, **(layout_kwargs or {}))
     changed = []
     for b, (ta, tb) in enumerate(zip(lay_a, lay_b)):
         layout = ta.layout
@@ -123,12 +123,6 @@ def cells_changed(tokens, changed, kind: str, image: int = 0) -> set[tuple[int, 
     lay = tokens.layout
     grids = {g for g in tokens.grids_of(image) if tokens.grid_kind[g] == kind}
     return {tuple(int(v) for v in lay.cell[n]) for n in changed if lay.image_of[n] in grids}
-
-
-def centre_fraction(grid_image: np.ndarray, other: np.ndarray) -> tuple[float, float]:
-    """(y, x) of the centre of the pixels that differ, as fractions of the image's height and width."""
-    ys, xs = np.nonzero(np.any(grid_image != other, axis=-1))
-    return (ys.mean() + 0.5) / grid_image.shape[0], (xs.mean() + 0.5) / grid_image.shape[1]
 
 
 # -- LLaVA 1.5 --------------------------------------------------------------------------------------------------
@@ -336,7 +330,8 @@ def qwen_model(model_type: str, tok):
     ids = {name: tok.convert_tokens_to_ids(t) for name, t in (("image_token_id", "<|image_pad|>"),
            ("video_token_id", "<|video_pad|>"), ("vision_start_token_id", "<|vision_start|>"),
            ("vision_end_token_id", "<|vision_end|>"))}
-    vision = dict(depth=0, hidden_size=16, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    vision = {"depth": 0, "hidden_size": 16, "num_heads": 2, "patch_size": 14, "spatial_merge_size": 2,
+              "temporal_patch_size": 2}
     if model_type == "qwen2_vl":
         vision.update(embed_dim=16, hidden_size=32)
     else:  # windows of 112 px: 4 x 4 merged tokens
@@ -435,8 +430,8 @@ def idefics3(model_type: str = "idefics3"):
     ip = Idefics3ImageProcessorPil(size={"longest_edge": 96}, max_image_size={"longest_edge": 32})
     processor = Idefics3Processor(ip, tok, image_seq_len=4)
     cls = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[model_type]
-    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=0, num_attention_heads=2, image_size=32,
-                  patch_size=8)
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 0, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
     config = getattr(transformers, f"{cls}Config")(vision_config=vision, text_config=text_config("llama", len(tok)),
                                                    scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"))
     torch.manual_seed(0)
@@ -555,3 +550,24 @@ def test_gemma3_pooled_grid_between_begin_and_end_markers():
     assert cells_changed(tokens, changed, "image", 0) == {(1, 0)}
     assert cells_changed(tokens, changed, "image", 1) == {(0, 1)}
     assert_same_pixels(lay.images[0].image, resized(a1, 32, 32, processor.image_processor.resample))
+
+
+def test_gemma3_pan_and_scan_crops_are_grids_of_their_image():
+    """A 24 x 96 image (ratio 4) with pan and scan: the original squashed, then 4 crops of 24 x 24 side by side,
+    each its own 2 x 2 grid; ``num_crops`` (from the image processor) ties them to the image."""
+    model, processor, config = gemma3()
+    a = random_image(24, 96, 20)
+    # crop 2 (x 48..72): (18, 6) * 32/24 = (24, 8): cell (1, 0); the original: (18 * 32/24, 54 * 32/96) = (24, 18)
+    b = planted(a, 18, 54, 0)
+    options = {"do_pan_and_scan": True, "pan_and_scan_min_crop_size": 8, "pan_and_scan_max_num_crops": 4,
+               "pan_and_scan_min_ratio_to_activate": 1.2}
+    num_crops = processor.image_processor([Image.fromarray(a)], **options)["num_crops"]
+    assert list(np.ravel(num_crops)) == [4]
+    (tokens,), (changed,) = run_planted(model, processor, config, [[a]], [[b]], ["<start_of_image> what"],
+                                        layout_kwargs={"num_crops": list(np.ravel(num_crops))}, **options)
+    assert tokens.grid_kind == ("image", "crop", "crop", "crop", "crop") and tokens.grid_image == (0,) * 5
+    lay = tokens.layout
+    changed_grids = sorted({int(lay.image_of[n]) for n in changed})
+    assert changed_grids == [0, 3]
+    assert cells_changed(tokens, changed, "image") == {(1, 1)}
+    assert {tuple(lay.cell[n]) for n in changed if lay.image_of[n] == 3} == {(1, 0)}

@@ -30,7 +30,7 @@ def torchvision_available() -> bool:
         return False
     try:
         import torchvision  # noqa: F401
-    except Exception:  # a wheel built for another torch fails at import
+    except (ImportError, OSError, RuntimeError):  # a wheel built for another torch fails at import
         return False
     return True
 

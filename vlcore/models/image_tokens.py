@@ -402,7 +402,7 @@ def llava_onevision_layouts(batch: Mapping, processor, config) -> list[ImageToke
     """
     from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
 
-    max_tiles = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).strip("anyres_max_"))
+    max_tiles = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
     counts = batch.get("batch_num_images")
     return _anyres_layouts(batch, processor, config, unpad_image, max_tiles,
                            None if counts is None else [int(n) for n in _array(counts).ravel()])
