@@ -343,6 +343,7 @@ class LlavaAdapter(ModelAdapter):
         grad = torch.is_grad_enabled()
         model_inputs = self._model_inputs(inputs)
         image_keys = torch.as_tensor(np.stack([lay.modality == 1 for lay in batch.streams[LM]]))[:, :P]
+        prompt_rows = torch.as_tensor(np.stack([lay.valid for lay in batch.streams[LM]]))[:, :P]
         if "lm.generated" in wanted and grad:
             hooks += self._graph_row_hooks(steps, rows, lm_layers)
             scope = eager_attention(self.model)
@@ -350,7 +351,7 @@ class LlavaAdapter(ModelAdapter):
             def on_call(call):
                 rows[call.layer] = compute_attention_rows(call, [s - call.query_start for s in steps])
                 acc = sums.setdefault(call.layer, HeadSums.zeros(call.query.shape[0], call.n_heads))
-                accumulate_head_sums(call, acc, None, image_keys, 256)
+                accumulate_head_sums(call, acc, prompt_rows, image_keys, 256)
             scope = capture_attention_calls(self.model, lm_layers, on_call)
         else:
             scope = nullcontext()
