@@ -170,6 +170,16 @@ def test_llava_full_strategy_keeps_the_cls_as_a_summary_token():
     assert cells_changed(tokens, changed, "image") == {(0, 3)}
 
 
+def test_text_only_prompt_and_a_placeholder_without_its_image():
+    _, processor, config = llava()
+    (tokens,) = image_token_layouts(processor(text=["what is the image ?"], return_tensors="pt"), processor, config)
+    assert tokens.layout.tokens == ("what", "is", "the", "image", "?") and not tokens.layout.images
+    assert (tokens.layout.role == ROLE_TEXT).all()
+    batch = processor(images=[random_image(32, 32)], text=["<image> what"], return_tensors="pt")
+    with pytest.raises(ImageLayoutError, match="left over"):
+        image_token_layouts({k: v for k, v in batch.items() if k != "pixel_values"}, processor, config)
+
+
 def test_llava_wrong_config_is_a_one_line_error():
     _, processor, config = llava()
     batch = processor(images=[random_image(32, 32)], text=["<image>"], return_tensors="pt")

@@ -44,6 +44,7 @@ The rules, read from transformers 5.23's processors and modeling code, with ever
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -261,6 +262,19 @@ def _tokenizer(processor):
     return getattr(processor, "tokenizer", processor)
 
 
+def _text_only_aware(family: Callable[..., list[ImageTokens]]) -> Callable[..., list[ImageTokens]]:
+    """A batch without ``pixel_values`` gets plain text layouts (an image placeholder in it is an error)."""
+
+    @functools.wraps(family)
+    def layouts(batch: Mapping, processor, config, **kwargs) -> list[ImageTokens]:
+        if batch.get("pixel_values") is None:
+            placeholder = _config_id(config, "image_token_id", "image_token_index")
+            return [ex.finish() for ex in _examples(batch, _tokenizer(processor), placeholder)]
+        return family(batch, processor, config, **kwargs)
+
+    return layouts
+
+
 # -- LLaVA 1.5 --------------------------------------------------------------------------------------------------
 def _vision_sequence(n_prefix: int, rows: int, cols: int, strategy: str) -> list[tuple[int, int] | None]:
     """The vision tower's tokens as (row, col) cells, None for a prefix (CLS) token, after the feature strategy.
@@ -281,6 +295,7 @@ def _place_vision(ex: _Example, seq, grid: int, what: str) -> None:
             ex.put(p, ROLE_PATCH, grid, [cell])
 
 
+@_text_only_aware
 def llava_layouts(batch: Mapping, processor, config) -> list[ImageTokens]:
     """LLaVA 1.5: one regular grid per image, ``image_size / patch_size`` cells a side (24 x 24 at 336 / 14).
 
@@ -374,6 +389,7 @@ def _kept_prefix(n_prefix: int, config) -> None:
             "use the checkpoint's own processor and config.")
 
 
+@_text_only_aware
 def llava_next_layouts(batch: Mapping, processor, config) -> list[ImageTokens]:
     """LLaVA-NeXT: per image a ``base`` grid (the image squashed to the tower's square) and a ``tiles`` grid (the
     anyres tiles stitched, less the padding the model cuts off), each tile row ended by a newline token.
@@ -394,6 +410,7 @@ def llava_next_layouts(batch: Mapping, processor, config) -> list[ImageTokens]:
     return _anyres_layouts(batch, processor, config, unpad_image, None, None)
 
 
+@_text_only_aware
 def llava_onevision_layouts(batch: Mapping, processor, config) -> list[ImageTokens]:
     """LLaVA-OneVision: as `llava_next_layouts`, with ``anyres_max`` shrinking of large tile grids; an example
     with several images (``batch_num_images``) gets only the base grid (padded to a square) and one newline.
@@ -444,6 +461,7 @@ def _qwen_image(rows: np.ndarray, thw, patch: int, merge: int, image_processor) 
     return seen_image(chw, image_processor)
 
 
+@_text_only_aware
 def qwen2_vl_layouts(batch: Mapping, processor, config) -> list[ImageTokens]:
     """Qwen2-VL and Qwen2.5-VL: per image a grid of ``spatial_merge_size``-square patch blocks (28 px at 14 / 2),
     row-major (Qwen2.5-VL's windows live inside its vision tower only).
@@ -524,6 +542,7 @@ def _idefics_frames(ex: _Example, run_ids, fake_id: int, n_tokens: int) -> list[
     return images
 
 
+@_text_only_aware
 def idefics3_layouts(batch: Mapping, processor, config) -> list[ImageTokens]:
     """Idefics3 and SmolVLM: per image a ``tiles`` grid (the tiles stitched) and a ``global`` grid, or one
     ``image`` grid when the image was not split; each token a ``scale_factor``-square block of patches.
@@ -585,6 +604,7 @@ def _place_idefics(ex: _Example, image_runs, seen, n: int, cell_px: int, user: i
 
 
 # -- PaliGemma and Gemma 3 -------------------------------------------------------------------------------------
+@_text_only_aware
 def paligemma_layouts(batch: Mapping, processor, config) -> list[ImageTokens]:
     """PaliGemma: ``image_seq_length`` tokens per image on an ``image_size / patch_size`` square grid (16 x 16 at
     224 / 14), before the prompt.
@@ -615,6 +635,7 @@ def paligemma_layouts(batch: Mapping, processor, config) -> list[ImageTokens]:
     return out
 
 
+@_text_only_aware
 def gemma3_layouts(batch: Mapping, processor, config, num_crops: Sequence[int] | None = None) -> list[ImageTokens]:
     """Gemma 3: ``mm_tokens_per_image`` tokens per image (or pan-and-scan crop), a ``sqrt`` x ``sqrt`` grid of
     average-pooled patch blocks (16 x 16 cells of 56 px at 896 / 14), between ``<start_of_image>`` and
