@@ -145,7 +145,7 @@ def test_target_score_is_a_teacher_forced_sum(adapter):
     manual = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).sum()
     torch.testing.assert_close(score[0], manual, rtol=1e-4, atol=1e-5)
     assert label == "red blue" and abs(float(prob[0]) - float(manual.exp())) < 1e-6
-    own, own_prob, own_label = adapter.target_score(out)
+    _, own_prob, own_label = adapter.target_score(out)
     assert own_label == out.answers[0]
     assert abs(float(own_prob[0]) - adapter.predict(out)[0][0][1]) < 1e-6
     with pytest.raises(InputError):
@@ -182,9 +182,8 @@ def test_hooks_and_attention_registration_are_gone_after_errors(adapter):
     batch = adapter.encode([grey()], [QUESTION])
     with pytest.raises(AttentionCaptureError):
         capture(adapter, batch, layers=(7,))
-    with pytest.raises(RuntimeError, match="boom"):
-        with adapter.head_mask("vision.self", torch.zeros(1, 2, 2)):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), adapter.head_mask("vision.self", torch.zeros(1, 2, 2)):
+        raise RuntimeError("boom")
     with pytest.raises(InputError):
         adapter.attention_gradients(adapter.encode([grey()] * 2, [QUESTION] * 2))
     assert _hooks(adapter) == before and AttentionInterface._global_mapping["sdpa"] is sdpa

@@ -56,11 +56,11 @@ def write_llava(folder: Path, seed: int = 0) -> Path:
     ip = LlavaImageProcessorPil(size={"shortest_edge": IMAGE_PX}, crop_size={"height": IMAGE_PX, "width": IMAGE_PX})
     processor = LlavaProcessor(ip, tok, patch_size=PATCH_PX, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
-    vision = dict(model_type="clip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=IMAGE_PX, patch_size=PATCH_PX)
-    text = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=len(tok), bos_token_id=2, eos_token_id=3, pad_token_id=1,
-                max_position_embeddings=128)
+    vision = {"model_type": "clip_vision_model", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "image_size": IMAGE_PX, "patch_size": PATCH_PX}
+    text = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": len(tok), "bos_token_id": 2,
+            "eos_token_id": 3, "pad_token_id": 1, "max_position_embeddings": 128}
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_layer=-2, vision_feature_select_strategy="default", pad_token_id=1)
     torch.manual_seed(seed)

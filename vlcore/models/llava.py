@@ -430,7 +430,7 @@ class LlavaAdapter(ModelAdapter):
             ``image_top_ids`` int32 ``[B, L + 1, I, 3]``: their top vocabulary tokens per layer.
         """
         P, T = int(batch.inputs["prompt_len"]), int(batch.inputs["answer_ids"].shape[1])
-        B, n_layers = hidden.shape[1], hidden.shape[0]
+        n_layers = hidden.shape[0]
         target = batch.inputs["answer_ids"].to(hidden.device)
         valid = torch.arange(T, device=hidden.device)[None] < batch.inputs["answer_len"].to(hidden.device)[:, None]
         image = [np.flatnonzero(np.isin(lay.role, (ROLE_PATCH, ROLE_IMAGE_SUMMARY))) for lay in batch.streams[LM]]
