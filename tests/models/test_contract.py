@@ -83,9 +83,10 @@ def test_layouts_blocks_and_hidden_states_agree(adapter):
         att = block.attentions.astype(np.float32)
         assert att.shape == (specs[name].n_layers, specs[name].n_heads, q.n_tokens, k.n_tokens), name
         np.testing.assert_allclose(att.sum(-1), 1.0, atol=1e-2, err_msg=name)
-        if specs[name].causal:
-            assert np.allclose(np.triu(att, 1), 0), name
-            assert trace.select(name).n_visible().tolist() == list(range(1, q.n_tokens + 1))
+        if specs[name].causal:  # the queries are the last Q of the K positions (Q < K: generated tokens' rows)
+            offset = k.n_tokens - q.n_tokens
+            assert np.allclose(np.triu(att, 1 + offset), 0), name
+            assert trace.select(name).n_visible().tolist() == list(range(1 + offset, k.n_tokens + 1))
     for name, layout in trace.streams.items():
         assert len(layout.tokens) == len(layout.role) == len(layout.cell) == len(layout.image_of)
         assert (layout.role != 5).all(), "padding is trimmed from a trace"
