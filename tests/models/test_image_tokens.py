@@ -18,7 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from vlcore.models.image_only_processors import build_qwen2_vl_processor, image_only_processor_class
+from vlcore.models.image_only_processors import (
+    build_image_only_processor,
+    build_qwen2_vl_processor,
+    image_only_processor_class,
+)
 from vlcore.models.image_tokens import NEWLINE_TOKEN, ImageLayoutError, image_token_layouts
 from vlcore.trace import ROLE_PAD, ROLE_PATCH, ROLE_SPECIAL, ROLE_TEXT
 
@@ -304,6 +308,35 @@ def test_llava_onevision_two_images_get_base_grids_and_one_newline_each():
     # 40 x 72 padded to 72 x 72 (16 px above), then x 32/72: ((29 + 16) * 0.444, 27 * 0.444) = (20, 12)
     assert cells_changed(tokens, changed, "base", 0) == {(2, 1)}
     assert cells_changed(tokens, changed, "base", 1) == {(0, 3)}  # 30 -> 32: (3.7, 29.3)
+
+
+def test_llava_onevision_processor_from_a_folder_without_video_processor(tmp_path, monkeypatch):
+    """A hub-like OneVision folder (processor settings in processor_config.json) builds the video-free processor
+    with those settings: the same image tokens as the processor made in memory."""
+    import json
+
+    import vlcore.models.image_only_processors as iop
+
+    monkeypatch.setattr(iop, "torchvision_available", lambda: False)
+    _, processor, config = llava_onevision()
+    processor.tokenizer.save_pretrained(tmp_path)
+    processor.image_processor.save_pretrained(tmp_path)
+    (tmp_path / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": 16, "vision_feature_select_strategy": "full",
+        "vision_aspect_ratio": "anyres_max_9", "image_token": "<image>"}))
+    built = build_image_only_processor(tmp_path)
+    assert type(built).__name__ == "LlavaOnevisionProcessorImageOnly" and built.num_image_tokens == 16
+    image = random_image(40, 72)
+    mine = built(images=[image], text=["<image> what"], return_tensors="pt")
+    theirs = processor(images=[image], text=["<image> what"], return_tensors="pt")
+    assert mine["input_ids"].tolist() == theirs["input_ids"].tolist()
+    assert image_token_layouts(mine, built, config)[0].layout.tokens == image_token_layouts(
+        theirs, processor, config)[0].layout.tokens
+    from vlcore.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="video processor"):
+        build_image_only_processor({"tokenizer": processor.tokenizer, "image_processor": processor.image_processor},
+                                   "LlavaNextProcessor")
 
 
 # -- Qwen2-VL and Qwen2.5-VL ------------------------------------------------------------------------------------
