@@ -1,6 +1,6 @@
 """Benchmark: trace capture, summary sweeps and trace loading against the plain forward pass.
 
-    python bench/extract.py [--device auto|cpu|cuda] [--repeats 5] [--no-families]
+    python bench/extract.py [--device auto|cpu|cuda] [--repeats 5] [--no-families | --families-only]
 
 Uses a full-size ViLT-B/32 config (12 layers, 12 heads, hidden 768, patch 32) with random
 weights, the real processor settings, a 384x640 image (resized to 352x608: 11x19 patches) and a
@@ -41,10 +41,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=None, help="sweep batch (default 8 on CPU, 64 on GPU)")
     parser.add_argument("--no-families", action="store_true", help="skip the BLIP / CLIP / SigLIP rows")
+    parser.add_argument("--families-only", action="store_true", help="only the BLIP / CLIP / SigLIP rows")
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     batch_size = args.batch_size or (64 if device == "cuda" else 8)
     dtype = torch.bfloat16 if device == "cuda" else None
+    if args.families_only:
+        return print_rows(family_rows(device, Store(tempfile.mkdtemp(prefix="vlscope-bench-")), args.repeats))
     adapter = vilt_b32(device)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (384, 640, 3), dtype=np.uint8))
     store = Store(tempfile.mkdtemp(prefix="vlscope-bench-"))
@@ -116,6 +119,10 @@ def main() -> int:
     ]
     if not args.no_families:
         rows += family_rows(device, store, r)
+    return print_rows(rows)
+
+
+def print_rows(rows: list[tuple[str, str, str, str]]) -> int:
     print(f"| {'measure':<52} | {'value':>12} | {'ratio':>20} | {'target':>9} |")
     print(f"|{'-' * 54}|{'-' * 14}|{'-' * 22}|{'-' * 11}|")
     for row in rows:

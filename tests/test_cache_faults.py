@@ -166,9 +166,35 @@ def test_full_disk_leaves_no_file_and_no_temp_file(tmp_path, monkeypatch, where)
     assert leftovers(tmp_path / "cache") == []
 
 
-def test_full_disk_while_caching_a_trace_still_shows_the_result(tiny_adapter, example, monkeypatch):
+@pytest.mark.parametrize("where", ["write", "replace"])  # a trace is not fsynced: the disk fills during the write
+def test_full_disk_while_caching_a_trace_still_shows_the_result(tiny_adapter, example, monkeypatch, where):
     store = Store()
-    monkeypatch.setattr(os, "fsync", _disk_full)
+    if where == "write":
+        real_fdopen = os.fdopen
+
+        class FullWriter:
+            def __init__(self, fh):
+                self.fh = fh
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.fh.close()
+
+            def write(self, data):
+                self.fh.write(data[: len(data) // 2])
+                _disk_full()
+
+            def flush(self):
+                self.fh.flush()
+
+            def fileno(self):
+                return self.fh.fileno()
+
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullWriter(real_fdopen(fd, mode)))
+    else:
+        monkeypatch.setattr(os, "replace", _disk_full)
     trace, cached = trace_for_example(tiny_adapter, example, store)
     assert not cached and trace.attentions is not None
     assert "not stored: the disk is full" in store.notices[0]

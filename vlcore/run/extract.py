@@ -81,14 +81,14 @@ def trace_from_capture(adapter: ModelAdapter, batch: EncodedBatch, captured: Cap
     specs = adapter.block_specs()
     blocks = {}
     for name in captured.attentions:
-        q, k = keep[specs[name].query], keep[specs[name].key]
-        arr = captured.stacked(name)[:, row].half().cpu().numpy()[:, :, q][:, :, :, k]
+        q, k = _as_index(keep[specs[name].query]), _as_index(keep[specs[name].key])
+        arr = np.stack([layer[row][:, q][:, :, k].half().cpu().numpy() for layer in captured.layers(name)])
         visible = _visible_counts(arr) if specs[name].causal else None
         blocks[name] = AttentionBlock(arr, specs[name].query, specs[name].key, visible)
     for name, spec in specs.items():  # blocks not captured: no attentions, layouts still known
         blocks.setdefault(name, AttentionBlock(None, spec.query, spec.key))
-    hiddens = {name: captured.hidden[name][:, row].half().cpu().numpy()[:, keep[name]] if name in captured.hidden
-               else None for name in streams}
+    hiddens = {name: captured.hidden[name][:, row][:, _as_index(keep[name])].half().cpu().numpy()
+               if name in captured.hidden else None for name in streams}
     view = adapter.default_block if adapter.default_block in captured.attentions or not captured.attentions \
         else next(iter(captured.attentions))
     fields["meta"] = {**fields.get("meta", {}), "default_query": default_queries(adapter, streams)}
@@ -103,6 +103,13 @@ def default_queries(adapter: ModelAdapter, streams: dict) -> dict[str, int | Non
         query = adapter.default_query(name, streams[spec.query])
         out[name] = None if query is None else int(query)
     return out
+
+
+def _as_index(keep: np.ndarray) -> slice | torch.Tensor:
+    """A slice when the kept positions are one run (no copy when indexing a tensor), else an index tensor."""
+    if len(keep) and keep[-1] - keep[0] + 1 == len(keep):
+        return slice(int(keep[0]), int(keep[-1]) + 1)
+    return torch.as_tensor(keep, dtype=torch.long)
 
 
 def _visible_counts(att: np.ndarray) -> np.ndarray:

@@ -47,10 +47,12 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder, then rename.
 
-    On any failure the temporary file is removed and ``path`` is untouched: never a half file.
+    On any failure the temporary file is removed and ``path`` is untouched: never a half file. ``durable`` forces
+    the bytes to disk before the rename (fsync); a cache entry whose reader checks it and recomputes a damaged one
+    (a trace) skips that, since after a power loss the worst case is one recomputation.
 
     Raises:
         StoreError: the disk is full (or over quota), or the folder cannot be written.
@@ -62,7 +64,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         if tmp is not None:
@@ -275,7 +278,7 @@ class Store:
     def put_trace(self, key: str, trace: Trace) -> Path:
         """Write a trace atomically, then evict old traces past the cap."""
         path = self.trace_path(key)
-        atomic_write_bytes(path, trace_to_bytes(trace))
+        atomic_write_bytes(path, trace_to_bytes(trace), durable=False)  # read back through trace_from_bytes' checks
         self.evict(keep=path)
         return path
 
