@@ -82,7 +82,7 @@ def trace_from_capture(adapter: ModelAdapter, batch: EncodedBatch, captured: Cap
     blocks = {}
     for name in captured.attentions:
         q, k = _as_index(keep[specs[name].query]), _as_index(keep[specs[name].key])
-        arr = np.stack([layer[row][:, q][:, :, k].half().cpu().numpy() for layer in captured.layers(name)])
+        arr = _half_stack([layer[row][:, q][:, :, k] for layer in captured.layers(name)])
         visible = _visible_counts(arr) if specs[name].causal else None
         blocks[name] = AttentionBlock(arr, specs[name].query, specs[name].key, visible)
     for name, spec in specs.items():  # blocks not captured: no attentions, layouts still known
@@ -103,6 +103,15 @@ def default_queries(adapter: ModelAdapter, streams: dict) -> dict[str, int | Non
         query = adapter.default_query(name, streams[spec.query])
         out[name] = None if query is None else int(query)
     return out
+
+
+def _half_stack(layers: list[torch.Tensor]) -> np.ndarray:
+    """float16 ``[L, ...]`` on the host from per-layer tensors (any device, any float dtype), converted in one pass
+    into the destination (no float32 stack, no second copy)."""
+    out = torch.empty((len(layers), *layers[0].shape), dtype=torch.float16)
+    for i, layer in enumerate(layers):
+        out[i].copy_(layer)
+    return out.numpy()
 
 
 def _as_index(keep: np.ndarray) -> slice | torch.Tensor:
