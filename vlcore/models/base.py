@@ -285,6 +285,16 @@ class ModelAdapter(ABC):
             NoAttentionError: a block was asked for and the model returned no weights for it.
         """
 
+    def trace_meta(self, captured: Captured, batch: EncodedBatch, row: int) -> dict:
+        """JSON-able extras stored in one example's ``Trace.meta`` (a generative model's logit lens and per-head
+        summaries); none by default."""
+        return {}
+
+    @property
+    def generates(self) -> bool:
+        """True for a model that writes its answer token by token (the ``generated`` stream and its block)."""
+        return False
+
     @abstractmethod
     def predict(self, output: Any, top_k: int = 5, batch: EncodedBatch | None = None) -> list[list[tuple[str, float]]]:
         """Top-k ``(label, probability)`` per example from a model output."""

@@ -1,69 +1,22 @@
 """LLaVA-1.5 adapter: ``LlavaForConditionalGeneration``, a generative model (VQA: it writes the answer).
 
-Streams:
+The streams, blocks, generation trace, attention without eager mode and the logit lens are the shared generative
+adapter's (`vlcore.models.generative`). What is LLaVA's own:
 
-- ``lm``: the decoder's sequence as it read it: the chat-template prompt (text and special tokens, the image
-  tokens as patches at their (row, col) from `vlcore.models.image_tokens`), then the generated tokens that were
-  fed back (``ROLE_GENERATED``). The last generated token is never read by the decoder, so it is not in ``lm``.
-- ``generated``: the generated tokens (the answer, with the end token when one was produced). Token ``t`` of this
-  stream stands for the decoding step that produced it: the query at ``lm`` position ``P - 1 + t`` (the last prompt
-  token for ``t = 0``); its hidden states are that position's.
-- ``vision``: the CLIP tower's tokens, the CLS (image summary) then the patches; the image stream.
-
-Blocks:
-
-- ``lm.generated`` (default): the decoder's causal self-attention, the rows of the generating steps only:
-  ``[L, H, n_new, P + n_new - 1]``, row ``t`` over every token it could see (bottom-right causal: it sees
-  ``P + t`` keys). No ``[L, H, N, N]`` stack is ever built: the model runs on sdpa and the rows are recomputed from
-  the queries and keys the sdpa kernel got (`vlcore.models.attention_capture`), equal to eager to 1e-4.
-  Per-head summaries over the prompt's rows (entropy by visible keys, share on image tokens) come with the output
-  (`LlavaResult.summaries`).
-- ``vision.self``: the vision tower's self-attention; the tower alone runs on eager attention (it is small: 577
-  tokens for LLaVA-1.5), its weights collected by scoped forward hooks.
-
-How a pass runs. ``encode`` builds the prompt with the processor's chat template and generates the answer greedily
-(sdpa, ``max_new_tokens``); the batch then holds prompt + answer, so every later pass (``capture``, a head mask,
-an image-token mask, a gradient pass) is one teacher-forced forward over that fixed sequence and scores the same
-answer. ``capture`` under ``torch.no_grad`` stays on sdpa. Under grad (``attention_gradients``, or a caller taking
-gradients of the captured rows) the rows must be tensors of the forward graph, so the language model runs on
-eager within a scoped `vlcore.models.attention_capture.eager_attention` context, and a scoped hook rebuilds each
-layer's output from the kept rows; switching the implementation changes the shared model's config for the duration
-of that pass (as `eager_attention` says: hold the app's lock around gradient passes on a shared model).
-
-The logit lens (`LlavaResult.lens`): each layer's residual stream through the final norm and the LM head; for each
-generated step its top tokens and the rank and probability of the token produced; for each image token its top
-vocabulary tokens per layer. The language model's ``hidden[L]`` is the last layer's output before the final norm
-(transformers returns it after the norm; a scoped hook on the norm keeps the residual).
+- the image tokens: ``(image_size / patch_size)**2`` cells of one grid, row-major, the vision CLS dropped by the
+  ``default`` feature strategy (`vlcore.models.image_tokens`);
+- ``vision``: the CLIP tower's tokens, the CLS (image summary) then the patches; the image stream. Its
+  ``vision.self`` block is collected by scoped forward hooks with the tower alone on eager attention (it is small:
+  577 tokens for LLaVA-1.5); a decoder image token is the projection of the vision token on the same cell, which
+  is how removing a vision token removes the decoder's image token.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
-
-import numpy as np
-import torch
-from PIL import Image
-
-from vlcore.errors import InputError
-from vlcore.models.attention_capture import capture_attention_calls, eager_attention
-from vlcore.models.attention_rows import HeadSummaries, HeadSums, accumulate_head_sums, compute_attention_rows
-from vlcore.models.base import BlockSpec, Capture, Captured, EncodedBatch, Gradients, ModelAdapter
-from vlcore.models.image_tokens import image_token_layouts
+from vlcore.models.base import BlockSpec
+from vlcore.models.generative import VISION, GenerativeAdapter
 from vlcore.models.registry import Family, LoadContext
-from vlcore.trace import (
-    IMAGE_CLS_TOKEN,
-    PAD_TOKEN,
-    ROLE_GENERATED,
-    ROLE_IMAGE_SUMMARY,
-    ROLE_PAD,
-    ROLE_PATCH,
-    ImageGrid,
-    TokenLayout,
-    patch_token,
-)
+from vlcore.trace import IMAGE_CLS_TOKEN, ROLE_IMAGE_SUMMARY, ROLE_PATCH, TokenLayout, patch_token
 
 ARCHITECTURES = {"LlavaForConditionalGeneration": "vqa"}
 
@@ -74,9 +27,6 @@ FAMILY = Family(
     architectures=ARCHITECTURES,
     checkpoints={"llava-hf/llava-1.5-7b-hf": "LLaVA 1.5, 7B: generates a free-form answer (CLIP ViT-L/336, Vicuna)"},
 )
-
-LM, GENERATED, VISION = "lm", "generated", "vision"
-LENS_TOP, IMAGE_LENS_TOP = 5, 3
 
 
 def load(ctx: LoadContext) -> LlavaAdapter:
@@ -89,221 +39,36 @@ def load(ctx: LoadContext) -> LlavaAdapter:
     return LlavaAdapter(model, processor, model_id=ctx.model_id, device=ctx.device, dtype=ctx.dtype)
 
 
-@dataclass
-class LlavaResult:
-    """One teacher-forced LLaVA pass (`Captured.output`), batch ``B``.
-
-    Attributes:
-        logits: ``[B, T, V]``: the decoder's logits at the generating steps (``T`` = the batch's longest answer);
-            step ``t`` predicts generated token ``t``.
-        answer_ids: per row the generated token ids (the end token included when produced).
-        answers: per row the answer text (without special tokens).
-        prompt: what a teacher-forced pass on another answer needs: ``input_ids``, ``attention_mask`` (with the
-            image-token mask applied), ``position_ids`` ``[B, P]`` and ``pixel_values``.
-        summaries: per-head statistics over the prompt's rows (`HeadSummaries`: entropy, share on image tokens);
-            None when ``lm.generated`` was not captured on sdpa.
-        lens: the logit lens (see `LlavaAdapter.logit_lens`); empty without hidden states.
-    """
-
-    logits: torch.Tensor
-    answer_ids: tuple[tuple[int, ...], ...]
-    answers: tuple[str, ...]
-    prompt: dict
-    summaries: HeadSummaries | None = None
-    lens: dict = field(default_factory=dict)
-
-    def detach(self) -> LlavaResult:
-        return dataclasses.replace(self, logits=self.logits.detach())
-
-
-class LlavaAdapter(ModelAdapter):
+class LlavaAdapter(GenerativeAdapter):
     """A LLaVA-1.5 model with its processor: streams ``lm``, ``generated``, ``vision``; blocks ``lm.generated``,
-    ``vision.self``.
-
-    Args:
-        model: a ``LlavaForConditionalGeneration`` (language model on sdpa).
-        processor: its ``LlavaProcessor`` (with a chat template).
-        model_id: name plus revision or weights hash.
-        device: "cpu", "cuda", or "auto".
-        dtype: torch dtype for the weights; float32 unless asked.
-    """
+    ``vision.self`` (see `GenerativeAdapter` for the arguments)."""
 
     family = "llava"
+    title = "LLaVA"
     tasks = FAMILY.tasks
-    max_new_tokens = 16  # greedy generation stops at the end token or after this many tokens
 
     def __init__(self, model, processor, model_id: str, device: str = "auto", dtype=None):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = model.to(device=device, dtype=dtype or torch.float32).eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.model_id = model_id
-        self.architecture = type(model).__name__
-        self.task = ARCHITECTURES.get(self.architecture, "vqa")
-        vcfg = model.config.vision_config
-        self.patch_px = int(vcfg.patch_size)
-        self.max_text_len = int(model.config.text_config.max_position_embeddings)
-        self._device = device
-
-    # -- description -------------------------------------------------------------------------
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def language_model(self):
-        return self.model.model.language_model
+        super().__init__(model, processor, model_id, device, dtype)
+        self.patch_px = int(model.config.vision_config.patch_size)
 
     @property
     def vision_tower(self):
         tower = self.model.model.vision_tower
         return getattr(tower, "vision_model", tower)
 
-    def block_specs(self) -> dict[str, BlockSpec]:
-        tcfg, vcfg = self.config.text_config, self.config.vision_config
-        return {
-            "lm.generated": BlockSpec(GENERATED, LM, int(tcfg.num_hidden_layers), int(tcfg.num_attention_heads), True,
-                                      "generated tokens -> everything before them (decoder)"),
-            "vision.self": BlockSpec(VISION, VISION, int(vcfg.num_hidden_layers), int(vcfg.num_attention_heads), False,
-                                     "image self-attention (vision tower)"),
-        }
-
-    @property
-    def image_stream(self) -> str:
-        return VISION
-
-    @property
-    def d_model(self) -> int:
-        return int(self.config.text_config.hidden_size)
-
-    @property
-    def device(self) -> str:
-        return self._device
-
-    def block_order(self, target: str | None = None) -> list[tuple[str, int]]:
-        """The vision tower's layers, then the decoder's."""
-        specs = self.block_specs()
-        return [(name, layer) for name in ("vision.self", "lm.generated") for layer in range(specs[name].n_layers)]
-
-    def fingerprint(self) -> dict:
-        ip = self.processor.image_processor
-        return {
-            "model_id": self.model_id, "architecture": self.architecture,
-            "dtype": str(next(self.model.parameters()).dtype),
-            "crop_size": str(getattr(ip, "crop_size", None)), "size": str(getattr(ip, "size", None)),
-            "image_mean": list(getattr(ip, "image_mean", []) or []), "image_std": list(getattr(ip, "image_std", []) or []),
-            "chat_template": self.processor.chat_template, "max_new_tokens": self.max_new_tokens,
-        }
-
-    def info(self) -> dict:
+    def vision_spec(self) -> BlockSpec:
         vcfg = self.config.vision_config
-        return {
-            "model_id": self.model_id, "architecture": self.architecture, "family": self.family, "task": self.task,
-            "parameters": sum(p.numel() for p in self.model.parameters()), "layers": self.n_layers,
-            "heads": self.n_heads, "kv_heads": int(getattr(self.config.text_config, "num_key_value_heads", 0) or 0),
-            "d_model": self.d_model, "vision_layers": int(vcfg.num_hidden_layers),
-            "vision_heads": int(vcfg.num_attention_heads), "patch_px": self.patch_px,
-            "max_new_tokens": self.max_new_tokens, "device": self.device,
-        }
-
-    # -- modules -------------------------------------------------------------------------------
-    def _lm_attention(self) -> list:
-        return [layer.self_attn for layer in self.language_model.layers]
+        return BlockSpec(VISION, VISION, int(vcfg.num_hidden_layers), int(vcfg.num_attention_heads), False,
+                         "image self-attention (vision tower)")
 
     def _vision_attention(self) -> list:
         return [layer.self_attn for layer in self.vision_tower.encoder.layers]
 
-    def head_output_modules(self, block: str) -> list:
-        """Each layer's linear map reading the heads' concatenated outputs ``[B, N, H * d]``."""
-        if block == "lm.generated":
-            return [m.o_proj for m in self._lm_attention()]
-        if block == "vision.self":
-            return [m.out_proj for m in self._vision_attention()]
-        raise KeyError(f"LLaVA has no block {block!r}; blocks: {list(self.block_specs())}")
+    def _vision_hidden_modules(self) -> list:
+        return [self.vision_tower.pre_layrnorm, *self.vision_tower.encoder.layers]
 
-    # -- inputs --------------------------------------------------------------------------------
-    def prompt_text(self, question: str) -> str:
-        """The question with one image through the processor's chat template, ready for the answer."""
-        content = [{"type": "image"}, {"type": "text", "text": question}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-
-    def encode(self, images: list, texts: list[str]) -> EncodedBatch:
-        """Prompts through the chat template (left-padded), then greedy generation (sdpa, ``max_new_tokens``): the
-        batch holds prompt + answer (see the module docstring).
-
-        Raises:
-            InputError: empty text, a mismatch between images and texts, or something that is not an image.
-        """
-        if len(images) != len(texts):
-            raise InputError(f"got {len(images)} images for {len(texts)} texts; pass one image per text")
-        for text in texts:
-            if not isinstance(text, str) or not text.strip():
-                raise InputError("the text is empty: type a question for the image")
-        for im in images:
-            if not isinstance(im, Image.Image):
-                raise InputError(f"LLaVA reads one PIL image per question; got {type(im).__name__}. Open the file as "
-                                 "an image first (an image pair is not supported)")
-        images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
-        prompts = [self.prompt_text(t) for t in texts]
-        enc = self.processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
-        prompt_layouts = [t.layout for t in image_token_layouts(enc, self.processor, self.config)]
-        dev, dtype = self.device, next(self.model.parameters()).dtype
-        prompt = {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev),
-                  "pixel_values": enc["pixel_values"].to(dev, dtype=dtype)}
-        new, lengths = self._generate(prompt)
-        return self._sequence_batch(prompt, new, lengths, prompt_layouts, [len(p) for p in enc["input_ids"]])
-
-    def _generate(self, prompt: dict) -> tuple[torch.Tensor, list[int]]:
-        """Greedy tokens ``[B, T]`` and per row the answer length (up to and including the end token)."""
-        eos = self._eos_ids()
-        pad = self.tokenizer.pad_token_id
-        with torch.no_grad():
-            seq = self.model.generate(**prompt, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=pad, eos_token_id=list(eos) or None)
-        new = seq[:, prompt["input_ids"].shape[1]:]
-        lengths = []
-        for row in new.tolist():
-            ends = [i for i, t in enumerate(row) if t in eos]
-            lengths.append(ends[0] + 1 if ends else len(row))
-        return new, lengths
-
-    def _eos_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        eos = self.tokenizer.eos_token_id if eos is None else eos
-        return set(eos) if isinstance(eos, (list, tuple)) else ({int(eos)} if eos is not None else set())
-
-    def _sequence_batch(self, prompt: dict, new: torch.Tensor, lengths: list[int], prompt_layouts: list[TokenLayout],
-                        n_full: list[int]) -> EncodedBatch:
-        """The batch of prompt + fed-back answer tokens (all but each row's last), with its three streams."""
-        B, P = prompt["input_ids"].shape
-        T = new.shape[1]
-        fed = new[:, : max(T - 1, 0)]
-        fed_mask = torch.tensor([[int(t < n - 1) for t in range(fed.shape[1])] for n in lengths],
-                                dtype=prompt["attention_mask"].dtype, device=fed.device).reshape(B, -1)
-        mask = torch.cat([prompt["attention_mask"], fed_mask], 1)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        inputs = {"input_ids": torch.cat([prompt["input_ids"], fed.to(prompt["input_ids"].dtype)], 1),
-                  "attention_mask": mask, "position_ids": positions, "pixel_values": prompt["pixel_values"],
-                  "answer_ids": new, "answer_len": torch.tensor(lengths, device=new.device), "prompt_len": P}
-        lm, gen, vision = [], [], []
-        for b in range(B):
-            ids = new[b].tolist()
-            words = [self.tokenizer.decode([i]) for i in ids]
-            n = lengths[b]
-            gen.append(TokenLayout.build([w if t < n else PAD_TOKEN for t, w in enumerate(words)],
-                                         [ROLE_GENERATED if t < n else ROLE_PAD for t in range(T)]))
-            lay = prompt_layouts[b]
-            k = fed.shape[1]
-            roles = [ROLE_GENERATED if t < n - 1 else ROLE_PAD for t in range(k)]
-            lm.append(TokenLayout(lay.tokens + tuple(w if r != ROLE_PAD else PAD_TOKEN for w, r in zip(words, roles)),
-                                  np.concatenate([lay.role, np.asarray(roles, np.int8)]),
-                                  np.concatenate([lay.image_of, np.full(k, -1, np.int16)]),
-                                  np.concatenate([lay.cell, np.full((k, 2), -1, np.int16)]), lay.images))
-            vision.append(self._vision_layout(lay.images[0]))
-        return EncodedBatch(inputs, {LM: lm, GENERATED: gen, VISION: vision}, LM, [False] * B, n_full)
-
-    def _vision_layout(self, grid: ImageGrid) -> TokenLayout:
+    def _vision_layouts(self, prompt_layout: TokenLayout, row: int, enc) -> TokenLayout:
+        grid = prompt_layout.images[0]
         rows, cols = grid.grid
         cells = [(r, c) for r in range(rows) for c in range(cols)]
         n_prefix = int(getattr(self.processor, "num_additional_image_tokens", 1) or 1)
@@ -311,290 +76,5 @@ class LlavaAdapter(ModelAdapter):
         roles = [ROLE_IMAGE_SUMMARY] * n_prefix + [ROLE_PATCH] * len(cells)
         return TokenLayout.build(tokens, roles, [0] * len(tokens), [(-1, -1)] * n_prefix + cells, (grid,))
 
-    # -- running -------------------------------------------------------------------------------
-    def _model_inputs(self, inputs: dict) -> dict:
-        mask = inputs["attention_mask"]
-        if inputs.get("image_keep") is not None:
-            mask = mask * inputs["image_keep"].to(mask.dtype)
-        return {"input_ids": inputs["input_ids"], "attention_mask": mask, "position_ids": inputs["position_ids"],
-                "pixel_values": inputs["pixel_values"]}
-
-    def capture(self, batch: EncodedBatch, capture: Capture = Capture()) -> Captured:
-        """One teacher-forced pass over prompt + answer keeping the asked blocks (per layer ``[B, H', Q, K]``) and
-        the hidden states of every stream (``[L + 1, B, N, D]``), with the logit lens when hidden states are kept.
-        Under ``torch.no_grad`` the decoder stays on sdpa; with grad enabled it runs on eager (module docstring)."""
-        wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
-        inputs = batch.inputs
-        P, T = int(inputs["prompt_len"]), int(inputs["answer_ids"].shape[1])
-        steps = list(range(P - 1, P - 1 + T))
-        n_lm = len(self._lm_attention())
-        lm_layers = tuple(range(n_lm)) if capture.layers is None else tuple(capture.layers)
-        rows: dict[int, torch.Tensor] = {}
-        sums: dict[int, HeadSums] = {}
-        vision_att: list[torch.Tensor] = []
-        kept: dict[str, object] = {}
-        vision_hidden: list[torch.Tensor] = []
-        tower = self.vision_tower
-        hooks = [(self.language_model.norm, lambda _m, args, _o: kept.__setitem__("last", args[0]))]
-        hooks += [(m, lambda _m, _a, out: vision_hidden.append(out[0] if isinstance(out, tuple) else out))
-                  for m in (tower.pre_layrnorm, *tower.encoder.layers)]
-        if "vision.self" in wanted:
-            hooks += [(m, lambda _m, _a, out: vision_att.append(out[1])) for m in self._vision_attention()]
-        grad = torch.is_grad_enabled()
-        model_inputs = self._model_inputs(inputs)
-        image_keys = torch.as_tensor(np.stack([lay.modality == 1 for lay in batch.streams[LM]]))[:, :P]
-        prompt_rows = torch.as_tensor(np.stack([lay.valid for lay in batch.streams[LM]]))[:, :P]
-        if "lm.generated" in wanted and grad:
-            hooks += self._graph_row_hooks(steps, rows, lm_layers)
-            scope = eager_attention(self.model)
-        elif "lm.generated" in wanted:
-            def on_call(call):
-                rows[call.layer] = compute_attention_rows(call, [s - call.query_start for s in steps])
-                acc = sums.setdefault(call.layer, HeadSums.zeros(call.query.shape[0], call.n_heads))
-                accumulate_head_sums(call, acc, prompt_rows, image_keys, 256)
-            scope = capture_attention_calls(self.model, lm_layers, on_call)
-        else:
-            scope = nullcontext()
-        with self.hooked(hooks), scope:
-            out = self.model(**model_inputs, output_hidden_states=True, use_cache=False)
-        attentions = {}
-        if "lm.generated" in wanted:
-            attentions["lm.generated"] = self._heads([rows[i] for i in lm_layers], capture)
-        if "vision.self" in wanted:
-            chosen = vision_att if capture.layers is None else [vision_att[i] for i in capture.layers]
-            attentions["vision.self"] = self._heads(chosen, capture)
-        lm_hidden = torch.stack((*out.hidden_states[:-1], kept["last"]))
-        hidden = {}
-        if capture.hidden:
-            hidden = {LM: lm_hidden, GENERATED: lm_hidden[:, :, P - 1:P - 1 + T],
-                      VISION: torch.stack(vision_hidden)}
-        result = self._result(out.logits[:, P - 1:P - 1 + T], inputs, model_inputs, sums)
-        if capture.hidden and not grad:
-            result.lens = self.logit_lens(lm_hidden, result, batch)
-        return Captured(result, attentions, hidden)
-
-    @staticmethod
-    def _heads(layers: list[torch.Tensor], capture: Capture) -> list[torch.Tensor]:
-        return layers if capture.heads is None else [a[:, list(capture.heads)] for a in layers]
-
-    def _graph_row_hooks(self, steps: list[int], rows: dict, layers: tuple[int, ...]) -> list:
-        """Hooks that make the generating rows tensors of the forward graph under eager attention: each layer's
-        output is rebuilt from its probabilities with those rows spliced back in (``W[:, :, steps]``), so a
-        gradient of the output reaches them."""
-        values: dict[int, torch.Tensor] = {}
-        hooks = []
-        for layer, module in enumerate(self._lm_attention()):
-            if layer not in layers:
-                continue
-
-            def keep_values(_m, _a, out, layer=layer):
-                values[layer] = out
-
-            def rebuild(m, _a, output, layer=layer):
-                weights = output[1]
-                b, h, n, _ = weights.shape
-                part = weights[:, :, steps[0]:steps[-1] + 1]
-                spliced = torch.cat([weights[:, :, :steps[0]], part, weights[:, :, steps[-1] + 1:]], 2)
-                v = values.pop(layer)
-                v = v.view(b, n, -1, m.head_dim).transpose(1, 2).repeat_interleave(h // (v.shape[-1] // m.head_dim), 1)
-                context = (spliced @ v.to(spliced.dtype)).transpose(1, 2).reshape(b, n, h * m.head_dim)
-                rows[layer] = part
-                return (m.o_proj(context.to(output[0].dtype)), spliced)
-
-            hooks += [(module.v_proj, keep_values), (module, rebuild)]
-        return hooks
-
-    def _result(self, logits: torch.Tensor, inputs: dict, model_inputs: dict, sums: dict) -> LlavaResult:
-        P = int(inputs["prompt_len"])
-        ids = tuple(tuple(row[:n]) for row, n in zip(inputs["answer_ids"].tolist(), inputs["answer_len"].tolist()))
-        answers = tuple(self.tokenizer.decode(list(i), skip_special_tokens=True).strip() for i in ids)
-        prompt = {k: model_inputs[k][:, :P] for k in ("input_ids", "attention_mask", "position_ids")}
-        prompt["pixel_values"] = model_inputs["pixel_values"]
-        summaries = HeadSummaries.from_sums(sums, True) if sums else None
-        return LlavaResult(logits, ids, answers, prompt, summaries)
-
-    # -- the logit lens ----------------------------------------------------------------------------
-    def logit_lens(self, hidden: torch.Tensor, result: LlavaResult, batch: EncodedBatch) -> dict[str, np.ndarray]:
-        """Each layer's residual stream through the final norm and the LM head.
-
-        Args:
-            hidden: the ``lm`` stream's ``[L + 1, B, N, D]`` (pre-norm residual stream).
-            result: the pass's result (for the generated ids).
-            batch: the batch (for the image-token positions).
-
-        Returns:
-            ``generated_top_ids`` int32 / ``generated_top_probs`` float32 ``[B, L + 1, T, 5]``: each generating
-            step's top tokens per layer; ``generated_rank`` int32 / ``generated_prob`` float32 ``[B, L + 1, T]``:
-            the rank (0 = top) and probability of the token finally produced (-1 / NaN past a row's answer);
-            ``image_positions`` int64 ``[B, I]`` (``lm`` positions of the image tokens, padded layout) and
-            ``image_top_ids`` int32 ``[B, L + 1, I, 3]``: their top vocabulary tokens per layer.
-        """
-        P, T = int(batch.inputs["prompt_len"]), int(batch.inputs["answer_ids"].shape[1])
-        n_layers = hidden.shape[0]
-        target = batch.inputs["answer_ids"].to(hidden.device)
-        valid = torch.arange(T, device=hidden.device)[None] < batch.inputs["answer_len"].to(hidden.device)[:, None]
-        image = [np.flatnonzero(np.isin(lay.role, (ROLE_PATCH, ROLE_IMAGE_SUMMARY))) for lay in batch.streams[LM]]
-        n_img = min(len(i) for i in image)
-        positions = torch.as_tensor(np.stack([i[:n_img] for i in image]), device=hidden.device)
-        out = {k: [] for k in ("generated_top_ids", "generated_top_probs", "generated_rank", "generated_prob",
-                               "image_top_ids")}
-        with torch.no_grad():
-            for layer in range(n_layers):
-                logp = self._lens_logits(hidden[layer, :, P - 1:P - 1 + T]).log_softmax(-1)
-                top = logp.topk(min(LENS_TOP, logp.shape[-1]), -1)
-                chosen = logp.gather(-1, target[..., None])[..., 0]
-                rank = (logp > chosen[..., None]).sum(-1)
-                out["generated_top_ids"].append(top.indices.int())
-                out["generated_top_probs"].append(top.values.exp())
-                out["generated_rank"].append(torch.where(valid, rank, -1).int())
-                out["generated_prob"].append(torch.where(valid, chosen.exp(), torch.nan))
-                img = torch.gather(hidden[layer], 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-                out["image_top_ids"].append(self._lens_logits(img).topk(IMAGE_LENS_TOP, -1).indices.int())
-        lens = {k: torch.stack(v, 1).float().cpu().numpy() if "prob" in k else torch.stack(v, 1).cpu().numpy()
-                for k, v in out.items()}
-        lens["image_positions"] = positions.cpu().numpy()
-        return lens
-
-    def _lens_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.language_model.norm(hidden)).float()
-
-    # -- outputs ---------------------------------------------------------------------------------
-    def _logprob(self, output: LlavaResult, ids: Sequence[int]) -> torch.Tensor:
-        """Differentiable ``[B]``: the summed log-probability of ``ids`` as each row's answer."""
-        scores = []
-        for b in range(output.logits.shape[0]):
-            if tuple(ids) == output.answer_ids[b]:  # the pass read this answer: its own logits
-                logp = output.logits[b, : len(ids)].float().log_softmax(-1)
-            else:
-                logp = self._teacher_forced(output, b, ids)
-            scores.append(logp.gather(-1, torch.as_tensor(ids, device=logp.device)[:, None]).sum())
-        return torch.stack(scores)
-
-    def _teacher_forced(self, output: LlavaResult, b: int, ids: Sequence[int]) -> torch.Tensor:
-        """``[len(ids), V]`` log-probabilities of row ``b``'s prompt followed by ``ids`` (one more pass)."""
-        p = output.prompt
-        dev = p["input_ids"].device
-        extra = torch.as_tensor(ids[:-1], dtype=p["input_ids"].dtype, device=dev)[None]
-        mask = torch.cat([p["attention_mask"][b:b + 1], torch.ones_like(extra)], 1)
-        start = p["position_ids"][b, -1] + 1
-        positions = torch.cat([p["position_ids"][b:b + 1], start + torch.arange(extra.shape[1], device=dev)[None]], 1)
-        out = self.model(input_ids=torch.cat([p["input_ids"][b:b + 1], extra], 1), attention_mask=mask,
-                         position_ids=positions, pixel_values=p["pixel_values"][b:b + 1], use_cache=False)
-        P = p["input_ids"].shape[1]
-        return out.logits[0, P - 1:].float().log_softmax(-1)
-
-    def predict(self, output: LlavaResult, top_k: int = 5, batch: EncodedBatch | None = None) -> list[list[tuple[str, float]]]:
-        """``[(generated answer, its probability)]`` per row: the product of its tokens' probabilities (the end
-        token included when it was generated)."""
-        with torch.no_grad():
-            probs = [float(self._logprob(dataclasses.replace(output, logits=output.logits[b:b + 1],
-                                                             answer_ids=(ids,)), ids).exp()[0])
-                     for b, ids in enumerate(output.answer_ids)]
-        return [[(answer, p)] for answer, p in zip(output.answers, probs)]
-
-    def target_score(self, output: LlavaResult, target: str | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
-        """The summed log-probability of the target answer's tokens, teacher-forced after each row's prompt, and
-        its probability. None: row 0's generated answer (its own tokens, the end token included when generated);
-        a target equal to a generated answer is scored with that answer's tokens, any other with the tokenizer's
-        tokens and the end token. The generated answer is read from the pass's own logits (differentiable with
-        respect to its captured attention); another answer takes one more pass per row.
-
-        Raises:
-            InputError: an empty answer.
-        """
-        if target is None:
-            ids, label = output.answer_ids[0], output.answers[0]
-        else:
-            if not isinstance(target, str) or not target.strip():
-                raise InputError("the answer to explain is empty: type an answer")
-            label = target.strip()
-            ids = next((i for a, i in zip(output.answers, output.answer_ids) if a == label), None)
-            if ids is None:
-                ids = tuple(self.tokenizer(label, add_special_tokens=False)["input_ids"]) + tuple(sorted(self._eos_ids()))[:1]
-        if not ids:
-            raise InputError(f"the answer {label!r} has no tokens for {self.model_id}; type another answer")
-        score = self._logprob(output, ids)
-        return score, score.detach().exp(), label
-
-    def default_query(self, block: str, layout: TokenLayout) -> int | None:
-        """``lm.generated``: the first generated token's step; ``vision.self``: the vision CLS."""
-        if block == "vision.self":
-            return layout.first(ROLE_IMAGE_SUMMARY)
-        return layout.first(ROLE_GENERATED)
-
-    # -- interventions ---------------------------------------------------------------------------
-    @contextmanager
-    def head_mask(self, block: str, keep: torch.Tensor):
-        """Multiply each head's output by ``keep [B, L, H]`` where the block's output projection reads it
-        (``o_proj`` in the decoder, ``out_proj`` in the vision tower). The answer stays the one generated."""
-        spec = self.block_specs().get(block)
-        if spec is None or tuple(keep.shape[1:]) != (spec.n_layers, spec.n_heads):
-            shape = f"[B, {spec.n_layers}, {spec.n_heads}]" if spec else "(no such block)"
-            raise ValueError(f"LLaVA masks heads of {list(self.block_specs())} with keep [B, L, H]; got block "
-                             f"{block!r} keep {tuple(keep.shape)} (expected {shape})")
-
-        def make_hook(layer: int):
-            def hook(module, args, _output):
-                context = args[0]
-                width = context.shape[-1] // spec.n_heads
-                scale = keep[:, layer].to(context.device, context.dtype).repeat_interleave(width, dim=1)
-                return torch.nn.functional.linear(context * scale[:, None, :], module.weight, module.bias)
-            return hook
-
-        with self.hooked([(m, make_hook(layer)) for layer, m in enumerate(self.head_output_modules(block))]):
-            yield
-
-    def mask_image_tokens(self, batch: EncodedBatch, drops: Sequence[np.ndarray]) -> EncodedBatch:
-        """Variants with image tokens removed from the decoder's view: their keys get attention mask 0 in every
-        decoder layer (the vision tower still sees the whole image). ``drops`` index the ``vision`` stream; each
-        vision token is the decoder image token on the same cell (the CLS has none under the ``default``
-        feature strategy, so dropping it changes nothing)."""
-        if len(batch) != 1:
-            raise InputError(f"image-token removal runs on one example; got {len(batch)}")
-        vision, lm = batch.streams[VISION][0], batch.streams[LM][0]
-        where = {(int(r), int(c)): i for i, (r, c) in enumerate(lm.cell.tolist()) if lm.role[i] == ROLE_PATCH}
-        summary = lm.first(ROLE_IMAGE_SUMMARY)
-        base = batch.inputs.get("image_keep")
-        base = torch.ones_like(batch.inputs["attention_mask"][0]) if base is None else base[0]
-        keeps = []
-        for drop in drops:
-            drop = np.asarray(drop, dtype=np.int64)
-            if drop.size and (drop.min() < 0 or drop.max() >= vision.n_tokens):
-                raise InputError(f"image tokens to remove must index the {vision.n_tokens} vision tokens; got "
-                                 f"{drop.tolist()}")
-            k = base.clone()
-            for i in drop.tolist():
-                pos = where.get(tuple(vision.cell[i].tolist())) if vision.role[i] == ROLE_PATCH else summary
-                if pos is not None:
-                    k[pos] = 0
-            keeps.append(k)
-        inputs = {**batch.repeated_inputs(len(keeps), exclude=("image_keep",)), "image_keep": torch.stack(keeps)}
-        return EncodedBatch(inputs, {k: v * len(keeps) for k, v in batch.streams.items()}, batch.main,
-                            batch.truncated * len(keeps), batch.n_text_full * len(keeps))
-
-    def attention_gradients(self, batch: EncodedBatch, target: str | None = None,
-                            blocks: Sequence[str] | None = None, image_pass: int = 0) -> Gradients:
-        """Every block's probabilities and the gradient of the target score with respect to them, from one pass
-        with grad (the decoder on eager in a scoped context; see the module docstring).
-
-        Raises:
-            InputError: more than one example, an empty target, or an image pass other than 0.
-        """
-        if len(batch) != 1:
-            raise InputError(f"gradient relevancy explains one example at a time; got a batch of {len(batch)}")
-        if image_pass != 0:
-            raise InputError(f"{self.model_id} runs one image pass per example; got pass {image_pass}")
-        names = list(self.block_specs()) if blocks is None else list(blocks)
-        with torch.enable_grad():
-            pixels = batch.inputs["pixel_values"].detach().clone().requires_grad_(True)
-            captured = self.capture(dataclasses.replace(batch, inputs={**batch.inputs, "pixel_values": pixels}),
-                                    Capture(blocks=tuple(names), hidden=False))
-            score, _, label = self.target_score(captured.output, target)
-            layers = [a for name in names for a in captured.layers(name)]
-            grads = iter(torch.autograd.grad(score[0], layers, allow_unused=True))
-        attentions, gradients = {}, {}
-        for name in names:
-            attentions[name] = [a[0].detach().float() for a in captured.layers(name)]
-            gradients[name] = [torch.zeros_like(a) if g is None else g[0].detach().float()
-                               for a, g in zip(attentions[name], grads)]
-        return Gradients(attentions, gradients, captured.output.detach(), label, float(score[0].detach()))
+    def info(self) -> dict:
+        return {**super().info(), "patch_px": self.patch_px}

@@ -91,7 +91,8 @@ def trace_from_capture(adapter: ModelAdapter, batch: EncodedBatch, captured: Cap
                if name in captured.hidden else None for name in streams}
     view = adapter.default_block if adapter.default_block in captured.attentions or not captured.attentions \
         else next(iter(captured.attentions))
-    fields["meta"] = {**fields.get("meta", {}), "default_query": default_queries(adapter, streams)}
+    fields["meta"] = {**fields.get("meta", {}), **adapter.trace_meta(captured, batch, row),
+                      "default_query": default_queries(adapter, streams)}
     return Trace(example_id, adapter.model_id, streams, blocks, hiddens, view, **fields)
 
 
