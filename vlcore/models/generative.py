@@ -295,13 +295,23 @@ class GenerativeAdapter(ModelAdapter):
         pad = self.tokenizer.pad_token_id
         with torch.no_grad():
             seq = self.model.generate(**prompt, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=pad, eos_token_id=list(eos) or None)
+                                      pad_token_id=pad, eos_token_id=list(eos) or None,
+                                      suppress_tokens=self._placeholder_ids() or None)
         new = seq[:, prompt["input_ids"].shape[1]:]
         lengths = []
         for row in new.tolist():
             ends = [i for i, t in enumerate(row) if t in eos]
             lengths.append(ends[0] + 1 if ends else len(row))
         return new, lengths
+
+    def _placeholder_ids(self) -> list[int]:
+        """Token ids that stand for image content (image/video placeholders, image begin/end markers): never
+        generated (a model with random weights would otherwise write one, and feeding it back asks for an image
+        that is not there)."""
+        names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index", "boi_token_index",
+                 "eoi_token_index", "vision_start_token_id", "vision_end_token_id", "vision_token_id")
+        ids = {getattr(self.config, n, None) for n in names}
+        return sorted(int(i) for i in ids if isinstance(i, int) and i >= 0)
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
