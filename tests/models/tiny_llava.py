@@ -72,13 +72,4 @@ def write_llava(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def _registered() -> bool:
-    from vlcore.models.registry import FAMILY_MODULES
-
-    return "llava" in FAMILY_MODULES
-
-
-# The contract suite loads these through `load_adapter`, which needs the family registered: until "llava" is in
-# FAMILY_MODULES (it waits on the contract's bottom-right causal check, docs/readme_parts/llava.md) the suite skips
-# it and tests/models/test_llava.py loads the folder through `vlcore.models.llava.load` itself.
-TINY_CHECKPOINTS: dict[str, Callable[[Path], Path]] = {"llava": write_llava} if _registered() else {}
+TINY_CHECKPOINTS: dict[str, Callable[[Path], Path]] = {"llava": write_llava}
