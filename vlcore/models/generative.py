@@ -116,6 +116,9 @@ class GenerativeAdapter(ModelAdapter):
     title = "generative model"
     max_new_tokens = 16  # greedy generation stops at the end token or after this many tokens
     passes_position_ids = True  # False: the model computes its own positions (Qwen2-VL's M-RoPE)
+    position_offset = 0  # added to the positions passed (PaliGemma counts from 1)
+    answer_token_values: dict[str, int] = {}  # per-token extras' value over the answer (default 0; PaliGemma's
+    # token_type_ids: 1, the causal suffix)
 
     def __init__(self, model, processor, model_id: str, device: str = "auto", dtype=None):
         if device == "auto":
@@ -330,12 +333,13 @@ class GenerativeAdapter(ModelAdapter):
         mask = torch.cat([prompt["attention_mask"], fed_mask], 1)
         inputs = dict(prompt)
         for key in self._per_token_keys(prompt):
-            inputs[key] = torch.cat([prompt[key], torch.zeros_like(prompt[key][:, :1]).expand(-1, fed.shape[1])], 1)
+            value = torch.full_like(prompt[key][:, :1], self.answer_token_values.get(key, 0))
+            inputs[key] = torch.cat([prompt[key], value.expand(-1, fed.shape[1])], 1)
         inputs.update(input_ids=torch.cat([prompt["input_ids"], fed.to(prompt["input_ids"].dtype)], 1),
                       attention_mask=mask, answer_ids=new, answer_len=torch.tensor(lengths, device=new.device),
                       prompt_len=P, prompt_keys=tuple(sorted(prompt)))
         if self.passes_position_ids:
-            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+            inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0) + self.position_offset
         lm, gen = [], []
         for b in range(B):
             ids = new[b].tolist()
@@ -566,7 +570,8 @@ class GenerativeAdapter(ModelAdapter):
             inputs["position_ids"] = torch.cat([row["position_ids"],
                                                 start + torch.arange(extra.shape[1], device=dev)[None]], 1)
         for key in self._per_token_keys(row):
-            inputs[key] = torch.cat([row[key], torch.zeros_like(extra, dtype=row[key].dtype)], 1)
+            value = self.answer_token_values.get(key, 0)
+            inputs[key] = torch.cat([row[key], torch.full_like(extra, value, dtype=row[key].dtype)], 1)
         out = self.model(**inputs, use_cache=False)
         return out.logits[0, P - 1:].float().log_softmax(-1)
 
