@@ -15,7 +15,7 @@ from vlcore.ui.annotate import annotate_panel, share_view
 from vlcore.ui.blocks import pick_block, select_block
 from vlcore.ui.context import load_example_trace, load_model, pick_layer_head, pick_rollout_start
 from vlcore.ui.heatmap_controls import pick_answer, pick_display, pick_query, pick_view
-from vlcore.ui.heatmaps import method_map, method_reason, scale_caption, scale_domains, step_maps
+from vlcore.ui.heatmaps import method_map, method_reason, scale_caption, scale_domains, step_maps, stored_rollout
 
 st.set_page_config(page_title="Attention heatmaps · VLScope", layout="wide")
 st.title("Attention heatmaps")
@@ -57,6 +57,13 @@ shown = dataclasses.replace(display, method=method, direction="from" if method =
 headings = {"raw": f"Attention {direction} the query · {head_label}",
             "rollout": f"Attention rollout {direction} the query · layers {start_layer}–{trace.n_layers - 1}",
             "relevancy": f"Gradient relevancy of each token for the answer “{answer}”"}
+if method == "rollout" and stored_rollout(trace) is not None:  # rolled out during the model's pass
+    from vlcore.attribution.relevance import rollout_is_composed
+
+    composed = " composed with the vision tower's rollout" if rollout_is_composed(trace) else ""
+    headings["rollout"] = f"Attention rollout through the decoder{composed} · layers 0–{trace.n_layers - 1}"
+    if start_layer:
+        st.caption("This model's rollout was computed during its pass from layer 0; the start layer does not apply.")
 titles = {"raw": f"raw attention {direction} {query.label}", "rollout": f"attention rollout {direction} {query.label}",
           "relevancy": f"gradient relevancy for “{answer}”"}
 try:

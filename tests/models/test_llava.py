@@ -162,15 +162,17 @@ def test_head_mask_and_image_token_mask(adapter):
     torch.testing.assert_close(masked.stacked("lm.generated")[0], base.stacked("lm.generated")[0])
     assert not torch.allclose(masked.stacked("lm.generated")[1], base.stacked("lm.generated")[1])
     assert torch.equal(masked.hidden["vision"], base.hidden["vision"]), "a decoder head leaves the tower alone"
-    vision = batch.streams["vision"][0]
-    variants = adapter.mask_image_tokens(batch, [np.array([], np.int64), vision.index(ROLE_PATCH, ROLE_IMAGE_SUMMARY)])
-    rows = capture(adapter, variants, hidden=False).stacked("lm.generated")  # [L, 2, H, T, N]
+    assert adapter.image_stream == "lm"  # removal indexes the decoder's image tokens
     image = batch.streams["lm"][0].index(ROLE_PATCH)
+    variants = adapter.mask_image_tokens(batch, [np.array([], np.int64), image])
+    rows = capture(adapter, variants, hidden=False).stacked("lm.generated")  # [L, 2, H, T, N]
     torch.testing.assert_close(rows[:, 0], base.stacked("lm.generated")[:, 0])
     assert float(rows[:, 1][..., image].abs().max()) == 0 and float(rows[:, 0][..., image].min()) > 0
     np.testing.assert_allclose(rows[:, 1].sum(-1).numpy(), 1.0, atol=1e-5)
     with pytest.raises(InputError):
-        adapter.mask_image_tokens(batch, [np.array([99])])
+        adapter.mask_image_tokens(batch, [np.array([999])])
+    with pytest.raises(InputError, match="only image tokens"):
+        adapter.mask_image_tokens(batch, [np.array([0])])  # a text token
 
 
 def _hooks(adapter) -> int:

@@ -129,9 +129,32 @@ def compute_rollout(trace: Trace, start_layer: int = 0) -> np.ndarray:
         InputError: ``start_layer`` out of range, or a cross-attention block.
     """
     _need_attentions(trace)
+    stored = stored_rollout(trace)
+    if stored is not None:
+        return stored
     _need_self_block(trace.view, trace.block.is_self, trace.block.query, trace.block.key, "attention rollout")
     _check_range("start_layer", start_layer, trace.n_layers, negative=True)
     return rollout_matrices(trace.attentions, start_layer % trace.n_layers).astype(np.float32)
+
+
+def stored_rollout(trace: Trace) -> np.ndarray | None:
+    """The rollout rows the model computed during its pass for the viewed block, when it keeps only some rows of
+    a self-attention (a generative model keeps its generated tokens' rows of the decoder): float32 ``[Q, K]``,
+    rolled out over every layer (from layer 0), composed with the vision tower's rollout where the trace has it
+    (``Trace.meta["rollout"]``, `vlcore.models.generative`). None when there is none for this block."""
+    stored = trace.meta.get("rollout") or {}
+    if stored.get("block") != trace.view:
+        return None
+    rows = np.asarray(stored.get("composed") or stored["lm"], dtype=np.float32)
+    if rows.shape != (trace.n_tokens, len(trace.key_layout.tokens)):
+        return None
+    return rows
+
+
+def rollout_is_composed(trace: Trace) -> bool:
+    """Whether `stored_rollout` spreads the image tokens' share through the vision tower's rollout."""
+    stored = trace.meta.get("rollout") or {}
+    return stored.get("block") == trace.view and bool(stored.get("composed"))
 
 
 def compute_rollout_map(trace: Trace, start_layer: int = 0, query: int | None = None) -> np.ndarray:

@@ -78,6 +78,9 @@ class Capture:
         heads: head indices to keep; None keeps all.
         hidden: keep hidden states of every stream.
         image_pass: for models that run one encoder pass per image (ViLT NLVR2), the pass to keep.
+        rollout: also compute what an adapter precomputes for attention rollout when its blocks alone cannot
+            give it (a generative model keeps only the generated tokens' rows, so it rolls out its decoder
+            during the pass); ignored by adapters whose blocks roll out as they are.
     """
 
     blocks: tuple[str, ...] | None = None
@@ -85,6 +88,7 @@ class Capture:
     heads: tuple[int, ...] | None = None
     hidden: bool = True
     image_pass: int = 0
+    rollout: bool = False
 
 
 @dataclass

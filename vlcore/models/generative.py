@@ -67,6 +67,10 @@ from vlcore.trace import (
 LM, GENERATED, VISION = "lm", "generated", "vision"
 LM_BLOCK, VISION_BLOCK = "lm.generated", "vision.self"
 LENS_TOP, IMAGE_LENS_TOP = 5, 3
+# Rollout holds each layer's head-mean [B, N, N] until the pass ends: at most this many elements in all
+# (float32: 256 MiB), e.g. 32 layers of a 1,400-token sequence; longer sequences get no rollout (and a note).
+ROLLOUT_MAX_ELEMENTS = 2**26
+ROLLOUT_CHUNK = 256
 IMAGE_ROLES = (ROLE_PATCH, ROLE_IMAGE_SUMMARY)
 _BOOKKEEPING = ("answer_ids", "answer_len", "prompt_len", "prompt_keys", "image_keep")
 
@@ -86,6 +90,10 @@ class GenerationResult:
         summaries: per-head statistics over the prompt's rows (`HeadSummaries`: entropy, share on image tokens);
             None when ``lm.generated`` was not captured on sdpa.
         lens: the logit lens (see `GenerativeAdapter.logit_lens`); empty without hidden states.
+        rollout: float32 ``[B, T, N]``: attention rollout through the decoder (Abnar & Zuidema 2020: per layer the
+            mean over heads plus the identity, rows normalised, multiplied over every layer) of each generating
+            step's query over the ``lm`` tokens; None unless asked for (`Capture.rollout`) and the sequence is
+            short enough (`ROLLOUT_MAX_ELEMENTS`).
     """
 
     logits: torch.Tensor
@@ -94,9 +102,52 @@ class GenerationResult:
     prompt: dict
     summaries: HeadSummaries | None = None
     lens: dict = field(default_factory=dict)
+    rollout: torch.Tensor | None = None
 
     def detach(self) -> GenerationResult:
         return dataclasses.replace(self, logits=self.logits.detach())
+
+
+def _head_mean_rows(call) -> torch.Tensor:
+    """float32 ``[B, N, N]``: one layer's attention averaged over heads, every query row (computed in chunks of
+    rows, so no ``[B, H, N, N]`` tensor is held)."""
+    n = call.query.shape[2]
+    out = torch.zeros(call.query.shape[0], n, call.n_keys, dtype=torch.float32, device=call.query.device)
+    for start in range(0, n, ROLLOUT_CHUNK):
+        chunk = list(range(start, min(start + ROLLOUT_CHUNK, n)))
+        out[:, chunk[0]:chunk[-1] + 1] = compute_attention_rows(call, chunk).mean(1)
+    return out
+
+
+def _rollout_matrix(layers: Sequence[torch.Tensor]) -> np.ndarray:
+    """float64 ``[N, N]``: the rollout of one example's self-attention layers (``[H, N, N]`` each)."""
+    n = layers[0].shape[-1]
+    eye = np.eye(n)
+    out = eye.copy()
+    for layer in layers:
+        a_hat = layer.double().mean(0).cpu().numpy() + eye
+        out = (a_hat / a_hat.sum(-1, keepdims=True)) @ out
+    return out
+
+
+def rollout_rows(means: Sequence[torch.Tensor], steps: Sequence[int]) -> torch.Tensor:
+    """Rows ``steps`` of the attention rollout ``Â_{L-1} ··· Â_0`` with ``Â_l = normalise_rows(mean_h A_l + I)``.
+
+    Computed from the last layer down (``v ← v Â_l``), so only the asked rows are ever multiplied: ``[B, S, N]``
+    float32 (each row sums to 1).
+
+    Args:
+        means: per layer the head-mean attention ``[B, N, N]`` (rows queries).
+        steps: the query rows wanted.
+    """
+    B, N, _ = means[0].shape
+    eye = torch.eye(N, device=means[0].device)
+    v = eye[list(steps)].expand(B, -1, -1).clone()
+    for mean in reversed(means):
+        a_hat = mean + eye
+        a_hat = a_hat / a_hat.sum(-1, keepdim=True)
+        v = v @ a_hat
+    return v
 
 
 class GenerativeAdapter(ModelAdapter):
@@ -202,7 +253,9 @@ class GenerativeAdapter(ModelAdapter):
 
     @property
     def image_stream(self) -> str:
-        return VISION if self.vision_spec() is not None else LM
+        """``lm``: the image tokens as the decoder reads them (what the generated tokens' maps lie on, and what
+        image-token removal takes away)."""
+        return LM
 
     @property
     def d_model(self) -> int:
@@ -229,7 +282,8 @@ class GenerativeAdapter(ModelAdapter):
         return {"model_id": self.model_id, "architecture": self.architecture,
                 "dtype": str(next(self.model.parameters()).dtype),
                 **{name: str(getattr(ip, name, None)) for name in fields},
-                "chat_template": self.processor.chat_template, "max_new_tokens": self.max_new_tokens}
+                "chat_template": self.processor.chat_template, "max_new_tokens": self.max_new_tokens,
+                "trace_meta": 2}  # what `trace_meta` stores (2: the decoder's rollout)
 
     def info(self) -> dict:
         tcfg = self.text_config
@@ -390,6 +444,10 @@ class GenerativeAdapter(ModelAdapter):
         model_inputs = self._model_inputs(inputs)
         image_keys = torch.as_tensor(np.stack([np.isin(lay.role, IMAGE_ROLES) for lay in batch.streams[LM]]))[:, :P]
         prompt_rows = torch.as_tensor(np.stack([lay.valid for lay in batch.streams[LM]]))[:, :P]
+        means: dict[int, torch.Tensor] = {}
+        B, N = inputs["input_ids"].shape
+        roll = (capture.rollout and not grad and LM_BLOCK in wanted and len(lm_layers) == n_lm
+                and n_lm * B * N * N <= ROLLOUT_MAX_ELEMENTS)
         if LM_BLOCK in wanted and grad:
             hooks += self._graph_row_hooks(steps, rows, lm_layers)
             scope = eager_attention(self.model)
@@ -398,6 +456,8 @@ class GenerativeAdapter(ModelAdapter):
                 rows[call.layer] = compute_attention_rows(call, [s - call.query_start for s in steps])
                 acc = sums.setdefault(call.layer, HeadSums.zeros(call.query.shape[0], call.n_heads))
                 accumulate_head_sums(call, acc, prompt_rows, image_keys, 256)
+                if roll:
+                    means[call.layer] = _head_mean_rows(call)
             scope = capture_attention_calls(self.model, lm_layers, on_call)
         else:
             scope = nullcontext()
@@ -416,6 +476,8 @@ class GenerativeAdapter(ModelAdapter):
             if vision_hidden:
                 hidden[VISION] = torch.stack(vision_hidden)
         result = self._result(out.logits[:, P - 1:P - 1 + T], inputs, model_inputs, sums)
+        if roll:
+            result.rollout = rollout_rows([means[i] for i in range(n_lm)], steps)
         if capture.hidden and not grad:
             result.lens = self.logit_lens(lm_hidden, result, batch)
         return Captured(result, attentions, hidden)
@@ -537,10 +599,38 @@ class GenerativeAdapter(ModelAdapter):
             meta["prompt_head_summaries"] = {
                 "layers": list(s.layers), "entropy": np.round(s.entropy[row], 6).tolist(),
                 "image_share": np.round(s.key_mass[row], 6).tolist(), "rows": int(s.n_rows[row])}
+        if result.rollout is not None:
+            meta["rollout"] = self._rollout_meta(captured, batch, row, keep, n)
         note = self.vision_note()
         if note:
             meta["vision_note"] = note
         return meta
+
+    def _rollout_meta(self, captured: Captured, batch: EncodedBatch, row: int, keep: np.ndarray, n: int) -> dict:
+        """The rollout rows of one example over its trimmed ``lm`` tokens (``lm``: through the decoder) and, where
+        the vision tower's attention was captured, the same rows with the image tokens' share spread through the
+        vision tower's own rollout (``composed``, as LVLM-Interpret composes them): image token ``i``'s value
+        goes to patch ``j`` in proportion to ``R_vision[i, j]`` over the patches, the image's total unchanged."""
+        rows = captured.output.rollout[row][:n][:, torch.as_tensor(keep, device=captured.output.rollout.device)]
+        rows = rows.double().cpu().numpy()
+        out = {"block": LM_BLOCK, "lm": np.round(rows, 7).tolist()}
+        if VISION_BLOCK in captured.attentions and captured.attentions[VISION_BLOCK]:
+            vision = batch.streams[VISION][row]
+            patches = np.flatnonzero(vision.role == ROLE_PATCH)
+            r_vis = _rollout_matrix([a[row] for a in captured.attentions[VISION_BLOCK]])[patches][:, patches]
+            r_vis = r_vis / np.maximum(r_vis.sum(1, keepdims=True), 1e-12)
+            new_index = {int(p): i for i, p in enumerate(keep)}
+            where = [[new_index[p] for p in self._lm_positions_of(batch, int(i), row) if p in new_index]
+                     for i in patches]
+            composed = rows.copy()
+            for t in range(len(rows)):
+                mass = np.array([rows[t, w].sum() for w in where])
+                spread = mass @ r_vis
+                for j, w in enumerate(where):
+                    if w:
+                        composed[t, w] = spread[j] / len(w)
+            out["composed"] = np.round(composed, 7).tolist()
+        return out
 
     # -- outputs -------------------------------------------------------------------------------------
     def _logprob(self, output: GenerationResult, ids: Sequence[int]) -> torch.Tensor:
@@ -638,13 +728,11 @@ class GenerativeAdapter(ModelAdapter):
         with self.hooked([(m, make_hook(layer)) for layer, m in enumerate(self.head_output_modules(block))]):
             yield
 
-    def _lm_positions_of(self, batch: EncodedBatch, index: int) -> list[int]:
-        """The ``lm`` positions of image-stream token ``index`` (a vision token: the decoder image tokens on the
-        same grid and cell; its summary token: the decoder's summary tokens)."""
-        lm = batch.streams[LM][0]
-        if self.image_stream == LM:
-            return [index] if lm.role[index] in IMAGE_ROLES else []
-        vision = batch.streams[VISION][0]
+    def _lm_positions_of(self, batch: EncodedBatch, index: int, row: int = 0) -> list[int]:
+        """The ``lm`` positions of ``vision`` token ``index`` of example ``row`` (a patch: the decoder image tokens
+        on the same grid and cell; a summary token: the decoder's summary tokens)."""
+        lm = batch.streams[LM][row]
+        vision = batch.streams[VISION][row]
         if vision.role[index] == ROLE_PATCH:
             g, cell = int(vision.image_of[index]), vision.cell[index]
             return np.flatnonzero((lm.role == ROLE_PATCH) & (lm.image_of == g) & (lm.cell == cell).all(1)).tolist()
@@ -664,10 +752,11 @@ class GenerativeAdapter(ModelAdapter):
             if drop.size and (drop.min() < 0 or drop.max() >= stream.n_tokens):
                 raise InputError(f"image tokens to remove must index the {stream.n_tokens} tokens of the "
                                  f"{self.image_stream!r} stream; got {drop.tolist()}")
+            if drop.size and not np.isin(stream.role[drop], IMAGE_ROLES).all():
+                raise InputError(f"only image tokens can be removed; {drop[~np.isin(stream.role[drop], IMAGE_ROLES)].tolist()} "
+                                 "are not image tokens")
             k = base.clone()
-            for i in drop.tolist():
-                for pos in self._lm_positions_of(batch, i):
-                    k[pos] = 0
+            k[torch.as_tensor(drop, dtype=torch.long)] = 0
             keeps.append(k)
         inputs = {**batch.repeated_inputs(len(keeps), exclude=("image_keep",)), "image_keep": torch.stack(keeps)}
         return EncodedBatch(inputs, {k: v * len(keeps) for k, v in batch.streams.items()}, batch.main,

@@ -5,10 +5,11 @@ adapter's (`vlcore.models.generative`). What is LLaVA's own:
 
 - the image tokens: ``(image_size / patch_size)**2`` cells of one grid, row-major, the vision CLS dropped by the
   ``default`` feature strategy (`vlcore.models.image_tokens`);
-- ``vision``: the CLIP tower's tokens, the CLS (image summary) then the patches; the image stream. Its
-  ``vision.self`` block is collected by scoped forward hooks with the tower alone on eager attention (it is small:
-  577 tokens for LLaVA-1.5); a decoder image token is the projection of the vision token on the same cell, which
-  is how removing a vision token removes the decoder's image token.
+- ``vision``: the CLIP tower's tokens, the CLS (image summary) then the patches. Its ``vision.self`` block is
+  collected by scoped forward hooks with the tower alone on eager attention (it is small: 577 tokens for
+  LLaVA-1.5); a decoder image token is the projection of the vision token on the same cell, which is how the
+  decoder's rollout is composed with the tower's (`GenerativeAdapter.trace_meta`). The image stream (what
+  image-token removal indexes) is the decoder's ``lm``, as for every generative model.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def extract_trace(
     """
     batch = adapter.encode([image], [text])
     with torch.no_grad():
-        captured = adapter.capture(batch, Capture(image_pass=image_pass))
+        captured = adapter.capture(batch, Capture(image_pass=image_pass, rollout=True))
     prediction = adapter.predict(captured.output, top_k=top_k, batch=batch)[0]
     return trace_from_capture(adapter, adapter.pass_batch(batch, image_pass), captured, 0, example_id,
                               prediction=tuple(prediction), gold=tuple(gold) if gold else None,

@@ -206,7 +206,7 @@ def method_reason(method: str, trace: Trace, adapter) -> str | None:
     Rollout multiplies a block's layers into a token-to-token matrix: a cross block alone has none. Gradient
     relevancy through a cross block needs the bi-modal rules (`vlcore.attribution.bimodal`).
     """
-    if method == "rollout" and not trace.block.is_self:
+    if method == "rollout" and not trace.block.is_self and stored_rollout(trace) is None:
         return (f"Rollout does not apply to a cross block alone: {trace.view}'s rows and columns are different "
                 "tokens, so its layers do not multiply into one token-to-token matrix (roll out a self-attention "
                 "block instead). Showing raw attention.")
@@ -216,6 +216,13 @@ def method_reason(method: str, trace: Trace, adapter) -> str | None:
     if method == "relevancy" and adapter is not None and trace.view not in adapter.block_specs():
         return f"{adapter.model_id} has no block {trace.view} to explain. Showing raw attention."
     return None
+
+
+def stored_rollout(trace: Trace):
+    """The rollout rows the model computed in its pass for the viewed block (`vlcore.attribution.relevance`)."""
+    from vlcore.attribution.relevance import stored_rollout as stored
+
+    return stored(trace)
 
 
 def bimodal_available() -> bool:

@@ -134,6 +134,8 @@ def show_prediction(trace: Trace, adapter) -> None:
                 "hidden states are still there to look at.")
         return
     top, value = trace.prediction[0]
+    if adapter.generates:
+        show_generated_tokens(trace)
     if adapter.answers_compare:
         verdict = {True: " · ✅ correct", False: " · ❌ incorrect", None: ""}[trace.correct if trace.gold else None]
         gold = f" · **gold:** {', '.join(trace.gold)}" if trace.gold else ""
@@ -145,6 +147,32 @@ def show_prediction(trace: Trace, adapter) -> None:
     if trace.gold:
         st.caption(f"Gold answers ({', '.join(trace.gold)}) do not apply: this model scores the image-text pair "
                    f"({task_text(adapter.task)}), it gives no answer to compare; there is no accuracy either.")
+
+
+HEATMAPS_PAGE = "pages/4_Attention_Heatmaps.py"
+
+
+def show_generated_tokens(trace: Trace) -> None:
+    """A generated answer token by token: each token a link that opens its attention (its row of the block whose
+    queries are the generated tokens) on the Heatmaps page, with the logit lens's probability of it at the last
+    layer when the trace has one."""
+    from vlcore.ui.state import carried_params
+
+    block = next((name for name, b in trace.blocks.items() if b.query == "generated"), None)
+    layout = trace.streams.get("generated")
+    if block is None or layout is None or not layout.n_tokens:
+        return
+    lens = trace.meta.get("lens") or {}
+    final = (lens.get("prob") or [None])[-1]
+    st.markdown("**Answer, token by token** (click a token to see what it looked at):")
+    params = {**carried_params(), "block": block}
+    params.pop("tok", None)
+    columns = st.columns(min(layout.n_tokens, 8))
+    for t, token in enumerate(layout.tokens):
+        shown = token.strip() or repr(token)
+        help_text = f"step {t}" + (f" · p = {final[t]:.3f} at the last layer" if final and t < len(final) else "")
+        columns[t % len(columns)].page_link(HEATMAPS_PAGE, label=f"{t}: {shown}", query_params={**params, "tok": str(t)},
+                                            help=help_text)
 
 
 @dataclass(frozen=True)
