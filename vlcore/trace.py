@@ -21,6 +21,7 @@ the square ``[N, N]`` views of round one hold. A cross block's keys have their o
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -399,12 +400,13 @@ class Trace:
 
     @property
     def correct(self) -> bool | None:
-        """Whether the top prediction is a gold answer; None without gold, without a prediction, or when the
+        """Whether the top prediction is a gold answer after VQA answer normalisation (`normalize_answer`: "Red."
+        matches "red"); None without gold, without a prediction, or when the
         prediction is a pair's score rather than an answer (``meta["answers_compare"]`` False: image-text
         matching, similarity)."""
         if not self.gold or not self.prediction or self.meta.get("answers_compare") is False:
             return None
-        return self.predicted in self.gold
+        return answer_in_gold(self.predicted, self.gold)
 
     def n_visible(self) -> np.ndarray:
         """int64 ``[Q]``: how many keys each query of the viewed block can see."""
@@ -477,3 +479,70 @@ def _modality_index(layout: TokenLayout, modality: int, include_special: bool) -
     if not include_special:
         keep &= ~layout.special
     return np.flatnonzero(keep)
+
+
+# ---------------------------------------------------------------------------------------
+# Answer matching: the official VQA evaluation's normalisation. It lives here, in the bottom layer, so that
+# `Trace.correct` can use it; `vlcore.analysis.answers` is its public home (with VQA accuracy).
+# ---------------------------------------------------------------------------------------
+
+_PUNCT = ";/[]\"{}()=+\\_-><@`,?!"
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+_PERIOD = re.compile(r"\.(?!\d)")  # the VQA rule: a period goes unless a digit follows it ("2.5" stays)
+_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                 "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = frozenset(("a", "an", "the"))
+# The contracted forms the VQA evaluation restores (each also reached from its spellings without some apostrophes).
+_CONTRACTED = (
+    "ain't", "aren't", "can't", "could've", "couldn't", "couldn't've", "didn't", "doesn't", "don't", "hadn't",
+    "hadn't've", "hasn't", "haven't", "he'd", "he'd've", "he's", "how'd", "how'll", "how's", "i'd've", "i'm", "i've",
+    "isn't", "it'd", "it'd've", "it'll", "let's", "ma'am", "mightn't", "mightn't've", "might've", "mustn't", "must've",
+    "needn't", "not've", "o'clock", "oughtn't", "'ow's'at", "shan't", "she'd've", "she's", "should've", "shouldn't",
+    "shouldn't've", "somebody'd", "somebody'd've", "somebody'll", "somebody's", "someone'd", "someone'd've",
+    "someone'll", "someone's", "something'd", "something'd've", "something'll", "that's", "there'd", "there'd've",
+    "there're", "there's", "they'd", "they'd've", "they'll", "they're", "they've", "'twas", "wasn't", "we'd've",
+    "we've", "weren't", "what'll", "what're", "what's", "what've", "when's", "where'd", "where's", "where've", "who'd",
+    "who'd've", "who'll", "who's", "who've", "why'll", "why're", "why's", "won't", "would've", "wouldn't",
+    "wouldn't've", "y'all", "y'all'll", "y'all'd've", "you'd", "you'd've", "you'll", "you're", "you've"
+)
+
+
+def _spellings(word: str) -> set[str]:
+    """``word`` with every subset of its apostrophes removed (itself included)."""
+    out = {""}
+    for ch in word:
+        out = {s + ch for s in out} | ({s for s in out} if ch == "'" else set())
+    return out
+
+
+_CONTRACTIONS = {variant: word for word in _CONTRACTED for variant in _spellings(word) if variant != word}
+
+
+def normalize_answer(answer: str) -> str:
+    """An answer as the official VQA evaluation compares it: punctuation stripped (a character between words
+    becomes a space, one beside a space goes; commas inside numbers go: "1,000" is "1000"; a period goes unless a
+    digit follows it: "2.5" stays), lower-cased, number words as digits ("two" is "2"), the articles a/an/the
+    dropped, and contractions written with their apostrophes ("dont" is "don't").
+
+    >>> normalize_answer("Two."), normalize_answer("the Red"), normalize_answer("Yes!"), normalize_answer("2.5")
+    ('2', 'red', 'yes', '2.5')
+    """
+    given = text = " ".join(str(answer).split())
+    in_number = _COMMA_IN_NUMBER.search(given) is not None
+    for p in _PUNCT:  # the rule reads the answer as given, not as the earlier replacements left it
+        text = text.replace(p, "" if in_number or f"{p} " in given or f" {p}" in given else " ")
+    text = _PERIOD.sub("", text)
+    words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def answer_in_gold(prediction: str | None, gold) -> bool:
+    """True when ``prediction`` equals one of the ``gold`` answers after `normalize_answer`.
+
+    >>> answer_in_gold("Red.", ["red", "dark red"]), answer_in_gold("blue", ["red"])
+    (True, False)
+    """
+    if prediction is None:
+        return False
+    key = normalize_answer(prediction)
+    return any(key == normalize_answer(g) for g in gold)

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from vlcore.analysis.answers import answer_in_gold
 from vlcore.data.example import Example
 from vlcore.errors import InputError
 from vlcore.models.base import Capture, ModelAdapter
@@ -31,7 +32,9 @@ def evaluate_accuracy(
     batch_size: int = 64,
     progress: Callable[[int, int], None] | None = None,
 ) -> float:
-    """Share of examples whose top prediction is one of their gold answers.
+    """Share of examples whose top prediction is one of their gold answers after VQA answer normalisation
+    (`vlcore.analysis.answers.answer_in_gold`: a generated "Two." matches "2"; a classifier's labels compare as
+    they are).
 
     Raises:
         InputError: the model's predictions are not answers (`ModelAdapter.answers_compare`: an image-text score),
@@ -52,7 +55,7 @@ def evaluate_accuracy(
         if any(not t for t in top):
             raise InputError(f"accuracy needs a model that answers; {adapter.model_id} gave no prediction for "
                              f"{chunk[[not t for t in top].index(True)].example_id}")
-        correct += sum(t[0][0] in e.answers for t, e in zip(top, chunk))
+        correct += sum(answer_in_gold(t[0][0], e.answers) for t, e in zip(top, chunk))
         if progress is not None:
             progress(min(start + batch_size, len(examples)), len(examples))
     return correct / max(len(examples), 1)

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from filelock import FileLock
 
+from vlcore.analysis.answers import answer_in_gold
 from vlcore.analysis.stats import (
     BUILTIN_METRICS,
     SummaryReducer,
@@ -28,6 +29,7 @@ from vlcore.analysis.stats import (
 )
 from vlcore.data.example import Example
 from vlcore.errors import DeviceMemoryError, InputError
+from vlcore.models.attention_rows import HeadSummaries
 from vlcore.models.base import Capture, Captured, EncodedBatch, ModelAdapter
 from vlcore.run.extract import _free_device_memory, is_out_of_memory, memory_message, model_image_input
 from vlcore.storage.store import atomic_write_bytes, fingerprint
@@ -45,6 +47,13 @@ from vlcore.trace import IMAGE, ROLE_PATCH, TEXT, TRACE_VERSION, TokenLayout
 
 VECTOR_PATCHES = 16  # patches per example whose hidden vectors a sweep keeps (plus every text token)
 VECTORS_FILE = "vectors.safetensors"
+# Per-head summaries a generative model computes over its prompt's rows while the pass runs (on the device, in row
+# chunks: `GenerationResult.summaries`); a sweep of that block keeps them as extra metrics beside the built-in ones.
+GENERATIVE_SWEEP_VERSION = 1  # part of a generative model's sweep key: a change of its parts makes a new sweep
+PROMPT_METRICS = {
+    "prompt_entropy": "prompt rows: row entropy / log(keys the query sees), mean over the prompt's tokens",
+    "prompt_image_share": "prompt rows: share of a row's attention on image tokens, mean over the prompt's tokens",
+}
 PREDICTION_COLUMNS = [
     "example_id", "question", "gold", "category", "prediction", "probability", "correct",
     "top_k", "text_truncated", "n_text_tokens", "n_image_tokens",
@@ -145,7 +154,8 @@ def prediction_row(example: Example, top: Sequence[tuple[str, float]], layouts: 
                    truncated: bool, answers: bool = True) -> dict:
     """One row of a sweep's predictions table: the example, its top-k and, when it has gold answers and the
     model's predictions are answers (``answers``: `ModelAdapter.answers_compare`), whether the top prediction is
-    one of them (as `vlcore.trace.Trace.correct`)."""
+    one of them after VQA answer normalisation (`vlcore.analysis.answers.answer_in_gold`, as
+    `vlcore.trace.Trace.correct`: a generated "Red." is correct for gold "red")."""
     best, prob = top[0] if top else (None, float("nan"))
     gold = list(example.answers)
     return {
@@ -155,7 +165,7 @@ def prediction_row(example: Example, top: Sequence[tuple[str, float]], layouts: 
         "category": example.category,
         "prediction": best,
         "probability": prob,
-        "correct": (best in gold) if answers and gold and best is not None else None,
+        "correct": answer_in_gold(best, gold) if answers and gold and best is not None else None,
         "top_k": json.dumps(list(top)),
         "text_truncated": truncated,
         "n_text_tokens": int(sum(((lay.modality == TEXT) & lay.valid).sum() for lay in layouts)),
@@ -189,6 +199,9 @@ def summarize_batch(
         captured = _forward_reduced(adapter, batch, reducer, hidden=vector_patches is not None, keep_attentions=keep,
                                     block=block)
         names, values = list(BUILTIN_METRICS), reducer.values().cpu().numpy()
+        prompt = prompt_summaries(captured, spec.n_layers, spec.n_heads)
+        if prompt is not None:
+            names, values = names + list(PROMPT_METRICS), np.concatenate([values, prompt], -1)
         layers = list(captured.attentions[block]) if keep else []
         custom = compute_custom_batch(layers, layout_batch, ids, adapter.model_id, spec, block) if keep else None
         if custom is not None:
@@ -208,6 +221,26 @@ def summarize_batch(
         vectors["example_ids"] = ids
     return BatchSummary(pd.DataFrame(rows, columns=PREDICTION_COLUMNS), summaries_to_frame(ids, names, values), vectors,
                         probe_part)
+
+
+def prompt_summaries(captured: Captured, n_layers: int, n_heads: int) -> np.ndarray | None:
+    """The per-head summaries over the prompt's rows that the pass computed on the device, if it did.
+
+    A generative model's output carries them (`vlcore.models.attention_rows.HeadSummaries`: the entropy of each
+    prompt row divided by the log of the keys its query sees, and the row's share on image tokens, reduced in row
+    chunks while the pass ran) when its generated-token block was captured without eager attention.
+
+    Args:
+        captured: the pass.
+        n_layers, n_heads: the summarised block's heads; summaries of another shape are not this block's.
+
+    Returns:
+        float32 ``[B, L, H, 2]`` (`PROMPT_METRICS` order), or None.
+    """
+    found = getattr(captured.output, "summaries", None)
+    if not isinstance(found, HeadSummaries) or found.entropy.shape[1:] != (n_layers, n_heads):
+        return None
+    return np.stack([found.entropy, found.key_mass], -1).astype(np.float32)
 
 
 def _forward_reduced(
@@ -265,6 +298,8 @@ def sweep_key(
     settings = {"top_k": top_k, "vector_patches": vector_patches}
     if block is not None and block != adapter.default_block:  # default-block sweeps keep their keys
         settings["block"] = block
+    if adapter.generates:  # its parts hold the prompt metrics and normalised answers; earlier ones did not
+        settings["generated"] = GENERATIVE_SWEEP_VERSION
     if probe:  # a probe sweep is another sweep (vlcore.run.probe_sweep); plain sweeps keep their keys
         from vlcore.storage.sweeps import PROBE_VERSION
 
