@@ -1,0 +1,84 @@
+"""Attention rollout of a generative model, computed during its sdpa pass (`GenerativeAdapter`, `Capture.rollout`),
+against an independent reference: the same teacher-forced sequence run on eager attention with every layer's full
+``[H, N, N]`` weights, rolled out by `vlcore.attribution.relevance.rollout_matrices`; and its composition with the
+vision tower's rollout against a loop over the image tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.models.tiny_llava import write_llava
+from vlcore.attribution.relevance import compute_rollout, rollout_matrices, stored_rollout
+from vlcore.models.attention_capture import extract_eager_attention
+from vlcore.models.base import Capture
+from vlcore.models.registry import load_adapter
+from vlcore.run.extract import extract_trace
+from vlcore.trace import ROLE_PATCH
+
+QUESTION = "what is the color of the cat?"
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    a = load_adapter(str(write_llava(tmp_path_factory.mktemp("llava-rollout"))))
+    a.max_new_tokens = 4
+    return a
+
+
+def image(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+
+
+def test_rollout_rows_equal_the_eager_rollout_for_a_left_padded_batch(adapter):
+    batch = adapter.encode([image(0), image(1)], [QUESTION, "is there a red square in the image?"])
+    with torch.no_grad():
+        captured = adapter.capture(batch, Capture(rollout=True, hidden=False))
+    rows = captured.output.rollout.numpy()  # [B, T, N]
+    P, T = batch.inputs["prompt_len"], batch.inputs["answer_ids"].shape[1]
+    _, eager = extract_eager_attention(adapter.model, adapter._model_inputs(batch.inputs))
+    for b in range(2):
+        valid = batch.streams["lm"][b].valid  # left padding: the reference runs on the valid tokens only
+        full = np.stack([layer[b].numpy() for layer in eager])[:, :, valid][:, :, :, valid]
+        reference = rollout_matrices(full)
+        steps = [int(np.flatnonzero(valid).tolist().index(P - 1 + t)) for t in range(T)
+                 if valid[P - 1 + t] or t == 0]
+        np.testing.assert_allclose(rows[b][: len(steps)][:, valid], reference[steps], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(rows[b].sum(-1)[: len(steps)], 1.0, atol=1e-5)
+    assert batch.streams["lm"][0].valid.sum() != batch.streams["lm"][1].valid.sum(), "the batch is left-padded"
+
+
+def test_no_rollout_unless_asked_and_none_under_grad(adapter):
+    batch = adapter.encode([image(2)], [QUESTION])
+    with torch.no_grad():
+        assert adapter.capture(batch, Capture(hidden=False)).output.rollout is None
+    with torch.enable_grad():
+        assert adapter.capture(batch, Capture(rollout=True, hidden=False)).output.rollout is None
+
+
+def test_trace_rollout_is_composed_with_the_vision_towers_rollout(adapter):
+    trace = extract_trace(adapter, image(3), QUESTION, "ex")
+    view = trace.select("lm.generated")
+    lm_rows = np.asarray(trace.meta["rollout"]["lm"])
+    composed = np.asarray(trace.meta["rollout"]["composed"])
+    assert lm_rows.shape == composed.shape == (view.n_tokens, len(view.key_layout.tokens))
+    np.testing.assert_array_equal(stored_rollout(view), composed.astype(np.float32))
+    np.testing.assert_array_equal(compute_rollout(view), composed.astype(np.float32))  # what the pages read
+    # reference: each decoder image token's share spread over the patches by the tower's rollout (patch rows
+    # renormalised over the patches), the text tokens' values unchanged
+    vision = trace.streams["vision"]
+    patches = np.flatnonzero(vision.role == ROLE_PATCH)
+    tower = rollout_matrices(trace.blocks["vision.self"].attentions.astype(np.float64))[patches][:, patches]
+    tower /= tower.sum(1, keepdims=True)
+    lm = trace.streams["lm"]
+    position = {tuple(lm.cell[i]): i for i in np.flatnonzero(lm.role == ROLE_PATCH)}
+    cells = [tuple(vision.cell[i]) for i in patches]
+    for t in range(len(lm_rows)):
+        expected = lm_rows[t].copy()
+        for j, cell in enumerate(cells):
+            expected[position[cell]] = sum(lm_rows[t, position[c]] * tower[i, j] for i, c in enumerate(cells))
+        np.testing.assert_allclose(composed[t], expected, rtol=2e-3, atol=1e-6)  # float16 tower weights
+        image_cols = list(position.values())
+        assert composed[t, image_cols].sum() == pytest.approx(lm_rows[t, image_cols].sum(), rel=1e-5)
