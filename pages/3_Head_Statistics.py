@@ -132,6 +132,9 @@ k = st.slider("Highlight the top k heads", 1, 20, 5, key="top_k")
 table = ui.show_head_table(agg, metric, k)
 table_downloads(table, f"heads-{label}".replace(" ", "_"), "table_dl")
 
+if scope == "example" and ui.is_generative(trace):  # a generative model: its language model's heads on image tokens
+    ui.generative_heads_panel(ctx.key, trace)
+
 share_view("pages/3_Head_Statistics.py")
 annotate_panel("pages/3_Head_Statistics.py", example_id=trace.example_id if scope == "example" else None,
                model=adapter.model_id, layer=layer, head=head)

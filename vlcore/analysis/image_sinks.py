@@ -211,7 +211,7 @@ def compute_row_summaries(trace: Trace, block: str = "lm.generated") -> HeadSumm
     keys = np.isin(view.key_layout.role, (ROLE_PATCH, ROLE_IMAGE_SUMMARY))
     att = view.attentions
     return HeadSummaryTable(tuple(range(att.shape[0])), compute_key_share(att, keys),
-                            compute_normalised_entropy(att, view.n_visible), int(att.shape[2]))
+                            compute_normalised_entropy(att, view.n_visible()), int(att.shape[2]))
 
 
 def prompt_summaries(meta: dict) -> HeadSummaryTable | None:

@@ -209,3 +209,99 @@ def show_head_row(aggregated: pd.DataFrame, layer: int, head: int, reasons: dict
                             for m, v in frame["mean"].items()]
     numbers = [c for c in ("mean", "std") if c in frame]
     st.dataframe(frame.style.format("{:.6g}", subset=numbers, na_rep="n/a"), height=240)
+
+
+# -- a generative model's language-model heads (image share, entropy, image-token sinks) ----------------------------
+
+GENERATIVE_ROWS = {"generated": "generated tokens' rows", "prompt": "prompt rows"}
+
+
+def is_generative(trace) -> bool:
+    """Whether a trace comes from a model that generates its answer (its meta says so)."""
+    return bool(isinstance(trace.meta, dict) and trace.meta.get("generates"))
+
+
+@st.cache_data(max_entries=32, show_spinner="Summarising the language model's heads…")
+def generative_tables(trace_key: str, _trace) -> dict:
+    """``{"generated": ..., "prompt": ...}`` `vlcore.analysis.image_sinks.HeadSummaryTable`s of a generative trace
+    (the generated tokens' rows recomputed from the ``lm.generated`` block; the prompt rows from the summaries
+    stored in the trace's meta); a row set the trace lacks is left out.
+
+    Args:
+        trace_key: the trace's store key (see `trace_stats`).
+        _trace: the trace ``trace_key`` names.
+    """
+    from vlcore.analysis.image_sinks import compute_row_summaries, prompt_summaries
+    from vlcore.models.generative import LM_BLOCK
+
+    tables = {}
+    if LM_BLOCK in _trace.blocks and _trace.blocks[LM_BLOCK].attentions is not None:
+        tables["generated"] = compute_row_summaries(_trace, LM_BLOCK)
+    prompt = prompt_summaries(_trace.meta)
+    if prompt is not None:
+        tables["prompt"] = prompt
+    return tables
+
+
+def _head_maps(tables: dict, field: str, title: str) -> None:
+    """One layer × head heatmap of ``field`` per row set, side by side."""
+    from vlcore.charts.image_sinks import head_summary_frame
+    from vlcore.charts.stats import build_head_heatmap_chart
+
+    n_layers = max(max(t.layers, default=0) for t in tables.values()) + 1
+    n_heads = max(getattr(t, field).shape[1] for t in tables.values())
+    for column, (name, table) in zip(st.columns(len(tables)), tables.items()):
+        with column:
+            frame = head_summary_frame(getattr(table, field), field, table.layers)
+            st.altair_chart(build_head_heatmap_chart(frame, field, title=f"{title} · {GENERATIVE_ROWS[name]} "
+                                                     f"({table.rows})", n_layers=n_layers, n_heads=n_heads),
+                            key=f"gen_{field}_{name}")
+
+
+def generative_heads_panel(trace_key: str, trace) -> None:
+    """The language model's heads of a generative trace: the share of each head's attention on image tokens and
+    its normalised entropy (over the prompt's rows and over the generated tokens' rows), and the layer after which
+    image tokens stop mattering (FastV's image-token sink) at a threshold the user sets."""
+    from vlcore.analysis.image_sinks import (DEFAULT_THRESHOLD, REFERENCE_LAYERS, compute_head_sinks,
+                                             compute_image_sink, compute_layer_share)
+    from vlcore.charts.image_sinks import build_image_share_chart, image_share_frame
+
+    st.subheader("Language-model heads: attention to image tokens")
+    tables = generative_tables(trace_key, trace)
+    if not tables:
+        st.info("This trace kept neither the generated tokens' attention rows nor the prompt's head summaries.")
+        return
+    st.caption("Rows: the prompt's tokens (reduced on the device while the model ran) and the generated tokens "
+               "(each one's attention over every earlier token). Numbers in brackets: rows averaged.")
+    _head_maps(tables, "image_share", "image share")
+    _head_maps(tables, "entropy", "entropy / log(visible keys)")
+    st.caption("Image share: the part of a row's attention on image tokens, mean over the rows. Entropy: each row's "
+               "entropy divided by the log of the number of keys it can see (1: uniform over them, 0: one key).")
+    st.markdown("**Image-token sinks**")
+    left, right = st.columns([1, 2])
+    names = list(tables)
+    rows = left.radio("Sink over", names, format_func=GENERATIVE_ROWS.get, key="sink_rows")
+    threshold = left.slider("Threshold (share of the early level)", 0.01, 1.0, DEFAULT_THRESHOLD, 0.01,
+                            key="sink_threshold")
+    layer_share = {name: (t.layers, compute_layer_share(t.image_share)) for name, t in tables.items()}
+    sink = compute_image_sink(layer_share[rows][1], threshold, layer_share[rows][0])
+    right.altair_chart(build_image_share_chart(image_share_frame(
+        {GENERATIVE_ROWS[n]: s for n, s in layer_share.items()}), sink, GENERATIVE_ROWS[rows]), key="sink_chart")
+    early = f"layers 0–{REFERENCE_LAYERS - 1}"
+    left.caption(f"FastV found that attention to image tokens collapses after the first layers. The early level is "
+                 f"the mean image share of {early}; the sink is the first layer from which the share stays below "
+                 f"the threshold times that level through the last layer (dashed line: the cutoff).")
+    where = f"layer **{sink.layer}**" if sink.layer is not None else "no layer (it does not stay below the cutoff)"
+    left.markdown(f"Sink over the {GENERATIVE_ROWS[rows]}: {where} · early level {sink.reference:.4f} · "
+                  f"cutoff {sink.cutoff:.4f}")
+    heads = compute_head_sinks(tables[rows].image_share, threshold, tables[rows].layers)
+    st.dataframe(pd.DataFrame({"head": range(len(heads)),
+                               "sink layer": pd.array([s.layer for s in heads], dtype="Int64"),
+                               "early level": [s.reference for s in heads], "cutoff": [s.cutoff for s in heads]}),
+                 hide_index=True, key="sink_heads")
+    st.caption("Per head: the first layer from which that head's image share stays below the threshold times its "
+               "own early level (empty: it does not).")
+    table = pd.DataFrame({"layer": sorted({int(l) for t in tables.values() for l in t.layers})})
+    for name, (layers, share) in layer_share.items():
+        table[GENERATIVE_ROWS[name]] = table["layer"].map(dict(zip(map(int, layers), share)))
+    st.dataframe(table, hide_index=True, key="sink_layers")
