@@ -140,10 +140,12 @@ if row is not None:
     st.dataframe(nbrs.drop(columns="row"), hide_index=True, key="emb_neighbours",
                  column_config={"patch": st.column_config.ImageColumn("patch"),
                                 "similarity": st.column_config.NumberColumn(format="%.3f")})
-if Path(HEATMAPS).exists():
+linked_block = emb.stream_view(context.trace, stream).view if context is not None else None
+if Path(HEATMAPS).exists() and (linked_block is None or linked_block in context.trace.blocks
+                                and context.trace.blocks[linked_block].attentions is not None):
     link = current_params() | {"ex": pick_ex, "tok": str(pick_tok), "layer": str(max(layer - 1, 0))}
     if emb.model_streams(adapter) > 1 and context is not None:  # the token's stream is the queries of this block
-        link["block"] = emb.stream_view(context.trace, stream).view
+        link["block"] = linked_block
     st.page_link(HEATMAPS, label=f"Open token {pick_tok} of {pick_ex} on the attention heatmaps", icon="🔥",
                  query_params={k: v for k, v in link.items() if k not in ("scope", "proj", "color")})
 

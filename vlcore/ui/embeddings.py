@@ -11,6 +11,7 @@ modality / slice kept), never an example id, a text or a folder name.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import weakref
 from collections import Counter
@@ -46,7 +47,7 @@ from vlcore.analysis.projection import (
     token_set_from_traces,
 )
 from vlcore.storage.sweeps import load_sweep, load_sweep_vectors
-from vlcore.trace import Trace
+from vlcore.trace import ROLE_PATCH, ROLE_TEXT, AttentionBlock, Trace
 from vlcore.ui.state import set_params
 
 FITS: Counter = Counter()  # real fits per method ("pca", "tsne", "umap", "pca-joint"), cache misses only
@@ -62,7 +63,8 @@ def stream_options(trace: Trace) -> list[str]:
     """The streams of a trace that carry hidden states of enough tokens to project (`min_tokens` of PCA; not
     SigLIP's one-token pooling probe), the viewed block's query stream first (ViLT: its one joint stream; BLIP:
     text, vision; CLIP: vision, text)."""
-    names = dict.fromkeys([trace.block.query, *trace.streams])
+    joint = [name for name, lay in trace.streams.items() if len(lay.index(ROLE_PATCH)) and len(lay.index(ROLE_TEXT))]
+    names = dict.fromkeys([*joint, trace.block.query, *trace.streams])  # a stream of text and image tokens first
     return [name for name in names if trace.hiddens.get(name) is not None
             and trace.streams[name].n_tokens >= min_tokens("pca")]
 
@@ -97,6 +99,12 @@ def stream_view(trace: Trace, stream: str) -> Trace:
     """
     blocks = sorted(trace.blocks.items(), key=lambda kv: not kv[1].is_self)
     name = next((n for n, b in blocks if b.query == stream), None)
+    if name is None and stream in trace.streams and trace.hiddens.get(stream) is not None:
+        # a stream whose attention rows were not kept (a generative model's decoder sequence: only the generated
+        # tokens' rows are): a view of its tokens and hidden states without attentions
+        view = f"{stream} (tokens)"
+        return dataclasses.replace(trace, blocks={**trace.blocks, view: AttentionBlock(None, stream, stream)},
+                                   view=view)
     if name is None:
         raise ProjectionError(f"this trace has no stream {stream!r} with its own attention block; its streams: "
                               f"{', '.join(stream_options(trace))}")
