@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from vlcore.errors import ModelLoadError
 from vlcore.models.generative import GenerationResult, GenerativeAdapter
 from vlcore.models.registry import Family, LoadContext
 
@@ -59,19 +60,25 @@ def load_processor(ctx: LoadContext):
     its video part, from the tokenizer, the image processor and the processor's chat template.
 
     Raises:
-        ModelLoadError: the tokenizer or the image processor cannot be loaded.
+        ModelLoadError: the tokenizer or the image processor cannot be loaded, or there is no chat template.
     """
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     from vlcore.models.image_only_processors import build_qwen2_vl_processor, torchvision_available
 
     if torchvision_available():
-        return ctx.processor(AutoProcessor)
-    tokenizer = ctx.processor(AutoTokenizer)
-    image_processor = ctx.processor(AutoImageProcessor)
-    parts = {"tokenizer": tokenizer, "image_processor": image_processor,
-             "chat_template": _chat_template(ctx) or getattr(tokenizer, "chat_template", None)}
-    return build_qwen2_vl_processor(parts, ctx.config.model_type)
+        processor = ctx.processor(AutoProcessor)
+    else:
+        tokenizer = ctx.processor(AutoTokenizer)
+        image_processor = ctx.processor(AutoImageProcessor)
+        parts = {"tokenizer": tokenizer, "image_processor": image_processor,
+                 "chat_template": _chat_template(ctx) or getattr(tokenizer, "chat_template", None)}
+        processor = build_qwen2_vl_processor(parts, ctx.config.model_type)
+    if not getattr(processor, "chat_template", None):
+        raise ModelLoadError(f"{ctx.source!r} has no chat template (chat_template.jinja, chat_template.json or one "
+                             "in tokenizer_config.json); VLScope writes Qwen prompts with it. Use an -Instruct "
+                             "checkpoint or save the processor with its chat template.")
+    return processor
 
 
 def _chat_template(ctx: LoadContext) -> str | None:
