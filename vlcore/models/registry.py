@@ -22,7 +22,7 @@ DEMO_MODEL = "demo"
 DEFAULT_HUB_CHECKPOINT = "dandelin/vilt-b32-finetuned-vqa"  # preselected when a user picks a hub checkpoint
 
 # The family modules under vlcore.models; each defines FAMILY (a `Family`) and ``load(LoadContext)``.
-FAMILY_MODULES = ("vilt", "blip", "clip", "llava", "qwen2_vl", "idefics3", "llava_next")
+FAMILY_MODULES = ("vilt", "blip", "clip", "llava", "qwen2_vl", "idefics3", "llava_next", "paligemma")
 
 
 @dataclass(frozen=True)
