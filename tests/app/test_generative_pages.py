@@ -82,3 +82,17 @@ def test_embeddings_project_the_decoders_text_and_image_tokens(folder, trace):
     n_image = len(lm.index(ROLE_PATCH))
     assert any(c.value.startswith(f"1 example(s) · {n_text} text and {n_image} image tokens") for c in at.caption)
     assert any("NMI between the layer" in c.value for c in at.caption)  # both modalities: fusion degree applies
+
+
+def test_the_eager_fallback_is_picked_in_the_sidebar_and_carried_by_the_link(folder, trace):
+    at = open_family(HEATMAPS, folder, {"ex": EX, "block": "lm.generated", "tok": "0", "attn": "eager"})
+    clean(at)
+    assert at.radio(key="attn_mode").value == "eager"
+    view = trace.select("lm.generated")  # the sdpa trace: the eager weights agree to float16 precision
+    heat = overlays(at)[0]
+    row = view.head_attention(view.n_layers - 1, None)[0]
+    np.testing.assert_allclose(heat["value"], row[heat["token"].to_numpy()], rtol=2e-3, atol=1e-5)
+    assert at.query_params["attn"] in ("eager", ["eager"])
+    at.radio(key="attn_mode").set_value("sdpa").run()
+    clean(at)
+    assert "attn" not in at.query_params

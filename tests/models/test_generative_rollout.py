@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests.models.tiny_llava import write_llava
 from vlcore.attribution.relevance import compute_rollout, rollout_matrices, stored_rollout
+from vlcore.errors import InputError
 from vlcore.models.attention_capture import extract_eager_attention
 from vlcore.models.base import Capture
 from vlcore.models.registry import load_adapter
@@ -82,3 +83,45 @@ def test_trace_rollout_is_composed_with_the_vision_towers_rollout(adapter):
         np.testing.assert_allclose(composed[t], expected, rtol=2e-3, atol=1e-6)  # float16 tower weights
         image_cols = list(position.values())
         assert composed[t, image_cols].sum() == pytest.approx(lm_rows[t, image_cols].sum(), rel=1e-5)
+
+
+def test_the_eager_fallback_gives_the_same_trace_and_is_its_own_cache_entry(adapter):
+    """The user-picked eager fallback: the decoder runs on eager (weights, not recomputed rows) and gives the same
+    rows, rollout and answer as the sdpa capture to 1e-4; the mode is part of the fingerprint (store key)."""
+    eager = adapter.with_attention("eager")
+    assert eager.model is adapter.model and adapter.attention_mode == "sdpa"
+    assert eager.fingerprint() != adapter.fingerprint()
+    a = extract_trace(adapter, image(4), QUESTION, "ex")
+    b = extract_trace(eager, image(4), QUESTION, "ex")
+    assert a.prediction[0][0] == b.prediction[0][0]
+    np.testing.assert_allclose(b.blocks["lm.generated"].attentions.astype(np.float32),
+                               a.blocks["lm.generated"].attentions.astype(np.float32), atol=1e-3)  # float16 traces
+    np.testing.assert_allclose(b.meta["rollout"]["lm"], a.meta["rollout"]["lm"], atol=1e-4)
+    assert adapter.model.config.get_text_config()._attn_implementation == "sdpa", "restored after the eager pass"
+    with pytest.raises(InputError):
+        adapter.with_attention("flash")
+
+
+def test_an_eager_pass_waits_for_running_sdpa_passes_and_never_breaks_them(adapter):
+    """Two threads on one shared model: one keeps capturing on sdpa while the other runs eager passes. Without the
+    lock the sdpa passes would see eager layers midway (an AttentionCaptureError); with it every pass succeeds."""
+    import threading
+
+    batch = adapter.encode([image(5)], [QUESTION])
+    eager = adapter.with_attention("eager")
+    errors = []
+
+    def run(a, n):
+        try:
+            for _ in range(n):
+                with torch.no_grad():
+                    a.capture(batch, Capture(hidden=False))
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(adapter, 12)), threading.Thread(target=run, args=(eager, 12))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

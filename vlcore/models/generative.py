@@ -41,9 +41,12 @@ norm (transformers returns it after the norm; a scoped hook on the norm keeps th
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import threading
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,6 +109,62 @@ class GenerationResult:
 
     def detach(self) -> GenerationResult:
         return dataclasses.replace(self, logits=self.logits.detach())
+
+
+ATTENTION_MODES = ("sdpa", "eager")
+
+
+class ImplementationLock:
+    """Passes on sdpa share the model; a pass that switches the shared model to eager runs alone.
+
+    Switching the implementation (`eager_attention`) changes the model for every thread: an sdpa capture running
+    meanwhile would see eager layers (and fail: its layers never reach the sdpa wrapper). So sdpa passes take
+    the lock shared (any number at once) and an eager pass takes it exclusively (it waits for running sdpa
+    passes to end, and new ones wait for it). Writers are preferred, so a stream of sdpa passes cannot starve one.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self):
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@contextmanager
+def _scopes(*contexts):
+    """Enter ``contexts`` in order (exit in reverse)."""
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
 
 
 def _head_mean_rows(call) -> torch.Tensor:
@@ -181,6 +240,25 @@ class GenerativeAdapter(ModelAdapter):
         self.architecture = type(model).__name__
         self.max_text_len = int(getattr(self.text_config, "max_position_embeddings", 0) or 0)
         self._device = device
+        self.attention_mode = "sdpa"
+        self._implementation = ImplementationLock()  # shared by every `with_attention` view of this model
+
+    def with_attention(self, mode: str) -> GenerativeAdapter:
+        """A view of this adapter (same model) whose passes get the decoder's attention rows by ``mode``:
+        ``"sdpa"`` (default: the model runs on sdpa and the rows are recomputed from its queries and keys) or
+        ``"eager"`` (the fallback: the decoder runs on eager attention and the rows are its weights; every layer's
+        ``[B, H, N, N]`` is held during the pass, and float16 outputs may differ from sdpa's).
+
+        Raises:
+            InputError: an unknown mode.
+        """
+        if mode not in ATTENTION_MODES:
+            raise InputError(f"attention mode {mode!r}: expected one of {', '.join(ATTENTION_MODES)}")
+        if mode == self.attention_mode:
+            return self
+        view = copy.copy(self)
+        view.attention_mode = mode
+        return view
 
     # -- family hooks ------------------------------------------------------------------------------
     @property
@@ -283,7 +361,8 @@ class GenerativeAdapter(ModelAdapter):
                 "dtype": str(next(self.model.parameters()).dtype),
                 **{name: str(getattr(ip, name, None)) for name in fields},
                 "chat_template": self.processor.chat_template, "max_new_tokens": self.max_new_tokens,
-                "trace_meta": 2}  # what `trace_meta` stores (2: the decoder's rollout)
+                "trace_meta": 2,  # what `trace_meta` stores (2: the decoder's rollout)
+                "attention": self.attention_mode}
 
     def info(self) -> dict:
         tcfg = self.text_config
@@ -448,9 +527,10 @@ class GenerativeAdapter(ModelAdapter):
         B, N = inputs["input_ids"].shape
         roll = (capture.rollout and not grad and LM_BLOCK in wanted and len(lm_layers) == n_lm
                 and n_lm * B * N * N <= ROLLOUT_MAX_ELEMENTS)
-        if LM_BLOCK in wanted and grad:
-            hooks += self._graph_row_hooks(steps, rows, lm_layers)
-            scope = eager_attention(self.model)
+        eager = LM_BLOCK in wanted and (grad or self.attention_mode == "eager")
+        if eager:
+            hooks += self._graph_row_hooks(steps, rows, lm_layers, means if roll else None)
+            scope = _scopes(self._implementation.exclusive(), eager_attention(self.model))
         elif LM_BLOCK in wanted:
             def on_call(call):
                 rows[call.layer] = compute_attention_rows(call, [s - call.query_start for s in steps])
@@ -458,9 +538,9 @@ class GenerativeAdapter(ModelAdapter):
                 accumulate_head_sums(call, acc, prompt_rows, image_keys, 256)
                 if roll:
                     means[call.layer] = _head_mean_rows(call)
-            scope = capture_attention_calls(self.model, lm_layers, on_call)
+            scope = _scopes(self._implementation.shared(), capture_attention_calls(self.model, lm_layers, on_call))
         else:
-            scope = nullcontext()
+            scope = self._implementation.shared()
         with self.hooked(hooks), scope:
             out = self.model(**model_inputs, output_hidden_states=True, use_cache=False)
         attentions = {}
@@ -486,10 +566,12 @@ class GenerativeAdapter(ModelAdapter):
     def _heads(layers: list[torch.Tensor], capture: Capture) -> list[torch.Tensor]:
         return layers if capture.heads is None else [a[:, list(capture.heads)] for a in layers]
 
-    def _graph_row_hooks(self, steps: list[int], rows: dict, layers: tuple[int, ...]) -> list:
+    def _graph_row_hooks(self, steps: list[int], rows: dict, layers: tuple[int, ...],
+                         means: dict | None = None) -> list:
         """Hooks that make the generating rows tensors of the forward graph under eager attention: each layer's
         output is rebuilt from its probabilities with those rows spliced back in (``W[:, :, steps]``), so a
-        gradient of the output reaches them."""
+        gradient of the output reaches them. With ``means``, each layer's head-mean weights are kept too (for
+        the rollout)."""
         values: dict[int, torch.Tensor] = {}
         hooks = []
         for layer, (module, o_proj) in enumerate(zip(self._lm_attention(), self._lm_output_projections())):
@@ -508,6 +590,8 @@ class GenerativeAdapter(ModelAdapter):
                 v = v.view(b, n, -1, m.head_dim).transpose(1, 2).repeat_interleave(h // (v.shape[-1] // m.head_dim), 1)
                 context = (spliced @ v.to(spliced.dtype)).transpose(1, 2).reshape(b, n, h * m.head_dim)
                 rows[layer] = part
+                if means is not None:
+                    means[layer] = weights.detach().float().mean(1)
                 return (o_proj(context.to(output[0].dtype)), spliced)
 
             hooks += [(module.v_proj, keep_values), (module, rebuild)]

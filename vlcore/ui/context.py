@@ -56,7 +56,30 @@ def load_model() -> tuple[ModelAdapter, Store]:
         st.error(str(exc))
         st.stop()
     show_model_info(adapter.info())
-    return adapter, store
+    return attention_picker(adapter), store
+
+
+ATTENTION_LABELS = {"sdpa": "recomputed from sdpa (fast, default)", "eager": "eager attention (fallback)"}
+
+
+def attention_picker(adapter: ModelAdapter) -> ModelAdapter:
+    """Sidebar choice of how a generative model's attention weights are obtained (URL ``attn``): the rows
+    recomputed from the sdpa kernel's queries and keys, or the eager fallback (`with_attention`). Other models
+    have one way and get no control."""
+    if not adapter.generates:
+        return adapter
+    from vlcore.ui.state import get_choice, set_params
+
+    key = "attn_mode"
+    if key not in st.session_state:
+        st.session_state[key] = get_choice("attn", tuple(ATTENTION_LABELS), "sdpa")
+    mode = st.sidebar.radio("Attention weights", list(ATTENTION_LABELS), key=key, format_func=ATTENTION_LABELS.get,
+                            help="sdpa: the model runs on its fast attention and the weights of the rows shown are "
+                                 "recomputed from its queries and keys (equal to eager to 1e-4). Eager: the decoder "
+                                 "runs on eager attention (every layer's full weights held; in float16 its outputs "
+                                 "can differ from sdpa's).")
+    set_params(attn=None if mode == "sdpa" else mode)
+    return adapter.with_attention(mode)
 
 
 class TraceMemory:
