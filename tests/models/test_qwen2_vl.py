@@ -131,7 +131,7 @@ def test_generation_trace_shapes_and_roles(qwen2):
     assert qwen2.trace_meta(capture(qwen2, batch), batch, 0)["vision_note"] == qwen2.vision_note()
 
 
-def _left_padded_pair(adapter):
+def _left_padded_pair():
     images = [Image.fromarray(noise(60, 90, 1)), Image.fromarray(noise(120, 60, 2))]  # 2 x 3 and 4 x 2 tokens
     texts = [QUESTION, "what"]
     return images, texts
@@ -141,7 +141,7 @@ def test_teacher_forced_logits_equal_generate_scores_left_padded(adapter):
     """Two prompts of different lengths (the shorter left-padded, its image 8 tokens against 6): the capture
     pass over prompt + answer gives, at every generating step, the logits ``generate`` gave (M-RoPE positions
     continue after each row's own prompt)."""
-    images, texts = _left_padded_pair(adapter)
+    images, texts = _left_padded_pair()
     batch = adapter.encode(images, texts)
     assert (batch.inputs["attention_mask"][1, :2] == 0).all() and (batch.inputs["attention_mask"][0] == 1)[:4].all()
     out = capture(adapter, batch, hidden=False).output
@@ -159,10 +159,10 @@ def test_teacher_forced_logits_equal_generate_scores_left_padded(adapter):
 def test_scoring_another_answer_per_row_matches_a_single_row_pass(adapter):
     """``target_score`` of an answer that was not generated, in a batch of two: row ``b`` is scored on its own
     image and prompt with the model computing its own M-RoPE positions (one example, no padding)."""
-    images, texts = _left_padded_pair(adapter)
+    images, texts = _left_padded_pair()
     out = capture(adapter, adapter.encode(images, texts), hidden=False).output
     score, _, label = adapter.target_score(out, "red blue")
-    ids = adapter.tokenizer("red blue", add_special_tokens=False)["input_ids"] + [sorted(adapter._eos_ids())[0]]
+    ids = adapter.tokenizer("red blue", add_special_tokens=False)["input_ids"] + [min(adapter._eos_ids())]
     for b in range(2):
         one = adapter.processor(images=[images[b]], text=[adapter.prompt_text(texts[b])], return_tensors="pt")
         P = one["input_ids"].shape[1]
@@ -202,7 +202,7 @@ def test_image_token_mask_hides_tokens_without_moving_positions(adapter):
 def test_generated_rows_equal_eager_generation_with_a_sliding_window(qwen2):
     """Rows recomputed from one sdpa pass equal eager ``generate(output_attentions=True)`` (left-padded batch of
     two); the second layer's sliding window (8 keys) holds: nothing before the window gets attention."""
-    images, texts = _left_padded_pair(qwen2)
+    images, texts = _left_padded_pair()
     batch = qwen2.encode(images, texts)
     rows = capture(qwen2, batch, hidden=False).stacked("lm.generated")  # [L, B, H, T, N]
     prompt = qwen2._process(images, [qwen2.prompt_text(t) for t in texts])

@@ -42,7 +42,7 @@ FAMILY = Family(
         "Qwen/Qwen2.5-VL-3B-Instruct": "Qwen2.5-VL, 3B: generates a free-form answer (windowed vision tower)",
     },
 )
-VISION_NOTE = ("Qwen2-VL's vision tower returns no attention weights, so its self-attention is not shown; the image "
+VISION_NOTE = ("{title}'s vision tower returns no attention weights, so its self-attention is not shown; the image "
                "tokens are shown where the language model reads them.")
 
 
@@ -121,7 +121,7 @@ class Qwen2VLAdapter(GenerativeAdapter):
             self.title = "Qwen2.5-VL"
 
     def vision_note(self) -> str:
-        return VISION_NOTE
+        return VISION_NOTE.format(title=self.title)
 
     # -- M-RoPE positions ---------------------------------------------------------------------------
     def _rope_positions(self, inputs: dict) -> torch.Tensor:
