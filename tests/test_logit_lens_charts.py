@@ -18,11 +18,24 @@ from vlcore.analysis.image_sinks import (
     prompt_summaries,
 )
 from vlcore.charts.image_sinks import build_image_share_chart, head_summary_frame, image_share_frame
-from vlcore.charts.logit_lens import (build_image_lens_chart, build_lens_prob_chart, build_lens_rank_chart,
-                                      image_lens_frame, lens_frame)
+from vlcore.charts.logit_lens import (
+    build_image_lens_chart,
+    build_lens_prob_chart,
+    build_lens_rank_chart,
+    image_lens_frame,
+    lens_frame,
+)
 from vlcore.errors import InputError, NoAttentionError
-from vlcore.trace import (ROLE_GENERATED, ROLE_PATCH, ROLE_SPECIAL, ROLE_TEXT, AttentionBlock, ImageGrid,
-                          TokenLayout, Trace)
+from vlcore.trace import (
+    ROLE_GENERATED,
+    ROLE_PATCH,
+    ROLE_SPECIAL,
+    ROLE_TEXT,
+    AttentionBlock,
+    ImageGrid,
+    TokenLayout,
+    Trace,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # image share, entropy, sinks

@@ -93,8 +93,8 @@ def test_image_tokens_words_follow_the_layer_slider_and_the_url(llava, reference
 def test_a_model_that_does_not_generate_gets_one_line():
     at = open_family(PAGE, "demo", {"ex": EX})
     clean(at)
+    model = next(c.value for c in at.caption if "vilt" in c.value).split("`")[1]
     assert [i.value for i in at.info] == [
-        "The logit lens applies to generative models (LLaVA and the other decoders that write their answer); "
-        f"{next(c.value for c in at.caption if 'vilt' in c.value).split('`')[1]} does not generate. Pick a "
-        "generative checkpoint in the sidebar."]
+        ("The logit lens applies to generative models (decoders that write their answer token by token); "
+         f"{model} does not generate. Pick a generative checkpoint in the sidebar.")]
     assert not charts(at)

@@ -160,11 +160,11 @@ def build_image_lens_chart(layout: TokenLayout, frame: pd.DataFrame, image: int 
     """
     picture = layout.images[image].image
     h, w = picture.shape[:2]
-    height = max(1, int(round(width * h / max(w, 1))))
+    height = max(1, round(width * h / max(w, 1)))
     x_scale = alt.Scale(domain=[0, w], nice=False, zero=False)
     y_scale = alt.Scale(domain=[0, h], nice=False, zero=False, reverse=True)
     cell_px = float((frame["x2"] - frame["x"]).median()) if len(frame) else float(w)
-    font = int(min(max(cell_px * width / max(w, 1) / 4, 7), 16))
+    font = round(min(max(cell_px * width / max(w, 1) / 4, 7), 16))
     x, y = alt.X("x:Q", scale=x_scale, axis=_AXIS_OFF), alt.Y("y:Q", scale=y_scale, axis=_AXIS_OFF)
     tips = [alt.Tooltip("row:Q"), alt.Tooltip("col:Q"), alt.Tooltip("token:Q"), alt.Tooltip("top:N", title="top 3")]
     picture_layer = (

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import streamlit as st
 
-from vlcore.charts.logit_lens import (build_image_lens_chart, build_lens_prob_chart, build_lens_rank_chart,
-                                      image_lens_frame, layer_name, lens_frame)
+from vlcore.charts.logit_lens import (
+    build_image_lens_chart,
+    build_lens_prob_chart,
+    build_lens_rank_chart,
+    image_lens_frame,
+    layer_name,
+    lens_frame,
+)
 from vlcore.models.generative import GENERATED, LM
 from vlcore.trace import Trace
 from vlcore.ui.export import chart_downloads
 from vlcore.ui.state import get_int, set_params
 
-NOT_GENERATIVE = ("The logit lens applies to generative models (LLaVA and the other decoders that write their "
-                  "answer); {model} does not generate. Pick a generative checkpoint in the sidebar.")
+NOT_GENERATIVE = ("The logit lens applies to generative models (decoders that write their answer token by "
+                  "token); {model} does not generate. Pick a generative checkpoint in the sidebar.")
 NO_LENS = ("This trace has no logit lens (it was stored without hidden states); run the example again on the "
            "**Run model** page.")
 
@@ -49,7 +55,8 @@ def show_generated_lens(trace: Trace, lens: dict) -> None:
     st.altair_chart(rank_chart, key="lens_rank")
     st.caption("Each cell: where the token the model finally produced at that step ranks among the whole vocabulary "
                "when that layer's hidden state is read through the final norm and the LM head (0 = top, log "
-               "colour scale). Hover for the layer's top-5 tokens.")
+               "colour scale). Hover for the layer's top-5 tokens. A rank above 0 at the last layer means a token the model "
+               "may not generate (an image placeholder) scored higher.")
     prob_chart = build_lens_prob_chart(frame)
     st.altair_chart(prob_chart, key="lens_prob")
     with st.expander("Downloads"):

@@ -262,8 +262,13 @@ def generative_heads_panel(trace_key: str, trace) -> None:
     """The language model's heads of a generative trace: the share of each head's attention on image tokens and
     its normalised entropy (over the prompt's rows and over the generated tokens' rows), and the layer after which
     image tokens stop mattering (FastV's image-token sink) at a threshold the user sets."""
-    from vlcore.analysis.image_sinks import (DEFAULT_THRESHOLD, REFERENCE_LAYERS, compute_head_sinks,
-                                             compute_image_sink, compute_layer_share)
+    from vlcore.analysis.image_sinks import (
+        DEFAULT_THRESHOLD,
+        REFERENCE_LAYERS,
+        compute_head_sinks,
+        compute_image_sink,
+        compute_layer_share,
+    )
     from vlcore.charts.image_sinks import build_image_share_chart, image_share_frame
 
     st.subheader("Language-model heads: attention to image tokens")
