@@ -277,3 +277,17 @@ def test_bad_inputs_are_one_line_errors(qwen2):
         qwen2.encode([noise(56, 56)], [QUESTION])
     with pytest.raises(InputError, match="one image per text"):
         qwen2.encode([Image.fromarray(noise(56, 56))] * 2, [QUESTION])
+
+
+def test_the_eager_fallback_gives_the_sdpa_rows(adapter):
+    """The user-picked eager view (decoder weights instead of recomputed rows) gives the same rows and logits on a
+    left-padded pair, M-RoPE positions included; the shared model is back on sdpa afterwards."""
+    images, texts = _left_padded_pair()
+    batch = adapter.encode(images, texts)
+    plain = capture(adapter, batch, hidden=False)
+    eager = capture(adapter.with_attention("eager"), batch, hidden=False)
+    for b, n in enumerate(batch.inputs["answer_len"].tolist()):
+        torch.testing.assert_close(eager.stacked("lm.generated")[:, b, :, :n], plain.stacked("lm.generated")[:, b, :, :n],
+                                   rtol=0, atol=1e-4)
+        torch.testing.assert_close(eager.output.logits[b, :n], plain.output.logits[b, :n], rtol=0, atol=1e-4)
+    assert adapter.model.config.text_config._attn_implementation == "sdpa"
