@@ -69,6 +69,12 @@ METRICS: dict[str, str] = {
     "spatial_distance": "attention-weighted grid distance (in patches) from a patch query to patch keys",
 }
 BUILTIN_METRICS = tuple(METRICS)
+# Metrics a sweep keeps beside the built-in ones when the model computes them during its own pass: a generative
+# model's per-head summaries over its prompt's rows, reduced on the device in row chunks (`vlcore.run.sweep`).
+PROMPT_METRICS: dict[str, str] = {
+    "prompt_entropy": "prompt rows: row entropy / log(keys the query sees), mean over the prompt's tokens",
+    "prompt_image_share": "prompt rows: share of a row's attention on image tokens, mean over the prompt's tokens",
+}
 
 
 @dataclass(frozen=True)
@@ -109,8 +115,8 @@ def unregister_metric(name: str) -> None:
 
 
 def metric_names() -> list[str]:
-    """Built-in metrics followed by the registered custom ones."""
-    return list(METRICS) + list(_CUSTOM)
+    """Built-in metrics, the prompt-row metrics of a generative model's sweep, then the registered custom ones."""
+    return list(METRICS) + list(PROMPT_METRICS) + list(_CUSTOM)
 
 
 def custom_metric_names() -> list[str]:
@@ -119,7 +125,7 @@ def custom_metric_names() -> list[str]:
 
 
 def metric_description(name: str) -> str:
-    return METRICS.get(name) or (_CUSTOM[name].description if name in _CUSTOM else name)
+    return METRICS.get(name) or PROMPT_METRICS.get(name) or (_CUSTOM[name].description if name in _CUSTOM else name)
 
 
 # ---------------------------------------------------------------------------------------

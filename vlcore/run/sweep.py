@@ -22,6 +22,7 @@ from filelock import FileLock
 from vlcore.analysis.answers import answer_in_gold
 from vlcore.analysis.stats import (
     BUILTIN_METRICS,
+    PROMPT_METRICS,
     SummaryReducer,
     compute_custom_batch,
     custom_metric_names,
@@ -47,13 +48,7 @@ from vlcore.trace import IMAGE, ROLE_PATCH, TEXT, TRACE_VERSION, TokenLayout
 
 VECTOR_PATCHES = 16  # patches per example whose hidden vectors a sweep keeps (plus every text token)
 VECTORS_FILE = "vectors.safetensors"
-# Per-head summaries a generative model computes over its prompt's rows while the pass runs (on the device, in row
-# chunks: `GenerationResult.summaries`); a sweep of that block keeps them as extra metrics beside the built-in ones.
 GENERATIVE_SWEEP_VERSION = 1  # part of a generative model's sweep key: a change of its parts makes a new sweep
-PROMPT_METRICS = {
-    "prompt_entropy": "prompt rows: row entropy / log(keys the query sees), mean over the prompt's tokens",
-    "prompt_image_share": "prompt rows: share of a row's attention on image tokens, mean over the prompt's tokens",
-}
 PREDICTION_COLUMNS = [
     "example_id", "question", "gold", "category", "prediction", "probability", "correct",
     "top_k", "text_truncated", "n_text_tokens", "n_image_tokens",
