@@ -68,7 +68,7 @@ def changed_cells(adapter, planted: list, base: list) -> list[dict[str, set]]:
 
 def test_loaded_on_sdpa_with_the_decoder_at_text_model(adapter):
     cfg = adapter.model.config
-    assert cfg.text_config._attn_implementation == "sdpa" and cfg.vision_config._attn_implementation == "eager"
+    assert cfg.text_config._attn_implementation == "sdpa" and cfg.vision_config._attn_implementation == "sdpa"
     assert adapter.language_model is adapter.model.model.text_model and len(adapter.language_model.layers) == 2
     assert list(adapter.block_specs()) == ["lm.generated"] and adapter.image_stream == "lm"
     assert "pixel-shuffled 2 x 2" in adapter.info()["vision_note"]
