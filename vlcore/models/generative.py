@@ -69,6 +69,7 @@ from vlcore.trace import (
 
 LM, GENERATED, VISION = "lm", "generated", "vision"
 LM_BLOCK, VISION_BLOCK = "lm.generated", "vision.self"
+LM_FULL = "lm.full"  # gradient passes only: the decoder's whole self-attention [H, N, N] (`attention_gradients`)
 LENS_TOP, IMAGE_LENS_TOP = 5, 3
 # Rollout holds each layer's head-mean [B, N, N] until the pass ends: at most this many elements in all
 # (float32: 256 MiB), e.g. 32 layers of a 1,400-token sequence; longer sequences get no rollout (and a note).
@@ -361,7 +362,7 @@ class GenerativeAdapter(ModelAdapter):
                 "dtype": str(next(self.model.parameters()).dtype),
                 **{name: str(getattr(ip, name, None)) for name in fields},
                 "chat_template": self.processor.chat_template, "max_new_tokens": self.max_new_tokens,
-                "trace_meta": 2,  # what `trace_meta` stores (2: the decoder's rollout)
+                "trace_meta": 3,  # what `trace_meta` stores (2: the decoder's rollout; 3: the lens's answer map)
                 "attention": self.attention_mode}
 
     def info(self) -> dict:
@@ -527,9 +528,13 @@ class GenerativeAdapter(ModelAdapter):
         B, N = inputs["input_ids"].shape
         roll = (capture.rollout and not grad and LM_BLOCK in wanted and len(lm_layers) == n_lm
                 and n_lm * B * N * N <= ROLLOUT_MAX_ELEMENTS)
-        eager = LM_BLOCK in wanted and (grad or self.attention_mode == "eager")
+        full: dict[int, torch.Tensor] = {}
+        if LM_FULL in wanted and not grad:
+            raise ValueError(f"{LM_FULL} is the decoder's whole attention for gradient passes; capture it with grad")
+        eager = (LM_BLOCK in wanted or LM_FULL in wanted) and (grad or self.attention_mode == "eager")
         if eager:
-            hooks += self._graph_row_hooks(steps, rows, lm_layers, means if roll else None)
+            hooks += self._graph_row_hooks(steps, rows, lm_layers, means if roll else None,
+                                           full if LM_FULL in wanted else None)
             scope = _scopes(self._implementation.exclusive(), eager_attention(self.model))
         elif LM_BLOCK in wanted:
             def on_call(call):
@@ -546,6 +551,8 @@ class GenerativeAdapter(ModelAdapter):
         attentions = {}
         if LM_BLOCK in wanted:
             attentions[LM_BLOCK] = self._heads([rows[i] for i in lm_layers], capture)
+        if LM_FULL in wanted:
+            attentions[LM_FULL] = self._heads([full[i] for i in lm_layers], capture)
         if VISION_BLOCK in wanted and self.vision_spec() is not None:
             chosen = vision_att if capture.layers is None else [vision_att[i] for i in capture.layers]
             attentions[VISION_BLOCK] = self._heads(chosen, capture)
@@ -567,7 +574,7 @@ class GenerativeAdapter(ModelAdapter):
         return layers if capture.heads is None else [a[:, list(capture.heads)] for a in layers]
 
     def _graph_row_hooks(self, steps: list[int], rows: dict, layers: tuple[int, ...],
-                         means: dict | None = None) -> list:
+                         means: dict | None = None, full: dict | None = None) -> list:
         """Hooks that make the generating rows tensors of the forward graph under eager attention: each layer's
         output is rebuilt from its probabilities with those rows spliced back in (``W[:, :, steps]``), so a
         gradient of the output reaches them. With ``means``, each layer's head-mean weights are kept too (for
@@ -592,6 +599,8 @@ class GenerativeAdapter(ModelAdapter):
                 rows[layer] = part
                 if means is not None:
                     means[layer] = weights.detach().float().mean(1)
+                if full is not None:  # the whole matrix as the graph uses it: gradients reach every row
+                    full[layer] = spliced
                 return (o_proj(context.to(output[0].dtype)), spliced)
 
             hooks += [(module.v_proj, keep_values), (module, rebuild)]
@@ -621,7 +630,9 @@ class GenerativeAdapter(ModelAdapter):
             step's top tokens per layer; ``generated_rank`` int32 / ``generated_prob`` float32 ``[B, L + 1, T]``:
             the rank (0 = top) and probability of the token finally produced (-1 / NaN past a row's answer);
             ``image_positions`` int64 ``[B, I]`` (``lm`` positions of the image tokens, padded layout) and
-            ``image_top_ids`` int32 ``[B, L + 1, I, 3]``: their top vocabulary tokens per layer.
+            ``image_top_ids`` int32 ``[B, L + 1, I, 3]``: their top vocabulary tokens per layer;
+            ``image_answer_prob`` float32 ``[B, L + 1, I]``: the probability each image token's lens gives the
+            answer's first token (a logit-lens map of the answer over the image).
         """
         P, T = int(batch.inputs["prompt_len"]), int(batch.inputs["answer_ids"].shape[1])
         n_layers = hidden.shape[0]
@@ -631,7 +642,7 @@ class GenerativeAdapter(ModelAdapter):
         n_img = min(len(i) for i in image)
         positions = torch.as_tensor(np.stack([i[:n_img] for i in image]), device=hidden.device).long()
         out = {k: [] for k in ("generated_top_ids", "generated_top_probs", "generated_rank", "generated_prob",
-                               "image_top_ids")}
+                               "image_top_ids", "image_answer_prob")}
         with torch.no_grad():
             for layer in range(n_layers):
                 logp = self._lens_logits(hidden[layer, :, P - 1:P - 1 + T]).log_softmax(-1)
@@ -644,7 +655,10 @@ class GenerativeAdapter(ModelAdapter):
                 out["generated_prob"].append(torch.where(valid, chosen.exp(), torch.nan))
                 img = torch.gather(hidden[layer], 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
                 k = min(IMAGE_LENS_TOP, logp.shape[-1])
-                out["image_top_ids"].append(self._lens_logits(img).topk(k, -1).indices.int())
+                img_logp = self._lens_logits(img).log_softmax(-1)
+                out["image_top_ids"].append(img_logp.topk(k, -1).indices.int())
+                first = target[:, :1, None].expand(-1, img_logp.shape[1], 1)  # the answer's first token
+                out["image_answer_prob"].append(img_logp.gather(-1, first)[..., 0].exp())
         lens = {k: torch.stack(v, 1).float().cpu().numpy() if "prob" in k else torch.stack(v, 1).cpu().numpy()
                 for k, v in out.items()}
         lens["image_positions"] = positions.cpu().numpy()
@@ -677,6 +691,7 @@ class GenerativeAdapter(ModelAdapter):
                 "prob": np.round(lens["generated_prob"][row][:, :n], 6).tolist(),
                 "image_positions": [new_index.get(int(p), -1) for p in lens["image_positions"][row]],
                 "image_top_tokens": [[word(t.tolist()) for t in layer] for layer in lens["image_top_ids"][row]],
+                "image_answer_prob": np.round(lens["image_answer_prob"][row], 7).tolist(),
             }
         if result.summaries is not None:
             s = result.summaries
@@ -783,6 +798,15 @@ class GenerativeAdapter(ModelAdapter):
         score = self._logprob(output, ids)
         return score, score.detach().exp(), label
 
+    @staticmethod
+    def generated_query_positions(lm: TokenLayout) -> np.ndarray:
+        """Where each generating step's query sits in an ``lm`` layout (padded or trimmed): the last prompt token
+        for step 0, then each fed-back answer token (row ``t`` of ``lm.generated`` is row ``[t]`` of these in the
+        decoder's whole attention)."""
+        generated = np.flatnonzero(lm.role == ROLE_GENERATED)
+        prompt = np.flatnonzero(lm.valid & (lm.role != ROLE_GENERATED))
+        return np.concatenate([prompt[-1:], generated]).astype(np.int64)
+
     def default_query(self, block: str, layout: TokenLayout) -> int | None:
         """``lm.generated``: the first generated token's step; ``vision.self``: the vision tower's first summary
         token (its CLS), if any."""
@@ -859,6 +883,9 @@ class GenerativeAdapter(ModelAdapter):
         if image_pass != 0:
             raise InputError(f"{self.model_id} runs one image pass per example; got pass {image_pass}")
         names = list(self.block_specs()) if blocks is None else list(blocks)
+        unknown = [n for n in names if n not in self.block_specs() and n != LM_FULL]
+        if unknown:
+            raise InputError(f"{self.title} has no block {unknown[0]!r}; blocks: {[*self.block_specs(), LM_FULL]}")
         with torch.enable_grad():
             pixels = batch.inputs["pixel_values"].detach().clone().requires_grad_(True)
             captured = self.capture(dataclasses.replace(batch, inputs={**batch.inputs, "pixel_values": pixels}),
