@@ -10,6 +10,7 @@ import streamlit as st
 from vlcore.charts.base import build_patch_overlay_chart, build_prediction_chart
 from vlcore.data.easy_vqa import easy_vqa_examples
 from vlcore.errors import VLScopeError
+from vlcore.models.registry import DEMOS
 from vlcore.run.extract import trace_for_example
 from vlcore.ui.loaders import get_adapter, get_store
 from vlcore.ui.navigation import run_app
@@ -18,12 +19,13 @@ from vlcore.ui.widgets import open_in_pages
 
 
 def home() -> None:
-    """The Home page: a sample question, the demo model's answer and its [CLS] attention."""
+    """The Home page: a sample question, both bundled models' answers and where each looked."""
     st.set_page_config(page_title="VLScope", layout="wide")
     st.title("VLScope")
     st.caption(
-        "Why did the vision-language model answer that? Pick a question; VLScope runs the bundled "
-        "ViLT (trained on easy-VQA, no network needed) and shows where its [CLS] token looks."
+        "Why did the vision-language model answer that? Pick a question; VLScope runs the two bundled models "
+        "(trained on easy-VQA, no network needed): ViLT, which picks an answer and shows where its [CLS] token "
+        "looks, and a small LLaVA-architecture model, which writes its answer and shows where its answer token looks."
     )
 
     samples = easy_vqa_examples("test", limit=200)
@@ -32,31 +34,47 @@ def home() -> None:
     opacity = st.sidebar.slider("Heat opacity", 0.0, 1.0, 0.6, 0.05, key="opacity")
 
     example = samples[choice]
+    store = get_store()
+    st.subheader(example.question)
+    for column, (model, title) in zip(st.columns(2), HOME_MODELS.items()):
+        with column:
+            show_demo(model, title, example, store, opacity)
+    for notice in dict.fromkeys(store.notices):  # a damaged cache entry recomputed, a result the disk could not store
+        st.info(notice)
+    open_in_pages({"ex": example.example_id, "model": "demo", "ds": "easy_vqa", "split": "test"})
+
+
+HOME_MODELS = {"demo": "Bundled ViLT (answer classifier)", "demo-generative": "Bundled LLaVA-style model (generates)"}
+
+
+def show_demo(model: str, title: str, example, store, opacity: float) -> None:
+    """One bundled model on the example: its answer against the gold, and the map of the row that explains it."""
+    st.markdown(f"#### {title}")
+    if not (DEMOS[model] / "config.json").is_file():
+        st.info(f"This checkout has no {title.lower()} ({DEMOS[model].name}); scripts/train_demo_lvlm.py trains it.")
+        return
     try:
-        adapter = get_adapter("demo")
-        store = get_store()
+        adapter = get_adapter(model)
         trace, cached = trace_for_example(adapter, example, store)
     except VLScopeError as exc:
         st.error(str(exc))
-        st.stop()
-    for notice in store.notices:  # a damaged cache entry recomputed, a result the full disk could not store
-        st.info(notice)
-
-    left, right = st.columns([1, 1])
-    with left:
-        st.subheader(example.question)
-        verdict = "correct" if trace.correct else "incorrect"
-        st.markdown(f"**Prediction:** {trace.predicted} ({trace.prediction[0][1]:.1%}) · **gold:** {', '.join(trace.gold or ())} · {verdict}")
+        return
+    verdict = "correct" if trace.correct else "incorrect"
+    st.markdown(f"**Prediction:** {trace.predicted} ({trace.prediction[0][1]:.1%}) · "
+                f"**gold:** {', '.join(trace.gold or ())} · {verdict}")
+    if not adapter.generates:
         st.altair_chart(build_prediction_chart(list(trace.prediction), trace.gold), width="stretch")
-        st.caption(f"Model `{trace.model_id}` · {'loaded from the store' if cached else 'computed now and stored'}")
-        if trace.text_truncated:
-            st.info(f"The text was cut to the model's {adapter.max_text_len} text positions.")
-    with right:
-        found = explaining_map(trace, adapter)  # the demo's [CLS] row over its joint sequence
+    found = explaining_map(trace, adapter)  # ViLT: its [CLS] row; the generative model: its answer token's row
+    if found is not None:
         chart = build_patch_overlay_chart(found.trace, found.values, title=found.title, opacity=opacity)
         st.altair_chart(chart, width="content")
-        st.caption(f"{trace.grid[0]}×{trace.grid[1]} patches of {trace.patch_px} px; image as the model saw it.")
-    open_in_pages({"ex": example.example_id, "model": "demo", "ds": "easy_vqa", "split": "test"})
+        grid = found.trace.key_layout.images[0].grid if found.trace.key_layout.images else trace.grid
+        st.caption(f"{grid[0]}×{grid[1]} image tokens; image as the model saw it.")
+    st.caption(f"Model `{trace.model_id}` · {'loaded from the store' if cached else 'computed now and stored'}")
+    if trace.text_truncated:
+        st.info(f"The text was cut to the model's {adapter.max_text_len} text positions.")
+    st.page_link("pages/4_Attention_Heatmaps.py", label=f"Open {title.split(' (')[0]} in Heatmaps", icon="➡️",
+                 query_params={"ex": example.example_id, "model": model, "ds": "easy_vqa", "split": "test"})
 
 
 run_app(home)

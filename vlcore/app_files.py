@@ -35,6 +35,7 @@ def app_root() -> Path:
 
 APP_ROOT = app_root()
 DEMO_MODEL_DIR = APP_ROOT / "sample_data" / "models" / "vilt-tiny-easyvqa"
+GENERATIVE_DEMO_DIR = APP_ROOT / "sample_data" / "models" / "llava-tiny-easyvqa"  # scripts/train_demo_lvlm.py
 
 
 def default_root() -> Path:

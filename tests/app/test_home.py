@@ -7,6 +7,7 @@ import json
 from streamlit.testing.v1 import AppTest
 
 from tests.conftest import ROOT
+from vlcore.app_files import GENERATIVE_DEMO_DIR
 
 HOME = str(ROOT / "streamlit_app.py")
 
@@ -16,12 +17,19 @@ def heatmaps(at: AppTest) -> list[dict]:
     return [s for s in specs if any(layer.get("mark", {}).get("type") == "image" for layer in s.get("layer", []))]
 
 
-def test_home_renders_prediction_and_one_cls_heatmap():
+def test_home_renders_both_demos_prediction_and_map():
     at = AppTest.from_file(HOME, default_timeout=120).run()
     assert not at.exception and not at.error
-    assert len(heatmaps(at)) == 1
-    text = " ".join(m.value for m in at.markdown)
-    assert "**Prediction:**" in text and "gold:" in text
+    bundled = (GENERATIVE_DEMO_DIR / "config.json").is_file()
+    assert len(heatmaps(at)) == 1 + bundled  # ViLT's [CLS] map, and the generated answer token's map
+    predictions = [m.value for m in at.markdown if m.value.startswith("**Prediction:**")]
+    assert len(predictions) == 1 + bundled and all("gold:" in p for p in predictions)
+    titles = [m.value for m in at.markdown if m.value.startswith("#### ")]
+    assert titles == ["#### Bundled ViLT (answer classifier)", "#### Bundled LLaVA-style model (generates)"]
+    if not bundled:
+        assert any("scripts/train_demo_lvlm.py" in i.value for i in at.info)
+    links = [link.proto.query_string for link in at.get("page_link") if link.proto.label.startswith("Open Bundled")]
+    assert len(links) == 1 + bundled and "model=demo&" in links[0]
 
 
 def test_picking_another_sample_changes_the_question_and_map():

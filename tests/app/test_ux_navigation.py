@@ -95,9 +95,9 @@ def test_a_local_model_folder_survives_the_sidebar_navigation_but_stays_out_of_l
     assert not at.exception and not at.error
     assert (at.radio(key="model_kind").value, at.text_input(key="model_dir").value) == ("Local folder", str(DEMO_DIR))
     assert "model" not in at.query_params and at.query_params["ex"] == "easy_vqa/test/3"
-    at.radio(key="model_kind").set_value("Bundled demo").run()
+    at.radio(key="model_kind").set_value("Bundled demo (ViLT)").run()
     sidebar_to(at, STATS)
-    assert at.radio(key="model_kind").value == "Bundled demo" and at.query_params["model"] == "demo"
+    assert at.radio(key="model_kind").value == "Bundled demo (ViLT)" and at.query_params["model"] == "demo"
 
 
 def test_a_link_names_the_view_over_the_remembered_one():

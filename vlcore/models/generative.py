@@ -450,6 +450,14 @@ class GenerativeAdapter(ModelAdapter):
         ids = {getattr(self.config, n, None) for n in names}
         return sorted(int(i) for i in ids if isinstance(i, int) and i >= 0)
 
+    def _end_token(self) -> tuple[int, ...]:
+        """The token that ends a typed answer: the first end token of the generation config (Qwen's ``<|im_end|>``
+        ends a turn, not ``<|endoftext|>``), else the tokenizer's; none when neither has one."""
+        eos = self.model.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        first = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        return () if first is None or isinstance(first, (list, tuple)) else (int(first),)
+
     def _eos_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         eos = self.tokenizer.eos_token_id if eos is None else eos
@@ -792,7 +800,7 @@ class GenerativeAdapter(ModelAdapter):
             label = target.strip()
             ids = next((i for a, i in zip(output.answers, output.answer_ids) if a == label), None)
             if ids is None:
-                ids = tuple(self.tokenizer(label, add_special_tokens=False)["input_ids"]) + tuple(sorted(self._eos_ids()))[:1]
+                ids = tuple(self.tokenizer(label, add_special_tokens=False)["input_ids"]) + self._end_token()
         if not ids:
             raise InputError(f"the answer {label!r} has no tokens for {self.model_id}; type another answer")
         score = self._logprob(output, ids)

@@ -13,12 +13,14 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from vlcore.app_files import DEMO_MODEL_DIR  # in the checkout, or in the installed vlscope_app
+from vlcore.app_files import DEMO_MODEL_DIR, GENERATIVE_DEMO_DIR  # in the checkout, or the installed vlscope_app
 from vlcore.errors import ModelLoadError, UnsupportedModelError
 from vlcore.models.base import ModelAdapter
 from vlcore.models.hub import describe_load_error, first_line, hub_unreachable, is_network_error, offline_variable
 
 DEMO_MODEL = "demo"
+GENERATIVE_DEMO = "demo-generative"  # the bundled LLaVA-architecture model trained on easy-VQA
+DEMOS = {DEMO_MODEL: DEMO_MODEL_DIR, GENERATIVE_DEMO: GENERATIVE_DEMO_DIR}
 DEFAULT_HUB_CHECKPOINT = "dandelin/vilt-b32-finetuned-vqa"  # preselected when a user picks a hub checkpoint
 
 # The family modules under vlcore.models; each defines FAMILY (a `Family`) and ``load(LoadContext)``.
@@ -90,9 +92,19 @@ def weights_hash(directory: Path) -> str:
 
 
 def resolve_source(source: str) -> tuple[str, bool]:
-    """Map "demo" to the bundled checkpoint; return (source, is_local_dir)."""
-    if source in (DEMO_MODEL, "", None):
-        return str(DEMO_MODEL_DIR), True
+    """Map "demo" / "demo-generative" to the bundled checkpoints; return (source, is_local_dir).
+
+    Raises:
+        ModelLoadError: a bundled demo missing from this checkout, or a folder that does not exist.
+    """
+    if source in ("", None):
+        source = DEMO_MODEL
+    if source in DEMOS:
+        folder = DEMOS[source]
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"the bundled model {source!r} is not in this checkout ({folder} has no config.json); "
+                                 "train it with scripts/train_demo_lvlm.py or pick the other demo")
+        return str(folder), True
     path = Path(source).expanduser()
     if path.is_dir():
         return str(path), True

@@ -13,7 +13,8 @@ from vlcore.storage.store import Store
 from vlcore.trace import Trace
 from vlcore.ui.state import apply_params, get_param, set_params
 
-MODEL_KINDS = ("Bundled demo", "Hub checkpoint", "Local folder")
+DEMO_KINDS = {"Bundled demo (ViLT)": "demo", "Bundled demo (generative)": "demo-generative"}  # label -> model
+MODEL_KINDS = (*DEMO_KINDS, "Hub checkpoint", "Local folder")
 LOCAL_FOLDER_KEY = "_vlscope_model_folder"  # the local checkpoint folder in use (carried across pages, never linked)
 ANALYSIS_PAGES = {  # page script -> link label of open_in_pages
     "pages/4_Attention_Heatmaps.py": "Open in Heatmaps",
@@ -32,19 +33,21 @@ def model_picker() -> str:
 
     folder = st.session_state.get(LOCAL_FOLDER_KEY)
     current = get_param("model") or ("" if folder else "demo")
-    if current and current != "demo" and not HUB_ID.match(current):  # links name hub ids only, never folders
+    demos = list(DEMO_KINDS.values())
+    if current and current not in demos and not HUB_ID.match(current):  # links name hub ids only, never folders
         st.sidebar.warning(f"Ignored the link's model {current!r}: links can name hub ids only.")
         current = "demo"
-    kind_index = 2 if not current else 0 if current == "demo" else 1
+    kind_index = MODEL_KINDS.index("Local folder") if not current else (
+        demos.index(current) if current in demos else MODEL_KINDS.index("Hub checkpoint"))
     kind = st.sidebar.radio("Model", MODEL_KINDS, index=kind_index, key="model_kind")
-    if kind == "Bundled demo":
-        source = "demo"
+    if kind in DEMO_KINDS:
+        source = DEMO_KINDS[kind]
     elif kind == "Hub checkpoint":
         known = known_checkpoints()  # grouped by family, in display order
         options = list(known) + ["other…"]
         if current in options:
             default = options.index(current)
-        elif current == "demo":  # just switched from the demo: a checkpoint, not an empty "other…" box
+        elif current in demos:  # just switched from a demo: a checkpoint, not an empty "other…" box
             default = options.index(DEFAULT_HUB_CHECKPOINT)
         else:
             default = len(options) - 1
@@ -55,7 +58,7 @@ def model_picker() -> str:
             family = known[pick][0]
             st.sidebar.caption(f"{family.title} checkpoints can do: "
                                + "; ".join(TASK_NAMES.get(task, task) for task in family.tasks) + ".")
-        other = current if current not in options and current != "demo" else ""
+        other = current if current not in options and current not in demos else ""
         source = st.sidebar.text_input("Hub id", value=other, key="model_hub_other").strip() if pick == "other…" else pick
         if source and not HUB_ID.match(source):
             st.sidebar.error(f"{source!r} is not a hub id (owner/name); use 'Local folder' for a checkpoint on disk.")
