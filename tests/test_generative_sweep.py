@@ -156,3 +156,34 @@ def test_generated_answers_are_correct_after_vqa_normalisation(adapter, tmp_path
     assert again["prediction"].tolist() == preds["prediction"].tolist()
     assert again["correct"].tolist() == [True] * len(examples)
     assert evaluate_accuracy(adapter, restated, batch_size=3) == 1.0
+
+
+def _generative_checkpoints() -> list:
+    """Every tiny generative checkpoint of tests/models/tiny_*.py (name, writer) other than LLaVA's."""
+    import importlib
+    from pathlib import Path
+
+    found = []
+    for path in sorted(Path(__file__).parent.joinpath("models").glob("tiny_*.py")):
+        module = importlib.import_module(f"tests.models.{path.stem}")
+        found += [(name, write) for name, write in module.TINY_CHECKPOINTS.items() if name != "llava"]
+    return found
+
+
+@pytest.mark.parametrize("name, write", _generative_checkpoints(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_generative_family_sweeps_a_padded_batch_as_single_examples(name, write, tmp_path):
+    from vlcore.errors import UnsupportedModelError
+
+    try:
+        other = load_adapter(str(write(tmp_path / name)), device="cpu")
+    except UnsupportedModelError:
+        pytest.skip(f"{name}: its family is not registered yet")
+    if not other.generates:
+        pytest.skip(f"{name} is not a generative model")
+    other.max_new_tokens = 3
+    examples = make_examples()[:3]
+    p1, h1 = sweep(other, examples, tmp_path / "b1", 1)
+    p3, h3 = sweep(other, examples, tmp_path / "b3", 3)
+    assert p1["prediction"].tolist() == p3["prediction"].tolist()
+    np.testing.assert_allclose(h3["value"], h1["value"], rtol=RTOL, atol=ATOL)
+    assert set(PROMPT_METRICS) <= set(h3["metric"].astype(str))
