@@ -125,3 +125,16 @@ def test_an_eager_pass_waits_for_running_sdpa_passes_and_never_breaks_them(adapt
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_a_typed_answer_ends_with_the_configs_first_end_token(adapter):
+    """Qwen lists ``[<|im_end|>, <|endoftext|>]`` (151645, 151643): a turn ends with the first, not the smallest."""
+    config = adapter.model.generation_config
+    saved = config.eos_token_id
+    try:
+        config.eos_token_id = [5, 3]
+        assert adapter._end_token() == (5,)
+        config.eos_token_id = 3
+        assert adapter._end_token() == (3,)
+    finally:
+        config.eos_token_id = saved
