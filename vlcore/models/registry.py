@@ -24,7 +24,7 @@ DEMOS = {DEMO_MODEL: DEMO_MODEL_DIR, GENERATIVE_DEMO: GENERATIVE_DEMO_DIR}
 DEFAULT_HUB_CHECKPOINT = "dandelin/vilt-b32-finetuned-vqa"  # preselected when a user picks a hub checkpoint
 
 # The family modules under vlcore.models; each defines FAMILY (a `Family`) and ``load(LoadContext)``.
-FAMILY_MODULES = ("vilt", "blip", "clip", "llava", "qwen2_vl", "idefics3", "llava_next", "paligemma")
+FAMILY_MODULES = ("vilt", "blip", "clip", "llava", "qwen2_vl", "idefics3", "llava_next", "paligemma", "gemma3")
 
 
 @dataclass(frozen=True)
