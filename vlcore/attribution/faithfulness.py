@@ -40,6 +40,7 @@ from vlcore.trace import ROLE_PATCH, Trace
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ORDERS = ("positive", "negative", "random")
 METHODS = ("raw_attention", "rollout", "relevancy")
+LOG_FLOOR = float(np.log(np.finfo(np.float32).smallest_subnormal))  # float32's smallest positive: -103.28
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,6 +56,9 @@ class PerturbationCurve:
         order: ``positive``, ``negative`` or ``random``.
         n_patches: patches in the image (``P``).
         n_removed: int ``[F + 1]``; patches removed at each fraction.
+        log_probabilities: float64 ``[F + 1]``: the natural log of each variant's probability (for ``random``, the
+            mean over the seeds of the logs), floored at ``LOG_FLOOR`` (a float32 probability that underflowed to
+            0); None for a curve built by hand.
     """
 
     fractions: np.ndarray
@@ -64,6 +68,14 @@ class PerturbationCurve:
     order: str
     n_patches: int
     n_removed: np.ndarray
+    log_probabilities: np.ndarray | None = None
+
+    @property
+    def log_auc(self) -> float:
+        """Trapezoid-rule area under the log-probability curve (NaN without one)."""
+        if self.log_probabilities is None:
+            return float("nan")
+        return compute_auc(self.fractions, self.log_probabilities)
 
 
 def compute_patch_order(scores: np.ndarray, order: str = "positive", seed: int = 0) -> np.ndarray:
@@ -176,19 +188,19 @@ def compute_perturbation_curves(
     for perm in [p for _, p in removal] + randoms:
         drops += [patch_cols[perm[:k]] for k in n_removed[1:]]
     probs, label = _target_probabilities(adapter, batch, drops, answer)
+    logs = np.log(np.maximum(probs, np.exp(LOG_FLOOR)))
     x = np.concatenate([[0.0], fracs])
     out, step = {}, len(fracs)
 
-    def curve(rows: np.ndarray, order: str) -> PerturbationCurve:
-        y = np.concatenate([[probs[0]], rows])
-        return PerturbationCurve(x, y, compute_auc(x, y), label, order, n_patches, n_removed)
+    def curve(part: slice, order: str, n: int = 1) -> PerturbationCurve:
+        y = np.concatenate([[probs[0]], probs[part].reshape(n, step).mean(0)])
+        log_y = np.concatenate([[logs[0]], logs[part].reshape(n, step).mean(0)])
+        return PerturbationCurve(x, y, compute_auc(x, y), label, order, n_patches, n_removed, log_y)
 
     for i, (key, _) in enumerate(removal):
-        out[key] = curve(probs[1 + i * step : 1 + (i + 1) * step], key[1])
+        out[key] = curve(slice(1 + i * step, 1 + (i + 1) * step), key[1])
     if randoms:
-        start = 1 + len(removal) * step
-        rows = probs[start:].reshape(n_random, step).mean(0)
-        out[("random", "random")] = curve(rows, "random")
+        out[("random", "random")] = curve(slice(1 + len(removal) * step, None), "random", n_random)
     return out
 
 
@@ -329,16 +341,25 @@ def image_block(adapter) -> str:
 
 def faithfulness_rows(
     adapter, example, fractions: Sequence[float] = DEFAULT_FRACTIONS, n_random: int = 3, min_overlap: float = 0.0,
-    layer: int = -1, start_layer: int = 0,
+    layer: int = -1, start_layer: int = 0, lens_layer: int | None = None,
 ) -> list[dict]:
-    """Per-method faithfulness of one example: one dict per method.
+    """Per-method faithfulness of one example: one dict per method (`METHODS`; a generative model's in
+    `vlcore.attribution.generative_faithfulness.GENERATIVE_METHODS`, its random baseline a row of its own).
 
     Keys: ``example_id, method, answer, correct, pointing_hit, pointing_chance, auc_positive,
-    auc_negative, auc_random``.
+    auc_negative, auc_random`` (a generative model's rows also ``auc_logprob_positive, auc_logprob_negative,
+    auc_logprob_random``).
+
+    Args:
+        lens_layer: a generative model's logit-lens map: the residual-stream state read (None: the mean over them).
     """
     from vlcore.attribution.relevance import extract_relevancy
     from vlcore.run.extract import extract_trace
 
+    if adapter.generates:
+        from vlcore.attribution.generative_faithfulness import generative_faithfulness_rows
+
+        return generative_faithfulness_rows(adapter, example, fractions, n_random, min_overlap, layer, lens_layer)
     image = example.load_image()
     block = image_block(adapter)
     trace = extract_trace(adapter, image, example.question, example.example_id, example.answers or None).select(block)
@@ -376,12 +397,14 @@ def evaluate_faithfulness(
     start_layer: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
     details: list | None = None,
+    lens_layer: int | None = None,
 ) -> pd.DataFrame:
-    """Pointing accuracy and perturbation AUCs of raw attention, rollout and relevancy.
+    """Pointing accuracy and perturbation AUCs of raw attention, rollout and relevancy (a generative model: also
+    the logit lens, and the random baseline as a row; see `vlcore.attribution.generative_faithfulness`).
 
     Args:
         adapter: a `ModelAdapter` with a gradient pass, image-token removal and a self-attention block over its
-            image tokens (`image_block`).
+            image tokens (`image_block`), or a generative model whose answer block reads its image tokens.
         examples: `Example` records (image, question); the first ``limit`` are used.
         limit: how many examples (None: all).
         fractions, n_random: perturbation settings (see `compute_perturbation_curves`).
@@ -389,11 +412,13 @@ def evaluate_faithfulness(
         layer: the raw-attention layer; start_layer: the rollout's first layer.
         progress: called as ``progress(done, total, seconds_elapsed)`` after each example.
         details: if a list, the per-example rows are appended to it.
+        lens_layer: a generative model's logit-lens state (None: the mean over states).
 
     Returns:
         One row per method: ``method, n, pointing_accuracy, pointing_chance, auc_positive, auc_negative,
         auc_random, positive_below_random`` (means over examples; the last is the share of examples whose
-        positive-order AUC is below the random-order AUC).
+        positive-order AUC is below the random-order AUC), and for a generative model the log-probability AUCs
+        ``auc_logprob_positive, auc_logprob_negative, auc_logprob_random``.
 
     Raises:
         InputError: no examples.
@@ -403,7 +428,7 @@ def evaluate_faithfulness(
         raise InputError("faithfulness needs at least one example; got none")
     rows, start = [], time.perf_counter()
     for i, example in enumerate(chosen):
-        rows += faithfulness_rows(adapter, example, fractions, n_random, min_overlap, layer, start_layer)
+        rows += faithfulness_rows(adapter, example, fractions, n_random, min_overlap, layer, start_layer, lens_layer)
         if progress is not None:
             progress(i + 1, len(chosen), time.perf_counter() - start)
     frame = pd.DataFrame(rows)
@@ -414,7 +439,10 @@ def evaluate_faithfulness(
 
 def summarise_faithfulness(frame: pd.DataFrame) -> pd.DataFrame:
     """Per-method means of per-example rows (see `evaluate_faithfulness`)."""
-    frame = frame.assign(positive_below_random=frame["auc_positive"] < frame["auc_random"])
+    frame = frame.assign(positive_below_random=frame["auc_positive"] < frame["auc_random"],
+                         pointing_hit=frame["pointing_hit"].astype(float))
+    logs = {c: (c, "mean") for c in ("auc_logprob_positive", "auc_logprob_negative", "auc_logprob_random")
+            if c in frame}
     summary = frame.groupby("method", sort=False).agg(
         n=("example_id", "size"),
         pointing_accuracy=("pointing_hit", "mean"),
@@ -423,5 +451,6 @@ def summarise_faithfulness(frame: pd.DataFrame) -> pd.DataFrame:
         auc_negative=("auc_negative", "mean"),
         auc_random=("auc_random", "mean"),
         positive_below_random=("positive_below_random", "mean"),
+        **logs,
     )
     return summary.reset_index()
