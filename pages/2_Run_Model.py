@@ -54,7 +54,7 @@ sweep_box = st.container()  # filled last: stopping a sweep (■ Stop, any click
 
 example = show_example(adapter, store, source, example_id)
 if example is not None:
-    open_in_pages(carried_params())
+    open_in_pages(carried_params(), generates=adapter.generates)
 share_view("pages/2_Run_Model.py")
 if example is not None:
     annotate_panel("pages/2_Run_Model.py", example_id=example.example_id, model=adapter.model_id)

@@ -46,6 +46,8 @@ def test_run_model_lists_the_answer_token_by_token_each_opening_its_row(folder, 
         assert link.help == f"step {t} · p = {final[t]:.3f} at the last layer"
     prediction = next(m.value for m in at.markdown if m.value.startswith("**Prediction:**"))
     assert prediction.startswith(f"**Prediction:** {trace.prediction[0][0]} ")
+    lens = [link.proto for link in at.get("page_link") if link.proto.label == "Open in Logit lens"]
+    assert len(lens) == 1 and "ex=" in lens[0].query_string
 
 
 def test_heatmaps_open_a_generated_tokens_row_over_the_image(folder, trace):

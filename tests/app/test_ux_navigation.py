@@ -122,8 +122,9 @@ def test_the_annotations_page_neither_takes_nor_changes_the_carried_example():
 def test_home_and_run_model_link_to_every_analysis_page_with_the_example():
     at = open_page()
     at.selectbox(key="sample").set_value(3).run()
-    found = links(at)
+    found = {label: query for label, query in links(at).items() if label.startswith("Open in")}
     assert set(found) == {"Open in Heatmaps", "Open in Head statistics", "Open in Embeddings"}
+    assert links(at)["Open Bundled ViLT in Heatmaps"]["model"] == "demo"  # each demo's own link on Home
     assert {tuple(sorted(q.items())) for q in found.values()} == {
         (("ds", "easy_vqa"), ("ex", "easy_vqa/test/3"), ("model", "demo"), ("split", "test"))}
     at = open_page(RUNNER, {"ex": "easy_vqa/test/6"})

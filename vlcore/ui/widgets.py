@@ -74,11 +74,15 @@ def model_picker() -> str:
     return source
 
 
-def open_in_pages(params: dict[str, str]) -> None:
+GENERATIVE_PAGES = {"pages/8_Logit_Lens.py": "Open in Logit lens"}  # pages for models that generate
+
+
+def open_in_pages(params: dict[str, str], generates: bool = False) -> None:
     """One link per analysis page that opens it on this view (``params``: the example, model, layer, head and
-    the dataset that identifies the example)."""
-    columns = st.columns(len(ANALYSIS_PAGES))
-    for column, (page, label) in zip(columns, ANALYSIS_PAGES.items()):
+    the dataset that identifies the example); the logit lens too for a model that ``generates``."""
+    pages = {**ANALYSIS_PAGES, **(GENERATIVE_PAGES if generates else {})}
+    columns = st.columns(len(pages))
+    for column, (page, label) in zip(columns, pages.items()):
         column.page_link(page, label=label, query_params=params, icon="➡️")
 
 
