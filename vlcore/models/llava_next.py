@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vlcore.models.base import BlockSpec, Capture, Captured, EncodedBatch
-from vlcore.models.generative import LM, VISION, VISION_BLOCK
+from vlcore.models.generative import VISION, VISION_BLOCK
 from vlcore.models.llava import LlavaAdapter
 from vlcore.models.registry import Family, LoadContext
 from vlcore.trace import IMAGE_CLS_TOKEN, ROLE_IMAGE_SUMMARY, ROLE_PATCH, TokenLayout, patch_token
