@@ -68,7 +68,7 @@ class Gemma3Adapter(GenerativeAdapter):
         vcfg = model.config.vision_config
         self.patch_px = int(vcfg.patch_size)
         self.patches_per_side = int(vcfg.image_size) // self.patch_px
-        self.pool = self.patches_per_side // int(round(int(model.config.mm_tokens_per_image) ** 0.5))
+        self.pool = self.patches_per_side // round(int(model.config.mm_tokens_per_image) ** 0.5)
 
     @property
     def vision_tower(self):

@@ -48,6 +48,7 @@ import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -228,7 +229,7 @@ class GenerativeAdapter(ModelAdapter):
     max_new_tokens = 16  # greedy generation stops at the end token or after this many tokens
     passes_position_ids = True  # False: the model computes its own positions (Qwen2-VL's M-RoPE)
     position_offset = 0  # added to the positions passed (PaliGemma counts from 1)
-    answer_token_values: dict[str, int] = {}  # per-token extras' value over the answer (default 0; PaliGemma's
+    answer_token_values: ClassVar[dict[str, int]] = {}  # per-token extras' value over the answer (default 0; PaliGemma's
     # token_type_ids: 1, the causal suffix)
 
     def __init__(self, model, processor, model_id: str, device: str = "auto", dtype=None):
@@ -403,12 +404,18 @@ class GenerativeAdapter(ModelAdapter):
         images = self._check_images(list(images))
         enc = self._process(images, [self.prompt_text(t) for t in texts])
         prompt_layouts = [t.layout for t in image_token_layouts(enc, self.processor, self.config)]
-        prompt = self._prompt_inputs(enc)
-        new, lengths = self._generate(prompt)
-        batch = self._sequence_batch(prompt, new, lengths, prompt_layouts, [len(p) for p in enc["input_ids"]])
+        batch = self.encode_processed(self._prompt_inputs(enc), prompt_layouts)
         if self.vision_spec() is not None:
             batch.streams[VISION] = [self._vision_layouts(lay, b, enc) for b, lay in enumerate(prompt_layouts)]
         return batch
+
+    def encode_processed(self, prompt: dict, layouts: Sequence[TokenLayout]) -> EncodedBatch:
+        """Generate from prompts already processed (the model's inputs on its device: ``input_ids``,
+        ``attention_mask``, the image inputs; ``layouts`` their `TokenLayout` s) and return the batch of prompt +
+        answer with the ``lm`` and ``generated`` streams (no ``vision`` stream). `encode` is this after the
+        processor; a benchmark or a caller with its own inputs can start here."""
+        new, lengths = self._generate(prompt)
+        return self._sequence_batch(prompt, new, lengths, list(layouts), [len(p) for p in prompt["input_ids"]])
 
     def _prompt_inputs(self, enc) -> dict:
         """The processor's tensors on the device (floating ones in the model's dtype)."""

@@ -20,6 +20,8 @@ adapter's (`vlcore.models.generative`). What is PaliGemma's own:
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from vlcore.models.base import BlockSpec
 from vlcore.models.generative import VISION, GenerativeAdapter
 from vlcore.models.registry import Family, LoadContext
@@ -70,7 +72,7 @@ class PaliGemmaAdapter(GenerativeAdapter):
     family = "paligemma"
     title = "PaliGemma"
     tasks = FAMILY.tasks
-    answer_token_values = {"token_type_ids": 1}  # the answer is the causal suffix
+    answer_token_values: ClassVar[dict[str, int]] = {"token_type_ids": 1}  # the answer is the causal suffix
     position_offset = 1  # PaliGemma counts positions from 1
 
     def __init__(self, model, processor, model_id: str, device: str = "auto", dtype=None):
