@@ -8,10 +8,14 @@ a Llama decoder of ``--layers`` layers, ``--heads`` heads and width ``--hidden``
 LLaVA-1.5's head size; LLaVA-7B has 32 of them), fed a NeXT-like prompt: ``--images`` tiles of 576 image
 tokens plus a 48-token prompt (2,352 tokens for 4 tiles), then greedy generation of ``--new-tokens``.
 
-- (a) plain: ``model.generate`` on sdpa;
-- (b) eager: ``generate`` on eager attention with ``output_attentions=True`` (the fallback);
-- (c) capture: `extract_generation_attention` on sdpa: every generated token's attention row for every
-  layer and head, plus per-head normalised entropy and image share over every prompt row.
+- (a) plain: ``model.generate`` on sdpa, then one sdpa forward over the prompt and the answer (what any tool
+  runs to score or inspect an answer), no attention weights;
+- (b) eager: the same on eager attention with ``output_attentions=True`` (the usual fallback): every decoding
+  step's weights from ``generate``, and every row of every layer from the forward;
+- (c) VLScope: the generative adapter's own path (`GenerativeAdapter.encode_processed` then ``capture`` of
+  ``lm.generated``), on sdpa: greedy generation, then one teacher-forced pass whose sdpa calls hand their
+  queries and keys over: every generated token's attention row for every layer and head is recomputed, and
+  per-head normalised entropy and image share are reduced over every prompt row in row chunks on the device.
 
 Every figure comes from a fresh process, variants interleaved (a, b, c, a, b, c, ...) over ``--rounds``:
 
@@ -83,24 +87,66 @@ def _variant(variant: str, args):
     """The model, its inputs and a function running the variant once -> (sequences, GenerationAttention)."""
     import torch
 
-    from vlcore.models.attention_capture import extract_eager_generation_attention, extract_generation_attention
+    from vlcore.models.attention_capture import eager_attention, extract_eager_generation_attention
+    from vlcore.models.base import Capture
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, inputs = build(args.images, args.device, args.hidden, args.heads, args.layers)
-    image, n_new = inputs["input_ids"] == IMG, args.new_tokens
+    n_new = args.new_tokens
+    adapter = bench_adapter(model, n_new)
+    layouts = [prompt_layout(inputs["input_ids"][0])]
+
+    def forward(sequences, **kwargs):
+        return model(input_ids=sequences, attention_mask=torch.ones_like(sequences),
+                     pixel_values=inputs["pixel_values"], use_cache=False, **kwargs)
 
     def run():
         with torch.no_grad():
             if variant == "plain":
-                return model.generate(**inputs, max_new_tokens=n_new, do_sample=False), None
+                sequences = model.generate(**inputs, max_new_tokens=n_new, do_sample=False, suppress_tokens=[IMG])
+                forward(sequences[:, :-1])
+                return sequences, None
             if variant == "eager":
-                got = extract_eager_generation_attention(model, inputs, max_new_tokens=n_new)
-            else:
-                got = extract_generation_attention(model, inputs, max_new_tokens=n_new, key_set=image)
-            return got.sequences, got
+                got = extract_eager_generation_attention(model, inputs, max_new_tokens=n_new, suppress_tokens=[IMG])
+                with eager_attention(model):
+                    forward(torch.as_tensor(got.sequences[:, :-1], device=model.device), output_attentions=True)
+                return got.sequences, got.weights
+            batch = adapter.encode_processed(inputs, layouts)
+            captured = adapter.capture(batch, Capture(blocks=("lm.generated",), hidden=False))
+            sequences = torch.cat([inputs["input_ids"], batch.inputs["answer_ids"]], 1)
+            weights = captured.stacked("lm.generated").transpose(0, 1).cpu().numpy()  # [B, L, H, T, K]
+            return sequences, (weights, captured.output.summaries)
 
     return inputs, run
+
+
+def bench_adapter(model, max_new_tokens: int):
+    """The bench model behind VLScope's generative adapter (a word-free stand-in tokenizer: ids only)."""
+    from types import SimpleNamespace
+
+    from vlcore.models.llava import LlavaAdapter
+
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=2, decode=lambda ids, **_: " ".join(map(str, ids)),
+                                convert_ids_to_tokens=lambda ids: [str(i) for i in ids])
+    processor = SimpleNamespace(tokenizer=tokenizer, chat_template=None, image_processor=None)
+    adapter = LlavaAdapter(model, processor, "bench-llava", device=str(model.device))
+    adapter.max_new_tokens = max_new_tokens
+    return adapter
+
+
+def prompt_layout(ids):
+    """The prompt's `TokenLayout`: text tokens, and image tokens as patches of 24 x 24 grids (one per tile)."""
+    import numpy as np
+
+    from vlcore.trace import ROLE_PATCH, ROLE_TEXT, TokenLayout
+
+    image = (ids == IMG).cpu().numpy()
+    k = np.cumsum(image) - 1
+    side = int(IMAGE_TOKENS ** 0.5)
+    cells = [((i % IMAGE_TOKENS) // side, i % side) if m else (-1, -1) for i, m in zip(k, image)]
+    return TokenLayout.build([str(int(t)) for t in ids.tolist()], [ROLE_PATCH if m else ROLE_TEXT for m in image],
+                             [int(i // IMAGE_TOKENS) if m else -1 for i, m in zip(k, image)], cells)
 
 
 def child_memory(variant: str, args) -> dict:
@@ -140,10 +186,11 @@ def child_time(variant: str, args, out: Path) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
         result.update(cuda_peak_mb=peak, cuda_rise_mb=peak - before)
     arrays = {"sequences": np.asarray(sequences.cpu() if hasattr(sequences, "cpu") else sequences)}
-    if got is not None:
-        arrays["weights"] = got.weights
-        if got.summaries is not None:
-            arrays["image_share"] = got.summaries.key_mass
+    if isinstance(got, tuple):  # (c): rows [B, L, H, T, K] and the prompt-row summaries
+        arrays["weights"] = got[0]
+        arrays["image_share"] = got[1].key_mass
+    elif got is not None:  # (b): eager generate's rows
+        arrays["weights"] = got
     np.savez(out.with_suffix(".npz"), **arrays)
     return result
 

@@ -736,13 +736,18 @@ class GenerativeAdapter(ModelAdapter):
             new_index = {int(p): i for i, p in enumerate(keep)}
             where = [[new_index[p] for p in self._lm_positions_of(batch, int(i), row) if p in new_index]
                      for i in patches]
+            # a decoder image token pooling several patches (Gemma 3: 4 x 4) splits its value evenly over them
+            pooled = np.zeros(rows.shape[1])
+            for w in where:
+                pooled[w] += 1
+            image = np.flatnonzero(pooled)
             composed = rows.copy()
+            composed[:, image] = 0
             for t in range(len(rows)):
-                mass = np.array([rows[t, w].sum() for w in where])
-                spread = mass @ r_vis
+                spread = np.array([(rows[t, w] / pooled[w]).sum() for w in where]) @ r_vis
                 for j, w in enumerate(where):
                     if w:
-                        composed[t, w] = spread[j] / len(w)
+                        composed[t, w] += spread[j] / len(w)
             out["composed"] = np.round(composed, 7).tolist()
         return out
 
