@@ -255,3 +255,26 @@ def test_bad_inputs_are_one_line_errors(adapter):
         with pytest.raises(InputError, match=match) as err:
             adapter.encode(images, texts)
         assert "\n" not in str(err.value)
+
+
+def test_the_composed_rollout_keeps_the_images_share_over_pooled_tokens(adapter):
+    """A pooled token covers 16 vision tokens: its rollout value is split over them, spread through the tower's
+    rollout, and summed back per pooled token (the image's total unchanged; a hand-computed reference)."""
+    from vlcore.models.generative import _rollout_matrix
+
+    batch = adapter.encode([image(noise())], [QUESTION])
+    with torch.no_grad():
+        cap = adapter.capture(batch, Capture(rollout=True))
+    meta = adapter.trace_meta(cap, batch, 0)["rollout"]
+    lm_rows, composed = np.array(meta["lm"]), np.array(meta["composed"])
+    idx, _ = batch.streams["lm"][0].patch_positions(0)
+    np.testing.assert_allclose(composed[:, idx].sum(1), lm_rows[:, idx].sum(1), atol=1e-6)
+    other = np.setdiff1d(np.arange(lm_rows.shape[1]), idx)
+    np.testing.assert_array_equal(composed[:, other], lm_rows[:, other])
+    r_vis = _rollout_matrix([a[0] for a in cap.attentions["vision.self"]])
+    r_vis = r_vis / r_vis.sum(1, keepdims=True)
+    token_of = np.array([adapter._lm_positions_of(batch, j)[0] for j in range(64)])  # vision token -> lm position
+    for t in range(len(lm_rows)):
+        spread = (lm_rows[t, token_of] / 16) @ r_vis  # [64]
+        expected = [spread[token_of == n].sum() for n in idx]
+        np.testing.assert_allclose(composed[t, idx], expected, atol=1e-6)
