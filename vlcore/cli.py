@@ -8,6 +8,7 @@
     python -m vlcore trace --model openai/clip-vit-base-patch32 --image cat.png --text "a cat" --labels cat,dog --out t.safetensors
     python -m vlcore evaluate [--model demo] [--subset 500]
     python -m vlcore faithfulness --model sample_data/models/vilt-tiny-easyvqa --limit 1000 [--out table.csv]
+    python -m vlcore faithfulness --model sample_data/models/llava-tiny-easyvqa --limit 100 [--lens-layer -1]
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=_positive, default=64)
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
-    fa = sub.add_parser("faithfulness", help="pointing game and perturbation AUC of raw attention, rollout, relevancy")
+    fa = sub.add_parser("faithfulness", help="pointing game and perturbation AUC of raw attention, rollout, relevancy "
+                                             "(a generative model: also the logit lens, and the random baseline as a row)")
     fa.add_argument("--model", default="demo")
     fa.add_argument("--split", default="test", choices=["train", "test"], help="easy-VQA split")
     fa.add_argument("--limit", type=_positive, default=1000, help="first N examples of the split")
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="pointing: share of the top patch's pixels that must be shape (0: any pixel)")
     fa.add_argument("--out", type=Path, default=None, help="also write the table as CSV")
     fa.add_argument("--details", type=Path, default=None, help="write the per-example rows as CSV")
+    fa.add_argument("--lens-layer", type=int, default=None,
+                    help="generative models: the logit-lens map reads this residual-stream state (0: embeddings, "
+                         "-1: the last layer); default: the mean over every state")
     fa.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return parser
 
@@ -122,8 +127,8 @@ def _share(text: str) -> float:
 
 
 def cmd_faithfulness(args) -> int:
-    from vlcore.data.easy_vqa import easy_vqa_examples
     from vlcore.attribution.faithfulness import evaluate_faithfulness
+    from vlcore.data.easy_vqa import easy_vqa_examples
     from vlcore.models.registry import load_adapter
 
     for path in (args.out, args.details):
@@ -131,6 +136,9 @@ def cmd_faithfulness(args) -> int:
             raise InputError(f"the folder of {path} does not exist; create it or pick another --out/--details path")
     examples = easy_vqa_examples(args.split, args.limit)
     adapter = load_adapter(args.model, device=args.device)
+    if args.lens_layer is not None and not adapter.generates:
+        raise InputError(f"--lens-layer picks the logit-lens map of a generative model; {adapter.model_id} "
+                         f"({adapter.family}) has none: drop --lens-layer")
 
     def progress(done: int, total: int, seconds: float) -> None:
         rate = done / max(seconds, 1e-9)
@@ -142,7 +150,7 @@ def cmd_faithfulness(args) -> int:
 
     details: list = []
     table = evaluate_faithfulness(adapter, examples, n_random=args.n_random, min_overlap=args.min_overlap,
-                                  progress=progress, details=details)
+                                  progress=progress, details=details, lens_layer=args.lens_layer)
     print(f"model {adapter.model_id}, easy-VQA {args.split}, first {len(examples)} examples")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if args.out is not None:

@@ -20,6 +20,10 @@ The map *hits* when its top patch (largest value among patch tokens; ties: first
 overlaps the mask: with ``min_overlap = 0`` (the default) any mask pixel inside the patch counts,
 otherwise at least that fraction of the patch's pixels must be in the mask. The chance rate is the
 share of patches that would count as a hit.
+
+**Generative models** (`ModelAdapter.generates`): the maps of the generated answer's first token over the decoder's
+tokens (raw attention, rollout, gradient relevancy, the logit lens) and the random baseline as a row of its own,
+with the answer's log-probability curves beside the probability curves: `vlcore.attribution.generative_faithfulness`.
 """
 
 from __future__ import annotations
