@@ -98,3 +98,17 @@ def test_the_eager_fallback_is_picked_in_the_sidebar_and_carried_by_the_link(fol
     at.radio(key="attn_mode").set_value("sdpa").run()
     clean(at)
     assert "attn" not in at.query_params
+
+
+def test_max_new_tokens_is_set_in_the_sidebar_and_a_bad_link_value_gets_a_notice(folder, trace):
+    at = open_family(RUNNER, folder, {"ex": EX, "new": "3"})
+    clean(at)
+    assert at.number_input(key="gen_max_new").value == 3
+    links = [link.proto for link in at.get("page_link") if link.proto.label[:1].isdigit()]
+    assert len(links) == min(3, trace.streams["generated"].n_tokens)  # greedy: the first 3 of the 16-token answer
+    assert [link.label for link in links] == [f"{t}: {w.strip() or repr(w)}" for t, w in
+                                              enumerate(trace.streams["generated"].tokens[:3])]
+    at = open_family(RUNNER, folder, {"ex": EX, "new": "many"})
+    clean(at)
+    assert at.number_input(key="gen_max_new").value == 16
+    assert any("Ignored `new=many`" in m.value for m in [*at.info, *at.warning, *at.caption, *at.markdown])

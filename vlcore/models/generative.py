@@ -114,6 +114,7 @@ class GenerationResult:
 
 
 ATTENTION_MODES = ("sdpa", "eager")
+MAX_NEW_TOKENS_LIMIT = 512
 
 
 class ImplementationLock:
@@ -260,6 +261,20 @@ class GenerativeAdapter(ModelAdapter):
             return self
         view = copy.copy(self)
         view.attention_mode = mode
+        return view
+
+    def with_max_new_tokens(self, n: int) -> GenerativeAdapter:
+        """A view of this adapter (same model) that generates at most ``n`` tokens (greedy decoding).
+
+        Raises:
+            InputError: ``n`` outside 1..`MAX_NEW_TOKENS_LIMIT`.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
+            raise InputError(f"max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS_LIMIT}; got {n!r}")
+        if n == self.max_new_tokens:
+            return self
+        view = copy.copy(self)
+        view.max_new_tokens = n
         return view
 
     # -- family hooks ------------------------------------------------------------------------------

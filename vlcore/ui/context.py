@@ -63,16 +63,24 @@ ATTENTION_LABELS = {"sdpa": "recomputed from sdpa (fast, default)", "eager": "ea
 
 
 def attention_picker(adapter: ModelAdapter) -> ModelAdapter:
-    """Sidebar choice of how a generative model's attention weights are obtained (URL ``attn``): the rows
-    recomputed from the sdpa kernel's queries and keys, or the eager fallback (`with_attention`). Other models
-    have one way and get no control."""
+    """Sidebar controls of a generative model: the most tokens greedy decoding writes (URL ``new``,
+    `with_max_new_tokens`), and how its attention weights are obtained (URL ``attn``): the rows recomputed from
+    the sdpa kernel's queries and keys, or the eager fallback (`with_attention`). Other models get none."""
     if not adapter.generates:
         return adapter
-    from vlcore.ui.state import get_choice, set_params
+    from vlcore.models.generative import MAX_NEW_TOKENS_LIMIT
+    from vlcore.ui.state import get_choice, get_int, set_params
 
     key = "attn_mode"
     if key not in st.session_state:
         st.session_state[key] = get_choice("attn", tuple(ATTENTION_LABELS), "sdpa")
+    limit = MAX_NEW_TOKENS_LIMIT
+    if "gen_max_new" not in st.session_state:
+        st.session_state["gen_max_new"] = get_int("new", adapter.max_new_tokens, 1, limit)
+    n_new = st.sidebar.number_input("Max new tokens", 1, limit, key="gen_max_new", step=1,
+                                    help="Greedy decoding stops at the end token or after this many tokens.")
+    set_params(new=None if n_new == adapter.max_new_tokens else str(n_new))
+    adapter = adapter.with_max_new_tokens(int(n_new))
     mode = st.sidebar.radio("Attention weights", list(ATTENTION_LABELS), key=key, format_func=ATTENTION_LABELS.get,
                             help="sdpa: the model runs on its fast attention and the weights of the rows shown are "
                                  "recomputed from its queries and keys (equal to eager to 1e-4). Eager: the decoder "

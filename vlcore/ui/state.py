@@ -44,6 +44,7 @@
 | `task`  | `zero_shot`: classify over candidate labels (a model that offers it, e.g. CLIP) | `zero_shot` |
 | `labels`| zero-shot candidate labels typed by the user, comma-separated (default: the dataset's answers) | `cat,dog` |
 | `attn`  | a generative model's attention weights: `eager` for the fallback (default: recomputed from sdpa) | `eager` |
+| `new`   | a generative model's most new tokens (greedy decoding; default: the model's, 16) | `32` |
 
 Writes are batched: `set_params` records them and the app's entry point (`vlcore.ui.navigation`) applies them
 in **one** URL update at the end of the run (`apply_params`), so one rerun adds at most one browser history
@@ -73,9 +74,10 @@ PARAMS = (
     "block",  # attention block of the heatmaps and statistics pages (issue 15, vlcore.ui.blocks)
     "task", "labels",  # zero-shot classification and its typed candidate labels (issue 15, vlcore.ui.prediction)
     "attn",  # a generative model's attention weights: sdpa (default) or eager (issue 16, vlcore.ui.context)
+    "new",  # a generative model's max new tokens (issue 16, vlcore.ui.context)
 )
 CARRIED = ("ex", "model", "layer", "head", "ds", "loc", "img", "map", "stream", "cfg", "split", "task", "labels",
-           "attn")
+           "attn", "new")
 
 _PENDING = "_vlscope_url_pending"  # {name: value, or None to remove}: this run's writes, applied once
 _BATCHED = "_vlscope_url_batched"  # set by begin_run: the entry point applies the writes at the end of the run
