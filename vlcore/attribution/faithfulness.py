@@ -356,6 +356,7 @@ def faithfulness_rows(
 
     Args:
         lens_layer: a generative model's logit-lens map: the residual-stream state read (None: the mean over them).
+            A generative model's rollout is the one its pass stored, from layer 0: ``start_layer`` does not apply.
     """
     from vlcore.attribution.relevance import extract_relevancy
     from vlcore.run.extract import extract_trace
