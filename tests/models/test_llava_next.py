@@ -212,6 +212,18 @@ def test_gradients_reach_the_base_crops_attention(adapter):
             assert att.grad is None and float(g.abs().max()) == 0
 
 
+def test_another_answer_is_scored_with_each_rows_own_crops(next_adapter):
+    """Scoring an answer that was not generated, in a batch of two images with 5 and 3 crops, equals scoring it
+    for each example alone (each row's teacher-forced pass takes its own crops and image size)."""
+    a = next_adapter
+    images = [Image.fromarray(random_image(40, 72, 1)), Image.fromarray(random_image(32, 32, 2))]
+    pair = a.target_score(capture(a, a.encode(images, [QUESTION, "what"]), hidden=False).output, "red blue")[0]
+    alone = [a.target_score(capture(a, a.encode([im], [t]), hidden=False).output, "red blue")[0][0]
+             for im, t in zip(images, [QUESTION, "what"])]
+    torch.testing.assert_close(pair, torch.stack(alone), rtol=1e-3, atol=1e-5)
+    assert abs(float(alone[0] - alone[1])) > 1e-4  # the two rows really differ
+
+
 def test_a_tower_head_mask_acts_on_every_crop_of_its_own_example(next_adapter):
     """``keep`` row ``b`` masks the tower heads of example ``b``'s crops (5 and 3 crops here): example 0 with every
     head off changes, example 1 with every head on equals its unmasked pass."""
