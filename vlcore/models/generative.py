@@ -77,7 +77,8 @@ LENS_TOP, IMAGE_LENS_TOP = 5, 3
 ROLLOUT_MAX_ELEMENTS = 2**26
 ROLLOUT_CHUNK = 256
 IMAGE_ROLES = (ROLE_PATCH, ROLE_IMAGE_SUMMARY)
-_BOOKKEEPING = ("answer_ids", "answer_len", "prompt_len", "prompt_keys", "image_keep")
+_BOOKKEEPING = ("answer_ids", "answer_len", "prompt_len", "prompt_keys", "image_keep", "vision_rows",
+                "images_per_prompt")
 
 
 @dataclass
@@ -229,6 +230,7 @@ class GenerativeAdapter(ModelAdapter):
     title = "generative model"
     max_new_tokens = 16  # greedy generation stops at the end token or after this many tokens
     passes_position_ids = True  # False: the model computes its own positions (Qwen2-VL's M-RoPE)
+    selects_vision_crops = False  # True: the family picks each example's tower sequences itself (NeXT's crops)
     position_offset = 0  # added to the positions passed (PaliGemma counts from 1)
     answer_token_values: ClassVar[dict[str, int]] = {}  # per-token extras' value over the answer (default 0; PaliGemma's
     # token_type_ids: 1, the causal suffix)
@@ -316,20 +318,33 @@ class GenerativeAdapter(ModelAdapter):
         """Why the vision tower's attention is not shown, where it is not (e.g. a tower that returns no weights)."""
         return None
 
-    def _check_images(self, images: list) -> list:
-        for im in images:
-            if not isinstance(im, Image.Image):
-                raise InputError(f"{self.title} reads one PIL image per question; got {type(im).__name__}. Open "
-                                 "the file as an image first (an image pair is not supported)")
-        return [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+    def _check_images(self, images: list) -> list[list]:
+        """Each prompt's images as a list (an image, or a list or tuple of images, per prompt), in RGB.
 
-    def _process(self, images: list, prompts: list[str]):
-        """The processor's batch for one image per prompt (left-padded)."""
-        return self.processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+        Raises:
+            InputError: something that is not a PIL image, or a prompt without an image.
+        """
+        out = []
+        for item in images:
+            group = list(item) if isinstance(item, (list, tuple)) else [item]
+            if not group:
+                raise InputError(f"{self.title} needs at least one image per question; got none")
+            for im in group:
+                if not isinstance(im, Image.Image):
+                    raise InputError(f"{self.title} reads PIL images (one, or a list of several, per question); got "
+                                     f"{type(im).__name__}. Open the file as an image first")
+            out.append([im if im.mode == "RGB" else im.convert("RGB") for im in group])
+        return out
 
-    def prompt_text(self, question: str) -> str:
-        """The question with one image through the processor's chat template, ready for the answer."""
-        content = [{"type": "image"}, {"type": "text", "text": question}]
+    def _process(self, images: list[list], prompts: list[str]):
+        """The processor's batch (left-padded); ``images``: each prompt's images (this processor takes them as one
+        flat list, in prompt order; a family whose processor wants one list per prompt overrides this)."""
+        flat = [im for group in images for im in group]
+        return self.processor(images=flat, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+
+    def prompt_text(self, question: str, n_images: int = 1) -> str:
+        """The question after ``n_images`` images, through the processor's chat template, ready for the answer."""
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     # -- description --------------------------------------------------------------------------------
@@ -417,11 +432,16 @@ class GenerativeAdapter(ModelAdapter):
             if not isinstance(text, str) or not text.strip():
                 raise InputError("the text is empty: type a question for the image")
         images = self._check_images(list(images))
-        enc = self._process(images, [self.prompt_text(t) for t in texts])
+        enc = self._process(images, [self.prompt_text(t, len(group)) for t, group in zip(texts, images)])
         prompt_layouts = [t.layout for t in image_token_layouts(enc, self.processor, self.config)]
         batch = self.encode_processed(self._prompt_inputs(enc), prompt_layouts)
+        batch.inputs["images_per_prompt"] = torch.tensor([len(group) for group in images])
         if self.vision_spec() is not None:
             batch.streams[VISION] = [self._vision_layouts(lay, b, enc) for b, lay in enumerate(prompt_layouts)]
+            if any(len(group) > 1 for group in images) and not self.selects_vision_crops:
+                # the tower's batch is every image: keep each prompt's first
+                firsts = np.cumsum([0] + [len(group) for group in images[:-1]])
+                batch.inputs["vision_rows"] = torch.as_tensor(firsts, device=batch.inputs["input_ids"].device)
         return batch
 
     def encode_processed(self, prompt: dict, layouts: Sequence[TokenLayout]) -> EncodedBatch:
@@ -585,6 +605,8 @@ class GenerativeAdapter(ModelAdapter):
             attentions[LM_FULL] = self._heads([full[i] for i in lm_layers], capture)
         if VISION_BLOCK in wanted and self.vision_spec() is not None:
             chosen = vision_att if capture.layers is None else [vision_att[i] for i in capture.layers]
+            if inputs.get("vision_rows") is not None:  # several images in a prompt: the first image's tower pass
+                chosen = [a[inputs["vision_rows"]] for a in chosen]
             attentions[VISION_BLOCK] = self._heads(chosen, capture)
         lm_hidden = torch.stack((*out.hidden_states[:-1], kept["last"]))
         hidden = {}
@@ -592,6 +614,8 @@ class GenerativeAdapter(ModelAdapter):
             hidden = {LM: lm_hidden, GENERATED: lm_hidden[:, :, P - 1:P - 1 + T]}
             if vision_hidden:
                 hidden[VISION] = torch.stack(vision_hidden)
+                if inputs.get("vision_rows") is not None:
+                    hidden[VISION] = hidden[VISION][:, inputs["vision_rows"]]
         result = self._result(out.logits[:, P - 1:P - 1 + T], inputs, model_inputs, sums)
         if roll:
             result.rollout = rollout_rows([means[i] for i in range(n_lm)], steps)

@@ -135,7 +135,7 @@ class Idefics3Adapter(GenerativeAdapter):
 
     def _process(self, images: list, prompts: list[str]):
         """The processor's batch, its images as one list per prompt (left-padded)."""
-        return self.processor(images=[[im] for im in images], text=prompts, padding=True, padding_side="left",
+        return self.processor(images=images, text=prompts, padding=True, padding_side="left",
                               return_tensors="pt")
 
     def _placeholder_ids(self) -> list[int]:

@@ -100,6 +100,8 @@ class LlavaNextAdapter(LlavaAdapter):
     """A LLaVA-NeXT model with its processor: streams ``lm``, ``generated``, ``vision`` (the base crop); blocks
     ``lm.generated``, ``vision.self`` (see `GenerativeAdapter` for the arguments)."""
 
+    selects_vision_crops = True  # `_crops_per_example`: each example's base crop, whatever its image count
+
     family = "llava_next"
     title = "LLaVA-NeXT"
     tasks = FAMILY.tasks
@@ -148,6 +150,7 @@ class LlavaNextAdapter(LlavaAdapter):
         """(crops per example, the tower-batch index of each example's first base crop)."""
         crops = self.crops_per_image(inputs)
         counts = inputs.get("batch_num_images")
+        counts = inputs.get("images_per_prompt") if counts is None else counts  # NeXT: from `encode`
         images = [1] * len(crops) if counts is None else [int(n) for n in counts.tolist()]
         starts = np.concatenate([[0], np.cumsum(crops)]).astype(int)
         first = np.concatenate([[0], np.cumsum(images)]).astype(int)

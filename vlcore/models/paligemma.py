@@ -108,9 +108,9 @@ class PaliGemmaAdapter(GenerativeAdapter):
         enc.pop("labels", None)
         return enc
 
-    def prompt_text(self, question: str) -> str:
-        """The processor's text prefix for the question (`compute_prompt`)."""
-        return compute_prompt(question, getattr(self.processor, "image_token", None) or "<image>")
+    def prompt_text(self, question: str, n_images: int = 1) -> str:
+        """The processor's text prefix for the question after ``n_images`` images (`compute_prompt`)."""
+        return compute_prompt(question, (getattr(self.processor, "image_token", None) or "<image>") * n_images)
 
     def info(self) -> dict:
         return {**super().info(), "patch_px": self.patch_px}
