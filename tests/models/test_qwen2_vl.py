@@ -162,7 +162,7 @@ def test_scoring_another_answer_per_row_matches_a_single_row_pass(adapter):
     images, texts = _left_padded_pair()
     out = capture(adapter, adapter.encode(images, texts), hidden=False).output
     score, _, label = adapter.target_score(out, "red blue")
-    ids = adapter.tokenizer("red blue", add_special_tokens=False)["input_ids"] + [min(adapter._eos_ids())]
+    ids = adapter.tokenizer("red blue", add_special_tokens=False)["input_ids"] + list(adapter._end_token())
     for b in range(2):
         one = adapter.processor(images=[images[b]], text=[adapter.prompt_text(texts[b])], return_tensors="pt")
         P = one["input_ids"].shape[1]

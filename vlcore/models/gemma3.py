@@ -26,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from vlcore.models.base import BlockSpec
-from vlcore.models.generative import LM, VISION, GenerativeAdapter
+from vlcore.models.generative import LM, VISION, GenerativeAdapter, image_groups
 from vlcore.models.registry import Family, LoadContext
 from vlcore.trace import ROLE_PATCH, ImageGrid, TokenLayout, patch_token
 
@@ -128,7 +128,7 @@ class Gemma3Adapter(GenerativeAdapter):
         """One image per prompt; no second ``<bos>`` where the chat template wrote one."""
         bos = self.tokenizer.bos_token
         own_bos = bool(bos) and all(p.startswith(bos) for p in prompts)
-        return self.processor(images=images, text=prompts, padding=True, padding_side="left",
+        return self.processor(images=image_groups(images), text=prompts, padding=True, padding_side="left",
                               add_special_tokens=not own_bos, return_tensors="pt")
 
     def _lens_logits(self, hidden):

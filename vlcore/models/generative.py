@@ -162,6 +162,11 @@ class ImplementationLock:
                 self._cond.notify_all()
 
 
+def image_groups(images: Sequence) -> list[list]:
+    """Each prompt's images as a list, from one image or a list of images per prompt."""
+    return [list(item) if isinstance(item, (list, tuple)) else [item] for item in images]
+
+
 @contextmanager
 def _scopes(*contexts):
     """Enter ``contexts`` in order (exit in reverse)."""
@@ -339,7 +344,7 @@ class GenerativeAdapter(ModelAdapter):
     def _process(self, images: list[list], prompts: list[str]):
         """The processor's batch (left-padded); ``images``: each prompt's images (this processor takes them as one
         flat list, in prompt order; a family whose processor wants one list per prompt overrides this)."""
-        flat = [im for group in images for im in group]
+        flat = [im for group in image_groups(images) for im in group]
         return self.processor(images=flat, text=prompts, padding=True, padding_side="left", return_tensors="pt")
 
     def prompt_text(self, question: str, n_images: int = 1) -> str:

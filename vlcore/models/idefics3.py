@@ -27,7 +27,7 @@ import importlib.util
 import json
 
 from vlcore.errors import ModelLoadError
-from vlcore.models.generative import GenerativeAdapter
+from vlcore.models.generative import GenerativeAdapter, image_groups
 from vlcore.models.registry import Family, LoadContext
 
 ARCHITECTURES = {"Idefics3ForConditionalGeneration": "vqa", "SmolVLMForConditionalGeneration": "vqa"}
@@ -135,7 +135,7 @@ class Idefics3Adapter(GenerativeAdapter):
 
     def _process(self, images: list, prompts: list[str]):
         """The processor's batch, its images as one list per prompt (left-padded)."""
-        return self.processor(images=images, text=prompts, padding=True, padding_side="left",
+        return self.processor(images=image_groups(images), text=prompts, padding=True, padding_side="left",
                               return_tensors="pt")
 
     def _placeholder_ids(self) -> list[int]:
