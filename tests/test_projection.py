@@ -213,3 +213,22 @@ def test_damaged_vector_part_is_recomputed(tiny_adapter, tmp_path):
     run_sweep(tiny_adapter, exs, tmp_path / "s", batch_size=3)
     assert sum(encoded) == 6  # the damaged batch ran again
     assert load_sweep_vectors(tmp_path / "s")["example_ids"] == [e.example_id for e in exs]
+
+
+def test_thumbnails_cut_each_token_from_its_own_grid():
+    """A layout with two grids of different cell sizes (a base grid and a finer tile grid, as LLaVA-NeXT has): each
+    image token's thumbnail is its box on its own grid's image, sampled to the first grid's cell size."""
+    from vlcore.analysis.projection import token_set_from_traces
+    from vlcore.trace import ROLE_PATCH, ROLE_TEXT, ImageGrid, TokenLayout, Trace
+
+    base = np.zeros((8, 8, 3), np.uint8)
+    base[:4, 4:] = 200  # base cell (0, 1)
+    tiles = np.zeros((8, 16, 3), np.uint8)
+    tiles[4:, 12:] = 90  # tile cell (1, 3)
+    images = (ImageGrid.regular(base, (2, 2), 4), ImageGrid.regular(tiles, (2, 4), 4))
+    layout = TokenLayout.build(["q", "<b 0,1>", "<t 1,3>", "<t 0,0>"], [ROLE_TEXT, ROLE_PATCH, ROLE_PATCH, ROLE_PATCH],
+                               [-1, 0, 1, 1], [(-1, -1), (0, 1), (1, 3), (0, 0)], images)
+    trace = Trace.single("ex", "m", layout, None, np.random.default_rng(0).normal(size=(2, 4, 8)).astype(np.float16))
+    thumbs = token_set_from_traces([trace]).thumbs
+    assert thumbs.shape == (4, 4, 4, 3)
+    assert (thumbs[0] == 0).all() and (thumbs[1] == 200).all() and (thumbs[2] == 90).all() and (thumbs[3] == 0).all()

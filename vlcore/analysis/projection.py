@@ -144,11 +144,23 @@ def token_set_from_traces(traces: list[Trace]) -> TokenSet:
 
 
 def _trace_thumbs(trace: Trace) -> np.ndarray:
+    """Each token's image cell (its box on the image of its own grid), cut to the first grid's cell size;
+    zeros for tokens off the image. A cell of another size (a tile grid, a merged cell) is sampled to that size."""
     p = trace.patch_px
     thumbs = np.zeros((trace.n_tokens, p, p, 3), dtype=np.uint8)
+    layout = trace.layout
     for i, (r, c) in enumerate(trace.patch_rc):
-        if r >= 0:
-            thumbs[i] = trace.image[r * p : (r + 1) * p, c * p : (c + 1) * p]
+        g = int(layout.image_of[i])
+        if r < 0 or g < 0 or g >= len(layout.images):
+            continue
+        grid = layout.images[g]
+        x0, y0, x1, y1 = (int(v) for v in grid.boxes[r, c])
+        crop = grid.image[y0:y1, x0:x1]
+        if crop.size == 0:
+            continue
+        ys = np.minimum((np.arange(p) * crop.shape[0]) // p, crop.shape[0] - 1)
+        xs = np.minimum((np.arange(p) * crop.shape[1]) // p, crop.shape[1] - 1)
+        thumbs[i] = crop[ys][:, xs]
     return thumbs
 
 
