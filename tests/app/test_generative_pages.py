@@ -112,3 +112,17 @@ def test_max_new_tokens_is_set_in_the_sidebar_and_a_bad_link_value_gets_a_notice
     clean(at)
     assert at.number_input(key="gen_max_new").value == 16
     assert any("Ignored `new=many`" in m.value for m in [*at.info, *at.warning, *at.caption, *at.markdown])
+
+
+def test_a_trace_without_a_stored_rollout_says_why(trace):
+    """A generative trace whose sequence was too long for the in-pass rollout: the heatmaps say why, not that the
+    block is a cross block."""
+    import dataclasses
+
+    from vlcore.ui.heatmaps import method_reason
+
+    view = trace.select("lm.generated")
+    bare = dataclasses.replace(view, meta={k: v for k, v in view.meta.items() if k != "rollout"})
+    reason = method_reason("rollout", bare, None)
+    assert reason.startswith("Rollout was not computed for this example") and "2^26" in reason
+    assert method_reason("rollout", view, None) is None

@@ -206,6 +206,10 @@ def method_reason(method: str, trace: Trace, adapter) -> str | None:
     Rollout multiplies a block's layers into a token-to-token matrix: a cross block alone has none. Gradient
     relevancy through a cross block needs the bi-modal rules (`vlcore.attribution.bimodal`).
     """
+    if method == "rollout" and not trace.block.is_self and stored_rollout(trace) is None and trace.meta.get("generates"):
+        return (f"Rollout was not computed for this example: its decoder holds {len(trace.key_layout.tokens)} tokens "
+                f"in {trace.n_layers} layers, past the memory a rollout may take during the pass (layers x tokens² "
+                "under 2^26). Showing raw attention.")
     if method == "rollout" and not trace.block.is_self and stored_rollout(trace) is None:
         return (f"Rollout does not apply to a cross block alone: {trace.view}'s rows and columns are different "
                 "tokens, so its layers do not multiply into one token-to-token matrix (roll out a self-attention "
