@@ -32,6 +32,7 @@ import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +49,11 @@ from vlcore.data.easy_vqa import answer_category, easy_vqa_answers, load_easy_vq
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "sample_data" / "models" / "llava-tiny-easyvqa"
 PAD, UNK, BOS, EOS, IMAGE, USER, ASSISTANT = "<pad>", "<unk>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>"
 SPECIAL = [PAD, UNK, BOS, EOS, IMAGE, USER, ASSISTANT]
-IMAGE_SIZE, PATCH = 64, 8
-N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # the CLS output is dropped ("default" feature strategy)
+IMAGE_SIZE = 64
 MAX_NEW_TOKENS = 4
 # One user turn (image, then the question's text), then the assistant's answer and </s>. Content may also be a string.
+# (Putting the question first, so that the image tokens can read it as ViLT's patches do, was tried: after 2 epochs
+# colour 0.47 and shape 0.36 against 0.98 and 0.47 with the image first; see the model card.)
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -106,14 +108,19 @@ def build_tokenizer(out_dir: Path):
     return tokenizer
 
 
-def build_processor(tokenizer):
-    """A `LlavaProcessor`: 64x64 images (mean/std 0.5 as in the ViLT demo), 64 ``<image>`` tokens per image."""
+def n_image_tokens(patch: int) -> int:
+    """``<image>`` tokens per 64x64 image: one per patch (the vision tower's CLS output is dropped)."""
+    return (IMAGE_SIZE // patch) ** 2
+
+
+def build_processor(tokenizer, patch: int = 8):
+    """A `LlavaProcessor`: 64x64 images (mean/std 0.5 as in the ViLT demo), one ``<image>`` token per patch."""
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           image_token=IMAGE, chat_template=CHAT_TEMPLATE)
 
@@ -125,14 +132,14 @@ def make_model(tokenizer, args):
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (PAD, BOS, EOS, IMAGE)}
     vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
                               num_hidden_layers=args.vision_layers, num_attention_heads=args.heads,
-                              image_size=IMAGE_SIZE, patch_size=PATCH)
+                              image_size=IMAGE_SIZE, patch_size=args.patch)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
                        num_key_value_heads=args.heads, max_position_embeddings=128, tie_word_embeddings=True,
                        pad_token_id=ids[PAD], bos_token_id=ids[BOS], eos_token_id=ids[EOS])
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=ids[IMAGE],
                          vision_feature_layer=-1, vision_feature_select_strategy="default",
-                         image_seq_length=N_IMAGE_TOKENS, projector_hidden_act="gelu", tie_word_embeddings=True)
+                         image_seq_length=n_image_tokens(args.patch), projector_hidden_act="gelu", tie_word_embeddings=True)
     model = LlavaForConditionalGeneration(config)
     model.generation_config = GenerationConfig(bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD],
                                                max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
@@ -143,7 +150,7 @@ def prompt_ids(processor, question: str) -> list[int]:
     """Token ids of the chat prompt for one question, ``<image>`` expanded as `processor(...)` expands it."""
     chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(chat, add_generation_prompt=True)
-    text = text.replace(IMAGE, IMAGE * N_IMAGE_TOKENS)
+    text = text.replace(IMAGE, IMAGE * n_image_tokens(processor.patch_size))
     return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -171,8 +178,39 @@ def encode_split(split: str, processor, limit: int | None = None) -> dict:
         "image": torch.tensor([slot[r.image_id] for r in records]),
         "category": [answer_category(r.answer) for r in records],
         "about_shape": [answer_category(r.answer) == "shape" or bool(SHAPE_WORD.search(r.question)) for r in records],
+        "question": [r.question for r in records],
+        "answer": [r.answer for r in records],
         "pixels": pixels,
     }
+
+
+def yes_no_balance(questions: list[str], answers: list[str]) -> torch.Tensor:
+    """Sampling weights under which each yes/no question's text is answered "yes" and "no" equally often.
+
+    "is there a red shape?" is "no" for 7 images in 8, so answering from the words alone scores about 0.83
+    on easy-VQA's yes/no questions, and a model stays there for epochs before it learns to compare the
+    question's colour or shape with the image. Weighting each (text, answer) pair by ``n_text / (2 n_pair)``
+    keeps each text's share of the draws and takes that shortcut away. Other questions (and yes/no texts
+    seen with one answer only) keep weight 1.
+
+    >>> yes_no_balance(["is it?", "is it?", "is it?", "what?"], ["no", "no", "yes", "red"]).tolist()
+    [0.75, 0.75, 1.5, 1.0]
+    """
+    pairs = Counter(zip(questions, answers))
+    texts = Counter(questions)
+    weights = []
+    for q, a in zip(questions, answers):
+        both = answer_category(a) == "yes/no" and pairs[(q, "yes")] and pairs[(q, "no")]
+        weights.append(texts[q] / (2 * pairs[(q, a)]) if both else 1.0)
+    return torch.tensor(weights, dtype=torch.double)
+
+
+def sampling_weights(data: dict, focus_shapes: float, balance_yes_no: bool) -> torch.Tensor | None:
+    """The product of the shape-focus and yes/no-balance weights; None when both are off (uniform draws)."""
+    if focus_shapes == 1 and not balance_yes_no:
+        return None
+    weights = focus_weights(data["about_shape"], focus_shapes)
+    return weights * yes_no_balance(data["question"], data["answer"]) if balance_yes_no else weights
 
 
 def grouped_order(data: dict, weights: torch.Tensor | None, per_image: int, gen: torch.Generator) -> torch.Tensor:
@@ -306,7 +344,8 @@ def recipe_text(recipe: dict) -> str:
     v, t = recipe["vision"], recipe["text"]
     return (
         f"- Architecture: `LlavaForConditionalGeneration`; CLIP vision tower hidden {v['hidden']}, {v['layers']} "
-        f"layers, {recipe['heads']} heads, 64x64 images in 8x8 patches (64 image tokens, CLS dropped, last layer); "
+        f"layers, {recipe['heads']} heads, 64x64 images in {recipe['patch']}x{recipe['patch']} patches "
+        f"({(IMAGE_SIZE // recipe['patch']) ** 2} image tokens, CLS dropped, last layer); "
         f"the LLaVA projector (linear, GELU, linear); Llama decoder hidden {t['hidden']}, {t['layers']} layers, "
         f"{recipe['heads']} heads, SwiGLU {4 * t['hidden']}, tied input/output embeddings; "
         f"{recipe['parameters']:,} parameters.\n"
@@ -320,6 +359,7 @@ def recipe_text(recipe: dict) -> str:
         f"{'random flips and 90-degree rotations of the images, ' if recipe['augment'] else ''}"
         f"{tied_text(recipe.get('tied_filters'))}"
         f"{focus_text(recipe.get('focus_shapes', 1))}"
+        f"{'each yes/no question text drawn with a yes and a no answer equally often, ' if recipe['balance_yes_no'] else ''}"
         f"{recipe['minutes']:.1f} min on {recipe['device']} ({recipe['threads']} threads; load average "
         f"{recipe['load_average']} at the end)."
     )
@@ -374,12 +414,15 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--hidden", type=int, default=128, help="decoder width")
     parser.add_argument("--layers", type=int, default=3, help="decoder layers")
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--patch", type=int, default=8, help="vision patch size (64x64 images)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="random flips/rotations of the training images")
     parser.add_argument("--focus-shapes", type=float, default=3.0,
                         help="draw questions about shapes this many times as often (1 = uniform)")
+    parser.add_argument("--balance-yes-no", action=argparse.BooleanOptionalAction, default=False,
+                        help="draw each yes/no question's text with a 'yes' and a 'no' answer equally often")
     parser.add_argument("--tied-share", type=float, default=0.75,
                         help="share of patch filters started colour-blind (0 = the plain random init)")
     parser.add_argument("--tied-scale", type=float, default=3.0, help="scale of the colour-blind spatial filters")
@@ -392,10 +435,11 @@ def parse_args(argv: list[str] | None):
 def recipe_of(args, model, tokenizer, minutes: float) -> dict:
     return {
         "name": "llava-tiny-easyvqa-v1", "vision": {"hidden": args.vision_hidden, "layers": args.vision_layers},
-        "text": {"hidden": args.hidden, "layers": args.layers}, "heads": args.heads,
+        "text": {"hidden": args.hidden, "layers": args.layers}, "heads": args.heads, "patch": args.patch,
         "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
         "epochs": args.epochs, "batch_size": args.batch_size, "per_image": args.per_image, "lr": args.lr,
         "seed": args.seed, "augment": args.augment, "focus_shapes": args.focus_shapes,
+        "balance_yes_no": args.balance_yes_no,
         "tied_filters": {"share": args.tied_share, "scale": args.tied_scale, "noise": args.tied_noise},
         "max_steps": args.max_steps, "limit": args.limit, "minutes": round(minutes, 1), "device": args.device_used,
         "threads": args.threads, "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -408,7 +452,7 @@ def train(model, train_data: dict, test_data: dict, test_records, args, start: f
     total = steps_per_epoch * args.epochs
     optim, sched = make_optimizer(model, args.lr, total)
     gen = torch.Generator().manual_seed(args.seed)
-    weights = focus_weights(train_data["about_shape"], args.focus_shapes) if args.focus_shapes != 1 else None
+    weights = sampling_weights(train_data, args.focus_shapes, args.balance_yes_no)
     history, step, hits = [], 0, None
     for epoch in range(1, args.epochs + 1):
         order, losses = grouped_order(train_data, weights, args.per_image, gen), []
@@ -440,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     args.device_used = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="llava-demo-") as work:
-        processor = build_processor(build_tokenizer(Path(work)))
+        processor = build_processor(build_tokenizer(Path(work)), args.patch)
     tokenizer = processor.tokenizer
     train_data = encode_split("train", processor, args.limit)
     test_data = encode_split("test", processor, args.limit)

@@ -67,7 +67,8 @@ def test_first_test_question_round_trips_through_chat_template_and_generate(lvlm
     prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
     assert prompt == f"<s><|user|><image>{record.question}<|assistant|>"
     inputs = processor(images=Image.open(record.image_path).convert("RGB"), text=prompt, return_tensors="pt")
-    assert (inputs["input_ids"] == model.config.image_token_id).sum() == model.config.image_seq_length == 64
+    n_patches = (64 // model.config.vision_config.patch_size) ** 2
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == model.config.image_seq_length == n_patches
     out = model.generate(**inputs, do_sample=False, max_new_tokens=4)
     new = out[0, inputs["input_ids"].shape[1]:].tolist()
     assert new[-1] == processor.tokenizer.eos_token_id  # the answer ends with </s>, well before the token limit
