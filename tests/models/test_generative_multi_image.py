@@ -80,3 +80,14 @@ def test_each_prompt_keeps_its_first_images_tower_pass(adapter):
 def test_an_empty_image_list_is_a_one_line_error(adapter):
     with pytest.raises(InputError, match="at least one image"):
         adapter.encode([[]], [QUESTION])
+
+
+def test_another_answer_is_scored_with_each_rows_own_images(adapter):
+    """A batch of two prompts, the first with two images: scoring an answer that was not generated runs each row
+    on its own images (before, every row got every image and the model refused the pass)."""
+    images, texts = [[image(0), image(1)], image(2)], [QUESTION, QUESTION]
+    with torch.no_grad():
+        both = adapter.target_score(adapter.capture(adapter.encode(images, texts), Capture(hidden=False)).output, "red")[0]
+        alone = [adapter.target_score(adapter.capture(adapter.encode([group], [QUESTION]), Capture(hidden=False)).output,
+                                      "red")[0][0] for group in images]
+    torch.testing.assert_close(both, torch.stack(alone), rtol=1e-4, atol=1e-4)

@@ -58,3 +58,32 @@ def test_relevancy_of_the_generated_answer_equals_the_rule_written_out(adapter):
     # the pages' entry point: the first generated token's row
     np.testing.assert_allclose(extract_block_relevancy(adapter, image, QUESTION), got[0], rtol=1e-6)
     assert adapter.model.config.get_text_config()._attn_implementation == "sdpa"
+
+
+def test_a_typed_answer_is_explained_through_a_pass_that_reads_it(adapter):
+    """Explaining an answer other than the generated one: the gradient comes from a teacher-forced pass over that
+    answer (before, its score came from another pass, every gradient was None and the map was all zeros)."""
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    got = extract_generation_relevancy(adapter, image, QUESTION, target="red blue")
+    ids = adapter.tokenizer("red blue", add_special_tokens=False)["input_ids"] + list(adapter._end_token())
+    batch = adapter.encode([image], [QUESTION])
+    assert batch.inputs["answer_ids"][0].tolist()[: len(ids)] != ids, "the typed answer is not the generated one"
+    # reference: the prompt followed by the typed answer, run by hand on eager
+    P = batch.inputs["prompt_len"]
+    prompt = {k: batch.inputs[k][:, :P] for k in ("input_ids", "attention_mask")}
+    seq = torch.cat([prompt["input_ids"], torch.tensor([ids[:-1]])], 1)
+    with torch.enable_grad(), eager_attention(adapter.model):
+        out = adapter.model(input_ids=seq, attention_mask=torch.ones_like(seq),
+                            pixel_values=batch.inputs["pixel_values"], output_attentions=True, use_cache=False)
+        for a in out.attentions:
+            a.retain_grad()
+        logp = out.logits[0, P - 1:].float().log_softmax(-1)
+        logp.gather(-1, torch.tensor(ids)[:, None]).sum().backward()
+    n = seq.shape[1]
+    rel = np.eye(n)
+    for a in out.attentions:
+        a_bar = np.maximum(a[0].detach().double().numpy() * a.grad[0].double().numpy(), 0).mean(0)
+        rel = rel + a_bar @ rel
+    expected = (rel - np.eye(n))[[P - 1 + t for t in range(len(ids))]]
+    assert np.abs(got).sum() > 0
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-8)

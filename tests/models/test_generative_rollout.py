@@ -71,7 +71,10 @@ def test_trace_rollout_is_composed_with_the_vision_towers_rollout(adapter):
     # renormalised over the patches), the text tokens' values unchanged
     vision = trace.streams["vision"]
     patches = np.flatnonzero(vision.role == ROLE_PATCH)
-    tower = rollout_matrices(trace.blocks["vision.self"].attentions.astype(np.float64))[patches][:, patches]
+    # the tiny LLaVA reads hidden_states[-2]: its last tower layer never reaches the decoder, so it is left out
+    assert adapter.config.vision_feature_layer == -2
+    used = trace.blocks["vision.self"].attentions[:-1].astype(np.float64)
+    tower = rollout_matrices(used)[patches][:, patches]
     tower /= tower.sum(1, keepdims=True)
     lm = trace.streams["lm"]
     position = {tuple(lm.cell[i]): i for i in np.flatnonzero(lm.role == ROLE_PATCH)}
@@ -138,3 +141,47 @@ def test_a_typed_answer_ends_with_the_configs_first_end_token(adapter):
         assert adapter._end_token() == (3,)
     finally:
         config.eos_token_id = saved
+
+
+def test_generation_never_runs_while_another_pass_switched_the_model_to_eager(adapter, monkeypatch):
+    """`generate` (every `encode`) and the scoring passes take the implementation lock: while an eager pass holds
+    the model, a concurrent `encode` waits (before, it ran on the switched model: a layer that got no mask from
+    sdpa's mask builder attended both ways, and a wrong answer was cached under the sdpa key)."""
+    import threading
+
+    eager = adapter.with_attention("eager")
+    batch = adapter.encode([image(6)], [QUESTION])
+    seen, release, entered = [], threading.Event(), threading.Event()
+    real = adapter.model.generate
+
+    def generate(*args, **kwargs):
+        seen.append(adapter.model.config.get_text_config()._attn_implementation)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapter.model, "generate", generate)
+    import contextlib
+
+    import vlcore.models.generative as generative
+
+    real_eager = generative.eager_attention
+
+    @contextlib.contextmanager
+    def slow_eager(model):  # hold the switched model until the other thread has tried to generate
+        with real_eager(model):
+            entered.set()
+            release.wait(5)
+            yield
+
+    monkeypatch.setattr(generative, "eager_attention", slow_eager)
+    t = threading.Thread(target=lambda: eager.capture(batch, Capture(hidden=False)))
+    with torch.no_grad():
+        t.start()
+        entered.wait(5)
+        worker = threading.Thread(target=lambda: adapter.encode([image(7)], [QUESTION]))
+        worker.start()
+        worker.join(0.5)
+        assert worker.is_alive() and seen == [], "generation waits for the eager pass"
+        release.set()
+        t.join()
+        worker.join()
+    assert seen == ["sdpa"]

@@ -258,3 +258,14 @@ def test_bad_inputs_are_one_line_errors(adapter):
         with pytest.raises(InputError, match=match) as err:
             adapter.encode(images, texts)
         assert "\n" not in str(err.value)
+
+
+def test_a_large_tower_is_loaded_on_sdpa_and_not_kept():
+    """No [layer, head, N, N] for N >= 1,024: a 224 px tower (256 tokens) loads on eager and keeps vision.self,
+    448 px (1,024) and 896 px (4,096) load on sdpa (PaliGemma and Gemma 3 alike)."""
+    from types import SimpleNamespace
+
+    from vlcore.models.generative import tower_implementation
+
+    sizes = {224: "eager", 434: "eager", 448: "sdpa", 896: "sdpa"}  # 434 / 14 = 31: 961 tokens
+    assert {px: tower_implementation(SimpleNamespace(image_size=px, patch_size=14)) for px in sizes} == sizes

@@ -26,7 +26,14 @@ from __future__ import annotations
 import numpy as np
 
 from vlcore.models.base import BlockSpec
-from vlcore.models.generative import LM, VISION, GenerativeAdapter, image_groups
+from vlcore.models.generative import (
+    LM,
+    MAX_VISION_TOKENS,
+    VISION,
+    GenerativeAdapter,
+    image_groups,
+    tower_implementation,
+)
 from vlcore.models.registry import Family, LoadContext
 from vlcore.trace import ROLE_PATCH, ImageGrid, TokenLayout, patch_token
 
@@ -41,16 +48,14 @@ FAMILY = Family(
                                          "896 px pooled to 16 x 16 image tokens)"},
 )
 
-# The vision tower's self-attention is kept only up to this many tokens (no [layer, head, N, N] for N >= 1,024).
-MAX_VISION_TOKENS = 1023
 
 
 def load(ctx: LoadContext) -> Gemma3Adapter:
     """Load a Gemma 3 checkpoint: the language model on sdpa, the SigLIP tower on eager; its processor."""
     from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
 
-    model = ctx.from_pretrained(Gemma3ForConditionalGeneration,
-                                attn_implementation={"text_config": "sdpa", "vision_config": "eager"})
+    model = ctx.from_pretrained(Gemma3ForConditionalGeneration, attn_implementation={
+        "text_config": "sdpa", "vision_config": tower_implementation(ctx.config.vision_config)})
     processor = ctx.processor(Gemma3Processor)
     return Gemma3Adapter(model, processor, model_id=ctx.model_id, device=ctx.device, dtype=ctx.dtype)
 

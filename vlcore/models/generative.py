@@ -115,6 +115,15 @@ class GenerationResult:
 
 
 ATTENTION_MODES = ("sdpa", "eager")
+# A vision tower's self-attention is kept only up to this many tokens (no [layer, head, N, N] for N >= 1,024).
+MAX_VISION_TOKENS = 1023
+
+
+def tower_implementation(vision_config) -> str:
+    """The attention implementation a square-patch vision tower loads on: eager (its weights are collected) up to
+    `MAX_VISION_TOKENS` patches, sdpa above (nothing of size ``[H, N, N]`` is built for a tower it does not show)."""
+    side = int(vision_config.image_size) // int(vision_config.patch_size)
+    return "eager" if side * side <= MAX_VISION_TOKENS else "sdpa"
 MAX_NEW_TOKENS_LIMIT = 512
 
 
@@ -160,6 +169,21 @@ class ImplementationLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+def significant(values, digits: int = 6) -> list:
+    """``values`` rounded to ``digits`` significant digits, as nested lists for JSON (a probability of 3e-9 stays
+    3e-9, where rounding to decimals would make it 0; NaN stays NaN).
+
+    >>> significant([0.123456789, 3.14159e-9, 0.0, float("nan")], 3)
+    [0.123, 3.14e-09, 0.0, nan]
+    """
+    a = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(a) & (a != 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        magnitude = np.where(finite, np.floor(np.log10(np.abs(np.where(finite, a, 1.0)))), 0.0)
+    scale = 10.0 ** (digits - 1 - magnitude)
+    return np.where(finite, np.round(a * scale) / scale, a).tolist()
 
 
 def image_groups(images: Sequence) -> list[list]:
@@ -319,6 +343,12 @@ class GenerativeAdapter(ModelAdapter):
         """The ``vision`` stream of one example (only where `vision_spec` is not None)."""
         raise NotImplementedError
 
+    def _vision_feature_layers(self) -> int:
+        """How many of the tower's layers the decoder's image features pass through (all by default; LLaVA reads
+        ``hidden_states[vision_feature_layer]``, so the layers after it never reach the decoder)."""
+        spec = self.vision_spec()
+        return spec.n_layers if spec is not None else 0
+
     def vision_note(self) -> str | None:
         """Why the vision tower's attention is not shown, where it is not (e.g. a tower that returns no weights)."""
         return None
@@ -398,7 +428,7 @@ class GenerativeAdapter(ModelAdapter):
                 "dtype": str(next(self.model.parameters()).dtype),
                 **{name: str(getattr(ip, name, None)) for name in fields},
                 "chat_template": self.processor.chat_template, "max_new_tokens": self.max_new_tokens,
-                "trace_meta": 3,  # what `trace_meta` stores (2: the decoder's rollout; 3: the lens's answer map)
+                "trace_meta": 4,  # what `trace_meta` stores (2: rollout; 3: the lens's answer map; 4: significant digits)
                 "attention": self.attention_mode}
 
     def info(self) -> dict:
@@ -477,7 +507,7 @@ class GenerativeAdapter(ModelAdapter):
         """Greedy tokens ``[B, T]`` and per row the answer length (up to and including the end token)."""
         eos = self._eos_ids()
         pad = self.tokenizer.pad_token_id
-        with torch.no_grad():
+        with torch.no_grad(), self._implementation.shared():  # never while another pass switched it to eager
             seq = self.model.generate(**prompt, max_new_tokens=self.max_new_tokens, do_sample=False,
                                       pad_token_id=pad, eos_token_id=list(eos) or None,
                                       suppress_tokens=self._placeholder_ids() or None)
@@ -602,7 +632,7 @@ class GenerativeAdapter(ModelAdapter):
         else:
             scope = self._implementation.shared()
         with self.hooked(hooks), scope:
-            out = self.model(**model_inputs, output_hidden_states=True, use_cache=False)
+            out = self.model(**model_inputs, output_hidden_states=capture.hidden, use_cache=False)
         attentions = {}
         if LM_BLOCK in wanted:
             attentions[LM_BLOCK] = self._heads([rows[i] for i in lm_layers], capture)
@@ -613,7 +643,7 @@ class GenerativeAdapter(ModelAdapter):
             if inputs.get("vision_rows") is not None:  # several images in a prompt: the first image's tower pass
                 chosen = [a[inputs["vision_rows"]] for a in chosen]
             attentions[VISION_BLOCK] = self._heads(chosen, capture)
-        lm_hidden = torch.stack((*out.hidden_states[:-1], kept["last"]))
+        lm_hidden = torch.stack((*out.hidden_states[:-1], kept["last"])) if capture.hidden else None
         hidden = {}
         if capture.hidden:
             hidden = {LM: lm_hidden, GENERATED: lm_hidden[:, :, P - 1:P - 1 + T]}
@@ -655,7 +685,7 @@ class GenerativeAdapter(ModelAdapter):
                 v = values.pop(layer)
                 v = v.view(b, n, -1, m.head_dim).transpose(1, 2).repeat_interleave(h // (v.shape[-1] // m.head_dim), 1)
                 context = (spliced @ v.to(spliced.dtype)).transpose(1, 2).reshape(b, n, h * m.head_dim)
-                rows[layer] = part
+                rows[layer] = part if torch.is_grad_enabled() else part.clone()  # not a view of [B, H, N, N]
                 if means is not None:
                     means[layer] = weights.detach().float().mean(1)
                 if full is not None:  # the whole matrix as the graph uses it: gradients reach every row
@@ -672,6 +702,8 @@ class GenerativeAdapter(ModelAdapter):
         per_token = set(self._per_token_keys({k: v for k, v in inputs.items() if k in inputs["prompt_keys"]}))
         per_token |= {"input_ids", "attention_mask", "position_ids"}
         prompt = {k: (v[:, :P] if k in per_token else v) for k, v in model_inputs.items()}
+        if inputs.get("images_per_prompt") is not None:
+            prompt["images_per_prompt"] = inputs["images_per_prompt"]
         summaries = HeadSummaries.from_sums(sums, True) if sums else None
         return GenerationResult(logits, ids, answers, prompt, summaries)
 
@@ -745,12 +777,12 @@ class GenerativeAdapter(ModelAdapter):
             top_ids = lens["generated_top_ids"][row][:, :n]
             meta["lens"] = {
                 "top_tokens": [[word(step.tolist()) for step in layer] for layer in top_ids],
-                "top_probs": np.round(lens["generated_top_probs"][row][:, :n], 5).tolist(),
+                "top_probs": significant(lens["generated_top_probs"][row][:, :n]),
                 "rank": lens["generated_rank"][row][:, :n].tolist(),
-                "prob": np.round(lens["generated_prob"][row][:, :n], 6).tolist(),
+                "prob": significant(lens["generated_prob"][row][:, :n]),
                 "image_positions": [new_index.get(int(p), -1) for p in lens["image_positions"][row]],
                 "image_top_tokens": [[word(t.tolist()) for t in layer] for layer in lens["image_top_ids"][row]],
-                "image_answer_prob": np.round(lens["image_answer_prob"][row], 7).tolist(),
+                "image_answer_prob": significant(lens["image_answer_prob"][row]),
             }
         if result.summaries is not None:
             s = result.summaries
@@ -771,11 +803,12 @@ class GenerativeAdapter(ModelAdapter):
         goes to patch ``j`` in proportion to ``R_vision[i, j]`` over the patches, the image's total unchanged."""
         rows = captured.output.rollout[row][:n][:, torch.as_tensor(keep, device=captured.output.rollout.device)]
         rows = rows.double().cpu().numpy()
-        out = {"block": LM_BLOCK, "lm": np.round(rows, 7).tolist()}
+        out = {"block": LM_BLOCK, "lm": significant(rows)}
         if VISION_BLOCK in captured.attentions and captured.attentions[VISION_BLOCK]:
             vision = batch.streams[VISION][row]
             patches = np.flatnonzero(vision.role == ROLE_PATCH)
-            r_vis = _rollout_matrix([a[row] for a in captured.attentions[VISION_BLOCK]])[patches][:, patches]
+            layers = captured.attentions[VISION_BLOCK][: self._vision_feature_layers()]  # the layers the decoder reads
+            r_vis = _rollout_matrix([a[row] for a in layers])[patches][:, patches]
             r_vis = r_vis / np.maximum(r_vis.sum(1, keepdims=True), 1e-12)
             new_index = {int(p): i for i, p in enumerate(keep)}
             where = [[new_index[p] for p in self._lm_positions_of(batch, int(i), row) if p in new_index]
@@ -792,7 +825,7 @@ class GenerativeAdapter(ModelAdapter):
                 for j, w in enumerate(where):
                     if w:
                         composed[t, w] += spread[j] / len(w)
-            out["composed"] = np.round(composed, 7).tolist()
+            out["composed"] = significant(composed)
         return out
 
     # -- outputs -------------------------------------------------------------------------------------
@@ -813,8 +846,7 @@ class GenerativeAdapter(ModelAdapter):
         dev = p["input_ids"].device
         P = p["input_ids"].shape[1]
         extra = torch.as_tensor(ids[:-1], dtype=p["input_ids"].dtype, device=dev)[None]
-        row = {k: (v[b:b + 1] if isinstance(v, torch.Tensor) and v.shape[:1] == p["input_ids"].shape[:1] else v)
-               for k, v in p.items()}
+        row = self._row_inputs(p, b)
         inputs = dict(row)
         inputs["input_ids"] = torch.cat([row["input_ids"], extra], 1)
         inputs["attention_mask"] = torch.cat([row["attention_mask"], torch.ones_like(extra)], 1)
@@ -825,8 +857,30 @@ class GenerativeAdapter(ModelAdapter):
         for key in self._per_token_keys(row):
             value = self.answer_token_values.get(key, 0)
             inputs[key] = torch.cat([row[key], torch.full_like(extra, value, dtype=row[key].dtype)], 1)
-        out = self.model(**inputs, use_cache=False)
+        with self._implementation.shared():
+            out = self.model(**inputs, use_cache=False)
         return out.logits[0, P - 1:].float().log_softmax(-1)
+
+    @staticmethod
+    def _row_inputs(prompt: dict, b: int) -> dict:
+        """Row ``b``'s model inputs of a prompt dict: per-example tensors sliced to the row; with several images
+        in a prompt, per-image tensors (``pixel_values``, ``image_sizes``) sliced to the row's own images."""
+        B = prompt["input_ids"].shape[0]
+        counts = prompt.get("images_per_prompt")
+        owner = None
+        if counts is not None and int(counts.sum()) != B:
+            owner = torch.repeat_interleave(torch.arange(B), counts.cpu())
+        row = {}
+        for key, value in prompt.items():
+            if key == "images_per_prompt":
+                continue
+            if isinstance(value, torch.Tensor) and owner is not None and value.shape[:1] == owner.shape:
+                row[key] = value[(owner == b).to(value.device)]
+            elif isinstance(value, torch.Tensor) and value.shape[:1] == (B,):
+                row[key] = value[b:b + 1]
+            else:
+                row[key] = value
+        return row
 
     def predict(self, output: GenerationResult, top_k: int = 5,
                 batch: EncodedBatch | None = None) -> list[list[tuple[str, float]]]:
@@ -848,19 +902,50 @@ class GenerativeAdapter(ModelAdapter):
         Raises:
             InputError: an empty answer.
         """
+        ids, label = self._target_ids(output.answers, output.answer_ids, target)
+        score = self._logprob(output, ids)
+        return score, score.detach().exp(), label
+
+    def _target_ids(self, answers: Sequence[str], answer_ids: Sequence[tuple[int, ...]],
+                    target: str | None) -> tuple[tuple[int, ...], str]:
+        """The token ids scored for ``target`` and its label (see `target_score`).
+
+        Raises:
+            InputError: an empty answer, or one without tokens.
+        """
         if target is None:
-            ids, label = output.answer_ids[0], output.answers[0]
+            ids, label = tuple(answer_ids[0]), answers[0]
         else:
             if not isinstance(target, str) or not target.strip():
                 raise InputError("the answer to explain is empty: type an answer")
             label = target.strip()
-            ids = next((i for a, i in zip(output.answers, output.answer_ids) if a == label), None)
+            ids = next((tuple(i) for a, i in zip(answers, answer_ids) if a == label), None)
             if ids is None:
                 ids = tuple(self.tokenizer(label, add_special_tokens=False)["input_ids"]) + self._end_token()
         if not ids:
             raise InputError(f"the answer {label!r} has no tokens for {self.model_id}; type another answer")
-        score = self._logprob(output, ids)
-        return score, score.detach().exp(), label
+        return ids, label
+
+    def _with_answer(self, batch: EncodedBatch, ids: Sequence[int]) -> EncodedBatch:
+        """One example's batch with ``ids`` fed back as its answer instead of the generated one (the same prompt
+        and images), so that a pass over it scores ``ids`` from its own logits."""
+        inputs = batch.inputs
+        P, width = int(inputs["prompt_len"]), inputs["input_ids"].shape
+        prompt = {}
+        for key in inputs["prompt_keys"]:
+            value = inputs[key]
+            per_token = isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(width)
+            prompt[key] = value[:, :P] if per_token else value
+        lm = batch.streams[LM][0]
+        layout = TokenLayout(lm.tokens[:P], lm.role[:P], lm.image_of[:P], lm.cell[:P], lm.images)
+        new = torch.as_tensor([list(ids)], dtype=inputs["answer_ids"].dtype, device=inputs["answer_ids"].device)
+        out = self._sequence_batch(prompt, new, [len(ids)], [layout], batch.n_text_full)
+        for key in ("images_per_prompt", "vision_rows"):
+            if key in inputs:
+                out.inputs[key] = inputs[key]
+        for name, layouts in batch.streams.items():
+            out.streams.setdefault(name, layouts)
+        return out
 
     @staticmethod
     def generated_query_positions(lm: TokenLayout) -> np.ndarray:
@@ -950,6 +1035,10 @@ class GenerativeAdapter(ModelAdapter):
         unknown = [n for n in names if n not in self.block_specs() and n != LM_FULL]
         if unknown:
             raise InputError(f"{self.title} has no block {unknown[0]!r}; blocks: {[*self.block_specs(), LM_FULL]}")
+        answered = batch.inputs["answer_ids"][0, : int(batch.inputs["answer_len"][0])].tolist()
+        ids, _ = self._target_ids([self.tokenizer.decode(answered, skip_special_tokens=True).strip()], [answered], target)
+        if list(ids) != answered:  # another answer than the generated one: explain a pass that reads it
+            batch = self._with_answer(batch, ids)
         with torch.enable_grad():
             pixels = batch.inputs["pixel_values"].detach().clone().requires_grad_(True)
             captured = self.capture(dataclasses.replace(batch, inputs={**batch.inputs, "pixel_values": pixels}),

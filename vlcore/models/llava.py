@@ -62,6 +62,13 @@ class LlavaAdapter(GenerativeAdapter):
         return BlockSpec(VISION, VISION, int(vcfg.num_hidden_layers), int(vcfg.num_attention_heads), False,
                          "image self-attention (vision tower)")
 
+    def _vision_feature_layers(self) -> int:
+        """The tower layers before ``hidden_states[vision_feature_layer]`` (LLaVA-1.5: -2, all but the last)."""
+        n = int(self.config.vision_config.num_hidden_layers)
+        feature = self.config.vision_feature_layer
+        feature = feature if isinstance(feature, (list, tuple)) else [feature]
+        return max(int(f) % (n + 1) for f in feature)  # hidden_states[k] is the output of the first k layers
+
     def _vision_attention(self) -> list:
         return [layer.self_attn for layer in self.vision_tower.encoder.layers]
 

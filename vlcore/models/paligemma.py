@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from vlcore.models.base import BlockSpec
-from vlcore.models.generative import VISION, GenerativeAdapter
+from vlcore.models.generative import MAX_VISION_TOKENS, VISION, GenerativeAdapter, tower_implementation
 from vlcore.models.registry import Family, LoadContext
 from vlcore.trace import ROLE_PATCH, TokenLayout, patch_token
 
@@ -59,8 +59,8 @@ def load(ctx: LoadContext) -> PaliGemmaAdapter:
     """Load a PaliGemma checkpoint: the language model on sdpa, the SigLIP tower on eager; its processor."""
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-    model = ctx.from_pretrained(PaliGemmaForConditionalGeneration,
-                                attn_implementation={"text_config": "sdpa", "vision_config": "eager"})
+    model = ctx.from_pretrained(PaliGemmaForConditionalGeneration, attn_implementation={
+        "text_config": "sdpa", "vision_config": tower_implementation(ctx.config.vision_config)})
     processor = ctx.processor(PaliGemmaProcessor)
     return PaliGemmaAdapter(model, processor, model_id=ctx.model_id, device=ctx.device, dtype=ctx.dtype)
 
@@ -84,10 +84,26 @@ class PaliGemmaAdapter(GenerativeAdapter):
         tower = self.model.model.vision_tower
         return getattr(tower, "vision_model", tower)
 
-    def vision_spec(self) -> BlockSpec:
+    @property
+    def n_vision_tokens(self) -> int:
+        vcfg = self.config.vision_config
+        return (int(vcfg.image_size) // int(vcfg.patch_size)) ** 2
+
+    def vision_spec(self) -> BlockSpec | None:
+        """``vision.self`` up to `MAX_VISION_TOKENS` tower tokens (224 px: 256); None for the 448 / 896 px
+        checkpoints (1,024 / 4,096 tokens)."""
+        if self.n_vision_tokens > MAX_VISION_TOKENS:
+            return None
         vcfg = self.config.vision_config
         return BlockSpec(VISION, VISION, int(vcfg.num_hidden_layers), int(vcfg.num_attention_heads), False,
                          "image self-attention (SigLIP tower)")
+
+    def vision_note(self) -> str | None:
+        if self.vision_spec() is not None:
+            return None
+        return (f"The vision tower's self-attention is not kept: it reads {self.n_vision_tokens:,} patches, past the "
+                f"{MAX_VISION_TOKENS + 1:,}-token limit on a full [layer, head, N, N] tensor; the decoder's attention to "
+                "each image token is shown.")
 
     def _vision_attention(self) -> list:
         return [layer.self_attn for layer in self.vision_tower.encoder.layers]
