@@ -34,6 +34,13 @@ def adapter(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def local_tower(tmp_path_factory):
+    """One tower layer whose attention output projection is zero: real ``vision.self`` weights, but each tower
+    token (and each decoder image token) depends on its own patch's pixels only."""
+    return _load(write_idefics3(tmp_path_factory.mktemp("idefics3_local_tower"), vision_layers=1, local_tower=True))
+
+
+@pytest.fixture(scope="module")
 def local(tmp_path_factory):
     """Its tower without layers: each decoder image token depends on its own cell's pixels only."""
     return _load(write_idefics3(tmp_path_factory.mktemp("idefics3_local"), vision_layers=0))
@@ -66,12 +73,29 @@ def changed_cells(adapter, planted: list, base: list) -> list[dict[str, set]]:
     return out
 
 
-def test_loaded_on_sdpa_with_the_decoder_at_text_model(adapter):
+def test_loaded_with_the_tower_on_eager_and_the_global_image_block(adapter):
+    """A tower of 64 patches a frame (at most `MAX_VISION_TOKENS`) loads on eager and offers ``vision.self``."""
     cfg = adapter.model.config
-    assert cfg.text_config._attn_implementation == "sdpa" and cfg.vision_config._attn_implementation == "sdpa"
+    assert cfg.text_config._attn_implementation == "sdpa" and cfg.vision_config._attn_implementation == "eager"
     assert adapter.language_model is adapter.model.model.text_model and len(adapter.language_model.layers) == 2
-    assert list(adapter.block_specs()) == ["lm.generated"] and adapter.image_stream == "lm"
-    assert "pixel-shuffled 2 x 2" in adapter.info()["vision_note"]
+    assert list(adapter.block_specs()) == ["lm.generated", "vision.self"] and adapter.image_stream == "lm"
+    spec = adapter.vision_spec()
+    assert (spec.query, spec.key, spec.n_layers, spec.n_heads, spec.causal) == ("vision", "vision", 2, 2, False)
+    assert "global image" in adapter.info()["vision_note"] and "pixel-shuffled 2 x 2" in adapter.vision_note()
+
+
+def test_a_tower_of_1024_patches_keeps_no_vision_stream(tmp_path):
+    """SmolVLM-256M's tower reads 1,024 patches a frame (512 px / 16 px): no ``[L, H, 1024, 1024]`` is built. A
+    tiny tower with the same count (32 px / 1 px) loads on sdpa, has no ``vision`` stream or block, and says why."""
+    big = _load(write_idefics3(tmp_path / "big", vision_layers=1, patch_px=1))
+    assert big.n_vision_tokens == 1024 and big.vision_spec() is None
+    assert big.model.config.vision_config._attn_implementation == "sdpa"
+    assert list(big.block_specs()) == ["lm.generated"]
+    assert "1,024 patches (32 x 32)" in big.vision_note() and "not kept" in big.vision_note()
+    big.max_new_tokens = 2
+    trace = extract_trace(big, grey(), QUESTION, "b")
+    assert set(trace.blocks) == {"lm.generated"} and "vision" not in trace.streams
+    assert trace.meta["vision_note"] == big.vision_note()
 
 
 def test_planted_blocks_land_on_their_tile_cell_and_global_cell(local):
@@ -125,7 +149,12 @@ def test_generation_trace_shapes_and_roles(adapter):
     assert [g.grid for g in lm.images] == [(8, 8), (4, 4)] and len(lm.index(ROLE_PATCH)) == 64 + 16
     markers = {lm.tokens[i] for i in lm.index(ROLE_SPECIAL)}
     assert {"<fake_token_around_image>", "<global-img>", "<row_2_col_2>", "\n"} <= markers
-    assert set(trace.blocks) == {"lm.generated"}
+    assert set(trace.blocks) == {"lm.generated", "vision.self"}
+    vision = trace.streams["vision"]
+    assert vision.n_tokens == 64 and (vision.role == ROLE_PATCH).all() and vision.images[0].grid == (8, 8)
+    np.testing.assert_array_equal(vision.images[0].image, lm.images[1].image)  # the global image
+    assert trace.blocks["vision.self"].attentions.shape == (2, 2, 64, 64)
+    assert trace.hiddens["vision"].shape == (3, 64, 16)
     assert trace.blocks["lm.generated"].attentions.shape == (2, 4, len(ref), P + len(ref) - 1)
     assert trace.select("lm.generated").n_visible().tolist() == [P + t for t in range(len(ref))]
     assert trace.hiddens["lm"].shape == (3, P + len(ref) - 1, 32)
@@ -185,6 +214,139 @@ def test_head_mask_and_image_token_mask(adapter):
     assert float((scores[1] - scores[0]).abs()) > 1e-6
     with pytest.raises(InputError, match="only image tokens"):
         adapter.mask_image_tokens(batch, [np.array([lay.tokens.index("<global-img>")])])  # a marker
+
+
+def tower_alone(adapter, frame: torch.Tensor):
+    """The vision tower run by itself on one frame ``[3, S, S]``: per layer ``[H, N, N]`` and ``[L + 1, N, D]``."""
+    with torch.no_grad():
+        out = adapter.vision_tower(pixel_values=frame[None], output_attentions=True, output_hidden_states=True)
+    return torch.stack([a[0] for a in out.attentions]), torch.stack([h[0] for h in out.hidden_states])
+
+
+def noise(h: int, w: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def test_the_kept_block_is_the_tower_alone_on_each_examples_global_frame(adapter):
+    """A batch of a wide image (1 x 2 tiles + global: 3 frames, then 2 padding frames the model drops) and a
+    square one (2 x 2 tiles + global: 5 frames): each example keeps its own global frame, the last of its real
+    frames (tower batch indices 2 and 3 + 4 = 7), equal to the tower run alone on that frame and unlike its run on
+    any tile."""
+    batch = adapter.encode([noise(32, 64, 1), noise(64, 64, 0)], ["what", QUESTION])
+    pixels = batch.inputs["pixel_values"]
+    assert pixels.shape[:2] == (2, 5) and adapter._global_frames(batch) == ([3, 5], [2, 7])
+    got = capture(adapter, batch)
+    for b, n_frames in enumerate((3, 5)):
+        kept, hidden = got.stacked("vision.self")[:, b], got.hidden["vision"][:, b]
+        alone = [tower_alone(adapter, pixels[b, f]) for f in range(n_frames)]
+        torch.testing.assert_close(kept, alone[-1][0], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(hidden, alone[-1][1], rtol=1e-3, atol=1e-5)
+        for tile_attention, tile_hidden in alone[:-1]:  # each tile's run differs far beyond that tolerance
+            assert float((kept - tile_attention).abs().max()) > 2e-4 and float((hidden - tile_hidden).abs().max()) > 0.1
+        lm, vision = batch.streams["lm"][b], batch.streams["vision"][b]
+        np.testing.assert_array_equal(vision.images[0].image, lm.images[1].image)
+
+
+def test_an_image_that_is_not_split_keeps_its_only_frame(adapter):
+    """With ``do_image_splitting`` off the image is one frame (one ``image`` grid of 4 x 4 tokens): it is kept."""
+    image_processor = adapter.processor.image_processor
+    image_processor.do_image_splitting = False
+    try:
+        batch = adapter.encode([grey(32, 64, (4, 4))], [QUESTION])
+    finally:
+        image_processor.do_image_splitting = True
+    lm = batch.streams["lm"][0]
+    assert [g.grid for g in lm.images] == [(4, 4)] and batch.inputs["pixel_values"].shape[1] == 1
+    got = capture(adapter, batch)
+    attention, hidden = tower_alone(adapter, batch.inputs["pixel_values"][0, 0])
+    torch.testing.assert_close(got.stacked("vision.self")[:, 0], attention, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(got.hidden["vision"][:, 0], hidden, rtol=1e-3, atol=1e-5)
+    vision = batch.streams["vision"][0]
+    assert adapter._lm_positions_of(batch, vision.tokens.index("<patch 7,7>"), 0) == \
+        [int(np.flatnonzero((lm.role == ROLE_PATCH) & (lm.cell == (3, 3)).all(1))[0])]
+
+
+def test_a_planted_patch_on_the_global_image_changes_its_vision_token_and_global_token(local_tower):
+    """A 4-px block at (44, 20) of the 64-px image lies, on the 32-px global image (NEAREST keeps input pixels
+    2i + 1), at rows 22-23, cols 10-11: tower patch (5, 2) of 4-px patches, inside the 2 x 2 block of patches
+    (4..5, 2..3) that the pixel shuffle makes decoder global token (2, 1). Only that vision token changes (the
+    tower's attention adds nothing here), and `_lm_positions_of` maps all four patches of that block, and no
+    other, to the one global token whose input embedding changes."""
+    adapter = local_tower
+    planted, base = (adapter.encode([im], [QUESTION]) for im in (grey(block=(44, 20)), grey()))
+    a, b = capture(adapter, planted), capture(adapter, base)
+    vision, lm = planted.streams["vision"][0], planted.streams["lm"][0]
+    for layer in range(a.hidden["vision"].shape[0]):
+        diff = (a.hidden["vision"][layer, 0] - b.hidden["vision"][layer, 0]).abs().amax(-1).numpy()
+        assert [tuple(vision.cell[i]) for i in np.flatnonzero(diff > 1e-5)] == [(5, 2)], layer
+    diff = (a.hidden["lm"][0, 0] - b.hidden["lm"][0, 0]).abs().amax(-1).numpy()
+    changed_global = [int(i) for i in np.flatnonzero((diff > 1e-5) & (lm.role == ROLE_PATCH) & (lm.image_of == 1))]
+    assert len(changed_global) == 1 and tuple(lm.cell[changed_global[0]]) == (2, 1)
+    mapped = {tuple(vision.cell[i]): adapter._lm_positions_of(planted, i, 0) for i in range(vision.n_tokens)}
+    assert all(len(p) == 1 and lm.image_of[p[0]] == 1 for p in mapped.values())
+    assert sorted(c for c, p in mapped.items() if p == changed_global) == [(4, 2), (4, 3), (5, 2), (5, 3)]
+
+
+def test_gradients_reach_the_kept_tower_weights(adapter):
+    """With grad the kept global-frame weights are tensors of the forward graph: the answer's gradient reaches
+    them (it did not when the weights were only read off the layer), equal to a retain_grad reference."""
+    batch = adapter.encode([grey(block=(0, 4))], [QUESTION])
+    grads = adapter.attention_gradients(batch, None, blocks=("vision.self",))
+    with torch.enable_grad():
+        captured = adapter.capture(batch, Capture(blocks=("vision.self",), hidden=False))
+        layers = captured.layers("vision.self")
+        for att in layers:
+            att.retain_grad()
+        adapter.target_score(captured.output, grads.label)[0][0].backward()
+    plain = capture(adapter, batch, hidden=False).stacked("vision.self")[:, 0]
+    for layer, (w, g, att) in enumerate(zip(grads.attentions["vision.self"], grads.gradients["vision.self"], layers)):
+        assert w.shape == (2, 64, 64) and float(g.abs().max()) > 0, layer
+        torch.testing.assert_close(w, plain[layer], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g, att.grad[0], rtol=1e-4, atol=1e-7)
+
+
+def test_the_composed_rollout_spreads_the_global_tokens_share_over_the_tower(adapter):
+    """``composed``: each decoder global token's rollout value, split evenly over its 2 x 2 tower patches, goes
+    through the global image's tower rollout and back to the tokens covering the patches; the tile tokens and
+    the text keep theirs, so the image's total is unchanged (checked against the same composition written with
+    the grid's reshape)."""
+    batch = adapter.encode([grey(block=(44, 20))], [QUESTION])
+    with torch.no_grad():
+        captured = adapter.capture(batch, Capture(rollout=True))
+    meta = adapter.trace_meta(captured, batch, 0)["rollout"]
+    lm_rows, composed = np.array(meta["lm"]), np.array(meta["composed"])
+    lay = batch.streams["lm"][0]
+    keep = np.flatnonzero(lay.valid)
+    role, image_of, cell = lay.role[keep], lay.image_of[keep], lay.cell[keep]
+    image = role == ROLE_PATCH
+    glob = np.flatnonzero(image & (image_of == 1))
+    np.testing.assert_allclose(composed[:, image].sum(1), lm_rows[:, image].sum(1), rtol=1e-5)
+    np.testing.assert_array_equal(composed[:, ~(image & (image_of == 1))], lm_rows[:, ~(image & (image_of == 1))])
+    rollout = np.eye(64)
+    for a in captured.stacked("vision.self")[:, 0].double().numpy():
+        a_hat = a.mean(0) + np.eye(64)
+        rollout = (a_hat / a_hat.sum(1, keepdims=True)) @ rollout
+    for t in range(len(lm_rows)):
+        tokens = np.zeros((4, 4))
+        tokens[cell[glob, 0], cell[glob, 1]] = lm_rows[t, glob]
+        patches = np.kron(tokens, np.ones((2, 2))) / 4  # [8, 8]: each token's value split over its 2 x 2 patches
+        spread = (patches.reshape(-1) @ rollout).reshape(4, 2, 4, 2).sum((1, 3))  # back to the tokens
+        np.testing.assert_allclose(composed[t, glob], spread[cell[glob, 0], cell[glob, 1]], rtol=1e-4, atol=1e-7)
+    assert not np.allclose(composed[:, glob], lm_rows[:, glob])
+
+
+def test_a_vision_head_mask_acts_on_each_examples_own_frames(adapter):
+    """``keep [B, L, H]`` on ``vision.self``: row ``b`` masks every frame of example ``b`` (5 and 3 real frames
+    here); masking a head of layer 0 of the second example changes its layer-1 weights only."""
+    batch = adapter.encode([grey(block=(44, 20)), grey(32, 64, (4, 4))], [QUESTION, "what"])
+    base = capture(adapter, batch).stacked("vision.self")
+    keep = torch.ones(2, 2, 2)
+    keep[1, 0, 0] = 0
+    with adapter.head_mask("vision.self", keep):
+        masked = capture(adapter, batch).stacked("vision.self")
+    torch.testing.assert_close(masked[:, 0], base[:, 0])
+    torch.testing.assert_close(masked[0], base[0])
+    assert not torch.allclose(masked[1, 1], base[1, 1])
 
 
 def test_smolvlm_checkpoint_loads_with_a_processor_built_from_its_parts(tmp_path, adapter):

@@ -11,7 +11,7 @@ special tokens (``<fake_token_around_image>``, ``<image>``, ``<global-img>``, ``
 ``<end_of_utterance>``, the end token) and SmolVLM's chat template (``<|im_start|>User:<image>{question}
 <end_of_utterance>\\nAssistant:``).
 
-- ``idefics3`` (the contract suite's, `write_contract_idefics3`: the tower without layers):
+- ``idefics3`` (the contract suite's, `write_contract_idefics3`: one tower layer whose attention adds nothing):
   ``Idefics3ForConditionalGeneration`` with an ``Idefics3Processor`` saved beside it (what
   SmolVLM v1 checkpoints such as ``HuggingFaceTB/SmolVLM-256M-Instruct`` ship).
 - ``smolvlm`` (`write_smolvlm`, not in `TINY_CHECKPOINTS`: the contract suite runs on ``idefics3``):
@@ -75,9 +75,9 @@ def image_processor(cls=None, resample=None, **settings):
                resample=Image.NEAREST if resample is None else resample, **settings)
 
 
-def config_dict(vocab: int, image_token_id: int, vision_layers: int = 2) -> dict:
+def config_dict(vocab: int, image_token_id: int, vision_layers: int = 2, patch_px: int = PATCH_PX) -> dict:
     vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": vision_layers,
-              "num_attention_heads": 2, "image_size": FRAME_PX, "patch_size": PATCH_PX}
+              "num_attention_heads": 2, "image_size": FRAME_PX, "patch_size": patch_px}
     text = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab, "bos_token_id": None,
             "eos_token_id": 2, "pad_token_id": 1, "max_position_embeddings": 512}
@@ -85,30 +85,38 @@ def config_dict(vocab: int, image_token_id: int, vision_layers: int = 2) -> dict
             "pad_token_id": 1, "tie_word_embeddings": False}
 
 
-def _save_model(cls_name: str, folder: Path, tok, seed: int, vision_layers: int) -> None:
+def _save_model(cls_name: str, folder: Path, tok, seed: int, vision_layers: int, patch_px: int = PATCH_PX,
+                local_tower: bool = False) -> None:
     import torch
     import transformers
 
     config = getattr(transformers, f"{cls_name}Config")(
-        **config_dict(len(tok), tok.convert_tokens_to_ids("<image>"), vision_layers))
+        **config_dict(len(tok), tok.convert_tokens_to_ids("<image>"), vision_layers, patch_px))
     torch.manual_seed(seed)
     model = getattr(transformers, f"{cls_name}ForConditionalGeneration")(config)
+    if local_tower:  # the tower's attention adds nothing to its tokens: each token depends on its own patch only
+        with torch.no_grad():
+            for layer in model.model.vision_model.encoder.layers:
+                layer.self_attn.out_proj.weight.zero_()
     model.generation_config.pad_token_id = 1
     model.generation_config.eos_token_id = 2
     model.generation_config.bos_token_id = None
     model.save_pretrained(folder)
 
 
-def write_idefics3(folder: Path, seed: int = 0, vision_layers: int = 2, resample=None) -> Path:
+def write_idefics3(folder: Path, seed: int = 0, vision_layers: int = 2, resample=None, patch_px: int = PATCH_PX,
+                   local_tower: bool = False) -> Path:
     """A seeded tiny Idefics3 (SmolVLM v1) saved as a checkpoint folder (weights, config, processor, chat
-    template)."""
+    template). ``patch_px`` 1 makes a tower of 1,024 patches a frame (SmolVLM-256M's count); ``local_tower``
+    zeroes the tower's attention output projections (its weights are real, but each token stays its own
+    patch's)."""
     from transformers import Idefics3Processor
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    processor = Idefics3Processor(image_processor(resample=resample), tok, image_seq_len=IMAGE_SEQ_LEN,
-                                  chat_template=CHAT_TEMPLATE)
-    _save_model("Idefics3", folder, tok, seed, vision_layers)
+    processor = Idefics3Processor(image_processor(resample=resample), tok,
+                                  image_seq_len=(FRAME_PX // patch_px // SCALE) ** 2, chat_template=CHAT_TEMPLATE)
+    _save_model("Idefics3", folder, tok, seed, vision_layers, patch_px, local_tower)
     processor.save_pretrained(folder)
     return folder
 
@@ -132,11 +140,12 @@ def write_smolvlm(folder: Path, seed: int = 0) -> Path:
 
 
 def write_contract_idefics3(folder: Path) -> Path:
-    """The contract suite's tiny Idefics3: its vision tower has no layers. The suite's planted-cell test reads the
-    decoder's input embeddings, and a tower layer mixes every token of a frame (a planted pixel would reach its
-    whole tile); without layers each decoder image token depends on its own cell's pixels only. The adapter
-    collects no vision-tower attention, so nothing else changes."""
-    return write_idefics3(folder, vision_layers=0)
+    """The contract suite's tiny Idefics3: one vision-tower layer whose attention output projection is zero. The
+    suite's planted-cell test reads the decoder's input embeddings, and a tower layer's attention mixes every
+    token of a frame (a planted pixel would reach its whole tile); with that projection zero each decoder image
+    token depends on its own cell's pixels only, while the layer's attention weights (``vision.self``, the
+    global image's) are still real and go through every contract test."""
+    return write_idefics3(folder, vision_layers=1, local_tower=True)
 
 
 TINY_CHECKPOINTS: dict[str, Callable[[Path], Path]] = {"idefics3": write_contract_idefics3}

@@ -16,19 +16,40 @@ adapter's (`vlcore.models.generative`). What is Idefics3's own:
 - SmolVLM2's ``SmolVLMProcessor`` needs ``num2words`` and a torchvision video processor; where either is missing
   the processor is an ``Idefics3Processor`` built from the checkpoint's tokenizer, image processor, chat template
   and ``image_seq_len`` (`build_processor_from_parts`): both expand an image into the same tokens;
-- no ``vision.self`` block (`vision_note`): the vision tower runs once per tile and once on the global image,
-  and a decoder image token is a pixel-shuffled block of ``scale_factor**2`` tower tokens, so the tower's tokens
-  are not the decoder's; the image stream is the decoder's ``lm``.
+- ``vision`` / ``vision.self``: the vision tower runs once per frame (each tile, then the global image; the model
+  drops the all-zero padding frames of a batch) and returns its weights on eager attention. Only each example's
+  global image is kept (its first image's, in a prompt with several; the only frame of an image that was not
+  split): ``vision`` is its ``n x n`` patch grid over the global image as the model saw it, and ``vision.self``
+  its self-attention (`Idefics3Adapter.capture`); a global-image patch maps to the decoder's global-grid token
+  whose ``scale_factor`` x ``scale_factor`` block holds it (the pixel shuffle, `Idefics3Adapter._lm_positions_of`).
+  The tiles' tower attention is not kept (their tokens are in ``lm``). A tower of more than `MAX_VISION_TOKENS`
+  patches a frame (SmolVLM-256M and -500M: 512-px frames of 16-px patches, 1,024) loads on sdpa and keeps no
+  ``vision`` stream (`Idefics3Adapter.vision_note` says why); the image stream is always the decoder's ``lm``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import numpy as np
+import torch
 
 from vlcore.errors import ModelLoadError
-from vlcore.models.generative import GenerativeAdapter, image_groups
+from vlcore.models.base import BlockSpec, Capture, Captured, EncodedBatch
+from vlcore.models.generative import (
+    LM,
+    MAX_VISION_TOKENS,
+    VISION,
+    VISION_BLOCK,
+    GenerativeAdapter,
+    image_groups,
+    tower_implementation,
+)
 from vlcore.models.registry import Family, LoadContext
+from vlcore.trace import ROLE_PATCH, ImageGrid, TokenLayout, patch_token
 
 ARCHITECTURES = {"Idefics3ForConditionalGeneration": "vqa", "SmolVLMForConditionalGeneration": "vqa"}
 
@@ -42,13 +63,19 @@ FAMILY = Family(
 )
 
 
+# real frames per example of the pass running in this context (the vision head mask's frame -> example map)
+_FRAMES: ContextVar[tuple[int, ...] | None] = ContextVar("vlscope_idefics3_frames", default=None)
+
+
 def load(ctx: LoadContext) -> Idefics3Adapter:
-    """Load an Idefics3 or SmolVLM checkpoint, all on sdpa (the vision tower's attention is not collected, and
-    eager would hold ``[frames, heads, 1024, 1024]`` per tower layer: 0.8 GiB in float32 for SmolVLM-256M's 17
-    frames of a square image); its processor."""
+    """Load an Idefics3 or SmolVLM checkpoint: the language model on sdpa; the vision tower on eager where its
+    global image's self-attention is kept (at most `MAX_VISION_TOKENS` patches a frame), else on sdpa (eager would
+    hold ``[frames, heads, 1024, 1024]`` per tower layer: 0.8 GiB in float32 for SmolVLM-256M's 17 frames of a
+    square image); its processor."""
     import transformers
 
-    model = ctx.from_pretrained(getattr(transformers, ctx.architecture), attn_implementation="sdpa")
+    model = ctx.from_pretrained(getattr(transformers, ctx.architecture), attn_implementation={
+        "text_config": "sdpa", "vision_config": tower_implementation(ctx.config.vision_config)})
     return Idefics3Adapter(model, load_processor(ctx), model_id=ctx.model_id, device=ctx.device, dtype=ctx.dtype)
 
 
@@ -121,17 +148,36 @@ def build_processor_from_parts(ctx: LoadContext):
 
 
 class Idefics3Adapter(GenerativeAdapter):
-    """An Idefics3 / SmolVLM model with its processor: streams ``lm``, ``generated``; block ``lm.generated``
-    (see `GenerativeAdapter` for the arguments)."""
+    """An Idefics3 / SmolVLM model with its processor: streams ``lm``, ``generated`` (and ``vision``: the global
+    image's tower patches); blocks ``lm.generated`` (and ``vision.self``) (see `GenerativeAdapter` for the
+    arguments)."""
+
+    selects_vision_crops = True  # `_global_frames`: each example's global frame, whatever its frame count
 
     family = "idefics3"
     title = "SmolVLM / Idefics3"
     tasks = FAMILY.tasks
 
+    def __init__(self, model, processor, model_id: str, device: str = "auto", dtype=None):
+        super().__init__(model, processor, model_id, device, dtype)
+        vcfg = model.config.vision_config
+        self.patch_px = int(vcfg.patch_size)
+        self.patches_per_side = int(vcfg.image_size) // self.patch_px
+        self.scale = int(model.config.scale_factor)
+
     @property
     def language_model(self):
         """The decoder: ``model.model.text_model`` (a Llama)."""
         return self.model.model.text_model
+
+    @property
+    def vision_tower(self):
+        return self.model.model.vision_model
+
+    @property
+    def n_vision_tokens(self) -> int:
+        """The tower's tokens a frame (its patches: no summary token)."""
+        return self.patches_per_side ** 2
 
     def _process(self, images: list, prompts: list[str]):
         """The processor's batch, its images as one list per prompt (left-padded)."""
@@ -147,14 +193,172 @@ class Idefics3Adapter(GenerativeAdapter):
         ids = {tok.convert_tokens_to_ids(n) for n in names} - {tok.unk_token_id, None}
         return sorted(set(super()._placeholder_ids()) | ids)
 
+    # -- the vision tower: each example's global image ------------------------------------------------------
+    def vision_spec(self) -> BlockSpec | None:
+        vcfg = self.config.vision_config
+        layers = int(vcfg.num_hidden_layers)
+        if self.n_vision_tokens > MAX_VISION_TOKENS or layers == 0:
+            return None
+        return BlockSpec(VISION, VISION, layers, int(vcfg.num_attention_heads), False,
+                         "image self-attention of the global image (vision tower, before the pixel shuffle)")
+
+    def _vision_attention(self) -> list:
+        return [layer.self_attn for layer in self.vision_tower.encoder.layers]
+
+    def _vision_hidden_modules(self) -> list:
+        return [self.vision_tower.embeddings, *self.vision_tower.encoder.layers]
+
+    def _global_grid(self, layout: TokenLayout) -> int:
+        """The grid of ``layout`` (an ``lm`` layout) showing its first image's global frame: grid 0 where the
+        image was not split (its only grid, ``n x n`` tokens), else grid 1 (after its tiles, never ``n x n``:
+        a split image has at least two tiles)."""
+        n = self.patches_per_side // self.scale
+        return 0 if tuple(layout.images[0].grid) == (n, n) else 1
+
+    def _global_frame(self, layout: TokenLayout) -> int:
+        """The index, among its example's real frames, of the first image's global frame (after its tiles)."""
+        if self._global_grid(layout) == 0:
+            return 0
+        n = self.patches_per_side // self.scale
+        rows, cols = layout.images[0].grid
+        return (rows // n) * (cols // n)
+
+    def _vision_layouts(self, prompt_layout: TokenLayout, row: int, enc) -> TokenLayout:
+        """The tower's ``n x n`` patch grid over the first image's global frame as the model saw it."""
+        seen = prompt_layout.images[self._global_grid(prompt_layout)]
+        n = self.patches_per_side
+        grid = ImageGrid.regular(seen.image, (n, n), (seen.image.shape[0] // n, seen.image.shape[1] // n))
+        cells = [(r, c) for r in range(n) for c in range(n)]
+        return TokenLayout.build([patch_token(r, c) for r, c in cells], [ROLE_PATCH] * len(cells),
+                                 [0] * len(cells), cells, (grid,))
+
+    def _lm_positions_of(self, batch: EncodedBatch, index: int, row: int = 0) -> list[int]:
+        """The ``lm`` position of ``vision`` token ``index``: the global-grid token whose ``scale_factor`` x
+        ``scale_factor`` block of patches holds its cell (the connector's pixel shuffle)."""
+        lm, vision = batch.streams[LM][row], batch.streams[VISION][row]
+        if vision.role[index] != ROLE_PATCH:
+            return []
+        cell = np.asarray(vision.cell[index]) // self.scale
+        g = self._global_grid(lm)
+        return np.flatnonzero((lm.role == ROLE_PATCH) & (lm.image_of == g) & (lm.cell == cell).all(1)).tolist()
+
+    def _global_frames(self, batch: EncodedBatch) -> tuple[list[int], list[int]]:
+        """(real frames per example, the tower-batch index of each example's global frame). The tower's batch is
+        every real frame in example order: the model drops the frames that are all zeros (a batch's padding), as
+        ``Idefics3Model.get_image_features`` does."""
+        pixels = batch.inputs["pixel_values"]
+        pixels = pixels.to(self.vision_tower.dtype).flatten(2)  # [B, F, C*S*S], in the tower's dtype like the model
+        real = (pixels == 0.0).sum(-1) != pixels.shape[-1]
+        frames = real.sum(1).tolist()
+        starts = np.concatenate([[0], np.cumsum(frames)]).astype(int)
+        keep = [int(starts[b]) + self._global_frame(lay) for b, lay in enumerate(batch.streams[LM])]
+        return frames, keep
+
+    def capture(self, batch: EncodedBatch, capture: Capture = Capture()) -> Captured:
+        """As `GenerativeAdapter.capture`, with the vision tower's attention and hidden states of each example's
+        global frame only (with grad, the kept weights are tensors of the forward graph)."""
+        if self.vision_spec() is None:
+            return super().capture(batch, capture)
+        wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
+        frames, keep = self._global_frames(batch)
+        index = torch.tensor(keep, device=self.device)
+        hooks = self._global_frame_hooks(index) if VISION_BLOCK in wanted else []
+        reset = _FRAMES.set(tuple(frames))
+        try:
+            with self.hooked(hooks):
+                captured = super().capture(batch, capture)
+        finally:
+            _FRAMES.reset(reset)
+        if VISION in captured.hidden:
+            captured.hidden[VISION] = captured.hidden[VISION][:, index]
+        return captured
+
+    def _global_frame_hooks(self, index: torch.Tensor) -> list:
+        """Hooks making each tower attention layer return the global frames' weights ``[B, H, N, N]``. With grad,
+        the layer's output is rebuilt from the weights with those frames spliced back in, so that a gradient of
+        the output reaches them."""
+        values: dict[int, torch.Tensor] = {}
+        hooks = []
+        for layer, module in enumerate(self._vision_attention()):
+            def keep_values(_m, _a, out, layer=layer):
+                values[layer] = out
+
+            def select(m, _a, output, layer=layer):
+                weights = output[1]
+                part = weights[index]
+                v = values.pop(layer)
+                if not torch.is_grad_enabled():
+                    return (output[0], part, *output[2:])
+                spliced = weights.index_copy(0, index, part)
+                n_frames, n = v.shape[:2]
+                v = v.view(n_frames, n, -1, m.head_dim).transpose(1, 2)
+                context = (spliced @ v.to(spliced.dtype)).transpose(1, 2).reshape(n_frames, n, -1)
+                return (m.out_proj(context.to(output[0].dtype)), part, *output[2:])
+
+            hooks += [(module.v_proj, keep_values), (module, select)]
+        return hooks
+
+    @contextmanager
+    def head_mask(self, block: str, keep: torch.Tensor):
+        """As `GenerativeAdapter.head_mask`; on ``vision.self`` row ``b`` of ``keep`` masks the heads of every
+        frame of example ``b`` (tiles and global image; a one-row ``keep``: of every frame)."""
+        if block != VISION_BLOCK or self.vision_spec() is None:
+            with super().head_mask(block, keep):
+                yield
+            return
+        spec = self.vision_spec()
+        if tuple(keep.shape[1:]) != (spec.n_layers, spec.n_heads):
+            raise ValueError(f"{self.title} masks heads of {list(self.block_specs())} with keep [B, L, H]; got block "
+                             f"{block!r} keep {tuple(keep.shape)} (expected [B, {spec.n_layers}, {spec.n_heads}])")
+
+        def make_hook(layer: int):
+            def hook(module, args, _output):
+                context = args[0]
+                rows = _per_frame(keep[:, layer], context.shape[0])
+                scale = rows.to(context.device, context.dtype).repeat_interleave(context.shape[-1] // spec.n_heads, 1)
+                return torch.nn.functional.linear(context * scale[:, None, :], module.weight, module.bias)
+            return hook
+
+        with self.hooked([(m, make_hook(layer)) for layer, m in enumerate(self._vision_output_projections())]):
+            yield
+
     def vision_note(self) -> str:
-        scale = int(self.config.scale_factor)
-        return (f"{self.title}'s vision tower runs once per tile and once on the global image, and the decoder "
-                f"reads each frame's tower tokens pixel-shuffled {scale} x {scale} into one token, so the tower's "
-                "tokens are not the decoder's: its self-attention is not collected. The image maps show the "
-                "decoder's image tokens on the tiles grid and on the global image.")
+        vcfg = self.config.vision_config
+        n, side, scale = self.n_vision_tokens, self.patches_per_side, self.scale
+        if self.vision_spec() is not None:
+            return (f"The vision tower reads each tile and the global image (the whole image squashed to one tile) as "
+                    f"separate frames of {n:,} patches ({side} x {side}). The vision stream and its self-attention "
+                    "are the global image's (of the first image, in a prompt with several); the tiles' tower "
+                    f"attention is not kept. The decoder reads each frame's patches pixel-shuffled {scale} x {scale} "
+                    "into one token: the tiles' tokens and the global image's are in its stream.")
+        layers, heads = int(vcfg.num_hidden_layers), int(vcfg.num_attention_heads)
+        if layers == 0:
+            return "The vision tower has no layers: there is no self-attention to show."
+        gb = layers * heads * n * n * 4 / 1e9
+        return (f"The vision tower's self-attention is not kept: it reads each tile and the global image as "
+                f"{n:,} patches ({side} x {side}) in {layers} layers of {heads} heads, {gb:,.1f} GB of weights a "
+                f"frame in float32 (VLScope keeps a tower's attention up to {MAX_VISION_TOKENS:,} tokens). The "
+                f"image maps show the decoder's image tokens (each frame's patches pixel-shuffled {scale} x {scale} "
+                "into one token) on the tiles grid and on the global image.")
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "vision_block": "global image" if self.vision_spec() is not None else "none"}
 
     def info(self) -> dict:
         vision = self.config.vision_config
         return {**super().info(), "patch_px": int(vision.patch_size), "frame_px": int(vision.image_size),
                 "scale_factor": int(self.config.scale_factor)}
+
+
+def _per_frame(keep: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """``keep [B, H]`` per example -> ``[n_frames, H]`` per tower frame (the real frame counts of the running
+    pass)."""
+    counts = _FRAMES.get()
+    if keep.shape[0] == 1:
+        return keep.expand(n_frames, -1)
+    if counts is not None and len(counts) == keep.shape[0] and sum(counts) == n_frames:
+        return keep.repeat_interleave(torch.tensor(counts, device=keep.device), 0)
+    if keep.shape[0] == n_frames:
+        return keep
+    raise ValueError(f"a vision head mask of {keep.shape[0]} rows does not match a pass of {n_frames} tower frames; "
+                     "mask through adapter.capture, one row per example")
