@@ -254,9 +254,10 @@ class Idefics3Adapter(GenerativeAdapter):
         keep = [int(starts[b]) + self._global_frame(lay) for b, lay in enumerate(batch.streams[LM])]
         return frames, keep
 
-    def capture(self, batch: EncodedBatch, capture: Capture = Capture()) -> Captured:
+    def capture(self, batch: EncodedBatch, capture: Capture | None = None) -> Captured:
         """As `GenerativeAdapter.capture`, with the vision tower's attention and hidden states of each example's
         global frame only (with grad, the kept weights are tensors of the forward graph)."""
+        capture = Capture() if capture is None else capture
         if self.vision_spec() is None:
             return super().capture(batch, capture)
         wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
