@@ -123,6 +123,15 @@ def _to_image(image):
     return Image.fromarray(array)
 
 
+def _several_images(image) -> bool:
+    """Whether ``image`` is a list of images (paths, PIL images, arrays of 2+ dimensions), not one image given as
+    a nested list of pixel rows."""
+    from PIL import Image
+
+    return isinstance(image, (list, tuple)) and len(image) > 0 and all(
+        isinstance(im, (Image.Image, str, Path)) or (isinstance(im, np.ndarray) and im.ndim >= 2) for im in image)
+
+
 def _example(image, text: str | None, example, store):
     """The `Example` to run: a dataset id (``easy_vqa/test/0``), an `Example`, or an image and a text."""
     from vlcore.data.example import Example, content_hash, to_rgb
@@ -138,9 +147,13 @@ def _example(image, text: str | None, example, store):
     if image is None or not isinstance(text, str) or not text.strip():
         raise InputError("run() needs image=... (a path, PIL image or array) and text=... (a non-empty question), "
                          "or example=... such as 'easy_vqa/test/0'")
-    picture = to_rgb(_to_image(image))
-    return Example(example_id=f"upload/{content_hash(picture, text)[:16]}", question=text, image=picture,
-                   source="upload")
+    if _several_images(image):
+        pictures = [to_rgb(_to_image(im)) for im in image]  # several images in one prompt (a generative model)
+    else:
+        pictures = [to_rgb(_to_image(image))]
+    digest = "|".join(content_hash(im, text) for im in pictures)
+    return Example(example_id=f"upload/{content_hash(pictures[0], digest)[:16]}", question=text, image=pictures[0],
+                   source="upload", extra_images=tuple(pictures[1:]))
 
 
 def run(model="demo", image=None, text: str | None = None, example=None, device: str = "auto", store=None,
@@ -150,7 +163,8 @@ def run(model="demo", image=None, text: str | None = None, example=None, device:
     Args:
         model: ``"demo"``, a checkpoint folder, a hub id, or a loaded adapter (see `load_model`).
         image: a file path, a PIL image, or an array ``[H, W]`` / ``[H, W, 3]`` (uint8; floats in [0, 1] are
-            scaled by 255, other numbers must lie in [0, 255]).
+            scaled by 255, other numbers must lie in [0, 255]); for a generative model also a list of them (several
+            images in one prompt, one grid each in the trace).
         text: the question or caption.
         example: instead of ``image`` and ``text``: an example id such as ``"easy_vqa/test/0"``, or an `Example`.
         device: ``auto``, ``cpu`` or ``cuda``.
@@ -170,6 +184,9 @@ def run(model="demo", image=None, text: str | None = None, example=None, device:
 
     ex = _example(image, text, example, store)
     adapter = _with_labels(load_model(model, device), labels)
+    if image is not None and ex.extra_images and adapter.n_passes == 1 and not adapter.several_images:
+        raise InputError(f"{adapter.model_id} reads one image per question; got {1 + len(ex.extra_images)}. Pass one "
+                         "image, or use a generative model, which reads several in one prompt")
     trace, _ = trace_for_example(adapter, ex, store if store is not None else _NoStore(), top_k=top_k)
     _INPUTS[trace] = (adapter, ex)
     return trace

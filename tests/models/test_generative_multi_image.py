@@ -91,3 +91,16 @@ def test_another_answer_is_scored_with_each_rows_own_images(adapter):
         alone = [adapter.target_score(adapter.capture(adapter.encode([group], [QUESTION]), Capture(hidden=False)).output,
                                       "red")[0][0] for group in images]
     torch.testing.assert_close(both, torch.stack(alone), rtol=1e-4, atol=1e-4)
+
+
+def test_the_notebook_runs_several_images_in_one_prompt_and_a_one_image_model_says_no(adapter):
+    import vlcore.notebook as vn
+
+    if adapter.family != "llava":
+        pytest.skip("one family is enough for the notebook path")
+    trace = vn.run(adapter, image=[image(0), image(1)], text=QUESTION)
+    assert len(trace.streams["lm"].images) == 2
+    with pytest.raises(InputError, match="reads one image per question"):
+        vn.run("demo", image=[image(0), image(1)], text=QUESTION)
+    one = vn.run("demo", image=np.asarray(image(0)).tolist(), text=QUESTION)  # pixel rows as nested lists: one image
+    assert one.prediction

@@ -225,6 +225,7 @@ class ModelAdapter(ABC):
     patch_px: int
     max_text_len: int
     n_passes: int = 1  # image passes per example (2 for NLVR2: one encoder pass per image)
+    several_images: bool = False  # True: one prompt may hold several images (`encode` takes a list per text)
 
     # -- description -------------------------------------------------------------------------
     @abstractmethod

@@ -257,6 +257,7 @@ class GenerativeAdapter(ModelAdapter):
 
     task = "vqa"
     title = "generative model"
+    several_images = True
     max_new_tokens = 16  # greedy generation stops at the end token or after this many tokens
     passes_position_ids = True  # False: the model computes its own positions (Qwen2-VL's M-RoPE)
     selects_vision_crops = False  # True: the family picks each example's tower sequences itself (NeXT's crops)

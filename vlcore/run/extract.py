@@ -129,11 +129,14 @@ def _visible_counts(att: np.ndarray) -> np.ndarray:
 
 
 def model_image_input(adapter: ModelAdapter, example: Example):
-    """What the adapter reads as the example's image: one PIL image, or a pair for NLVR2.
+    """What the adapter reads as the example's image: one PIL image, a pair for NLVR2, or a list of every image
+    of an example with several for a model that reads several in one prompt (`ModelAdapter.several_images`).
 
     Raises:
         InputError: an NLVR2 model on an example with fewer than two images.
     """
+    if adapter.n_passes == 1 and adapter.several_images and example.extra_images:
+        return example.load_images()  # one prompt, several images: a list
     if adapter.n_passes == 1:
         return example.load_image()
     images = example.load_images()
@@ -154,7 +157,7 @@ def trace_for_example(
         ``(trace, cached)``.
     """
     image = model_image_input(adapter, example)
-    images = image if isinstance(image, tuple) else (image,)
+    images = image if isinstance(image, (tuple, list)) else (image,)
     digest = "|".join(content_hash(im, example.question, example.answers) for im in images)
     key = trace_key(adapter, f"{example.example_id}|{digest}|pass{image_pass}", top_k)
 
