@@ -347,5 +347,7 @@ def test_home_keeps_showing_the_bundled_demo_whatever_model_is_picked(folders):
     at = open_family(None, folders["blip-itm"])
     clean(at)
     assert any("`vilt-tiny-easyvqa@" in c.value for c in at.caption)
-    (heat,) = overlays(at)
-    assert len(heat) == 64 and any(m.value.startswith("**Prediction:**") for m in at.markdown)
+    assert any("`llava-tiny-easyvqa@" in c.value for c in at.caption)  # both bundled demos, whatever is picked
+    vilt, generative = overlays(at)
+    assert len(vilt) == len(generative) == 64  # both read 64x64 images as 8x8 grids
+    assert sum(m.value.startswith("**Prediction:**") for m in at.markdown) == 2
