@@ -1,14 +1,14 @@
 """``python -m vlcore``: extract sweeps, write single traces, evaluate the demo model.
 
     python -m vlcore extract --model demo --dataset easy_vqa --split test --limit 100 --out runs/sweep
-    python -m vlcore extract --model Salesforce/blip-itm-base-coco --limit 100 --out runs/blip   # any supported family
-    python -m vlcore extract --model openai/clip-vit-base-patch32 --zero-shot --limit 100 --out runs/clip-zs
+    python -m vlcore extract --model <hub id or folder> --limit 100 --out runs/other   # any supported family
+    python -m vlcore extract --model <two-tower hub id> --zero-shot --limit 100 --out runs/zero-shot
     python -m vlcore extract ... --engine ray [--address auto] [--workers 4] [--gpus-per-worker 1] --out s3://b/sweep
     python -m vlcore trace --model demo --image cat.png --text "what is it?" --out cat.safetensors
-    python -m vlcore trace --model openai/clip-vit-base-patch32 --image cat.png --text "a cat" --labels cat,dog --out t.safetensors
+    python -m vlcore trace --model <two-tower hub id> --image cat.png --text "a cat" --labels cat,dog --out t.safetensors
     python -m vlcore evaluate [--model demo] [--subset 500]
-    python -m vlcore faithfulness --model sample_data/models/vilt-tiny-easyvqa --limit 1000 [--out table.csv]
-    python -m vlcore faithfulness --model sample_data/models/llava-tiny-easyvqa --limit 100 [--lens-layer -1]
+    python -m vlcore faithfulness --model demo --limit 1000 [--out table.csv]
+    python -m vlcore faithfulness --model demo-generative --limit 100 [--lens-layer -1]
 """
 
 from __future__ import annotations

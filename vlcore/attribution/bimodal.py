@@ -1,7 +1,7 @@
 """Gradient relevancy through self- and cross-attention: the bi-modal rules of Chefer, Gur & Wolf, "Generic
 Attention-model Explainability for Interpreting Bi-Modal and Encoder-Decoder Transformers" (ICCV 2021).
 
-Every stream ``s`` (BLIP: ``text`` and ``vision``) has a relevancy map towards every stream ``t``, ``R^{st}``
+Every stream ``s`` (e.g. ``text`` and ``vision``) has a relevancy map towards every stream ``t``, ``R^{st}``
 ``[N_s, N_t]``: how much token ``t_j`` contributed to the representation of token ``s_i``. They start as
 ``R^{ss} = I`` and ``R^{st} = 0`` and are updated layer by layer, in the order the model applies its attention
 layers, with ``Ā = E_h[(∇A ⊙ A)^+]`` (the head mean of the gradient-weighted probabilities, clamped at 0; eq. 5):
@@ -17,8 +17,8 @@ identity (the residual) is taken out, each row of ``R^{xx} - I`` is scaled to su
 back. A row of ``R^{xx} - I`` that sums to 0 (a token nothing has been mixed into yet) stays 0, so ``R̂`` keeps the
 identity row (the reference code divides by zero there).
 
-The explanation of one query token (BLIP: the first text token, which the ITM head reads) is its row of
-``R^{qs}`` for every stream ``s``: ``R^{text, vision}`` on the image grid is the main BLIP map.
+The explanation of one query token (e.g. the first text token, which an image-text matching head reads) is its
+row of ``R^{qs}`` for every stream ``s``: ``R^{text, vision}`` on the image grid is the main map.
 """
 
 from __future__ import annotations

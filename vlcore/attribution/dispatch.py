@@ -1,11 +1,11 @@
 """Gradient relevancy of one attention block, by the rule that fits the block: one entry point for pages and
 the notebook.
 
-- a cross block (BLIP ``text.cross``): the bi-modal rules (`vlcore.attribution.bimodal`), the query stream's
+- a cross block (e.g. ``text.cross``, text queries over image keys): the bi-modal rules (`vlcore.attribution.bimodal`), the query stream's
   default token over the key stream (the image);
-- a self block whose model reads a query row (ViLT's [CLS], CLIP's image CLS): the single-stream rule
+- a self block whose model reads a query row (a [CLS] or image-CLS token): the single-stream rule
   (`vlcore.attribution.relevance`);
-- a self block whose head pools every token (SigLIP's image tower): through its pooling block
+- a self block whose head pools every token (an attention-pooled image tower): through its pooling block
   (`vlcore.attribution.towers`);
 - a generative model's generated tokens (``lm.generated``): the single-stream rule through the decoder's whole
   causal self-attention (`extract_generation_relevancy`).

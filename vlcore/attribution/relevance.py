@@ -3,7 +3,7 @@
 Every map is a float32 ``[N]`` vector over the keys of one attention block of a `Trace` of the same inputs
 (the trace's viewed block; `Trace.select` picks another), in the token order of its `TokenLayout`, so one
 overlay and one text colouring render all three. The row explained is the block's **default query**, the token
-whose row the model's prediction reads (ViLT's [CLS], CLIP's image CLS): the adapter says which
+whose row the model's prediction reads (a [CLS] or an image CLS): the adapter says which
 (`ModelAdapter.default_query`), a trace keeps it (`trace_query`).
 
 - **Raw attention** (`compute_raw_map`): the query's row of one layer's attention, one head or the
@@ -16,7 +16,7 @@ whose row the model's prediction reads (ViLT's [CLS], CLIP's image CLS): the ada
   ``∇A_l`` the gradient of the explained target's score, ``R ← I`` then ``R ← R + Ā_l · R`` for
   ``l = 0 … L-1``; the map is the default query's row ``R[q]`` with ``R[q, q]`` (the query itself) set to 0.
 
-A cross-attention block (BLIP's ``text.cross``: text queries, image keys) has no square matrix to roll out or
+A cross-attention block (e.g. ``text.cross``: text queries, image keys) has no square matrix to roll out or
 to propagate single-stream relevancy through: those raise an `InputError` saying so (the bi-modal rules,
 `vlcore.attribution.bimodal`, propagate through it).
 """

@@ -1,13 +1,13 @@
-"""Explanations per tower for models whose towers meet only in a score (CLIP, SigLIP).
+"""Explanations per tower for models whose towers meet only in a score (two-tower models).
 
-Chefer et al.'s CLIP notebook applies the single-stream relevancy rule to each tower on its own: the image's
+Chefer et al.'s two-tower notebook applies the single-stream relevancy rule to each tower on its own: the image's
 relevance is the image CLS row of ``R`` over the vision tower's self-attention, the text's the row of the token the
 text tower pools. Here the same is read from the adapter's description, never from a family's name:
 
 - each self-attention block is a tower; its query is ``adapter.default_query(block, layout)``;
-- a tower with no single query row (SigLIP's vision tower, read by an attention-pooling head) is explained
+- a tower with no single query row (a vision tower read by an attention-pooling head) is explained
   through its **pooling block**: a block whose keys are that tower's stream and whose query stream is one token
-  (SigLIP's ``vision.pool``, the probe over the patches). The probe starts with no relevance on the patches and
+  (e.g. ``vision.pool``, the probe over the patches). The probe starts with no relevance on the patches and
   the cross-attention rule (Chefer et al. 2021, bi-modal, ``R^{pk} += Ā^{pk} R^{kk}``) gives
   ``Ā_pool · R_self``, with ``Ā_pool = mean_h (∇A ⊙ A)^+`` of the head. Rollout likewise is
   ``mean_h A_pool · rollout(self)`` (the head has no residual from the probe).

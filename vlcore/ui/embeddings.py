@@ -61,8 +61,7 @@ _EXAMPLE_SETS_LOCK = threading.Lock()
 
 def stream_options(trace: Trace) -> list[str]:
     """The streams of a trace that carry hidden states of enough tokens to project (`min_tokens` of PCA; not
-    SigLIP's one-token pooling probe), the viewed block's query stream first (ViLT: its one joint stream; BLIP:
-    text, vision; CLIP: vision, text)."""
+    a one-token pooling probe), a stream of text and image tokens first, then the viewed block's query stream."""
     joint = [name for name, lay in trace.streams.items() if len(lay.index(ROLE_PATCH)) and len(lay.index(ROLE_TEXT))]
     names = dict.fromkeys([*joint, trace.block.query, *trace.streams])  # a stream of text and image tokens first
     return [name for name in names if trace.hiddens.get(name) is not None
@@ -152,7 +151,7 @@ def fusion_note(tokens: TokenSet, stream: str | None = None, show: str = "all") 
 
 
 def model_streams(adapter) -> int:
-    """How many token streams the model's attention blocks read (1 for a single-stream model such as ViLT)."""
+    """How many token streams the model's attention blocks read (1 for a single-stream model)."""
     return len({name for spec in adapter.block_specs().values() for name in (spec.query, spec.key)})
 
 

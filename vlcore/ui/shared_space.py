@@ -1,4 +1,4 @@
-"""Streamlit glue of the Embeddings page's shared-space section: a two-tower model's (CLIP, SigLIP) image and text
+"""Streamlit glue of the Embeddings page's shared-space section: a two-tower model's image and text
 embeddings in the space its similarity compares them in, with the candidate labels.
 
 Cached per model fingerprint, example set (source, split, file version, ids, the selected example's content) and
