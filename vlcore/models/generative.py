@@ -350,6 +350,32 @@ class GenerativeAdapter(ModelAdapter):
         spec = self.vision_spec()
         return spec.n_layers if spec is not None else 0
 
+    def _selected_tower_hooks(self, index: torch.Tensor) -> list:
+        """For a tower that runs several sequences per example (NeXT's crops, Idefics3's frames): hooks making each
+        tower attention layer return only the sequences ``index`` (one per example: ``[B, H, N, N]``). With grad,
+        the layer's output is rebuilt from the weights with those sequences spliced back in, so that a gradient of
+        the output reaches them (as the decoder's rows, `_graph_row_hooks`)."""
+        values: dict[int, torch.Tensor] = {}
+        hooks = []
+        for layer, module in enumerate(self._vision_attention()):
+            def keep_values(_m, _a, out, layer=layer):
+                values[layer] = out
+
+            def select(m, _a, output, layer=layer):
+                weights = output[1]
+                part = weights[index]
+                v = values.pop(layer)
+                if not torch.is_grad_enabled():
+                    return (output[0], part, *output[2:])
+                spliced = weights.index_copy(0, index, part)
+                crops, n = v.shape[:2]
+                v = v.view(crops, n, -1, m.head_dim).transpose(1, 2)
+                context = (spliced @ v.to(spliced.dtype)).transpose(1, 2).reshape(crops, n, -1)
+                return (m.out_proj(context.to(output[0].dtype)), part, *output[2:])
+
+            hooks += [(module.v_proj, keep_values), (module, select)]
+        return hooks
+
     def vision_note(self) -> str | None:
         """Why the vision tower's attention is not shown, where it is not (e.g. a tower that returns no weights)."""
         return None

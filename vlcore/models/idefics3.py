@@ -263,7 +263,7 @@ class Idefics3Adapter(GenerativeAdapter):
         wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
         frames, keep = self._global_frames(batch)
         index = torch.tensor(keep, device=self.device)
-        hooks = self._global_frame_hooks(index) if VISION_BLOCK in wanted else []
+        hooks = self._selected_tower_hooks(index) if VISION_BLOCK in wanted else []
         reset = _FRAMES.set(tuple(frames))
         try:
             with self.hooked(hooks):
@@ -273,31 +273,6 @@ class Idefics3Adapter(GenerativeAdapter):
         if VISION in captured.hidden:
             captured.hidden[VISION] = captured.hidden[VISION][:, index]
         return captured
-
-    def _global_frame_hooks(self, index: torch.Tensor) -> list:
-        """Hooks making each tower attention layer return the global frames' weights ``[B, H, N, N]``. With grad,
-        the layer's output is rebuilt from the weights with those frames spliced back in, so that a gradient of
-        the output reaches them."""
-        values: dict[int, torch.Tensor] = {}
-        hooks = []
-        for layer, module in enumerate(self._vision_attention()):
-            def keep_values(_m, _a, out, layer=layer):
-                values[layer] = out
-
-            def select(m, _a, output, layer=layer):
-                weights = output[1]
-                part = weights[index]
-                v = values.pop(layer)
-                if not torch.is_grad_enabled():
-                    return (output[0], part, *output[2:])
-                spliced = weights.index_copy(0, index, part)
-                n_frames, n = v.shape[:2]
-                v = v.view(n_frames, n, -1, m.head_dim).transpose(1, 2)
-                context = (spliced @ v.to(spliced.dtype)).transpose(1, 2).reshape(n_frames, n, -1)
-                return (m.out_proj(context.to(output[0].dtype)), part, *output[2:])
-
-            hooks += [(module.v_proj, keep_values), (module, select)]
-        return hooks
 
     @contextmanager
     def head_mask(self, block: str, keep: torch.Tensor):

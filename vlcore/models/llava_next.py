@@ -163,7 +163,7 @@ class LlavaNextAdapter(LlavaAdapter):
         wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
         per_example, base = self._crops_per_example(batch.inputs)
         base_index = torch.tensor(base, device=self.device)
-        hooks = self._base_crop_hooks(base_index) if VISION_BLOCK in wanted else []
+        hooks = self._selected_tower_hooks(base_index) if VISION_BLOCK in wanted else []
         reset = _CROPS.set(tuple(per_example))
         try:
             with self.hooked(hooks):
@@ -173,31 +173,6 @@ class LlavaNextAdapter(LlavaAdapter):
         if VISION in captured.hidden:
             captured.hidden[VISION] = captured.hidden[VISION][:, base_index]
         return captured
-
-    def _base_crop_hooks(self, base: torch.Tensor) -> list:
-        """Hooks making each tower attention layer return the base crops' weights ``[B, H, N, N]``. With grad, the
-        layer's output is rebuilt from the weights with those rows spliced back in, so that a gradient of the
-        output reaches them (as the decoder's rows, `GenerativeAdapter._graph_row_hooks`)."""
-        values: dict[int, torch.Tensor] = {}
-        hooks = []
-        for layer, module in enumerate(self._vision_attention()):
-            def keep_values(_m, _a, out, layer=layer):
-                values[layer] = out
-
-            def select(m, _a, output, layer=layer):
-                weights = output[1]
-                part = weights[base]
-                v = values.pop(layer)
-                if not torch.is_grad_enabled():
-                    return (output[0], part, *output[2:])
-                spliced = weights.index_copy(0, base, part)
-                crops, n = v.shape[:2]
-                v = v.view(crops, n, -1, m.head_dim).transpose(1, 2)
-                context = (spliced @ v.to(spliced.dtype)).transpose(1, 2).reshape(crops, n, -1)
-                return (m.out_proj(context.to(output[0].dtype)), part, *output[2:])
-
-            hooks += [(module.v_proj, keep_values), (module, select)]
-        return hooks
 
     @contextmanager
     def head_mask(self, block: str, keep: torch.Tensor):
