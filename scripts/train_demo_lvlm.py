@@ -170,9 +170,10 @@ def encode_split(split: str, processor, limit: int | None = None) -> dict:
     image_ids = sorted({r.image_id for r in records})
     slot = {img: i for i, img in enumerate(image_ids)}
     paths = {r.image_id: r.image_path for r in records}
-    pixels = processor.image_processor([Image.open(paths[i]).convert("RGB") for i in image_ids],
-                                       return_tensors="pt")["pixel_values"]
+    images = [Image.open(paths[i]).convert("RGB") for i in image_ids]
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     return {
+        **grounding_targets(split, image_ids, images, processor.patch_size, tok), "tokenizer": tok,
         "input_ids": ids,
         "prompt_len": torch.tensor([len(prompts[r.question]) for r in records]),
         "image": torch.tensor([slot[r.image_id] for r in records]),
@@ -182,6 +183,69 @@ def encode_split(split: str, processor, limit: int | None = None) -> dict:
         "answer": [r.answer for r in records],
         "pixels": pixels,
     }
+
+
+def grounding_targets(split: str, image_ids: list[int], images: list, patch: int, tok) -> dict:
+    """Per image: the shape's cover of each patch, and the token ids of its shape and colour words.
+
+    The shape and colour come from the answers to the image's questions (`easy_vqa_image_labels`); a shape
+    no question reveals is read from the mask (`compute_mask_shape`), a colour none reveals is left out (-1).
+    The cover is the share of each patch's pixels in the shape mask (`compute_shape_mask`, the pixels that
+    differ from the border's background colour).
+
+    Returns:
+        ``{"cover": float [n_images, rows, cols], "shape_id": long [n_images], "color_id": long [n_images]}``.
+    """
+    from vlcore.analysis.probe_labels import compute_cover_grid, compute_mask_shape, easy_vqa_image_labels
+    from vlcore.data.easy_vqa import compute_shape_mask
+
+    labels = easy_vqa_image_labels(split)
+    grid = (IMAGE_SIZE // patch, IMAGE_SIZE // patch)
+    covers, shapes, colours = [], [], []
+    for image_id, image in zip(image_ids, images):
+        mask = compute_shape_mask(np.asarray(image.resize((IMAGE_SIZE, IMAGE_SIZE))))
+        covers.append(compute_cover_grid(mask, grid, patch))
+        shape = labels.get(image_id, {}).get("shape") or compute_mask_shape(mask)
+        colour = labels.get(image_id, {}).get("color")
+        shapes.append(tok.convert_tokens_to_ids(shape) if shape else -1)
+        colours.append(tok.convert_tokens_to_ids(colour) if colour else -1)
+    return {"cover": torch.from_numpy(np.stack(covers)), "shape_id": torch.tensor(shapes),
+            "color_id": torch.tensor(colours)}
+
+
+def grounding_loss(feats: torch.Tensor, embedding: torch.Tensor, cover: torch.Tensor, shape_id: torch.Tensor,
+                   color_id: torch.Tensor, min_cover: float = 0.5) -> torch.Tensor:
+    """Cross-entropy of the image tokens that show the shape against the words for its shape and colour.
+
+    Each image token's projected feature is read as the decoder reads a word: scored against every word
+    embedding (the tied input/output embeddings). Tokens whose patch the shape covers by ``min_cover`` or
+    more (the most covered one when none does) are asked for the shape's word and its colour's word, half
+    each. This is LLaVA's first stage (aligning the projector's output with the decoder's word embeddings)
+    with easy-VQA's facts as the caption, done alongside the answer loss.
+
+    Args:
+        feats: ``[n_images, n_tokens, d_model]`` projected image features, patches in row-major order.
+        embedding: ``[vocab, d_model]`` the decoder's word embeddings.
+        cover: ``[n_images, rows, cols]`` share of each patch covered by the shape.
+        shape_id, color_id: ``[n_images]`` word ids, -1 where unknown.
+
+    >>> emb = torch.eye(4); f = torch.zeros(1, 4, 4); f[0, 1, 2] = f[0, 1, 3] = 50.0
+    >>> cov = torch.tensor([[[0.0, 0.9], [0.1, 0.0]]])
+    >>> round(grounding_loss(f, emb, cov, torch.tensor([2]), torch.tensor([3])).item(), 4)
+    0.6931
+    """
+    cover = cover.flatten(1).to(feats.device)
+    chosen = (cover >= min_cover) | (cover == cover.amax(1, keepdim=True)) & (cover > 0)
+    target = torch.zeros(*cover.shape[:1], embedding.shape[0], device=feats.device)
+    for ids in (shape_id, color_id):
+        known = ids >= 0
+        target[known.nonzero().squeeze(1).to(feats.device), ids[known].to(feats.device)] += 1.0
+    has = target.sum(1) > 0
+    target = target / target.sum(1, keepdim=True).clamp_min(1.0)
+    logp = torch.log_softmax(feats @ embedding.T, dim=-1)  # [n_images, n_tokens, vocab]
+    per_token = -(logp * target[:, None, :]).sum(-1)
+    weights = (chosen & has[:, None]).float()
+    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def yes_no_balance(questions: list[str], answers: list[str]) -> torch.Tensor:
@@ -231,42 +295,50 @@ def grouped_order(data: dict, weights: torch.Tensor | None, per_image: int, gen:
     return torch.cat([runs[i] for i in torch.randperm(len(runs), generator=gen)])
 
 
-def answer_logits(model, data: dict, idx: torch.Tensor, device: str, gen: torch.Generator | None = None):
-    """Logits predicting the answer token and the token after it for questions ``idx``: ``[len(idx), 2, vocab]``.
+def answer_logits(model, data: dict, idx: torch.Tensor, device: str, gen: torch.Generator | None = None,
+                  grounding: float = 0.0):
+    """Logits predicting the answer token and the token after it for questions ``idx``: ``[len(idx), 2, vocab]``,
+    their targets, and the batch's `grounding_loss` (0 unless ``grounding`` > 0).
 
     Each distinct image of the batch goes through the vision tower once (flipped/rotated when ``gen`` is given);
     its projected features fill the ``<image>`` slots of every question about it. Rows are right-padded, so no
     attention mask is needed: causal attention never lets a real token see the padding after it.
     """
     images, slot = torch.unique(data["image"][idx], return_inverse=True)
-    pixels = data["pixels"][images]
+    pixels, cover = data["pixels"][images], data["cover"][images]
     if gen is not None:
-        pixels = dihedral(pixels, gen)
+        pixels, cover = dihedral(pixels, gen, cover)
     ids = data["input_ids"][idx].to(device)
     width = int(data["prompt_len"][idx].max()) + 2
     ids = ids[:, :width]
-    feats = model.model.get_image_features(pixel_values=pixels.to(device), vision_feature_layer=-1,
-                                           vision_feature_select_strategy="default").pooler_output
-    feats = torch.stack(feats)[slot.to(device)]  # [batch, image tokens, d_model]
+    feats = image_features(model, pixels.to(device))  # [images, image tokens, d_model]
+    aux = torch.zeros((), device=device)
+    if grounding > 0:
+        aux = grounding_loss(feats, model.get_input_embeddings().weight, cover, data["shape_id"][images],
+                             data["color_id"][images])
+    feats = feats[slot.to(device)]  # [batch, image tokens, d_model]
     embeds = model.get_input_embeddings()(ids)
     mask = (ids == model.config.image_token_id).unsqueeze(-1)
     embeds = embeds.masked_scatter(mask, feats.to(embeds.dtype))
     hidden = model.model.language_model(inputs_embeds=embeds).last_hidden_state
     at = (data["prompt_len"][idx].to(device) - 1).unsqueeze(1) + torch.arange(2, device=device)
     picked = hidden.gather(1, at.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return model.lm_head(picked), ids.gather(1, at + 1)
+    return model.lm_head(picked), ids.gather(1, at + 1), aux
 
 
-def train_step(model, optim, sched, data: dict, idx: torch.Tensor, device: str, gen: torch.Generator | None) -> float:
-    """One cross-entropy update on the answer token and its </s> (nothing else), gradients clipped to norm 1."""
-    logits, targets = answer_logits(model, data, idx, device, gen)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+def train_step(model, optim, sched, data: dict, idx: torch.Tensor, device: str, gen: torch.Generator | None,
+               grounding: float = 0.0) -> float:
+    """One update: cross-entropy on the answer token and its </s>, plus ``grounding`` times the image tokens'
+    `grounding_loss`; gradients clipped to norm 1. Returns the answer loss."""
+    logits, targets, aux = answer_logits(model, data, idx, device, gen, grounding)
+    answer_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss = answer_loss + grounding * aux
     optim.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optim.step()
     sched.step()
-    return loss.item()
+    return answer_loss.item()
 
 
 @torch.no_grad()
@@ -283,7 +355,7 @@ def exact_match(model, data: dict, device: str, batch_size: int = 256) -> torch.
     out = []
     order = torch.argsort(data["image"])  # questions about one image share its vision pass
     for idx in torch.split(order, batch_size):
-        logits, targets = answer_logits(model, data, idx, device)
+        logits, targets, _ = answer_logits(model, data, idx, device)
         out.append((logits.argmax(-1) == targets).all(-1).cpu())
     model.train()
     hits = torch.empty(len(order), dtype=torch.bool)
@@ -427,6 +499,12 @@ def parse_args(argv: list[str] | None):
                         help="share of patch filters started colour-blind (0 = the plain random init)")
     parser.add_argument("--tied-scale", type=float, default=3.0, help="scale of the colour-blind spatial filters")
     parser.add_argument("--tied-noise", type=float, default=0.3, help="random init added to the colour-blind filters")
+    parser.add_argument("--grounding", type=float, default=1.0,
+                        help="weight of the grounding loss: image tokens on the shape scored as its shape and colour words")
+    parser.add_argument("--pretrain-steps", type=int, default=2500,
+                        help="updates of the tower/projector on the grounding loss alone, before the questions")
+    parser.add_argument("--pretrain-batch", type=int, default=32, help="images per pre-training update")
+    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--max-steps", type=int, default=0, help="stop after N updates (probes and smoke runs)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N questions of each split")
     return parser.parse_args(argv)
@@ -439,11 +517,77 @@ def recipe_of(args, model, tokenizer, minutes: float) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
         "epochs": args.epochs, "batch_size": args.batch_size, "per_image": args.per_image, "lr": args.lr,
         "seed": args.seed, "augment": args.augment, "focus_shapes": args.focus_shapes,
-        "balance_yes_no": args.balance_yes_no,
+        "balance_yes_no": args.balance_yes_no, "grounding": args.grounding,
         "tied_filters": {"share": args.tied_share, "scale": args.tied_scale, "noise": args.tied_noise},
         "max_steps": args.max_steps, "limit": args.limit, "minutes": round(minutes, 1), "device": args.device_used,
         "threads": args.threads, "load_average": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """The projector's output for a batch of images: ``[n_images, image tokens, d_model]`` (CLS dropped)."""
+    feats = model.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
+                                           vision_feature_select_strategy="default").pooler_output
+    return torch.stack(list(feats))
+
+
+@torch.no_grad()
+def grounded_shape_accuracy(model, data: dict, device: str, batch_size: int = 250) -> float:
+    """Share of images whose shape tokens, read as words, name the right shape (images with a known shape).
+
+    Each image token's log-probabilities over the three shape words are averaged with the patch's cover as
+    weight; the best-scoring word is the image's shape. This is what the grounding loss teaches.
+    """
+    model.eval()
+    tok = data["tokenizer"]
+    shape_ids = torch.tensor([tok.convert_tokens_to_ids(w) for w in ("circle", "rectangle", "triangle")])
+    embedding = model.get_input_embeddings().weight
+    hits = []
+    for start in range(0, len(data["pixels"]), batch_size):
+        feats = image_features(model, data["pixels"][start : start + batch_size].to(device)).cpu()
+        cover = data["cover"][start : start + batch_size].flatten(1)
+        logp = torch.log_softmax((feats @ embedding.cpu().T)[..., shape_ids], dim=-1)
+        picked = shape_ids[(logp * cover[..., None]).sum(1).argmax(-1)]
+        known = data["shape_id"][start : start + batch_size] >= 0
+        hits += (picked[known] == data["shape_id"][start : start + batch_size][known]).tolist()
+    model.train()
+    return float(np.mean(hits))
+
+
+def pretrain_tower(model, train_data: dict, test_data: dict, args, start: float) -> list:
+    """Stage 1: the vision tower, projector and word embeddings on `grounding_loss` alone (no questions).
+
+    LLaVA first aligns its projector with the decoder's word space on captions before it trains on
+    instructions; here the caption is the shape's own words, asked of the tokens that show it, and the
+    tower learns too (it starts from scratch). ``args.pretrain_steps`` updates of ``args.pretrain_batch``
+    images (flipped/rotated), AdamW with warm-up and cosine decay at ``args.pretrain_lr``.
+
+    Returns:
+        One record per ``args.pretrain_steps // 4`` steps: step, loss, grounded shape accuracy on the test images.
+    """
+    if args.pretrain_steps <= 0:
+        return []
+    optim, sched = make_optimizer(model, args.pretrain_lr, args.pretrain_steps)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    embedding = model.get_input_embeddings().weight
+    n, history, losses = len(train_data["pixels"]), [], []
+    for step in range(1, args.pretrain_steps + 1):
+        idx = torch.randint(0, n, (args.pretrain_batch,), generator=gen)
+        pixels, cover = dihedral(train_data["pixels"][idx], gen, train_data["cover"][idx])
+        loss = grounding_loss(image_features(model, pixels.to(args.device)), embedding, cover,
+                              train_data["shape_id"][idx], train_data["color_id"][idx])
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % max(1, args.pretrain_steps // 4) == 0 or step == args.pretrain_steps:
+            history.append({"step": step, "loss": round(float(np.mean(losses[-100:])), 4),
+                            "shape_acc": round(grounded_shape_accuracy(model, test_data, args.device), 4),
+                            "minutes": round((time.perf_counter() - start) / 60, 1)})
+            print(f"pretrain {json.dumps(history[-1])}", flush=True)
+    return history
 
 
 def train(model, train_data: dict, test_data: dict, test_records, args, start: float) -> tuple[list, torch.Tensor]:
@@ -457,7 +601,8 @@ def train(model, train_data: dict, test_data: dict, test_records, args, start: f
     for epoch in range(1, args.epochs + 1):
         order, losses = grouped_order(train_data, weights, args.per_image, gen), []
         for idx in torch.split(order, args.batch_size):
-            losses.append(train_step(model, optim, sched, train_data, idx, args.device, gen if args.augment else None))
+            losses.append(train_step(model, optim, sched, train_data, idx, args.device, gen if args.augment else None,
+                                     args.grounding))
             step += 1
             if step % 100 == 0:
                 print(f"step {step}/{total} loss {np.mean(losses[-100:]):.4f} "
@@ -496,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(args.device)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(train_data['image'])} train / "
           f"{len(test_data['image'])} test questions on {args.device}", flush=True)
+    pretrain = pretrain_tower(model, train_data, test_data, args, start)
     history, hits = train(model, train_data, test_data, test_records, args, start)
     args.out.mkdir(parents=True, exist_ok=True)
     model.cpu().save_pretrained(str(args.out))

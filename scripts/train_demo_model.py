@@ -88,16 +88,23 @@ def balanced_weights(categories: list[str]) -> torch.Tensor:
     return torch.tensor([1.0 / counts[c] for c in categories], dtype=torch.double)
 
 
-def dihedral(pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Apply one of the 8 flips/rotations per image (easy-VQA answers do not depend on pose)."""
+def dihedral(pixels: torch.Tensor, gen: torch.Generator, *alongside: torch.Tensor):
+    """Apply one of the 8 flips/rotations per image (easy-VQA answers do not depend on pose).
+
+    Tensors in ``alongside`` (``[n, ..., h, w]``, e.g. a patch grid per image) get each image's same
+    flip/rotation; they are returned after the pixels, as a tuple, when given.
+    """
     choice = torch.randint(0, 8, (pixels.shape[0],), generator=gen)
-    out = pixels.clone()
-    for k in range(8):
-        sel = choice == k
-        if sel.any():
-            x = torch.rot90(pixels[sel], k % 4, dims=(2, 3))
-            out[sel] = torch.flip(x, dims=(3,)) if k >= 4 else x
-    return out
+    outs = []
+    for tensor in (pixels, *alongside):
+        out = tensor.clone()
+        for k in range(8):
+            sel = choice == k
+            if sel.any():
+                x = torch.rot90(tensor[sel], k % 4, dims=(-2, -1))
+                out[sel] = torch.flip(x, dims=(-1,)) if k >= 4 else x
+        outs.append(out)
+    return tuple(outs) if alongside else outs[0]
 
 
 def batches(data: dict, order: torch.Tensor, batch_size: int, device: str, gen: torch.Generator | None = None):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -120,3 +122,67 @@ def test_training_script_smoke_run_writes_a_loadable_checkpoint_and_card(tmp_pat
     assert "recipe `llava-tiny-easyvqa-v1`" in card and "colour-blind" in card
     assert "questions about shapes drawn 3x" in card and "seed 0" in card
     assert "| 1 |" in card  # the per-epoch table
+
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "circle", "rectangle", "triangle", "red", "blue"]
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({w: i for i, w in enumerate(words)},
+                                                                        unk_token="<unk>")), unk_token="<unk>")
+
+
+def test_grounding_targets_find_a_planted_rectangle_and_its_patches():
+    train = _training_script()
+    image = Image.new("RGB", (64, 64), (240, 235, 250))
+    image.paste((200, 20, 20), (16, 8, 40, 24))  # patches rows 1-2, cols 2-4 of the 8x8 grid
+    targets = train.grounding_targets("test", [-1], [image], 8, _word_tokenizer())  # no question names image -1
+    cover = targets["cover"][0]
+    assert cover.shape == (8, 8)
+    assert cover.nonzero().tolist() == [[r, c] for r in (1, 2) for c in (2, 3, 4)]
+    assert torch.all(cover[1:3, 2:5] == 1.0)
+    assert targets["shape_id"].tolist() == [2]  # read from the mask: "rectangle"
+    assert targets["color_id"].tolist() == [-1]  # no question reveals it: left out
+
+
+def test_grounding_targets_take_the_answers_first():
+    train = _training_script()
+    record = next(r for r in load_easy_vqa("test") if r.answer == "circle")
+    targets = train.grounding_targets("test", [record.image_id], [Image.open(record.image_path).convert("RGB")], 8,
+                                      _word_tokenizer())
+    assert targets["shape_id"].tolist() == [1]
+    assert targets["cover"][0].sum() > 0
+
+
+def test_grounding_loss_known_answers():
+    train = _training_script()
+    embedding = torch.eye(6) * 1.0
+    cover = torch.zeros(2, 2, 2)
+    cover[0, 0, 1] = 0.9  # image 0: the shape covers token 1
+    cover[1, 1, 0] = 0.3  # image 1: no token reaches 0.5, so the most covered one (token 2) is used
+    feats = torch.zeros(2, 4, 6)
+    feats[0, 1, [1, 4]] = 60.0  # token 1 says "circle" and "red": the best it can do with two words, log 2
+    feats[0, 0, 3] = 60.0  # a background token: not scored, whatever it says
+    feats[1, 2, 2] = 60.0  # "rectangle" alone, colour unknown: loss 0
+    shape_id, color_id = torch.tensor([1, 2]), torch.tensor([4, -1])
+    loss = train.grounding_loss(feats, embedding, cover, shape_id, color_id)
+    assert loss.item() == pytest.approx(math.log(2) / 2, abs=1e-4)
+    feats[1, 2, 2], feats[1, 2, 3] = 0.0, 60.0  # image 1's token now names the wrong shape: a large loss
+    assert train.grounding_loss(feats, embedding, cover, shape_id, color_id).item() > 20
+
+
+def test_flips_and_rotations_move_the_cover_grid_with_the_pixels():
+    train = _training_script()
+    image = Image.new("RGB", (64, 64), (240, 240, 240))
+    image.paste((20, 20, 200), (0, 0, 24, 8))  # the top-left corner strip
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float().repeat(32, 1, 1, 1)
+    cover = train.grounding_targets("test", [-1], [image], 8, _word_tokenizer())["cover"].repeat(32, 1, 1)
+    gen = torch.Generator().manual_seed(0)
+    moved_pixels, moved_cover = train.dihedral(pixels, gen, cover)
+    assert len({tuple(c.flatten().tolist()) for c in moved_cover}) == 8  # all 8 poses drawn
+    for k in range(32):
+        seen = Image.fromarray(moved_pixels[k].permute(1, 2, 0).byte().numpy())
+        again = train.grounding_targets("test", [-1], [seen], 8, _word_tokenizer())["cover"][0]
+        assert torch.equal(again, moved_cover[k])
