@@ -424,7 +424,8 @@ def recipe_text(recipe: dict) -> str:
         f"- Tokenizer: word level (`tokenizers`), the {recipe['vocab_size'] - len(SPECIAL)} words of every easy-VQA "
         f"question and answer plus `{' '.join(SPECIAL)}`. Chat template: `<s><|user|><image>QUESTION<|assistant|>`, "
         "then the answer (one word) and `</s>`.\n"
-        f"- Training (`scripts/train_demo_lvlm.py`, recipe `{recipe['name']}`): {recipe['epochs']} epochs of 38,575 "
+        f"{pretrain_text(recipe)}"
+        f"- {'Stage 2, the questions' if recipe.get('pretrain_steps') else 'Training'} (`scripts/train_demo_lvlm.py`, recipe `{recipe['name']}`): {recipe['epochs']} epochs of 38,575 "
         f"question draws, batch {recipe['batch_size']} ({recipe['per_image']} questions per image, so the vision "
         f"tower runs once per image), loss on the answer token and `</s>` only, AdamW lr {recipe['lr']} with "
         f"linear warm-up and cosine decay, weight decay 0.01, seed {recipe['seed']}, "
@@ -432,9 +433,33 @@ def recipe_text(recipe: dict) -> str:
         f"{tied_text(recipe.get('tied_filters'))}"
         f"{focus_text(recipe.get('focus_shapes', 1))}"
         f"{'each yes/no question text drawn with a yes and a no answer equally often, ' if recipe['balance_yes_no'] else ''}"
+        f"{grounding_text(recipe.get('grounding', 0))}"
         f"{recipe['minutes']:.1f} min on {recipe['device']} ({recipe['threads']} threads; load average "
         f"{recipe['load_average']} at the end)."
     )
+
+
+def pretrain_text(recipe: dict) -> str:
+    """The card's line on stage 1 (the tower on the grounding loss), with its test-image shape accuracy."""
+    steps = recipe.get("pretrain_steps", 0)
+    if not steps:
+        return ""
+    hist = recipe.get("pretrain_history") or [{}]
+    reached = (f"; the image tokens then name the shape of {hist[-1]['shape_acc']:.1%} of the test images"
+               if "shape_acc" in hist[-1] else "")
+    return (f"- Stage 1, the vision tower: {steps:,} updates of {recipe['pretrain_batch']} images (flipped/rotated) "
+            f"on the grounding loss alone (below), AdamW lr {recipe['pretrain_lr']} with warm-up and cosine decay; "
+            f"the decoder is not trained{reached}. LLaVA aligns its projector with the decoder's words on captions "
+            "first; here the caption is the shape's own shape and colour words.\n")
+
+
+def grounding_text(weight: float) -> str:
+    """The card's words on the grounding loss in stage 2."""
+    if not weight:
+        return ""
+    return (f"plus {weight:g}x the grounding loss (each image token the shape covers by half or more, read against the "
+            "tied word embeddings, is asked for the shape's word and its colour's word, half each; the shape and "
+            "colour come from the answers to the image's questions, a shape no question names from the mask), ")
 
 
 def write_card(out: Path, recipe: dict, history: list, m: dict) -> dict:
@@ -512,12 +537,14 @@ def parse_args(argv: list[str] | None):
 
 def recipe_of(args, model, tokenizer, minutes: float) -> dict:
     return {
-        "name": "llava-tiny-easyvqa-v1", "vision": {"hidden": args.vision_hidden, "layers": args.vision_layers},
+        "name": "llava-tiny-easyvqa-v2" if args.pretrain_steps or args.grounding else "llava-tiny-easyvqa-v1", "vision": {"hidden": args.vision_hidden, "layers": args.vision_layers},
         "text": {"hidden": args.hidden, "layers": args.layers}, "heads": args.heads, "patch": args.patch,
         "parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer),
         "epochs": args.epochs, "batch_size": args.batch_size, "per_image": args.per_image, "lr": args.lr,
         "seed": args.seed, "augment": args.augment, "focus_shapes": args.focus_shapes,
         "balance_yes_no": args.balance_yes_no, "grounding": args.grounding,
+        "pretrain_steps": args.pretrain_steps, "pretrain_batch": args.pretrain_batch, "pretrain_lr": args.pretrain_lr,
+        "pretrain_history": args.pretrain_history,
         "tied_filters": {"share": args.tied_share, "scale": args.tied_scale, "noise": args.tied_noise},
         "max_steps": args.max_steps, "limit": args.limit, "minutes": round(minutes, 1), "device": args.device_used,
         "threads": args.threads, "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -565,6 +592,8 @@ def pretrain_tower(model, train_data: dict, test_data: dict, args, start: float)
     Returns:
         One record per ``args.pretrain_steps // 4`` steps: step, loss, grounded shape accuracy on the test images.
     """
+    if args.max_steps:  # probes and smoke runs stop both stages after ``max_steps``
+        args.pretrain_steps = min(args.pretrain_steps, args.max_steps)
     if args.pretrain_steps <= 0:
         return []
     optim, sched = make_optimizer(model, args.pretrain_lr, args.pretrain_steps)
@@ -641,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(args.device)
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(train_data['image'])} train / "
           f"{len(test_data['image'])} test questions on {args.device}", flush=True)
-    pretrain = pretrain_tower(model, train_data, test_data, args, start)
+    args.pretrain_history = pretrain_tower(model, train_data, test_data, args, start)
     history, hits = train(model, train_data, test_data, test_records, args, start)
     args.out.mkdir(parents=True, exist_ok=True)
     model.cpu().save_pretrained(str(args.out))

@@ -119,7 +119,8 @@ def test_training_script_smoke_run_writes_a_loadable_checkpoint_and_card(tmp_pat
     assert model.config.text_config.hidden_size == 32 and model.config.vision_config.num_hidden_layers == 1
     assert len(_generate(processor, model, load_easy_vqa("test")[:2])) == 2
     card = (tmp_path / "README.md").read_text()
-    assert "recipe `llava-tiny-easyvqa-v1`" in card and "colour-blind" in card
+    assert "recipe `llava-tiny-easyvqa-v2`" in card and "colour-blind" in card
+    assert "Stage 1, the vision tower: 2 updates" in card and "grounding loss" in card
     assert "questions about shapes drawn 3x" in card and "seed 0" in card
     assert "| 1 |" in card  # the per-epoch table
 
