@@ -516,6 +516,13 @@ def write_card(out: Path, recipe: dict, history: list, m: dict) -> dict:
               f"{e['by_type'].get('shape', 0):.4f} | {e['by_type'].get('yes/no', 0):.4f} | {e['minutes']:.1f} | "
               f"{e.get('load_average_1min', '')} |"
               for e in history]
+    if recipe.get("pretrain_history"):
+        lines += ["", "The train loss above is the answer loss (answer token and `</s>`), without the grounding loss. "
+                  "Stage 1, the vision tower on the grounding loss alone (shape named = the share of test images "
+                  "whose shape tokens, read as words, name the right shape; `grounded_shape_accuracy`):", "",
+                  "| update | grounding loss | shape named | minutes |", "|---|---|---|---|"]
+        lines += [f"| {h['step']:,} | {h['loss']:.4f} | {h['shape_acc']:.4f} | {h['minutes']:.1f} |"
+                  for h in recipe["pretrain_history"]]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     metrics = {**m, "recipe": recipe, "history": history}
     (out / "training_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
