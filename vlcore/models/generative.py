@@ -45,8 +45,9 @@ import contextlib
 import copy
 import dataclasses
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -242,6 +243,25 @@ def rollout_rows(means: Sequence[torch.Tensor], steps: Sequence[int]) -> torch.T
     return v
 
 
+
+# Tower sequences per example of the pass running in this context, for a tower that runs several per example (crops,
+# tiles, frames): maps a per-example vision head mask onto the tower's batch.
+_TOWER_SEQUENCES: ContextVar[tuple[int, ...] | None] = ContextVar("vlscope_tower_sequences", default=None)
+
+
+def _per_tower_sequence(keep: torch.Tensor, n_sequences: int) -> torch.Tensor:
+    """``keep [B, H]`` per example -> ``[n_sequences, H]`` per tower sequence (the counts of the running pass)."""
+    counts = _TOWER_SEQUENCES.get()
+    if keep.shape[0] == 1:
+        return keep.expand(n_sequences, -1)
+    if counts is not None and len(counts) == keep.shape[0] and sum(counts) == n_sequences:
+        return keep.repeat_interleave(torch.tensor(counts, device=keep.device), 0)
+    if keep.shape[0] == n_sequences:
+        return keep
+    raise ValueError(f"a vision head mask of {keep.shape[0]} rows does not match a pass of {n_sequences} tower "
+                     "sequences; mask through adapter.capture, one row per example")
+
+
 class GenerativeAdapter(ModelAdapter):
     """A generative vision-language model with its processor: streams ``lm``, ``generated`` (and ``vision``);
     blocks ``lm.generated`` (and ``vision.self``). Subclasses set `family`, `tasks`, `title` and override the
@@ -375,6 +395,18 @@ class GenerativeAdapter(ModelAdapter):
 
             hooks += [(module.v_proj, keep_values), (module, select)]
         return hooks
+
+    @contextmanager
+    def _tower_sequences(self, per_example: Sequence[int], index: torch.Tensor, select: bool) -> Iterator[None]:
+        """While a pass runs a tower of several sequences per example (``per_example`` of them): vision head masks
+        map each example's row onto its sequences, and with ``select`` the tower attention keeps only sequence
+        ``index[b]`` of example ``b`` (`_selected_tower_hooks`)."""
+        reset = _TOWER_SEQUENCES.set(tuple(int(n) for n in per_example))
+        try:
+            with self.hooked(self._selected_tower_hooks(index) if select else []):
+                yield
+        finally:
+            _TOWER_SEQUENCES.reset(reset)
 
     def vision_note(self) -> str | None:
         """Why the vision tower's attention is not shown, where it is not (e.g. a tower that returns no weights)."""
@@ -1005,7 +1037,10 @@ class GenerativeAdapter(ModelAdapter):
             def hook(module, args, _output):
                 context = args[0]
                 width = context.shape[-1] // spec.n_heads
-                scale = keep[:, layer].to(context.device, context.dtype).repeat_interleave(width, dim=1)
+                rows = keep[:, layer]
+                if block == VISION_BLOCK:  # a tower of several sequences per example: each example's row on all
+                    rows = _per_tower_sequence(rows, context.shape[0])
+                scale = rows.to(context.device, context.dtype).repeat_interleave(width, dim=1)
                 return torch.nn.functional.linear(context * scale[:, None, :], module.weight, module.bias)
             return hook
 

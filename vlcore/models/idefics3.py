@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from contextlib import contextmanager
-from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -63,8 +61,6 @@ FAMILY = Family(
 )
 
 
-# real frames per example of the pass running in this context (the vision head mask's frame -> example map)
-_FRAMES: ContextVar[tuple[int, ...] | None] = ContextVar("vlscope_idefics3_frames", default=None)
 
 
 def load(ctx: LoadContext) -> Idefics3Adapter:
@@ -263,40 +259,11 @@ class Idefics3Adapter(GenerativeAdapter):
         wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
         frames, keep = self._global_frames(batch)
         index = torch.tensor(keep, device=self.device)
-        hooks = self._selected_tower_hooks(index) if VISION_BLOCK in wanted else []
-        reset = _FRAMES.set(tuple(frames))
-        try:
-            with self.hooked(hooks):
-                captured = super().capture(batch, capture)
-        finally:
-            _FRAMES.reset(reset)
+        with self._tower_sequences(frames, index, VISION_BLOCK in wanted):
+            captured = super().capture(batch, capture)
         if VISION in captured.hidden:
             captured.hidden[VISION] = captured.hidden[VISION][:, index]
         return captured
-
-    @contextmanager
-    def head_mask(self, block: str, keep: torch.Tensor):
-        """As `GenerativeAdapter.head_mask`; on ``vision.self`` row ``b`` of ``keep`` masks the heads of every
-        frame of example ``b`` (tiles and global image; a one-row ``keep``: of every frame)."""
-        if block != VISION_BLOCK or self.vision_spec() is None:
-            with super().head_mask(block, keep):
-                yield
-            return
-        spec = self.vision_spec()
-        if tuple(keep.shape[1:]) != (spec.n_layers, spec.n_heads):
-            raise ValueError(f"{self.title} masks heads of {list(self.block_specs())} with keep [B, L, H]; got block "
-                             f"{block!r} keep {tuple(keep.shape)} (expected [B, {spec.n_layers}, {spec.n_heads}])")
-
-        def make_hook(layer: int):
-            def hook(module, args, _output):
-                context = args[0]
-                rows = _per_frame(keep[:, layer], context.shape[0])
-                scale = rows.to(context.device, context.dtype).repeat_interleave(context.shape[-1] // spec.n_heads, 1)
-                return torch.nn.functional.linear(context * scale[:, None, :], module.weight, module.bias)
-            return hook
-
-        with self.hooked([(m, make_hook(layer)) for layer, m in enumerate(self._vision_output_projections())]):
-            yield
 
     def vision_note(self) -> str:
         vcfg = self.config.vision_config
@@ -324,17 +291,3 @@ class Idefics3Adapter(GenerativeAdapter):
         vision = self.config.vision_config
         return {**super().info(), "patch_px": int(vision.patch_size), "frame_px": int(vision.image_size),
                 "scale_factor": int(self.config.scale_factor)}
-
-
-def _per_frame(keep: torch.Tensor, n_frames: int) -> torch.Tensor:
-    """``keep [B, H]`` per example -> ``[n_frames, H]`` per tower frame (the real frame counts of the running
-    pass)."""
-    counts = _FRAMES.get()
-    if keep.shape[0] == 1:
-        return keep.expand(n_frames, -1)
-    if counts is not None and len(counts) == keep.shape[0] and sum(counts) == n_frames:
-        return keep.repeat_interleave(torch.tensor(counts, device=keep.device), 0)
-    if keep.shape[0] == n_frames:
-        return keep
-    raise ValueError(f"a vision head mask of {keep.shape[0]} rows does not match a pass of {n_frames} tower frames; "
-                     "mask through adapter.capture, one row per example")

@@ -25,8 +25,6 @@ adapter's (`vlcore.models.generative`). What is this family's own:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +55,6 @@ FAMILY = Family(
 # the processor files of a hub checkpoint (OneVision without torchvision reads them from the snapshot folder)
 PROCESSOR_FILES = ["*.json", "*.jinja", "*.txt", "*.model"]
 # crops per example of the pass running in this context (the vision head mask's crop -> example map)
-_CROPS: ContextVar[tuple[int, ...] | None] = ContextVar("vlscope_llava_next_crops", default=None)
 
 
 def load(ctx: LoadContext) -> LlavaNextAdapter:
@@ -163,40 +160,11 @@ class LlavaNextAdapter(LlavaAdapter):
         wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
         per_example, base = self._crops_per_example(batch.inputs)
         base_index = torch.tensor(base, device=self.device)
-        hooks = self._selected_tower_hooks(base_index) if VISION_BLOCK in wanted else []
-        reset = _CROPS.set(tuple(per_example))
-        try:
-            with self.hooked(hooks):
-                captured = super().capture(batch, capture)
-        finally:
-            _CROPS.reset(reset)
+        with self._tower_sequences(per_example, base_index, VISION_BLOCK in wanted):
+            captured = super().capture(batch, capture)
         if VISION in captured.hidden:
             captured.hidden[VISION] = captured.hidden[VISION][:, base_index]
         return captured
-
-    @contextmanager
-    def head_mask(self, block: str, keep: torch.Tensor):
-        """As `GenerativeAdapter.head_mask`; on ``vision.self`` row ``b`` of ``keep`` masks the heads of every
-        crop of example ``b`` (a one-row ``keep``: of every crop)."""
-        if block != VISION_BLOCK:
-            with super().head_mask(block, keep):
-                yield
-            return
-        spec = self.vision_spec()
-        if tuple(keep.shape[1:]) != (spec.n_layers, spec.n_heads):
-            raise ValueError(f"{self.title} masks heads of {list(self.block_specs())} with keep [B, L, H]; got block "
-                             f"{block!r} keep {tuple(keep.shape)} (expected [B, {spec.n_layers}, {spec.n_heads}])")
-
-        def make_hook(layer: int):
-            def hook(module, args, _output):
-                context = args[0]
-                rows = _per_crop(keep[:, layer], context.shape[0])
-                scale = rows.to(context.device, context.dtype).repeat_interleave(context.shape[-1] // spec.n_heads, 1)
-                return torch.nn.functional.linear(context * scale[:, None, :], module.weight, module.bias)
-            return hook
-
-        with self.hooked([(m, make_hook(layer)) for layer, m in enumerate(self._vision_output_projections())]):
-            yield
 
     # -- description ----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -216,16 +184,3 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     """A LLaVA-OneVision model with its processor (as `LlavaNextAdapter`; the tower is SigLIP: no summary token)."""
 
     title = "LLaVA-OneVision"
-
-
-def _per_crop(keep: torch.Tensor, n_crops: int) -> torch.Tensor:
-    """``keep [B, H]`` per example -> ``[n_crops, H]`` per tower crop (the crop counts of the running pass)."""
-    counts = _CROPS.get()
-    if keep.shape[0] == 1:
-        return keep.expand(n_crops, -1)
-    if counts is not None and len(counts) == keep.shape[0] and sum(counts) == n_crops:
-        return keep.repeat_interleave(torch.tensor(counts, device=keep.device), 0)
-    if keep.shape[0] == n_crops:
-        return keep
-    raise ValueError(f"a vision head mask of {keep.shape[0]} rows does not match a pass of {n_crops} tower crops; "
-                     "mask through adapter.capture, one row per example")
