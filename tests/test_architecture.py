@@ -90,8 +90,7 @@ def test_no_module_outside_models_names_a_family_or_branches_on_a_task_string():
             isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(is_text(e) for e in node.elts))
 
     allowed = {("vlcore/app_files.py", "vilt-tiny-easyvqa"),  # the bundled demo checkpoints' folders (paths)
-               ("vlcore/app_files.py", "llava-tiny-easyvqa"),
-               ("vlcore/ui/widgets.py", "Bundled demo (ViLT)")}  # the picker's label for the bundled ViLT (issue 17)
+               ("vlcore/app_files.py", "llava-tiny-easyvqa")}
     hits = []
     for path in sorted([*(ROOT / "vlcore").rglob("*.py"), *(ROOT / "pages").rglob("*.py")]):
         rel = path.relative_to(ROOT).as_posix()

@@ -1,8 +1,8 @@
 """Causal head importance: mask one head at a time and measure the drop in the target's probability.
 
 Masking goes through the adapter (`ModelAdapter.head_mask`): each head's output in a block is multiplied by 0
-(in a single-stream encoder: the head's slice of its self-attention output, what a ``head_mask`` argument does). The drop is
-read from the adapter's score of the explained target (`ModelAdapter.target_score`). All ``L × H`` masked
+(in a single-stream encoder: the head's slice of its self-attention output, what a ``head_mask`` argument does).
+The drop is read from the adapter's score of the explained target (`ModelAdapter.target_score`). All ``L × H`` masked
 variants of one example run as copies in a few batched passes.
 """
 

@@ -46,7 +46,7 @@ def compute_head_mean(attention, gradient) -> np.ndarray:
     [[2.0, 0.5]]
     """
     a, g = _numpy64(attention), _numpy64(gradient)
-    return np.clip(g * a, 0, None).mean(0)
+    return np.maximum(g * a, 0.0).mean(0)
 
 
 def normalize_self_relevance(relevance: np.ndarray) -> np.ndarray:

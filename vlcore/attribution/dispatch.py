@@ -1,8 +1,8 @@
 """Gradient relevancy of one attention block, by the rule that fits the block: one entry point for pages and
 the notebook.
 
-- a cross block (e.g. ``text.cross``, text queries over image keys): the bi-modal rules (`vlcore.attribution.bimodal`), the query stream's
-  default token over the key stream (the image);
+- a cross block (e.g. ``text.cross``, text queries over image keys): the bi-modal rules
+  (`vlcore.attribution.bimodal`), the query stream's default token over the key stream (the image);
 - a self block whose model reads a query row (a [CLS] or image-CLS token): the single-stream rule
   (`vlcore.attribution.relevance`);
 - a self block whose head pools every token (an attention-pooled image tower): through its pooling block

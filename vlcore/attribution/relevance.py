@@ -182,7 +182,7 @@ def relevancy_matrix(attentions, gradients) -> np.ndarray:
     rel = None
     for att, grad in zip(attentions, gradients):
         att, grad = _numpy64(att), _numpy64(grad)
-        a_bar = np.clip(grad * att, 0.0, None).mean(0)
+        a_bar = np.maximum(grad * att, 0.0).mean(0)
         rel = np.eye(att.shape[-1]) if rel is None else rel
         rel = rel + a_bar @ rel
     if rel is None:

@@ -171,7 +171,7 @@ def extract_tower_relevancy(adapter, image, text: str, target: str | None = None
             pool = pooling_block(specs, name)
             if pool is None or pool not in grads.attentions:
                 raise InputError(f"{name} has no query token and no pooling block; it cannot be explained alone")
-            weights = [np.clip(_numpy(g) * _numpy(a), 0.0, None) for a, g in
+            weights = [np.maximum(_numpy(g) * _numpy(a), 0.0) for a, g in
                        zip(grads.attentions[pool], grads.gradients[pool])]
             values = compute_pooled_map(weights[-1], rel)[keep].astype(np.float32)
         maps[spec.query] = TowerMap(name, spec.query, values, layout, query, pool)

@@ -21,6 +21,8 @@ from vlcore.models.hub import describe_load_error, first_line, hub_unreachable, 
 DEMO_MODEL = "demo"
 GENERATIVE_DEMO = "demo-generative"  # the bundled LLaVA-architecture model trained on easy-VQA
 DEMOS = {DEMO_MODEL: DEMO_MODEL_DIR, GENERATIVE_DEMO: GENERATIVE_DEMO_DIR}
+# the model picker's labels
+DEMO_LABELS = {DEMO_MODEL: "Bundled demo (ViLT)", GENERATIVE_DEMO: "Bundled demo (generative)"}
 DEFAULT_HUB_CHECKPOINT = "dandelin/vilt-b32-finetuned-vqa"  # preselected when a user picks a hub checkpoint
 
 # The family modules under vlcore.models; each defines FAMILY (a `Family`) and ``load(LoadContext)``.

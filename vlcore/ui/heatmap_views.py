@@ -1,11 +1,10 @@
 """The heatmaps page's sections, on any attention block: the query's views, the layer strip, matrices, every head,
 the step-through, explanations and export.
 
-Every map is drawn where it lies (`vlcore.analysis.query_maps.map_trace`): patch values on the image of their
-layout (an overlay), text values as token chips, both for ViLT's joint stream. A map over a stream without an
-image (a text tower, or the text side of a cross block) gets chips and a one-line reason instead of an overlay,
-and its small multiples are token heatmaps (`vlcore.charts.multiples.build_token_maps_chart`), never an empty
-chart.
+Every map is drawn where it lies (`vlcore.analysis.query_maps.map_trace`): patch values on the image of their layout
+(an overlay), text values as token chips, both for a joint stream of words and patches. A map over a stream without
+an image (a text tower, or the text side of a cross block) gets chips and a one-line reason instead of an overlay,
+and its small multiples are token heatmaps (`vlcore.charts.multiples.build_token_maps_chart`), never an empty chart.
 """
 
 from __future__ import annotations
@@ -262,7 +261,7 @@ def explanation_maps(trace: Trace, layer: int, head: int | None, start_layer: in
 
     Args:
         preferred: the block's default query token (`ModelAdapter.default_query`); None with a pooling block
-            (SigLIP's vision tower): rollout goes into the pooling head (`vlcore.attribution.towers`).
+            (a tower read through an attention-pooling head): rollout goes into that head (`vlcore.attribution.towers`).
 
     Returns:
         ``(maps, reasons)``: method → values over the keys, and method → why it does not apply here.

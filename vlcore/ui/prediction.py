@@ -29,7 +29,7 @@ MAX_SCORED_TARGETS = 12  # pair-scoring models: every target scored when there a
 
 
 def family_title(adapter) -> str:
-    """The adapter's family as users name it (``"BLIP"``, ``"CLIP / SigLIP"``), or its short name."""
+    """The adapter's family as users name it (its registry entry's title), or its short name."""
     return next((f.title for f in families() if f.name == adapter.family), str(adapter.family))
 
 
@@ -186,7 +186,7 @@ class PairScores:
 
 def compute_pair_scores(adapter, image, text: str) -> PairScores:
     """One pass without attentions; `ModelAdapter.target_score` of the default target and, when there are at most
-    `MAX_SCORED_TARGETS`, of every target (e.g. BLIP's ``match`` and ``similarity``)."""
+    `MAX_SCORED_TARGETS`, of every target (e.g. an image-text matching head's and a similarity score)."""
     import torch
 
     targets = adapter.targets()
@@ -255,8 +255,8 @@ class ExplainingMap:
 
 def explaining_map(trace: Trace, adapter) -> ExplainingMap | None:
     """The first block (the trace's view first) whose keys hold image patches and that has a default query
-    (`ModelAdapter.default_query`): that query's last-layer row, mean over heads (ViLT's [CLS] over its joint
-    sequence, BLIP's [CLS] over the image through cross-attention, CLIP's image CLS, SigLIP's pooling probe).
+    (`ModelAdapter.default_query`): that query's last-layer row, mean over heads (a joint encoder's [CLS] over
+    its sequence, a cross-attention decoder's [CLS] over the image, a tower's image CLS or its pooling probe).
     None when no block has one."""
     specs = adapter.block_specs()
     for name in dict.fromkeys([trace.view, *trace.blocks]):

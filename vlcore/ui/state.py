@@ -14,7 +14,7 @@
 | `cfg`   | dataset config (subset)                   | `default`                   |
 | `split` | dataset split                             | `test`                      |
 | `ex`    | example id                                | `easy_vqa/test/12`          |
-| `model` | model: `demo` or a hub id                 | `dandelin/vilt-b32-mlm`     |
+| `model` | model: `demo`, `demo-generative` or a hub id | `org/model-name`         |
 | `block` | attention block shown (heatmaps, statistics): a name of the model's `block_specs()` | `text.cross` |
 | `layer` | layer index                               | `11`                        |
 | `head`  | head index, or `mean`                     | `3`                         |
@@ -41,7 +41,7 @@
 | `tkind` | probing token kind: `cls`, `text_mean`, `words`, `image_cls`, `patch` | `cls`   |
 | `target`| probing target (`answer`, `category`, `shape`, `color`, `in_region`) or words (`shape`, `object`, `all`...) | `shape` |
 | `cover` | probing: share of a patch's pixels inside the region that counts as inside | `0.5` |
-| `task`  | `zero_shot`: classify over candidate labels (a model that offers it, e.g. CLIP) | `zero_shot` |
+| `task`  | `zero_shot`: classify over candidate labels (a model that offers it, e.g. a dual encoder) | `zero_shot` |
 | `labels`| zero-shot candidate labels typed by the user, comma-separated (default: the dataset's answers) | `cat,dog` |
 | `attn`  | a generative model's attention weights: `eager` for the fallback (default: recomputed from sdpa) | `eager` |
 | `new`   | a generative model's most new tokens (greedy decoding; default: the model's, 16) | `32` |

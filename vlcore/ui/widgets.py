@@ -6,14 +6,14 @@ import streamlit as st
 
 from vlcore.charts.base import build_patch_overlay_chart, build_prediction_chart
 from vlcore.models.base import TASK_NAMES
-from vlcore.models.registry import DEFAULT_HUB_CHECKPOINT, known_checkpoints
+from vlcore.models.registry import DEFAULT_HUB_CHECKPOINT, DEMO_LABELS, known_checkpoints
 from vlcore.attribution.relevance import compute_raw_attention
 from vlcore.errors import VLScopeError
 from vlcore.storage.store import Store
 from vlcore.trace import Trace
 from vlcore.ui.state import apply_params, get_param, set_params
 
-DEMO_KINDS = {"Bundled demo (ViLT)": "demo", "Bundled demo (generative)": "demo-generative"}  # label -> model
+DEMO_KINDS = {label: model for model, label in DEMO_LABELS.items()}  # the picker's label -> model
 MODEL_KINDS = (*DEMO_KINDS, "Hub checkpoint", "Local folder")
 LOCAL_FOLDER_KEY = "_vlscope_model_folder"  # the local checkpoint folder in use (carried across pages, never linked)
 ANALYSIS_PAGES = {  # page script -> link label of open_in_pages
