@@ -419,11 +419,12 @@ def per_category(records, hits) -> dict:
     return {cat: round(float(np.mean(v)), 4) for cat, v in sorted(table.items())}
 
 
-def measure(out: Path, test_hits: torch.Tensor, limit: int | None = None) -> dict:
+def measure(out: Path, test_hits: torch.Tensor, test_data: dict, limit: int | None = None) -> dict:
     """Exact-match accuracy of the saved folder with greedy `generate`, on the test split and the guard subset.
 
     ``test_hits`` is the training loop's teacher-forced exact match of the final model; the number of
     questions where it disagrees with `generate` is recorded (0 means the per-epoch figures are generate's).
+    ``test_data`` (`encode_split` of the test split) gives the saved model's `grounded_shape_accuracy`.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -434,7 +435,7 @@ def measure(out: Path, test_hits: torch.Tensor, limit: int | None = None) -> dic
     generated = generate_answers(model, processor, records)
     hits = [g == r.answer for g, r in zip(generated, records)]
     subset = [i for i in guard_subset(len(records), min(300, len(records)))]
-    grounded = grounded_shape_accuracy(model, encode_split("test", processor, limit), "cpu")
+    grounded = grounded_shape_accuracy(model, test_data, "cpu")
     return {
         "test_accuracy": round(float(np.mean(hits)), 4), "n_test": len(records),
         "by_type": per_category(records, hits),
@@ -758,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
     model.cpu().save_pretrained(str(args.out))
     processor.save_pretrained(str(args.out))
     minutes = (time.perf_counter() - start) / 60
-    measured = measure(args.out, hits, args.limit)
+    measured = measure(args.out, hits, test_data, args.limit)
     metrics = write_card(args.out, recipe_of(args, model, tokenizer, minutes), history, measured)
     print(f"saved to {args.out} in {minutes:.1f} min (+{(time.perf_counter() - start) / 60 - minutes:.1f} min "
           f"measuring); generate accuracy {metrics['test_accuracy']:.4f}", flush=True)
