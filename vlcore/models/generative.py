@@ -643,10 +643,31 @@ class GenerativeAdapter(ModelAdapter):
             out["attention_mask"] = out["attention_mask"] * inputs["image_keep"].to(out["attention_mask"].dtype)
         return out
 
+    def _tower_selection(self, batch: EncodedBatch) -> tuple[list[int], list[int]] | None:
+        """For a tower that runs several sequences per example (crops, tiles, frames) and keeps one of them per
+        example: (sequences per example, the tower-batch index of each example's kept one). None otherwise."""
+        return None
+
     def capture(self, batch: EncodedBatch, capture: Capture = Capture()) -> Captured:
         """One teacher-forced pass over prompt + answer keeping the asked blocks (per layer ``[B, H', Q, K]``) and
         the hidden states of every stream (``[L + 1, B, N, D]``), with the logit lens when hidden states are kept.
-        Under ``torch.no_grad`` the decoder stays on sdpa; with grad enabled it runs on eager (module docstring)."""
+        Under ``torch.no_grad`` the decoder stays on sdpa; with grad enabled it runs on eager (module docstring).
+        A tower of several sequences per example keeps the attention and hidden states of the one
+        `_tower_selection` names (with grad, the kept weights are tensors of the forward graph)."""
+        selection = self._tower_selection(batch)
+        if selection is None:
+            return self._capture_pass(batch, capture)
+        wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
+        per_example, kept = selection
+        index = torch.tensor(kept, device=self.device)
+        with self._tower_sequences(per_example, index, VISION_BLOCK in wanted):
+            captured = self._capture_pass(batch, capture)
+        if VISION in captured.hidden:
+            captured.hidden[VISION] = captured.hidden[VISION][:, index]
+        return captured
+
+    def _capture_pass(self, batch: EncodedBatch, capture: Capture) -> Captured:
+        """`capture`'s pass, the tower's sequences as they come."""
         wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
         inputs = batch.inputs
         P, T = int(inputs["prompt_len"]), int(inputs["answer_ids"].shape[1])

@@ -33,15 +33,13 @@ import importlib.util
 import json
 
 import numpy as np
-import torch
 
 from vlcore.errors import ModelLoadError
-from vlcore.models.base import BlockSpec, Capture, Captured, EncodedBatch
+from vlcore.models.base import BlockSpec, EncodedBatch
 from vlcore.models.generative import (
     LM,
     MAX_VISION_TOKENS,
     VISION,
-    VISION_BLOCK,
     GenerativeAdapter,
     image_groups,
     tower_implementation,
@@ -250,20 +248,9 @@ class Idefics3Adapter(GenerativeAdapter):
         keep = [int(starts[b]) + self._global_frame(lay) for b, lay in enumerate(batch.streams[LM])]
         return frames, keep
 
-    def capture(self, batch: EncodedBatch, capture: Capture | None = None) -> Captured:
-        """As `GenerativeAdapter.capture`, with the vision tower's attention and hidden states of each example's
-        global frame only (with grad, the kept weights are tensors of the forward graph)."""
-        capture = Capture() if capture is None else capture
-        if self.vision_spec() is None:
-            return super().capture(batch, capture)
-        wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
-        frames, keep = self._global_frames(batch)
-        index = torch.tensor(keep, device=self.device)
-        with self._tower_sequences(frames, index, VISION_BLOCK in wanted):
-            captured = super().capture(batch, capture)
-        if VISION in captured.hidden:
-            captured.hidden[VISION] = captured.hidden[VISION][:, index]
-        return captured
+    def _tower_selection(self, batch: EncodedBatch) -> tuple[list[int], list[int]] | None:
+        """Each example's frames, and its global frame as the one kept (where the tower's attention is kept)."""
+        return None if self.vision_spec() is None else self._global_frames(batch)
 
     def vision_note(self) -> str:
         vcfg = self.config.vision_config

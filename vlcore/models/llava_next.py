@@ -28,10 +28,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from vlcore.models.base import BlockSpec, Capture, Captured, EncodedBatch
-from vlcore.models.generative import VISION, VISION_BLOCK
+from vlcore.models.base import BlockSpec, EncodedBatch
+from vlcore.models.generative import VISION
 from vlcore.models.llava import LlavaAdapter
 from vlcore.models.registry import Family, LoadContext
 from vlcore.trace import IMAGE_CLS_TOKEN, ROLE_IMAGE_SUMMARY, ROLE_PATCH, TokenLayout, patch_token
@@ -154,17 +153,9 @@ class LlavaNextAdapter(LlavaAdapter):
         return ([int(starts[first[e + 1]] - starts[first[e]]) for e in range(len(images))],
                 [int(starts[first[e]]) for e in range(len(images))])
 
-    def capture(self, batch: EncodedBatch, capture: Capture = Capture()) -> Captured:
-        """As `GenerativeAdapter.capture`, with the vision tower's attention and hidden states of each example's
-        base crop only (with grad, the kept weights are tensors of the forward graph)."""
-        wanted = set(self.block_specs()) if capture.blocks is None else set(capture.blocks)
-        per_example, base = self._crops_per_example(batch.inputs)
-        base_index = torch.tensor(base, device=self.device)
-        with self._tower_sequences(per_example, base_index, VISION_BLOCK in wanted):
-            captured = super().capture(batch, capture)
-        if VISION in captured.hidden:
-            captured.hidden[VISION] = captured.hidden[VISION][:, base_index]
-        return captured
+    def _tower_selection(self, batch: EncodedBatch) -> tuple[list[int], list[int]]:
+        """Each example's crops, and its first base crop as the one kept."""
+        return self._crops_per_example(batch.inputs)
 
     # -- description ----------------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
